@@ -1,0 +1,296 @@
+// Torch ops (TORCH_LIBRARY) and the pybind11 module gla_ext._C.
+// Here, and only here, tensors are checked and turned into gla::GlaParams.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+
+#ifdef GLA_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "gla.h"
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+gla::DType to_gla_dtype(at::ScalarType t, const char* op) {
+  switch (t) {
+    case at::kFloat: return gla::DType::kFloat32;
+    case at::kHalf: return gla::DType::kFloat16;
+    case at::kBFloat16: return gla::DType::kBFloat16;
+    case at::kDouble: return gla::DType::kFloat64;
+    default:
+      TORCH_CHECK(false, op, ": q/k/v must be float32, float16, bfloat16 or float64, got ", t);
+  }
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_tensor(const Tensor& x, const char* name, const char* op, at::ScalarType dtype,
+                  const Tensor& like, int64_t dim) {
+  TORCH_CHECK(x.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ",
+              x.sizes());
+  TORCH_CHECK(x.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
+              x.scalar_type());
+  TORCH_CHECK(x.device() == like.device(), op, ": ", name, " is on ", x.device(),
+              " but q is on ", like.device());
+  TORCH_CHECK(x.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+void check_shape(const Tensor& x, const char* name, const char* op, at::IntArrayRef expected) {
+  TORCH_CHECK(x.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ",
+              x.sizes());
+}
+
+// Checks the forward inputs and fills the sizes and input pointers of p.
+gla::GlaParams make_params(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
+                           const Tensor& g, const OptTensor& h0, const OptTensor& cu_seqlens,
+                           double scale) {
+  gla::GlaParams p;
+  p.dtype = to_gla_dtype(q.scalar_type(), op);
+  const auto acc = acc_type(q.scalar_type());
+  check_tensor(q, "q", op, q.scalar_type(), q, 4);
+  check_tensor(k, "k", op, q.scalar_type(), q, 4);
+  check_tensor(v, "v", op, q.scalar_type(), q, 4);
+  check_tensor(g, "g", op, acc, q, 4);
+  p.B = q.size(0);
+  p.T = q.size(1);
+  p.H = q.size(2);
+  p.K = q.size(3);
+  p.V = v.size(3);
+  check_shape(k, "k", op, q.sizes());
+  check_shape(g, "g", op, q.sizes());
+  check_shape(v, "v", op, {p.B, p.T, p.H, p.V});
+  p.N = p.B;
+  if (cu_seqlens) {
+    const Tensor& cu = *cu_seqlens;
+    check_tensor(cu, "cu_seqlens", op, at::kLong, q, 1);
+    TORCH_CHECK(p.B == 1, op, ": with cu_seqlens the batch size must be 1, got ", p.B);
+    TORCH_CHECK(cu.numel() >= 2, op, ": cu_seqlens needs at least 2 entries");
+    p.N = cu.numel() - 1;
+    p.cu_seqlens = cu.data_ptr<int64_t>();
+  }
+  if (h0) {
+    check_tensor(*h0, "initial_state", op, acc, q, 4);
+    check_shape(*h0, "initial_state", op, {p.N, p.H, p.K, p.V});
+    p.h0 = h0->data_ptr();
+  }
+  p.scale = scale;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.g = g.data_ptr();
+  return p;
+}
+
+struct FwdOut {
+  Tensor o, ht;
+};
+
+FwdOut alloc_fwd(gla::GlaParams& p, const Tensor& q, const Tensor& v) {
+  FwdOut out{at::empty({p.B, p.T, p.H, p.V}, v.options()),
+             at::empty({p.N, p.H, p.K, p.V}, q.options().dtype(acc_type(q.scalar_type())))};
+  p.o = out.o.data_ptr();
+  p.ht = out.ht.data_ptr();
+  return out;
+}
+
+using BwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+BwdOut alloc_bwd(const char* op, gla::GlaParams& p, const Tensor& q, const Tensor& v,
+                 const Tensor& g, const Tensor& dout, const OptTensor& dht) {
+  check_tensor(dout, "grad of o", op, v.scalar_type(), q, 4);
+  check_shape(dout, "grad of o", op, v.sizes());
+  p.dout = dout.data_ptr();
+  if (dht) {
+    check_tensor(*dht, "grad of final_state", op, g.scalar_type(), q, 4);
+    check_shape(*dht, "grad of final_state", op, {p.N, p.H, p.K, p.V});
+    p.dht = dht->data_ptr();
+  }
+  BwdOut out{at::empty_like(q), at::empty_like(q), at::empty_like(v), at::empty_like(g),
+             at::empty({p.N, p.H, p.K, p.V}, g.options())};
+  p.dq = std::get<0>(out).data_ptr();
+  p.dk = std::get<1>(out).data_ptr();
+  p.dv = std::get<2>(out).data_ptr();
+  p.dg = std::get<3>(out).data_ptr();
+  p.dh0 = std::get<4>(out).data_ptr();
+  return out;
+}
+
+// The CPU kernels read cu_seqlens on the host; check the offsets there too.
+void check_offsets_cpu(const gla::GlaParams& p, const char* op) {
+  if (!p.cu_seqlens) return;
+  TORCH_CHECK(p.cu_seqlens[0] == 0, op, ": cu_seqlens must start at 0");
+  for (int64_t n = 0; n < p.N; ++n)
+    TORCH_CHECK(p.cu_seqlens[n + 1] >= p.cu_seqlens[n], op, ": cu_seqlens must be non-decreasing");
+  TORCH_CHECK(p.cu_seqlens[p.N] == p.T, op, ": cu_seqlens must end at T=", p.T);
+}
+
+// ---- CPU ------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> recurrent_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                             const Tensor& g, const OptTensor& h0,
+                                             const OptTensor& cu_seqlens, double scale,
+                                             bool reverse) {
+  const char* op = "gla_ext.recurrent_fwd (CPU)";
+  auto p = make_params(op, q, k, v, g, h0, cu_seqlens, scale);
+  check_offsets_cpu(p, op);
+  p.reverse = reverse;
+  auto out = alloc_fwd(p, q, v);
+  gla::recurrent_fwd_cpu(p);
+  return {out.o, out.ht};
+}
+
+BwdOut recurrent_bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                         const Tensor& dout, const OptTensor& dht, const OptTensor& h0,
+                         const OptTensor& cu_seqlens, double scale, bool reverse) {
+  const char* op = "gla_ext.recurrent_bwd (CPU)";
+  auto p = make_params(op, q, k, v, g, h0, cu_seqlens, scale);
+  check_offsets_cpu(p, op);
+  p.reverse = reverse;
+  auto out = alloc_bwd(op, p, q, v, g, dout, dht);
+  gla::recurrent_bwd_cpu(p);
+  return out;
+}
+
+std::tuple<Tensor, Tensor> chunk_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const Tensor& g, const OptTensor& h0,
+                                         const OptTensor& cu_seqlens, double scale,
+                                         int64_t chunk_size) {
+  const char* op = "gla_ext.chunk_fwd (CPU)";
+  auto p = make_params(op, q, k, v, g, h0, cu_seqlens, scale);
+  check_offsets_cpu(p, op);
+  p.chunk_size = chunk_size;
+  auto out = alloc_fwd(p, q, v);
+  gla::chunk_fwd_cpu(p);
+  return {out.o, out.ht};
+}
+
+BwdOut chunk_bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                     const Tensor& dout, const OptTensor& dht, const OptTensor& h0,
+                     const OptTensor& cu_seqlens, double scale, int64_t chunk_size) {
+  const char* op = "gla_ext.chunk_bwd (CPU)";
+  auto p = make_params(op, q, k, v, g, h0, cu_seqlens, scale);
+  check_offsets_cpu(p, op);
+  p.chunk_size = chunk_size;
+  auto out = alloc_bwd(op, p, q, v, g, dout, dht);
+  gla::chunk_bwd_cpu(p);
+  return out;
+}
+
+// ---- CUDA -----------------------------------------------------------------------------
+#ifdef GLA_WITH_CUDA
+
+void check_cuda(const char* err, const char* op) {
+  TORCH_CHECK(err == nullptr, op, ": ", err ? err : "");
+}
+
+std::tuple<Tensor, Tensor> recurrent_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                                              const Tensor& g, const OptTensor& h0,
+                                              const OptTensor& cu_seqlens, double scale,
+                                              bool reverse) {
+  const char* op = "gla_ext.recurrent_fwd (CUDA)";
+  c10::cuda::CUDAGuard guard(q.device());
+  auto p = make_params(op, q, k, v, g, h0, cu_seqlens, scale);
+  TORCH_CHECK(p.dtype != gla::DType::kFloat64, op, ": float64 is not supported on CUDA");
+  TORCH_CHECK(p.K <= gla::kCudaRecurrentMaxK, op, ": K must be <= ", gla::kCudaRecurrentMaxK,
+              " (the Python wrapper splits wider K), got ", p.K);
+  p.reverse = reverse;
+  auto out = alloc_fwd(p, q, v);
+  check_cuda(gla::recurrent_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op);
+  return {out.o, out.ht};
+}
+
+BwdOut recurrent_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                          const Tensor& dout, const OptTensor& dht, const OptTensor& h0,
+                          const OptTensor& cu_seqlens, double scale, bool reverse) {
+  const char* op = "gla_ext.recurrent_bwd (CUDA)";
+  c10::cuda::CUDAGuard guard(q.device());
+  auto p = make_params(op, q, k, v, g, h0, cu_seqlens, scale);
+  TORCH_CHECK(p.dtype != gla::DType::kFloat64, op, ": float64 is not supported on CUDA");
+  TORCH_CHECK(p.K <= gla::kCudaRecurrentMaxK, op, ": K must be <= ", gla::kCudaRecurrentMaxK,
+              " (the Python wrapper splits wider K), got ", p.K);
+  p.reverse = reverse;
+  auto out = alloc_bwd(op, p, q, v, g, dout, dht);
+  Tensor workspace =
+      at::empty({std::max<int64_t>(1, gla::recurrent_bwd_cuda_workspace_floats(p))},
+                q.options().dtype(at::kFloat));
+  p.workspace = workspace.data_ptr<float>();
+  check_cuda(gla::recurrent_bwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op);
+  return out;
+}
+
+// Until the tensor-core chunked kernels land (issue 4/5), chunk_gla on CUDA runs the
+// fused recurrent kernels: same math, same results, honest about it in `gla_ext info`.
+std::tuple<Tensor, Tensor> chunk_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                                          const Tensor& g, const OptTensor& h0,
+                                          const OptTensor& cu_seqlens, double scale,
+                                          int64_t /*chunk_size*/) {
+  return recurrent_fwd_cuda(q, k, v, g, h0, cu_seqlens, scale, false);
+}
+
+BwdOut chunk_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                      const Tensor& dout, const OptTensor& dht, const OptTensor& h0,
+                      const OptTensor& cu_seqlens, double scale, int64_t /*chunk_size*/) {
+  return recurrent_bwd_cuda(q, k, v, g, dout, dht, h0, cu_seqlens, scale, false);
+}
+#endif
+
+}  // namespace
+
+TORCH_LIBRARY(gla_ext, m) {
+  m.def(
+      "recurrent_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? h0, Tensor? cu_seqlens, "
+      "float scale, bool reverse) -> (Tensor, Tensor)");
+  m.def(
+      "recurrent_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor dout, Tensor? dht, "
+      "Tensor? h0, Tensor? cu_seqlens, float scale, bool reverse) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "chunk_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? h0, Tensor? cu_seqlens, "
+      "float scale, int chunk_size) -> (Tensor, Tensor)");
+  m.def(
+      "chunk_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor dout, Tensor? dht, "
+      "Tensor? h0, Tensor? cu_seqlens, float scale, int chunk_size) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(gla_ext, CPU, m) {
+  m.impl("recurrent_fwd", &recurrent_fwd_cpu);
+  m.impl("recurrent_bwd", &recurrent_bwd_cpu);
+  m.impl("chunk_fwd", &chunk_fwd_cpu);
+  m.impl("chunk_bwd", &chunk_bwd_cpu);
+}
+
+#ifdef GLA_WITH_CUDA
+TORCH_LIBRARY_IMPL(gla_ext, CUDA, m) {
+  m.impl("recurrent_fwd", &recurrent_fwd_cuda);
+  m.impl("recurrent_bwd", &recurrent_bwd_cuda);
+  m.impl("chunk_fwd", &chunk_fwd_cuda);
+  m.impl("chunk_bwd", &chunk_bwd_cuda);
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "gla_ext compiled kernels; the ops live under torch.ops.gla_ext";
+  m.def("build_info", []() {
+    pybind11::dict info;
+#ifdef GLA_WITH_CUDA
+    info["cuda"] = true;
+#else
+    info["cuda"] = false;
+#endif
+#ifdef _OPENMP
+    info["openmp"] = true;
+#else
+    info["openmp"] = false;
+#endif
+    info["cpu_kernels"] = std::string("recurrent_fwd recurrent_bwd chunk_fwd chunk_bwd");
+    return info;
+  });
+}

@@ -1,0 +1,79 @@
+// Parameter structs and launcher declarations shared by the CPU and CUDA kernels.
+// No torch types here: bindings.cpp validates tensors and fills these structs.
+#pragma once
+
+#include <cstdint>
+
+namespace gla {
+
+// Element type of q, k, v, o and their gradients. The gate g, every state tensor
+// (h0, ht, dh0, dht) and dg use the accumulation type: float, or double for kFloat64.
+enum class DType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+// One call of the gated recurrence, forward or backward. All tensors contiguous:
+//   q, k, g, dq, dk, dg : [B, T, H, K]
+//   v, o, dout, dv      : [B, T, H, V]
+//   h0, ht, dh0, dht    : [N, H, K, V]
+// With cu_seqlens (then B == 1), sequence n covers tokens [cu_seqlens[n], cu_seqlens[n+1])
+// of row 0; without it, sequence n is batch row n (N == B).
+struct GlaParams {
+  DType dtype = DType::kFloat32;
+  int64_t B = 0, T = 0, H = 0, K = 0, V = 0;
+  int64_t N = 0;
+  const int64_t* cu_seqlens = nullptr;  // [N+1]; host pointer for CPU, device pointer for CUDA
+  double scale = 1.0;
+  bool reverse = false;   // recurrence runs from the last token to the first
+  int64_t chunk_size = 0; // chunked kernels: tokens per chunk (0 = kernel's choice)
+
+  // forward
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* g = nullptr;
+  const void* h0 = nullptr;  // optional
+  void* o = nullptr;
+  void* ht = nullptr;        // always written by forward kernels
+
+  // backward (reads the forward inputs above, plus dout and optional dht)
+  const void* dout = nullptr;
+  const void* dht = nullptr;  // optional gradient arriving on the final state
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  void* dg = nullptr;
+  void* dh0 = nullptr;        // always written by backward kernels
+
+  // scratch owned by the caller (CUDA backward), sized by the *_workspace_floats helpers
+  float* workspace = nullptr;
+};
+
+// Sequence n's token range within its batch row.
+inline void sequence_bounds(const GlaParams& p, int64_t n, int64_t* row, int64_t* start,
+                            int64_t* end) {
+  if (p.cu_seqlens) {
+    *row = 0;
+    *start = p.cu_seqlens[n];
+    *end = p.cu_seqlens[n + 1];
+  } else {
+    *row = n;
+    *start = 0;
+    *end = p.T;
+  }
+}
+
+// ---- CPU (csrc/cpu) ------------------------------------------------------------------
+void recurrent_fwd_cpu(const GlaParams& p);
+void recurrent_bwd_cpu(const GlaParams& p);
+void chunk_fwd_cpu(const GlaParams& p);
+void chunk_bwd_cpu(const GlaParams& p);
+
+// ---- CUDA (csrc/cuda) ----------------------------------------------------------------
+// Launchers return nullptr on success, or a message naming what failed.
+// `stream` is a cudaStream_t passed as void* so this header needs no CUDA includes.
+// Largest K the CUDA recurrent kernels take in one pass (the Python wrapper splits wider K).
+constexpr int64_t kCudaRecurrentMaxK = 256;
+int64_t recurrent_bwd_cuda_workspace_floats(const GlaParams& p);
+const char* recurrent_fwd_cuda(const GlaParams& p, void* stream);
+const char* recurrent_bwd_cuda(const GlaParams& p, void* stream);
+
+}  // namespace gla
