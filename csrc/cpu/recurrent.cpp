@@ -89,7 +89,8 @@ void recurrent_bwd_impl(const GlaParams& p) {
   at::parallel_for(0, p.N * p.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> S(K * V), ka(K), qa(K), decay(K), va(V), doa(V), acc_k(K), dva(V);
     std::vector<acc_t> qdq;    // q_t * dq_t per token, kept in acc precision for dg
-    std::vector<acc_t> hdh(K), running(K);
+    std::vector<acc_t> hdh(K);
+    std::vector<double> running(K);  // long sums of differences: keep them in double
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / p.H, h = task % p.H;
       int64_t row, start, stop;
@@ -160,7 +161,7 @@ void recurrent_bwd_impl(const GlaParams& p) {
         for (int64_t i = 0; i < K; ++i) {
           dk[qk_off + i] = static_cast<scalar_t>(acc_k[i]);
           running[i] += qdq[step * K + i] - ka[i] * acc_k[i];
-          dg[qk_off + i] = running[i] + hdh[i];
+          dg[qk_off + i] = static_cast<acc_t>(running[i] + hdh[i]);
           acc_t* Di = S.data() + i * V;
           const acc_t a = decay[i];
           for (int64_t j = 0; j < V; ++j) Di[j] *= a;
