@@ -5,6 +5,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -62,11 +63,16 @@ void recurrent_fwd_impl(const GlaParams& p) {
   });
 }
 
-// Gradients (see DESIGN.md math):
-//   dq_t = scale * S_t do_t                        (pass 1, forward in time)
-//   D_t  = scale q_t^T do_t + diag(a_{t+1}) D_{t+1}, D_last includes dht   (pass 2, backward)
-//   dk_t = D_t v_t,  dv_t = D_t^T k_t,  dh0 = diag(a_first) D_first
-//   dg_t = sum over s at or after t of (q_s*dq_s - k_s*dk_s) + rowsum(ht * dht)
+// Gradients (see DESIGN.md math), with D_t the gradient of the state S_t:
+//   D_t  = scale q_t^T do_t + diag(a_{t+1}) D_{t+1}, and D_last also holds dht
+//   dq_t = scale * S_t do_t,  dk_t = D_t v_t,  dv_t = D_t^T k_t,  dh0 = diag(a_first) D_first
+//   dg_t = a_t * rowsum(S_{t-1} * D_t)
+// dg is taken in this direct form rather than as a cumulative sum of (q*dq - k*dk): with
+// strong decay those two terms nearly cancel and float32 rounding would show in dg.
+// S_{t-1} is needed walking backwards, so states are checkpointed every kSegment tokens
+// and recomputed one segment at a time.
+constexpr int64_t kSegment = 64;
+
 template <typename scalar_t>
 void recurrent_bwd_impl(const GlaParams& p) {
   using acc_t = acc_type_t<scalar_t>;
@@ -84,92 +90,99 @@ void recurrent_bwd_impl(const GlaParams& p) {
   auto* dg = static_cast<acc_t*>(p.dg);
   auto* dh0 = static_cast<acc_t*>(p.dh0);
   const acc_t scale = static_cast<acc_t>(p.scale);
-  const int64_t K = p.K, V = p.V;
+  const int64_t K = p.K, V = p.V, KV = p.K * p.V;
 
   at::parallel_for(0, p.N * p.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> S(K * V), ka(K), qa(K), decay(K), va(V), doa(V), acc_k(K), dva(V);
-    std::vector<acc_t> qdq;    // q_t * dq_t per token, kept in acc precision for dg
-    std::vector<acc_t> hdh(K);
-    std::vector<double> running(K);  // long sums of differences: keep them in double
+    std::vector<acc_t> S(KV), D(KV), seg_states(kSegment * KV), checkpoints;
+    std::vector<acc_t> ka(K), qa(K), decay(K), va(V), doa(V), dva(V);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / p.H, h = task % p.H;
       int64_t row, start, stop;
       sequence_bounds(p, n, &row, &start, &stop);
       const int64_t len = stop - start;
+      const int64_t num_segments = (len + kSegment - 1) / kSegment;
       auto token = [&](int64_t step) { return p.reverse ? stop - 1 - step : start + step; };
-      qdq.assign(len * K, 0);
-
-      // Pass 1: recompute the states in processing order; dq_t = scale * S_t do_t.
-      init_state(S.data(), h0 ? h0 + L.state(n, h) : nullptr, K * V);
-      for (int64_t step = 0; step < len; ++step) {
-        const int64_t t = token(step);
+      auto load_token = [&](int64_t t) {  // k, v, exp(g) of token t into ka, va, decay
         const int64_t qk_off = L.qk(row, t, h), v_off = L.v(row, t, h);
-        for (int64_t j = 0; j < V; ++j) {
-          va[j] = static_cast<acc_t>(v[v_off + j]);
-          doa[j] = static_cast<acc_t>(dout[v_off + j]);
-        }
         for (int64_t i = 0; i < K; ++i) {
-          acc_t* Si = S.data() + i * V;
-          const acc_t a = std::exp(g[qk_off + i]), ki = static_cast<acc_t>(k[qk_off + i]);
-          acc_t dqi = 0;
-          for (int64_t j = 0; j < V; ++j) {
-            Si[j] = a * Si[j] + ki * va[j];
-            dqi += Si[j] * doa[j];
-          }
-          dqi *= scale;
-          dq[qk_off + i] = static_cast<scalar_t>(dqi);
-          qdq[step * K + i] = static_cast<acc_t>(q[qk_off + i]) * dqi;
-        }
-      }
-      // rowsum(ht * dht): every gate before the end scales ht, so it enters every dg_t.
-      for (int64_t i = 0; i < K; ++i) {
-        acc_t s = 0;
-        if (dht) {
-          const acc_t* Di = dht + L.state(n, h) + i * V;
-          for (int64_t j = 0; j < V; ++j) s += S[i * V + j] * Di[j];
-        }
-        hdh[i] = s;
-        running[i] = 0;
-      }
-
-      // Pass 2: walk back; S now holds D, the gradient of the state.
-      init_state(S.data(), dht ? dht + L.state(n, h) : nullptr, K * V);
-      for (int64_t step = len - 1; step >= 0; --step) {
-        const int64_t t = token(step);
-        const int64_t qk_off = L.qk(row, t, h), v_off = L.v(row, t, h);
-        for (int64_t j = 0; j < V; ++j) {
-          va[j] = static_cast<acc_t>(v[v_off + j]);
-          doa[j] = static_cast<acc_t>(dout[v_off + j]) * scale;
-          dva[j] = 0;
-        }
-        for (int64_t i = 0; i < K; ++i) {
-          qa[i] = static_cast<acc_t>(q[qk_off + i]);
           ka[i] = static_cast<acc_t>(k[qk_off + i]);
           decay[i] = std::exp(g[qk_off + i]);
         }
+        for (int64_t j = 0; j < V; ++j) va[j] = static_cast<acc_t>(v[v_off + j]);
+      };
+      auto advance = [&](acc_t* state) {  // state = diag(decay) state + ka^T va
         for (int64_t i = 0; i < K; ++i) {
-          acc_t* Di = S.data() + i * V;
-          const acc_t qi = qa[i], ki = ka[i];
-          acc_t dki = 0;
-          for (int64_t j = 0; j < V; ++j) {
-            Di[j] += qi * doa[j];
-            dki += Di[j] * va[j];
-            dva[j] += ki * Di[j];
-          }
-          acc_k[i] = dki;
+          acc_t* Si = state + i * V;
+          const acc_t a = decay[i], ki = ka[i];
+          for (int64_t j = 0; j < V; ++j) Si[j] = a * Si[j] + ki * va[j];
         }
-        for (int64_t i = 0; i < K; ++i) {
-          dk[qk_off + i] = static_cast<scalar_t>(acc_k[i]);
-          running[i] += qdq[step * K + i] - ka[i] * acc_k[i];
-          dg[qk_off + i] = static_cast<acc_t>(running[i] + hdh[i]);
-          acc_t* Di = S.data() + i * V;
-          const acc_t a = decay[i];
-          for (int64_t j = 0; j < V; ++j) Di[j] *= a;
+      };
+
+      // Pass 1: the state before each segment.
+      checkpoints.resize(num_segments * KV);
+      init_state(S.data(), h0 ? h0 + L.state(n, h) : nullptr, KV);
+      for (int64_t seg = 0; seg < num_segments; ++seg) {
+        std::copy(S.begin(), S.end(), checkpoints.begin() + seg * KV);
+        const int64_t seg_end = std::min(len, (seg + 1) * kSegment);
+        for (int64_t step = seg * kSegment; step < seg_end; ++step) {
+          load_token(token(step));
+          advance(S.data());
         }
-        for (int64_t j = 0; j < V; ++j) dv[v_off + j] = static_cast<scalar_t>(dva[j]);
       }
-      acc_t* out = dh0 + L.state(n, h);
-      for (int64_t e = 0; e < K * V; ++e) out[e] = S[e];
+
+      // Pass 2: segments from last to first; D walks back through time.
+      init_state(D.data(), dht ? dht + L.state(n, h) : nullptr, KV);
+      for (int64_t seg = num_segments - 1; seg >= 0; --seg) {
+        const int64_t seg_start = seg * kSegment, seg_len = std::min(len, seg_start + kSegment) - seg_start;
+        // Recompute S_t inside the segment; dq_t = scale * S_t do_t.
+        const acc_t* prev = checkpoints.data() + seg * KV;
+        for (int64_t c = 0; c < seg_len; ++c) {
+          const int64_t t = token(seg_start + c);
+          load_token(t);
+          acc_t* St = seg_states.data() + c * KV;
+          std::copy(prev, prev + KV, St);
+          advance(St);
+          const int64_t qk_off = L.qk(row, t, h), v_off = L.v(row, t, h);
+          for (int64_t j = 0; j < V; ++j) doa[j] = static_cast<acc_t>(dout[v_off + j]);
+          for (int64_t i = 0; i < K; ++i) {
+            const acc_t* Si = St + i * V;
+            acc_t dqi = 0;
+            for (int64_t j = 0; j < V; ++j) dqi += Si[j] * doa[j];
+            dq[qk_off + i] = static_cast<scalar_t>(dqi * scale);
+          }
+          prev = St;
+        }
+        for (int64_t c = seg_len - 1; c >= 0; --c) {
+          const int64_t t = token(seg_start + c);
+          load_token(t);
+          const int64_t qk_off = L.qk(row, t, h), v_off = L.v(row, t, h);
+          for (int64_t i = 0; i < K; ++i) qa[i] = static_cast<acc_t>(q[qk_off + i]);
+          for (int64_t j = 0; j < V; ++j) {
+            doa[j] = static_cast<acc_t>(dout[v_off + j]) * scale;
+            dva[j] = 0;
+          }
+          const acc_t* before = c > 0 ? seg_states.data() + (c - 1) * KV
+                                      : checkpoints.data() + seg * KV;  // S_{t-1}
+          for (int64_t i = 0; i < K; ++i) {
+            acc_t* Di = D.data() + i * V;
+            const acc_t* Pi = before + i * V;
+            const acc_t qi = qa[i], ki = ka[i];
+            acc_t dki = 0, dgi = 0;
+            for (int64_t j = 0; j < V; ++j) {
+              Di[j] += qi * doa[j];
+              dki += Di[j] * va[j];
+              dva[j] += ki * Di[j];
+              dgi += Pi[j] * Di[j];
+            }
+            dk[qk_off + i] = static_cast<scalar_t>(dki);
+            dg[qk_off + i] = decay[i] * dgi;
+            const acc_t a = decay[i];
+            for (int64_t j = 0; j < V; ++j) Di[j] *= a;
+          }
+          for (int64_t j = 0; j < V; ++j) dv[v_off + j] = static_cast<scalar_t>(dva[j]);
+        }
+      }
+      std::copy(D.begin(), D.end(), dh0 + L.state(n, h));
     }
   });
 }
