@@ -290,7 +290,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
     info["openmp"] = false;
 #endif
-    info["cpu_kernels"] = std::string("recurrent_fwd recurrent_bwd chunk_fwd chunk_bwd");
+    info["chunk_cpu"] = std::string(gla::chunk_cpu_description());
     return info;
   });
 }

@@ -66,6 +66,8 @@ void recurrent_fwd_cpu(const GlaParams& p);
 void recurrent_bwd_cpu(const GlaParams& p);
 void chunk_fwd_cpu(const GlaParams& p);
 void chunk_bwd_cpu(const GlaParams& p);
+// One line for `python -m gla_ext info`: what chunk_gla runs on CPU tensors.
+const char* chunk_cpu_description();
 
 // ---- CUDA (csrc/cuda) ----------------------------------------------------------------
 // Launchers return nullptr on success, or a message naming what failed.
