@@ -1,0 +1,173 @@
+"""GPU benchmark: gla_ext vs fla-core's Triton kernels, SDPA (flash) and the memory roofline.
+
+Prefill forward and forward+backward (bf16) at the issue's shapes, decode steps at B*H in
+{32, 256, 1024}; median of CUDA-event timings after warm-up; peak memory per case.
+Writes bench_gpu.json / .md / .png into --out (default benchmarks/results).
+Usage: python benchmarks/bench_gpu.py [--out DIR] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from common import RESULTS_DIR, save_results
+from gla_ext import chunk_gla, fused_recurrent_gla
+from gla_ext._timing import time_fn
+
+PREFILL_SHAPES = [(4, 2048, 16, 128), (8, 1024, 8, 64), (2, 16384, 16, 128), (1, 8192, 96, 128)]
+DECODE_BH = [32, 256, 1024]
+
+try:  # the peer; install fla-core==0.6.0 to compare (see benchmarks/gpu_check.sh)
+    from fla.ops.gla import chunk_gla as fla_chunk_gla
+    from fla.ops.gla import fused_recurrent_gla as fla_fused_recurrent_gla
+    FLA_ERROR = None
+except Exception as exc:  # noqa: BLE001 - report why the peer is missing
+    fla_chunk_gla = fla_fused_recurrent_gla = None
+    FLA_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large device-to-device copy (read + write), the memory roofline's rate."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), "cuda", warmup=3, reps=10)
+    return 2 * src.numel() / t
+
+
+def timed(fn, backward: bool):
+    """(median seconds, peak bytes) of fn() or of fn() + backward of its first output."""
+    def run():
+        out = fn()
+        if backward:
+            out.float().sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    try:
+        t = time_fn(run, "cuda", warmup=2, reps=10)
+    except Exception as exc:  # noqa: BLE001 - a failing peer is reported, not fatal
+        print(f"    failed: {type(exc).__name__}: {exc}", flush=True)
+        return float("nan"), float("nan")
+    return t, torch.cuda.max_memory_allocated() - base
+
+
+def prefill_inputs(B, T, H, D, grad):
+    dt = torch.bfloat16
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=dt, requires_grad=grad)
+               for _ in range(3))
+    g = (F.logsigmoid(torch.randn(B, T, H, D, device="cuda")) / 16).requires_grad_(grad)
+    return q, k, v, g
+
+
+def bench_prefill(shapes, bandwidth, rows, lines):
+    header = (f"{'mode':8} {'B':>2} {'T':>6} {'H':>3} {'D':>4} | {'gla_ext ms':>10} {'fla ms':>8} "
+              f"{'sdpa ms':>8} | {'vs fla':>6} {'vs sdpa':>7} {'roofline':>8} | "
+              f"{'mem MB':>7} {'fla MB':>7}")
+    lines += [header, "-" * len(header)]
+    print(header, flush=True)
+    for backward in (False, True):
+        for B, T, H, D in shapes:
+            q, k, v, g = prefill_inputs(B, T, H, D, backward)
+            ours = timed(lambda: chunk_gla(q, k, v, g, backend="cuda")[0], backward)
+            fla = (timed(lambda: fla_chunk_gla(q, k, v, g)[0], backward)
+                   if fla_chunk_gla else (float("nan"), float("nan")))
+            qs, ks, vs = (x.transpose(1, 2) for x in (q, k, v))    # SDPA wants [B, H, T, D]
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+                sdpa = timed(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True),
+                             backward)
+            # minimal bytes: read q, k, v (bf16) and g (fp32), write o (bf16); x3 with backward
+            min_bytes = B * T * H * D * (2 * 3 + 4 + 2) * (3 if backward else 1)
+            roof = (min_bytes / bandwidth) / ours[0]
+            mode = "fwd+bwd" if backward else "fwd"
+            rows.append({"mode": mode, "B": B, "T": T, "H": H, "D": D, "gla_ext_s": ours[0],
+                         "fla_s": fla[0], "sdpa_flash_s": sdpa[0], "roofline_fraction": roof,
+                         "gla_ext_peak_bytes": ours[1], "fla_peak_bytes": fla[1],
+                         "sdpa_peak_bytes": sdpa[1]})
+            line = (f"{mode:8} {B:2d} {T:6d} {H:3d} {D:4d} | {ours[0]*1e3:10.3f} {fla[0]*1e3:8.3f} "
+                    f"{sdpa[0]*1e3:8.3f} | {fla[0]/ours[0]:5.2f}x {sdpa[0]/ours[0]:6.2f}x "
+                    f"{roof:7.1%} | {ours[1]/2**20:7.0f} {fla[1]/2**20:7.0f}")
+            lines.append(line)
+            print(line, flush=True)
+            del q, k, v, g
+            torch.cuda.empty_cache()
+
+
+def bench_decode(bandwidth, rows, lines):
+    header = (f"{'decode':8} {'B*H':>6} | {'gla_ext us':>10} {'fla us':>8} | {'vs fla':>6} "
+              f"{'of HBM bw':>9}")
+    lines += ["", header, "-" * len(header)]
+    print("\n" + header, flush=True)
+    H, D = 8, 128
+    for bh in DECODE_BH:
+        B = bh // H
+        q, k, v = (torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        g = F.logsigmoid(torch.randn(B, 1, H, D, device="cuda")) / 16
+        h0 = torch.randn(B, H, D, D, device="cuda")
+        ours = timed(lambda: fused_recurrent_gla(q, k, v, g, initial_state=h0,
+                                                 output_final_state=True, backend="cuda")[0], False)
+        fla = (timed(lambda: fla_fused_recurrent_gla(q, k, v, g, initial_state=h0,
+                                                     output_final_state=True)[0], False)
+               if fla_fused_recurrent_gla else (float("nan"), float("nan")))
+        state_bytes = 2 * B * H * D * D * 4          # read and write the float32 state
+        frac = (state_bytes / ours[0]) / bandwidth
+        rows.append({"mode": "decode", "BH": bh, "D": D, "gla_ext_s": ours[0], "fla_s": fla[0],
+                     "hbm_fraction": frac})
+        line = (f"{'decode':8} {bh:6d} | {ours[0]*1e6:10.1f} {fla[0]*1e6:8.1f} | "
+                f"{fla[0]/ours[0]:5.2f}x {frac:8.1%}")
+        lines.append(line)
+        print(line, flush=True)
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+        sel = [r for r in rows if r["mode"] == mode]
+        labels = [f"{r['B']}x{r['T']}x{r['H']}x{r['D']}" for r in sel]
+        for key, name in (("gla_ext_s", "gla_ext"), ("fla_s", "fla chunk_gla"),
+                          ("sdpa_flash_s", "SDPA flash")):
+            ax.plot(labels, [r[key] * 1e3 for r in sel], marker="o", label=name)
+        ax.set_yscale("log")
+        ax.set_title(f"bf16 {mode}")
+        ax.set_ylabel("ms (median)")
+        ax.tick_params(axis="x", rotation=20)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"saved {path}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=RESULTS_DIR)
+    parser.add_argument("--quick", action="store_true", help="first prefill shape only")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no GPU: nothing to benchmark")
+        return 1
+    if FLA_ERROR:
+        print(f"fla not importable ({FLA_ERROR}): its columns are NaN")
+    bandwidth = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    rows, lines = [], [f"copy bandwidth {bandwidth / 1e12:.2f} TB/s"]
+    bench_prefill(PREFILL_SHAPES[:1] if args.quick else PREFILL_SHAPES, bandwidth, rows, lines)
+    bench_decode(bandwidth, rows, lines)
+    path = save_results("bench_gpu", rows, "\n".join(lines),
+                        {"copy_bandwidth_Bps": bandwidth, "fla": FLA_ERROR or "fla-core"},
+                        out_dir=args.out)
+    print(f"saved {path}")
+    plot([r for r in rows if r["mode"] != "decode"], path.replace(".json", ".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: build for sm_90a, run the tests (GPU tests included), the
+# numerical self-check and the GPU benchmark; logs and results go into OUT_DIR.
+#   benchmarks/gpu_check.sh OUT_DIR          (on the device tool: benchmarks/gpu_check.sh "$OUT")
+# The peer fla-core is used when wheels are in .whl/ (pip download --no-deps fla-core==0.6.0 -d .whl).
+# At most 8 files land in OUT_DIR: build.log tests.log check.txt bench.log bench_gpu.{json,md,png}.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-${OUT:-gpu_out}}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export GLA_EXT_CUDA_ARCH="${GLA_EXT_CUDA_ARCH:-90a}" MAX_JOBS="${MAX_JOBS:-16}"
+[ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda
+
+{
+    date; git log -1 --oneline 2>/dev/null || true
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv || true
+    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    start=$SECONDS
+    "$PY" -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -30
+    echo "build took $((SECONDS - start)) s"
+    "$PY" -m gla_ext info
+} > "$OUT/build.log" 2>&1
+echo "build: $(tail -n 12 "$OUT/build.log" | head -n 1)"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >> "$OUT/build.log" 2>&1
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+timeout 300 "$PY" -m pytest -q -rs tests > "$OUT/tests.log" 2>&1
+echo "tests: $(tail -n 1 "$OUT/tests.log")"
+timeout 120 "$PY" -m gla_ext check > "$OUT/check.txt" 2>&1
+echo "check: $(tail -n 1 "$OUT/check.txt")"
+(cd benchmarks && timeout 240 "$PY" bench_gpu.py --out "$OUT") > "$OUT/bench.log" 2>&1
+echo "bench: exit $?"; tail -n 25 "$OUT/bench.log"
