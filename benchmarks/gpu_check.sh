@@ -8,6 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-gpu_out}}"
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"   # absolute: the benchmark runs from benchmarks/
 PY="${PYTHON:-python3}"
 export GLA_EXT_CUDA_ARCH="${GLA_EXT_CUDA_ARCH:-90a}" MAX_JOBS="${MAX_JOBS:-16}"
 [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda
