@@ -25,6 +25,11 @@ from .options import make_config
 __all__ = ["GLA", "build"]
 
 
+def _zero_padding(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """t [B, T, F] with the positions where mask [B, T] is False set to 0 (where, not *: NaN-safe)."""
+    return torch.where(mask[:, :, None], t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
 class GLA(nn.Module):
     """Stack of pre-norm GLA blocks mapping [batch, T, embed_dim] to [batch, hidden_size].
 
@@ -70,7 +75,7 @@ class GLA(nn.Module):
             lengths = self._check_lengths(lengths, B, T, x.device)
             mask = torch.arange(T, device=x.device) < lengths[:, None]     # [B, T], True = valid
             # Zeroed padding cannot reach anything, even if it held inf or NaN.
-            x = torch.where(mask[:, :, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+            x = _zero_padding(x, mask)
         h = self.input_proj(x)
         new_state = []
         for i, block in enumerate(self.blocks):
@@ -80,13 +85,14 @@ class GLA(nn.Module):
                 new_state.append(layer_state)
             else:
                 h = block(h, layer_state, False, mask)
-        h = self.norm(h)
+        # The final LayerNorm is per position: pick the positions first, normalize only those.
         if return_sequence:
-            y = h if mask is None else h * mask[:, :, None].to(h.dtype)
+            y = self.norm(h)
+            y = y if mask is None else _zero_padding(y, mask)
         elif lengths is None:
-            y = h[:, -1]
+            y = self.norm(h[:, -1])
         else:
-            y = h[torch.arange(B, device=h.device), lengths - 1]
+            y = self.norm(h[torch.arange(B, device=h.device), lengths - 1])
         return (y, new_state) if return_state else y
 
     def init_state(self, batch: int, device=None) -> list:
