@@ -1,0 +1,172 @@
+"""The GLA sequence model: input projection, GLA blocks, final LayerNorm, last position.
+
+    model = GLA.build(embed_dim=287)             # or gla_ext.build(...)
+    y = model(x)                                 # [B, T, embed_dim] -> [B, hidden_size]
+    y = model(x, lengths=lengths)                # right-padded batch: last valid position per row
+    seq = model(x, return_sequence=True)         # [B, T, hidden_size]
+    state = model.init_state(B)                  # streaming: one [B, H, D, D] float32 per layer
+    y_t, state = model.step(x_t, state)          # x_t [B, embed_dim] -> [B, hidden_size]
+    y, state = model(x, state=state, return_state=True)   # prefill, then step()
+
+seq_len (default: window_size) is a shape hint, like window_size: inputs of any length
+are accepted whatever its value. It records the length the model is expected to see
+(for fixed-shape compilation / CUDA-graph capture); None says lengths vary.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import sizing
+from ._checks import _is_tracing
+from .layers import GLABlock, build_gla_block, build_gla_layer
+from .options import make_config
+
+__all__ = ["GLA", "build"]
+
+
+def _zero_padding(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """t [B, T, F] with the positions where mask [B, T] is False set to 0 (where, not *: NaN-safe)."""
+    return torch.where(mask[:, :, None], t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+class GLA(nn.Module):
+    """Stack of pre-norm GLA blocks mapping [batch, T, embed_dim] to [batch, hidden_size].
+
+    Construct with GLA.build(**options) (or GLA(**options)); the options are listed in
+    gla_ext.options.GLAConfig and GLA.recommended_defaults().
+    """
+
+    def __init__(self, **options):
+        super().__init__()
+        self.config = c = make_config(options)
+        self.embed_dim, self.hidden_size = c.embed_dim, c.hidden_size
+        self.window_size, self.seq_len = c.window_size, c.seq_len
+        self.input_proj = (nn.Identity() if c.embed_dim == c.hidden_size
+                           else nn.Linear(c.embed_dim, c.hidden_size, bias=True))
+        self.blocks = nn.ModuleList(GLABlock(c) for _ in range(c.num_layers))
+        self.norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps)
+
+    # ---- construction and sizing (also gla_ext.build, gla_ext.param_count, ...) ----
+    @staticmethod
+    def build(**options) -> "GLA":
+        """A GLA model from keyword options (embed_dim required); bad options raise OptionError."""
+        return GLA(**options)
+
+    build_gla_block = staticmethod(build_gla_block)
+    build_gla_layer = staticmethod(build_gla_layer)
+    output_size = staticmethod(sizing.output_size)
+    param_count = staticmethod(sizing.param_count)
+    recommended_defaults = staticmethod(sizing.recommended_defaults)
+
+    # ---- running ----
+    def forward(self, x, lengths=None, state=None, return_state=False, return_sequence=False):
+        """x [B, T, embed_dim] -> [B, hidden_size] (last position, or last valid one per row).
+
+        lengths: int tensor [B], valid positions per row of a right-padded batch (1..T).
+        state: from init_state() or a previous call; return_state=True also returns the
+        new state. return_sequence=True returns every position, [B, T, hidden_size]
+        (padded positions are zero).
+        """
+        B, T = self._check_input(x)
+        self._check_state(state, B)
+        mask = None
+        if lengths is not None:
+            lengths = self._check_lengths(lengths, B, T, x.device)
+            mask = torch.arange(T, device=x.device) < lengths[:, None]     # [B, T], True = valid
+            # Zeroed padding cannot reach anything, even if it held inf or NaN.
+            x = _zero_padding(x, mask)
+        h = self.input_proj(x)
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            layer_state = None if state is None else state[i]
+            if return_state:
+                h, layer_state = block(h, layer_state, True, mask)
+                new_state.append(layer_state)
+            else:
+                h = block(h, layer_state, False, mask)
+        # The final LayerNorm is per position: pick the positions first, normalize only those.
+        if return_sequence:
+            y = self.norm(h)
+            y = y if mask is None else _zero_padding(y, mask)
+        elif lengths is None:
+            y = self.norm(h[:, -1])
+        else:
+            y = self.norm(h[torch.arange(B, device=h.device), lengths - 1])
+        return (y, new_state) if return_state else y
+
+    def init_state(self, batch: int, device=None) -> list:
+        """Zero recurrent state: a list with one [batch, num_heads, head_dim, head_dim] float32 per layer."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"init_state: batch must be a positive int, got {batch!r}")
+        if device is None:
+            device = self.norm.weight.device
+        c = self.config
+        return [torch.zeros(batch, c.num_heads, c.head_dim, c.head_dim, dtype=torch.float32,
+                            device=device) for _ in range(c.num_layers)]
+
+    def step(self, x_t, state=None):
+        """One streaming step: x_t [B, embed_dim] (or [B, 1, embed_dim]) -> (y_t [B, hidden_size], new_state).
+
+        state=None starts from zeros. Feeding a sequence one step at a time gives the
+        outputs of forward(x, return_sequence=True) (in eval mode).
+        """
+        if isinstance(x_t, torch.Tensor) and x_t.dim() == 2:
+            x_t = x_t.unsqueeze(1)
+        elif isinstance(x_t, torch.Tensor) and (x_t.dim() != 3 or x_t.shape[1] != 1):
+            raise ValueError(f"step: x_t must be [batch, embed_dim] or [batch, 1, embed_dim], "
+                             f"got shape {tuple(x_t.shape)}")
+        if state is None:
+            state = self.init_state(x_t.shape[0], device=x_t.device)
+        return self.forward(x_t, state=state, return_state=True)
+
+    # ---- input checks: clear messages instead of shape errors deep inside ----
+    def _check_input(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor [batch, seq_len, embed_dim], "
+                            f"got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be [batch, seq_len, embed_dim={self.embed_dim}], "
+                             f"got shape {tuple(x.shape)}")
+        if x.shape[0] < 1 or x.shape[1] < 1:
+            raise ValueError(f"x must have at least one row and one position, "
+                             f"got shape {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"x must be a floating tensor, got {x.dtype}")
+        return x.shape[0], x.shape[1]
+
+    def _check_state(self, state, B):
+        if state is None:
+            return
+        c = self.config
+        expected = (B, c.num_heads, c.head_dim, c.head_dim)
+        if not isinstance(state, (list, tuple)) or len(state) != c.num_layers:
+            raise ValueError(f"state must be a list of num_layers={c.num_layers} tensors "
+                             f"{list(expected)} (see init_state), got {type(state).__name__}"
+                             + (f" of length {len(state)}" if isinstance(state, (list, tuple)) else ""))
+        for i, s in enumerate(state):
+            if not isinstance(s, torch.Tensor) or tuple(s.shape) != expected:
+                got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+                raise ValueError(f"state[{i}] must be a tensor of shape {list(expected)} "
+                                 f"[batch, num_heads, head_dim, head_dim], got {got}")
+
+    @staticmethod
+    def _check_lengths(lengths, B, T, device):
+        if not isinstance(lengths, torch.Tensor):
+            lengths = torch.as_tensor(lengths)
+        if lengths.dim() != 1 or lengths.shape[0] != B:
+            raise ValueError(f"lengths must be a 1-D tensor [batch={B}], got shape "
+                             f"{tuple(lengths.shape)}")
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise ValueError(f"lengths must be an integer tensor, got {lengths.dtype}")
+        lengths = lengths.to(device=device, dtype=torch.long)
+        # Reading values would break torch.compile tracing; checked eagerly only.
+        if not _is_tracing():
+            lo, hi = int(lengths.min()), int(lengths.max())
+            if lo < 1 or hi > T:
+                raise ValueError(f"lengths must be in [1, seq_len={T}], got values in [{lo}, {hi}]")
+        return lengths
+
+
+# Module-level names for the same functions (gla_ext.build, gla_ext.param_count, ...).
+build = GLA.build
