@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _registration
 from .ops import chunk_gla, fused_recurrent_gla
 from .options import GLAConfig, make_config
 
@@ -33,9 +32,6 @@ class GatedLinearAttention(nn.Module):
 
     def __init__(self, config: GLAConfig):
         super().__init__()
-        # Register the ops' fake kernels and autograd now: registering lazily inside the
-        # first (traced) call would make torch.compile break the graph there.
-        _registration.register()
         d, a = config.hidden_size, config.attn_dim
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
         self.gate_logit_normalizer = float(config.gate_logit_normalizer)

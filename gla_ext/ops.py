@@ -21,6 +21,10 @@ BACKENDS = ("auto", "cuda", "cpu", "reference")
 _CUDA_MAX_K = 256
 _DEFAULT_CHUNK = 0  # 0 = the kernel's own choice
 
+# Fake kernels and autograd are registered at import, so the first call may already be
+# inside torch.compile without breaking the graph.
+_registration.register()
+
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, op: str) -> str:
     """The backend that will run: explicit requests are honoured or refused, never swapped."""
@@ -93,7 +97,6 @@ def _gla(op_name, kernel_name, q, k, v, g, scale, initial_state, output_final_st
             o, ht = reference.naive_recurrent_gla(q, k, v, g, scale, initial_state,
                                                   output_final_state, reverse, cu_seqlens)
         return o, ht
-    _registration.register()
     fwd_op = getattr(torch.ops.gla_ext, f"{kernel_name}_fwd")
     q, k, v, g, h0, cu = _prepare(q, k, v, g, initial_state, cu_seqlens)
     max_k = _CUDA_MAX_K if chosen == "cuda" else None
