@@ -126,11 +126,13 @@ def check_case(c, scale, reverse, dtype):
         assert x.shape == ref.shape, f"{name}: shape {tuple(x.shape)} != {tuple(ref.shape)}"
         assert torch.isfinite(x).all(), f"{name}: NaN/inf (unwritten or overflowed entries)"
 
-    # dg is a running sum of (q*dq - k*dk) terms that cancel exactly when a gate is a full
-    # forget (g = -1e4): there the reference is 0 and only an absolute error makes sense,
-    # measured against the size of the terms being summed.
+    # dg is a running sum of (q*dq - k*dk) terms (the CPU twin's formula) that cancel exactly
+    # when every gate is a full forget (g = -1e4): there the reference is 0 and only an
+    # absolute error makes sense, measured against the size of the terms being summed
+    # (float32 leaves ~3e-7 of it at T=33). For drawn gates ||dg|| >= 0.04 * that size
+    # (normalizer 0.1), so this floor only ever applies to the full-forget case.
     dg_terms = ((c["q"].double() * dq_r).norm() + (c["k"].double() * dk_r).norm()).item()
-    floors = dict(dg=1e-3 * dg_terms)
+    floors = dict(dg=1e-2 * dg_terms)
     errors = {name: rel_err(x, ref, floors.get(name, 0.0)) for name, (x, ref) in outs.items()}
     bad = {n: e for n, e in errors.items() if not e <= tol}
     assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
