@@ -1,7 +1,7 @@
 """GPU benchmark: gla_ext vs fla-core's Triton kernels, SDPA (flash) and the memory roofline.
 
 Prefill forward and forward+backward (bf16) at the issue's shapes, decode steps at B*H in
-{32, 256, 1024}; median of CUDA-event timings after warm-up; peak memory per case.
+{32, 256, 1024}, and per-token latency of the default model (eager vs CUDA graph); median of CUDA-event timings after warm-up; peak memory per case.
 Writes bench_gpu.json / .md / .png into --out (default benchmarks/results).
 Usage: python benchmarks/bench_gpu.py [--out DIR] [--quick]
 """
@@ -121,6 +121,26 @@ def bench_decode(bandwidth, rows, lines):
         print(line, flush=True)
 
 
+def bench_model_decode(rows, lines):
+    """Per-token latency of the seed's default model: eager step() vs the CUDA-graph step."""
+    from gla_ext import GLA
+    header = f"{'model decode':12} {'batch':>5} | {'eager us':>9} {'graph us':>9} {'speed-up':>8}"
+    lines += ["", header, "-" * len(header)]
+    print("\n" + header, flush=True)
+    model = GLA.build(embed_dim=287, hidden_size=256, num_layers=6, num_heads=4).cuda().eval()
+    for batch in (1, 32):
+        x = torch.randn(batch, 287, device="cuda")
+        with torch.no_grad():
+            state = model.init_state(batch, device="cuda")
+            eager = timed(lambda: model.step(x, state)[0], False)[0]
+            decoder = model.cuda_graph_step(batch)
+            graph = timed(lambda: decoder(x), False)[0]
+        rows.append({"mode": "model_decode", "batch": batch, "eager_s": eager, "graph_s": graph})
+        line = f"{'model decode':12} {batch:5d} | {eager*1e6:9.1f} {graph*1e6:9.1f} {eager/graph:7.1f}x"
+        lines.append(line)
+        print(line, flush=True)
+
+
 def plot(rows, path):
     try:
         import matplotlib
@@ -161,11 +181,12 @@ def main() -> int:
     rows, lines = [], [f"copy bandwidth {bandwidth / 1e12:.2f} TB/s"]
     bench_prefill(PREFILL_SHAPES[:1] if args.quick else PREFILL_SHAPES, bandwidth, rows, lines)
     bench_decode(bandwidth, rows, lines)
+    bench_model_decode(rows, lines)
     path = save_results("bench_gpu", rows, "\n".join(lines),
                         {"copy_bandwidth_Bps": bandwidth, "fla": FLA_ERROR or "fla-core"},
                         out_dir=args.out)
     print(f"saved {path}")
-    plot([r for r in rows if r["mode"] != "decode"], path.replace(".json", ".png"))
+    plot([r for r in rows if r["mode"] in ("fwd", "fwd+bwd")], path.replace(".json", ".png"))
     return 0
 
 

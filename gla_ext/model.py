@@ -120,6 +120,15 @@ class GLA(nn.Module):
             state = self.init_state(x_t.shape[0], device=x_t.device)
         return self.forward(x_t, state=state, return_state=True)
 
+    def cuda_graph_step(self, batch_size: int, warmup: int = 2):
+        """A CUDA-graph-captured step() for a fixed batch (eval mode, model on CUDA).
+
+        Returns a gla_ext.cuda_graph.CUDAGraphStep: call it with x_t [batch, embed_dim] for
+        y_t [batch, hidden_size]; its state lives in static buffers (reset() zeroes them).
+        """
+        from .cuda_graph import CUDAGraphStep
+        return CUDAGraphStep(self, batch_size, warmup)
+
     # ---- input checks: clear messages instead of shape errors deep inside ----
     def _check_input(self, x):
         if not isinstance(x, torch.Tensor):
