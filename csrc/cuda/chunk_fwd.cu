@@ -29,9 +29,16 @@
 //      writes o, then S^T <- S^T * exp2(b_last) + v^T @ k~ on the tensor cores.
 // Tensor-core instruction: mma.sync.aligned.m16n8k16 (row.col, f32 accumulate), operands
 // loaded with ldmatrix (.trans where the operand is stored the other way round).
+//
+// GLA_CHUNK_EMULATE: tests/cuda_emu includes this file in a host program that supplies the
+// CUDA types and runs each block's threads as fibers, with the warp-level primitives
+// (ldmatrix, mma, cp.async) emulated from the PTX ISA's definitions. Only the primitives
+// and the CUDA runtime calls below are swapped out; the kernel body is compiled as is.
+#ifndef GLA_CHUNK_EMULATE
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 #include <cstdio>
@@ -94,6 +101,62 @@ struct SmemLayout {
 };
 static_assert(SmemLayout<128>::kBytes <= 99 * 1024, "shared memory over the 99 KB opt-in limit");
 
+// ---- warp-level primitives (PTX) -------------------------------------------------------
+#ifndef GLA_CHUNK_EMULATE
+// d += a @ b, m16n8k16, A row-major 16x16, B column-major 16x8, float32 accumulators.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                        uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared without passing through registers (sm_80+).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)),
+               "l"(__cvta_generic_to_global(src))
+               : "memory");
+}
+
+// Commits this thread's outstanding copies and waits for all of them.
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+// Four 8x8 matrices of 16-bit elements. Lane l gives the address of row (l & 7) of matrix
+// l >> 3; register m then holds, of matrix m, row lane/4 and columns 2*(lane%4) + {0, 1}.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row_addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row_addr)));
+}
+
+// As ldsm_x4, transposed: register m holds, of matrix m, rows 2*(lane%4) + {0, 1} of column
+// lane/4 (the matrices are read column-major).
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row_addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row_addr)));
+}
+#endif  // GLA_CHUNK_EMULATE
+
+__device__ __forceinline__ void zero16(void* dst) {
+  *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+}
+
 // ---- element types ------------------------------------------------------------------
 template <typename T>
 struct Elem;
@@ -116,13 +179,9 @@ struct Elem<__nv_bfloat16> {
   static __device__ __forceinline__ uint16_t from_float(float x) {
     return __bfloat16_as_ushort(__float2bfloat16_rn(x));
   }
-  // d += a @ b, m16n8k16, A row-major 16x16, B column-major 16x8, float32 accumulators.
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4],
                                              uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    mma_bf16(d, a, b0, b1);
   }
 };
 
@@ -149,49 +208,9 @@ struct Elem<__half> {
   }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4],
                                              uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    mma_f16(d, a, b0, b1);
   }
 };
-
-// ---- shared-memory and async-copy primitives -------------------------------------------
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared without passing through registers (sm_80+).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)),
-               "l"(__cvta_generic_to_global(src))
-               : "memory");
-}
-
-// Commits this thread's outstanding copies and waits for all of them.
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
-}
-
-__device__ __forceinline__ void zero16(void* dst) {
-  *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-}
-
-// Four 8x8 matrices of 16-bit elements. Lane l gives the address of row (l & 7) of matrix
-// l >> 3; register m then holds, of matrix m, row lane/4 and columns 2*(lane%4) + {0, 1}.
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row_addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(row_addr)));
-}
-
-// As ldsm_x4, transposed: register m holds, of matrix m, rows 2*(lane%4) + {0, 1} of column
-// lane/4 (the matrices are read column-major).
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row_addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(row_addr)));
-}
 
 // ---- the kernel ----------------------------------------------------------------------
 //
@@ -602,17 +621,63 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- launcher ------------------------------------------------------------------------
-thread_local char g_message[320];
-
-const char* fail(const char* what, cudaError_t err) {
-  std::snprintf(g_message, sizeof(g_message), "chunk_fwd_cuda: %s: %s", what,
-                cudaGetErrorString(err));
-  return g_message;
-}
-
 bool aligned(const void* p, uintptr_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
+
+// Checks p and fills the kernel arguments and grid (x = N * H, y = V tiles). Returns an
+// error message, or nullptr; *empty is set when there is nothing to launch.
+const char* prepare(const GlaParams& p, ChunkFwdArgs* args, unsigned* grid_x,
+                    unsigned* grid_y, bool* empty) {
+  *empty = false;
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
+    return "chunk_fwd_cuda: q/k/v must be float16 or bfloat16 (the tensor-core chunked "
+           "kernel has no float32/float64 variant)";
+  if (p.K < 1 || p.K > kChunkMaxK)
+    return "chunk_fwd_cuda: K must be in [1, 128] (split wider K into slices)";
+  if (p.V < 1 || p.V > (int64_t{1} << 30)) return "chunk_fwd_cuda: V must be in [1, 2^30]";
+  if (p.B < 0 || p.T < 0 || p.H < 0 || p.N < 0) return "chunk_fwd_cuda: negative size";
+  if (p.cu_seqlens == nullptr && p.N != p.B)
+    return "chunk_fwd_cuda: N must equal B without cu_seqlens";
+  if (p.cu_seqlens != nullptr && p.B != 1)
+    return "chunk_fwd_cuda: B must be 1 with cu_seqlens";
+  if (p.H > int64_t{0x7fffffff} || p.N * p.H > int64_t{0x7fffffff})
+    return "chunk_fwd_cuda: N * H exceeds the grid limit";
+  if ((p.V + kBV - 1) / kBV > 65535) return "chunk_fwd_cuda: V too large for the grid";
+  if (p.N * p.H == 0) {  // no sequences or no heads: nothing to write
+    *empty = true;
+    return nullptr;
+  }
+  if (p.ht == nullptr) return "chunk_fwd_cuda: ht (final state) must not be null";
+  if (p.T > 0 && (p.q == nullptr || p.k == nullptr || p.v == nullptr || p.g == nullptr ||
+                  p.o == nullptr))
+    return "chunk_fwd_cuda: q, k, v, g and o must not be null";
+
+  args->q = p.q;
+  args->k = p.k;
+  args->v = p.v;
+  args->g = static_cast<const float*>(p.g);
+  args->h0 = static_cast<const float*>(p.h0);
+  args->o = p.o;
+  args->ht = static_cast<float*>(p.ht);
+  args->cu_seqlens = p.cu_seqlens;
+  args->T = p.T;
+  args->H = static_cast<int>(p.H);
+  args->K = static_cast<int>(p.K);
+  args->V = static_cast<int>(p.V);
+  args->scale = static_cast<float>(p.scale);
+  args->flags = 0;
+  if (p.K % 8 == 0 && aligned(p.q, 16) && aligned(p.k, 16)) args->flags |= kVecQK;
+  if (p.K % 4 == 0 && aligned(p.g, 16)) args->flags |= kVecG;
+  if (p.V % 8 == 0 && aligned(p.v, 16)) args->flags |= kVecV;
+  if (p.V % 2 == 0 && aligned(p.o, 4)) args->flags |= kVecO;
+  *grid_x = static_cast<unsigned>(p.N * p.H);
+  *grid_y = static_cast<unsigned>((p.V + kBV - 1) / kBV);
+  return nullptr;
+}
+
+#ifndef GLA_CHUNK_EMULATE
+thread_local char g_message[320];
 
 template <typename T, int KT>
 const char* launch(const ChunkFwdArgs& args, dim3 grid, cudaStream_t stream,
@@ -622,7 +687,7 @@ const char* launch(const ChunkFwdArgs& args, dim3 grid, cudaStream_t stream,
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) {
-    (void)cudaGetLastError();
+    (void)cudaGetLastError();  // clear it, so it is not reported again by a later check
     std::snprintf(g_message, sizeof(g_message),
                   "chunk_fwd_cuda: %s: cannot reserve %d bytes of shared memory: %s", name,
                   kSmem, cudaGetErrorString(err));
@@ -637,60 +702,31 @@ const char* launch(const ChunkFwdArgs& args, dim3 grid, cudaStream_t stream,
   }
   return nullptr;
 }
+#endif  // GLA_CHUNK_EMULATE
 
 }  // namespace
 
+#ifndef GLA_CHUNK_EMULATE
 const char* chunk_fwd_cuda(const GlaParams& p, void* stream_ptr) {
   static_assert(kChunkMaxK == kCudaChunkMaxK, "gla.h and chunk_fwd.cu disagree on max K");
-  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
-    return "chunk_fwd_cuda: q/k/v must be float16 or bfloat16 (the tensor-core chunked "
-           "kernel has no float32/float64 variant)";
-  if (p.K < 1 || p.K > kChunkMaxK)
-    return "chunk_fwd_cuda: K must be in [1, 128] (split wider K into slices)";
-  if (p.V < 1 || p.V > (int64_t{1} << 30)) return "chunk_fwd_cuda: V must be in [1, 2^30]";
-  if (p.B < 0 || p.T < 0 || p.H < 0 || p.N < 0) return "chunk_fwd_cuda: negative size";
-  if (p.cu_seqlens == nullptr && p.N != p.B)
-    return "chunk_fwd_cuda: N must equal B without cu_seqlens";
-  if (p.cu_seqlens != nullptr && p.B != 1)
-    return "chunk_fwd_cuda: B must be 1 with cu_seqlens";
-  if (p.N * p.H > int64_t{0x7fffffff}) return "chunk_fwd_cuda: N * H exceeds the grid limit";
-  if (p.H > int64_t{0x7fffffff}) return "chunk_fwd_cuda: H too large";
-  if (p.N * p.H == 0) return nullptr;  // no sequences or no heads: nothing to write
-  if (p.ht == nullptr) return "chunk_fwd_cuda: ht (final state) must not be null";
-  if (p.T > 0 && (p.q == nullptr || p.k == nullptr || p.v == nullptr || p.g == nullptr ||
-                  p.o == nullptr))
-    return "chunk_fwd_cuda: q, k, v, g and o must not be null";
+  ChunkFwdArgs args;
+  unsigned grid_x = 0, grid_y = 0;
+  bool empty = false;
+  if (const char* err = prepare(p, &args, &grid_x, &grid_y, &empty)) return err;
+  if (empty) return nullptr;
 
   int device = 0, major = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess)
     err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err != cudaSuccess) return fail("cannot query the device", err);
+  if (err != cudaSuccess) {
+    std::snprintf(g_message, sizeof(g_message), "chunk_fwd_cuda: cannot query the device: %s",
+                  cudaGetErrorString(err));
+    return g_message;
+  }
   if (major < 8) return "chunk_fwd_cuda: needs a GPU of compute capability 8.0 or newer";
 
-  ChunkFwdArgs args;
-  args.q = p.q;
-  args.k = p.k;
-  args.v = p.v;
-  args.g = static_cast<const float*>(p.g);
-  args.h0 = static_cast<const float*>(p.h0);
-  args.o = p.o;
-  args.ht = static_cast<float*>(p.ht);
-  args.cu_seqlens = p.cu_seqlens;
-  args.T = p.T;
-  args.H = static_cast<int>(p.H);
-  args.K = static_cast<int>(p.K);
-  args.V = static_cast<int>(p.V);
-  args.scale = static_cast<float>(p.scale);
-  args.flags = 0;
-  if (p.K % 8 == 0 && aligned(p.q, 16) && aligned(p.k, 16)) args.flags |= kVecQK;
-  if (p.K % 4 == 0 && aligned(p.g, 16)) args.flags |= kVecG;
-  if (p.V % 8 == 0 && aligned(p.v, 16)) args.flags |= kVecV;
-  if (p.V % 2 == 0 && aligned(p.o, 4)) args.flags |= kVecO;
-
-  const dim3 grid(static_cast<unsigned>(p.N * p.H),
-                  static_cast<unsigned>((p.V + kBV - 1) / kBV));
-  if (grid.y > 65535u) return "chunk_fwd_cuda: V too large for the grid";
+  const dim3 grid(grid_x, grid_y);
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const bool bf16 = p.dtype == DType::kBFloat16;
   if (p.K <= 64)
@@ -699,5 +735,6 @@ const char* chunk_fwd_cuda(const GlaParams& p, void* stream_ptr) {
   return bf16 ? launch<__nv_bfloat16, 128>(args, grid, stream, "gla_chunk_fwd_kernel<bf16, 128>")
               : launch<__half, 128>(args, grid, stream, "gla_chunk_fwd_kernel<fp16, 128>");
 }
+#endif  // GLA_CHUNK_EMULATE
 
 }  // namespace gla
