@@ -102,54 +102,93 @@ struct SmemLayout {
 static_assert(SmemLayout<128>::kBytes <= 99 * 1024, "shared memory over the 99 KB opt-in limit");
 
 // ---- warp-level primitives (PTX) -------------------------------------------------------
+// mma.m16n8k16 with f16/bf16 and cp.async need sm_80. Device passes for older targets still
+// compile the kernel, with every primitive a trap; the launcher refuses those devices.
 #ifndef GLA_CHUNK_EMULATE
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define GLA_CHUNK_SM80 0
+#else
+#define GLA_CHUNK_SM80 1
+#endif
+
 // d += a @ b, m16n8k16, A row-major 16x16, B column-major 16x8, float32 accumulators.
 __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                          uint32_t b1) {
+#if GLA_CHUNK_SM80
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
       "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  (void)d, (void)a, (void)b0, (void)b1;
+  __trap();
+#endif
 }
 
 __device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                         uint32_t b1) {
+#if GLA_CHUNK_SM80
   asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
       "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  (void)d, (void)a, (void)b0, (void)b1;
+  __trap();
+#endif
 }
 
+#if GLA_CHUNK_SM80
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+#endif
 
-// 16 bytes global -> shared without passing through registers (sm_80+).
+// 16 bytes global -> shared without passing through registers.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+#if GLA_CHUNK_SM80
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)),
                "l"(__cvta_generic_to_global(src))
                : "memory");
+#else
+  (void)dst, (void)src;
+  __trap();
+#endif
 }
 
 // Commits this thread's outstanding copies and waits for all of them.
 __device__ __forceinline__ void cp_async_wait_all() {
+#if GLA_CHUNK_SM80
   asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
 }
 
 // Four 8x8 matrices of 16-bit elements. Lane l gives the address of row (l & 7) of matrix
 // l >> 3; register m then holds, of matrix m, row lane/4 and columns 2*(lane%4) + {0, 1}.
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row_addr) {
+#if GLA_CHUNK_SM80
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(row_addr)));
+#else
+  (void)row_addr;
+  r[0] = r[1] = r[2] = r[3] = 0u;
+  __trap();
+#endif
 }
 
 // As ldsm_x4, transposed: register m holds, of matrix m, rows 2*(lane%4) + {0, 1} of column
 // lane/4 (the matrices are read column-major).
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row_addr) {
+#if GLA_CHUNK_SM80
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(row_addr)));
+#else
+  (void)row_addr;
+  r[0] = r[1] = r[2] = r[3] = 0u;
+  __trap();
+#endif
 }
 #endif  // GLA_CHUNK_EMULATE
 
@@ -226,7 +265,6 @@ struct Elem<__half> {
 template <typename T, int KT>
 __global__ void __launch_bounds__(kThreads)
     gla_chunk_fwd_kernel(const ChunkFwdArgs a) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using E = Elem<T>;
   using L = SmemLayout<KT>;
   constexpr int kNT = KT / 8;  // 8-wide key-dim tiles of the state
@@ -615,9 +653,6 @@ __global__ void __launch_bounds__(kThreads)
       if (kd < K && vc < V) a.ht[state_base + static_cast<int64_t>(kd) * V + vc] = s[nt][r];
     }
   }
-#else
-  // The launcher refuses devices below sm_80; nothing to do in device passes for them.
-#endif
 }
 
 // ---- launcher ------------------------------------------------------------------------
