@@ -77,5 +77,9 @@ constexpr int64_t kCudaRecurrentMaxK = 256;
 int64_t recurrent_bwd_cuda_workspace_floats(const GlaParams& p);
 const char* recurrent_fwd_cuda(const GlaParams& p, void* stream);
 const char* recurrent_bwd_cuda(const GlaParams& p, void* stream);
+// Tensor-core chunked forward (csrc/cuda/chunk_fwd.cu): float16/bfloat16 only, sm_80+,
+// K <= kCudaChunkMaxK (wider K is split by the caller), any V, no workspace.
+constexpr int64_t kCudaChunkMaxK = 128;
+const char* chunk_fwd_cuda(const GlaParams& p, void* stream);
 
 }  // namespace gla

@@ -1,0 +1,782 @@
+// Chunked GLA forward on tensor cores (bf16 / fp16 inputs, float32 state and accumulation).
+// Torch-free: raw pointers and a stream.
+//
+// Math (DESIGN.md), per sequence n and head h, state S is K x V in float32:
+//   S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,   o_t = scale * q_t S_t
+// Inside a chunk of C tokens that starts from state S0, with b_t = cumulative sum of g over
+// the chunk's tokens up to and including t (one value per key dimension):
+//   o_t   = scale * (q_t * exp(b_t)) S0 + sum_{s <= t} A[t][s] v_s
+//   A[t][s] = scale * sum_k q_t[k] k_s[k] exp(b_t[k] - b_s[k])            (s <= t)
+//   S_end = diag(exp(b_last)) S0 + sum_s (k_s * exp(b_last - b_s))^T v_s
+// Every exponent above is <= 0 for gates g <= 0, so nothing can overflow; g is clamped at
+// kGateFloor per token first, so g = -inf gives exact zeros (never -inf - -inf = NaN).
+//
+// Work split: one thread block (4 warps) per (sequence n, head h, tile of kBV = 64 columns
+// of V); the block walks the sequence's chunks of kC = 64 tokens in order. Per chunk:
+//   1. q, k (C x KT), g (C x KT, float) and v (C x 64) tiles -> shared memory (cp.async),
+//      rows past the sequence end and key dims past K are zero (g = 0 there).
+//   2. b = cumulative sum of max(g, floor) * log2(e) down each key column (exp2 domain).
+//   3. Scores A (C x C, stored as the input dtype) by sub-blocks of 16 tokens (the paper's
+//      secondary chunking):
+//        off-diagonal pairs (row block i > column block j) on tensor cores, with the gates
+//        folded into both factors relative to r = last token of block j:
+//        q_t * exp2(b_t - b_r) and k_s * exp2(b_r - b_s), both exponents <= 0;
+//        diagonal 16 x 16 blocks on CUDA cores in float32, one exp2(b_t - b_s) per element.
+//   4. In place: q <- q * exp2(b) * scale, k <- k * exp2(b_last - b) (input dtype).
+//   5. Warp w owns V columns [16w, 16w + 16) of the tile and keeps S^T for them in mma
+//      accumulators (float32, never rounded between chunks). It computes
+//        o = q~ @ S (S fed to the tensor cores rounded to the input dtype) + A @ v,
+//      writes o, then S^T <- S^T * exp2(b_last) + v^T @ k~ on the tensor cores.
+// Tensor-core instruction: mma.sync.aligned.m16n8k16 (row.col, f32 accumulate), operands
+// loaded with ldmatrix (.trans where the operand is stored the other way round).
+//
+// Numerics: the state is float32 across chunks and every product accumulates in float32;
+// the tensor-core operands are rounded to the input dtype: the gated q and k, the scores A,
+// and the state S for o = q~ @ S. Against the float64 recurrence (CPU emulation, random
+// inputs) that gives relative errors of about 2.5e-3 for bf16 (o) and 3e-4 for fp16,
+// within DESIGN's 1e-2 / 5e-3; rounding k~ to bf16 puts ~1e-3 on the final state. With
+// fp16 a state entry beyond 65504 would overflow its operand (o itself is fp16 too).
+//
+// GLA_CHUNK_EMULATE: tests/cuda_emu includes this file in a host program that supplies the
+// CUDA types and runs each block's threads as fibers, with the warp-level primitives
+// (ldmatrix, mma, cp.async) emulated from the PTX ISA's definitions. Only the primitives
+// and the CUDA runtime calls below are swapped out; the kernel body is compiled as is.
+#ifndef GLA_CHUNK_EMULATE
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+
+#include "gla.h"
+
+namespace gla {
+namespace {
+
+constexpr int kC = 64;          // tokens per chunk
+constexpr int kBV = 64;         // V columns per thread block
+constexpr int kWarps = 4;       // warp w owns V columns [16w, 16w + 16) of the tile
+constexpr int kThreads = 32 * kWarps;
+constexpr int kChunkMaxK = 128; // widest K in one pass (kCudaChunkMaxK in gla.h)
+constexpr float kLog2e = 1.4426950408889634f;
+// Per-token gate floor. exp(-128) ~ 2.6e-56 is already 0 in float32, so clamping changes no
+// float32 result, while every cumulative sum stays finite (|b| <= 64 * 128 * log2(e)).
+constexpr float kGateFloor = -128.0f;
+
+// Which global accesses may be vectorized (set by the launcher from sizes and alignment).
+enum : int { kVecQK = 1, kVecG = 2, kVecV = 4, kVecO = 8 };
+
+struct ChunkFwdArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  const float* g;
+  const float* h0;  // may be null
+  void* o;
+  float* ht;
+  const int64_t* cu_seqlens;  // device pointer, may be null
+  int64_t T;
+  int H, K, V;
+  float scale;
+  int flags;
+};
+
+// Shared memory layout of one block. Rows are padded by 8 elements so that the 8 rows an
+// ldmatrix (or a fragment load) touches fall in different banks, and rows stay 16-byte
+// aligned for cp.async and ldmatrix.
+template <int KT>
+struct SmemLayout {
+  static constexpr int kQKStride = KT + 8;   // q, k tiles: [kC][kQKStride] 16-bit
+  static constexpr int kBStride = KT + 8;    // cumulative gates: [kC][kBStride] float
+  static constexpr int kVStride = kBV + 8;   // v tile: [kC][kVStride] 16-bit
+  static constexpr int kAStride = kC + 8;    // scores: [kC][kAStride] 16-bit
+  static constexpr int kQOff = 0;
+  static constexpr int kKOff = kQOff + kC * kQKStride * 2;
+  static constexpr int kBOff = kKOff + kC * kQKStride * 2;
+  static constexpr int kVOff = kBOff + kC * kBStride * 4;
+  static constexpr int kAOff = kVOff + kC * kVStride * 2;
+  static constexpr int kTotOff = kAOff + kC * kAStride * 2;  // scan carries: [kThreads] float
+  static constexpr int kBytes = kTotOff + kThreads * 4;
+  static_assert(kKOff % 16 == 0 && kBOff % 16 == 0 && kVOff % 16 == 0 && kAOff % 16 == 0,
+                "tiles must start 16-byte aligned");
+  static_assert((kQKStride * 2) % 16 == 0 && (kBStride * 4) % 16 == 0 &&
+                (kVStride * 2) % 16 == 0 && (kAStride * 2) % 16 == 0,
+                "rows must stay 16-byte aligned");
+};
+static_assert(SmemLayout<128>::kBytes <= 99 * 1024, "shared memory over the 99 KB opt-in limit");
+
+// ---- warp-level primitives (PTX) -------------------------------------------------------
+// mma.m16n8k16 with f16/bf16 and cp.async need sm_80. Device passes for older targets still
+// compile the kernel, with every primitive a trap; the launcher refuses those devices.
+#ifndef GLA_CHUNK_EMULATE
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define GLA_CHUNK_SM80 0
+#else
+#define GLA_CHUNK_SM80 1
+#endif
+
+// d += a @ b, m16n8k16, A row-major 16x16, B column-major 16x8, float32 accumulators.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+#if GLA_CHUNK_SM80
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  (void)d, (void)a, (void)b0, (void)b1;
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                        uint32_t b1) {
+#if GLA_CHUNK_SM80
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  (void)d, (void)a, (void)b0, (void)b1;
+  __trap();
+#endif
+}
+
+#if GLA_CHUNK_SM80
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+#endif
+
+// 16 bytes global -> shared without passing through registers.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+#if GLA_CHUNK_SM80
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)),
+               "l"(__cvta_generic_to_global(src))
+               : "memory");
+#else
+  (void)dst, (void)src;
+  __trap();
+#endif
+}
+
+// Commits this thread's outstanding copies and waits for all of them.
+__device__ __forceinline__ void cp_async_wait_all() {
+#if GLA_CHUNK_SM80
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// Four 8x8 matrices of 16-bit elements. Lane l gives the address of row (l & 7) of matrix
+// l >> 3; register m then holds, of matrix m, row lane/4 and columns 2*(lane%4) + {0, 1}.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row_addr) {
+#if GLA_CHUNK_SM80
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row_addr)));
+#else
+  (void)row_addr;
+  r[0] = r[1] = r[2] = r[3] = 0u;
+  __trap();
+#endif
+}
+
+// As ldsm_x4, transposed: register m holds, of matrix m, rows 2*(lane%4) + {0, 1} of column
+// lane/4 (the matrices are read column-major).
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row_addr) {
+#if GLA_CHUNK_SM80
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row_addr)));
+#else
+  (void)row_addr;
+  r[0] = r[1] = r[2] = r[3] = 0u;
+  __trap();
+#endif
+}
+#endif  // GLA_CHUNK_EMULATE
+
+__device__ __forceinline__ void zero16(void* dst) {
+  *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+}
+
+// ---- element types ------------------------------------------------------------------
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(uint16_t x) {
+    return __uint_as_float(static_cast<uint32_t>(x) << 16);
+  }
+  static __device__ __forceinline__ void unpack2(uint32_t x, float& lo, float& hi) {
+    lo = __uint_as_float(x << 16);
+    hi = __uint_as_float(x & 0xffff0000u);
+  }
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    uint32_t r;
+    memcpy(&r, &h, 4);
+    return r;
+  }
+  static __device__ __forceinline__ uint16_t from_float(float x) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4],
+                                             uint32_t b0, uint32_t b1) {
+    mma_bf16(d, a, b0, b1);
+  }
+};
+
+template <>
+struct Elem<__half> {
+  static __device__ __forceinline__ float to_float(uint16_t x) {
+    return __half2float(__ushort_as_half(x));
+  }
+  static __device__ __forceinline__ void unpack2(uint32_t x, float& lo, float& hi) {
+    __half2 h;
+    memcpy(&h, &x, 4);
+    const float2 f = __half22float2(h);
+    lo = f.x;
+    hi = f.y;
+  }
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    uint32_t r;
+    memcpy(&r, &h, 4);
+    return r;
+  }
+  static __device__ __forceinline__ uint16_t from_float(float x) {
+    return __half_as_ushort(__float2half_rn(x));
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4],
+                                             uint32_t b0, uint32_t b1) {
+    mma_f16(d, a, b0, b1);
+  }
+};
+
+// ---- the kernel ----------------------------------------------------------------------
+//
+// Fragment conventions (PTX ISA, mma.m16n8k16 with .f16/.bf16, g = lane >> 2, c = lane & 3):
+//   A (16x16, row-major): reg0 = (row g, cols 2c..2c+1), reg1 = (row g+8, cols 2c..2c+1),
+//                         reg2 = (row g, cols 2c+8..2c+9), reg3 = (row g+8, cols 2c+8..2c+9)
+//   B (16x8, "col"):      reg0 = (rows 2c..2c+1, col g), reg1 = (rows 2c+8..2c+9, col g)
+//   C/D (16x8, float):    d0, d1 = (row g, cols 2c, 2c+1), d2, d3 = (row g+8, cols 2c, 2c+1)
+// With lane l pointing ldmatrix at row (l & 7) + 8 * ((l >> 3) & 1), column 8 * (l >> 4) of
+// a 16x16 tile stored row-major, ldsm_x4 gives exactly the A fragment of that tile, and
+// ldsm_x4_trans of a tile stored [k][n] gives the B fragments of its two 8-column halves:
+// {r0, r1} for columns 0..7 and {r2, r3} for columns 8..15.
+template <typename T, int KT>
+__global__ void __launch_bounds__(kThreads)
+    gla_chunk_fwd_kernel(const ChunkFwdArgs a) {
+  using E = Elem<T>;
+  using L = SmemLayout<KT>;
+  constexpr int kNT = KT / 8;  // 8-wide key-dim tiles of the state
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint16_t* const sQ = reinterpret_cast<uint16_t*>(smem + L::kQOff);
+  uint16_t* const sK = reinterpret_cast<uint16_t*>(smem + L::kKOff);
+  float* const sB = reinterpret_cast<float*>(smem + L::kBOff);
+  uint16_t* const sV = reinterpret_cast<uint16_t*>(smem + L::kVOff);
+  uint16_t* const sA = reinterpret_cast<uint16_t*>(smem + L::kAOff);
+  float* const sTot = reinterpret_cast<float*>(smem + L::kTotOff);
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5, lane = tid & 31;
+  const int g8 = lane >> 2, c4 = lane & 3;
+  // ldmatrix row/column of this lane inside a 16x16 tile (see the conventions above)
+  const int lm_row = (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int lm_col = (lane >> 4) * 8;
+
+  const int H = a.H, K = a.K, V = a.V;
+  const int h = static_cast<int>(blockIdx.x % static_cast<unsigned>(H));
+  const int64_t n = blockIdx.x / static_cast<unsigned>(H);
+  const int v0 = blockIdx.y * kBV;  // first V column of this tile
+  const float scale = a.scale;
+
+  int64_t row, start, end;
+  if (a.cu_seqlens != nullptr) {
+    row = 0;
+    start = a.cu_seqlens[n];
+    end = a.cu_seqlens[n + 1];
+    if (end < start) end = start;  // malformed offsets must not run a loop backwards
+  } else {
+    row = n;
+    start = 0;
+    end = a.T;
+  }
+
+  // S^T for this warp's 16 V columns: s[nt] is the m16n8 accumulator tile with rows = V
+  // columns v0 + 16*warp + {g, g+8} and columns = key dims 8*nt + 2c + {0, 1}.
+  float s[kNT][4];
+  const int vc_lo = v0 + 16 * warp + g8;  // V column of s[.][0..1]; s[.][2..3] is +8
+  const int64_t state_base = (n * H + h) * static_cast<int64_t>(K) * V;
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int kd = 8 * nt + 2 * c4 + (r & 1);
+      const int vc = vc_lo + (r >> 1) * 8;
+      s[nt][r] = (a.h0 != nullptr && kd < K && vc < V)
+                     ? a.h0[state_base + static_cast<int64_t>(kd) * V + vc]
+                     : 0.0f;
+    }
+  }
+
+  const uint16_t* const q = static_cast<const uint16_t*>(a.q);
+  const uint16_t* const k = static_cast<const uint16_t*>(a.k);
+  const uint16_t* const v = static_cast<const uint16_t*>(a.v);
+  const float* const gate = a.g;
+  const int64_t qk_tok = static_cast<int64_t>(H) * K;  // elements between tokens in q/k/g
+  const int64_t v_tok = static_cast<int64_t>(H) * V;   // ... in v/o
+
+  for (int64_t c0 = start; c0 < end; c0 += kC) {
+    const int len = static_cast<int>(end - c0 < kC ? end - c0 : kC);
+    const int64_t qk_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(K);
+    const int64_t v_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(V);
+
+    // ---- 1. tiles -> shared memory -----------------------------------------------------
+    if (a.flags & kVecQK) {  // K % 8 == 0 and 16-byte aligned: whole 8-element vectors
+      constexpr int kPerRow = KT / 8;
+      for (int i = tid; i < kC * kPerRow; i += kThreads) {
+        const int t = i / kPerRow, kk = (i % kPerRow) * 8;
+        uint16_t* dq = sQ + t * L::kQKStride + kk;
+        uint16_t* dk = sK + t * L::kQKStride + kk;
+        if (t < len && kk < K) {
+          const int64_t off = qk_base + t * qk_tok + kk;
+          cp_async16(dq, q + off);
+          cp_async16(dk, k + off);
+        } else {
+          zero16(dq);
+          zero16(dk);
+        }
+      }
+    } else {
+      for (int i = tid; i < kC * KT; i += kThreads) {
+        const int t = i / KT, kk = i % KT;
+        const bool in = t < len && kk < K;
+        const int64_t off = qk_base + t * qk_tok + kk;
+        sQ[t * L::kQKStride + kk] = in ? q[off] : uint16_t{0};
+        sK[t * L::kQKStride + kk] = in ? k[off] : uint16_t{0};
+      }
+    }
+    if (a.flags & kVecG) {  // K % 4 == 0 and 16-byte aligned: whole 4-float vectors
+      constexpr int kPerRow = KT / 4;
+      for (int i = tid; i < kC * kPerRow; i += kThreads) {
+        const int t = i / kPerRow, kk = (i % kPerRow) * 4;
+        float* dg = sB + t * L::kBStride + kk;
+        if (t < len && kk < K) {
+          cp_async16(dg, gate + qk_base + t * qk_tok + kk);
+        } else {
+          zero16(dg);
+        }
+      }
+    } else {
+      for (int i = tid; i < kC * KT; i += kThreads) {
+        const int t = i / KT, kk = i % KT;
+        sB[t * L::kBStride + kk] =
+            (t < len && kk < K) ? gate[qk_base + t * qk_tok + kk] : 0.0f;
+      }
+    }
+    if (a.flags & kVecV) {  // V % 8 == 0 and 16-byte aligned
+      constexpr int kPerRow = kBV / 8;
+      for (int i = tid; i < kC * kPerRow; i += kThreads) {
+        const int t = i / kPerRow, cc = (i % kPerRow) * 8;
+        uint16_t* dv = sV + t * L::kVStride + cc;
+        if (t < len && v0 + cc < V) {
+          cp_async16(dv, v + v_base + t * v_tok + v0 + cc);
+        } else {
+          zero16(dv);
+        }
+      }
+    } else {
+      for (int i = tid; i < kC * kBV; i += kThreads) {
+        const int t = i / kBV, cc = i % kBV;
+        sV[t * L::kVStride + cc] =
+            (t < len && v0 + cc < V) ? v[v_base + t * v_tok + v0 + cc] : uint16_t{0};
+      }
+    }
+    cp_async_wait_all();
+    __syncthreads();
+
+    // ---- 2. cumulative gates, exp2 domain ------------------------------------------------
+    {
+      constexpr int kP = kThreads / KT;  // threads per key column (1 or 2)
+      constexpr int kRows = kC / kP;     // rows each of them scans
+      constexpr int kGroup = 16;         // rows loaded ahead of the dependent adds
+      static_assert(kThreads % KT == 0 && kRows % kGroup == 0, "scan split");
+      const int col = tid % KT, seg = tid / KT;
+      float* const bcol = sB + (seg * kRows) * L::kBStride + col;
+      float run = 0.0f;
+#pragma unroll
+      for (int r0 = 0; r0 < kRows; r0 += kGroup) {
+        float x[kGroup];
+#pragma unroll
+        for (int r = 0; r < kGroup; ++r) x[r] = bcol[(r0 + r) * L::kBStride];
+#pragma unroll
+        for (int r = 0; r < kGroup; ++r) {
+          run += fmaxf(x[r], kGateFloor) * kLog2e;
+          bcol[(r0 + r) * L::kBStride] = run;
+        }
+      }
+      if constexpr (kP > 1) {  // add the totals of the segments above this one
+        sTot[tid] = run;
+        __syncthreads();
+        float carry = 0.0f;
+        for (int p = 0; p < seg; ++p) carry += sTot[p * KT + col];
+        if (seg > 0) {
+#pragma unroll 8
+          for (int r = 0; r < kRows; ++r) bcol[r * L::kBStride] += carry;
+        }
+      }
+    }
+    __syncthreads();
+
+    // ---- 3a. off-diagonal score blocks on tensor cores -------------------------------------
+    // 12 units = 6 pairs (i > j) x 2 halves of 8 columns; warp w takes units w, w+4, w+8.
+    for (int u = warp; u < 12; u += kWarps) {
+      const int p = u >> 1, half = u & 1;
+      const int bi = p < 1 ? 1 : (p < 3 ? 2 : 3);  // pairs (1,0) (2,0) (2,1) (3,0) (3,1) (3,2)
+      const int bj = p - bi * (bi - 1) / 2;
+      const int ref = 16 * bj + 15;                 // reference token: last of block j
+      const int t0 = 16 * bi + g8, t1 = t0 + 8;      // A rows of this lane
+      const int sc = 16 * bj + 8 * half + g8;        // B column (token s) of this lane
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 4
+      for (int kb = 0; kb < KT; kb += 16) {
+        uint32_t af[4];
+        uint32_t bf[2];
+#pragma unroll
+        for (int hk = 0; hk < 2; ++hk) {  // key dims kb + 2c (+8 for hk = 1)
+          const int kd = kb + 2 * c4 + 8 * hk;
+          const float2 br = *reinterpret_cast<const float2*>(sB + ref * L::kBStride + kd);
+          const float2 b0 = *reinterpret_cast<const float2*>(sB + t0 * L::kBStride + kd);
+          const float2 b1 = *reinterpret_cast<const float2*>(sB + t1 * L::kBStride + kd);
+          const float2 bs = *reinterpret_cast<const float2*>(sB + sc * L::kBStride + kd);
+          float x0, x1;
+          E::unpack2(*reinterpret_cast<const uint32_t*>(sQ + t0 * L::kQKStride + kd), x0, x1);
+          af[2 * hk] = E::pack2(x0 * exp2f(b0.x - br.x), x1 * exp2f(b0.y - br.y));
+          E::unpack2(*reinterpret_cast<const uint32_t*>(sQ + t1 * L::kQKStride + kd), x0, x1);
+          af[2 * hk + 1] = E::pack2(x0 * exp2f(b1.x - br.x), x1 * exp2f(b1.y - br.y));
+          E::unpack2(*reinterpret_cast<const uint32_t*>(sK + sc * L::kQKStride + kd), x0, x1);
+          bf[hk] = E::pack2(x0 * exp2f(br.x - bs.x), x1 * exp2f(br.y - bs.y));
+        }
+        E::mma(acc, af, bf[0], bf[1]);
+      }
+      const int col = 16 * bj + 8 * half + 2 * c4;
+      *reinterpret_cast<uint32_t*>(sA + t0 * L::kAStride + col) =
+          E::pack2(acc[0] * scale, acc[1] * scale);
+      *reinterpret_cast<uint32_t*>(sA + t1 * L::kAStride + col) =
+          E::pack2(acc[2] * scale, acc[3] * scale);
+    }
+
+    // ---- 3b. diagonal 16 x 16 score blocks on CUDA cores (float32) ------------------------
+    // Warp w does diagonal block w: lane -> row t = lane / 2, columns s = lane % 2 + 2j.
+    {
+      const int t = 16 * warp + (lane >> 1);
+      const int s_first = 16 * warp + (lane & 1);
+      float acc[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
+#pragma unroll 1
+      for (int kb = 0; kb < KT; kb += 8) {
+        float qf[8], bt[8];
+        {
+          const uint4 qv = *reinterpret_cast<const uint4*>(sQ + t * L::kQKStride + kb);
+          E::unpack2(qv.x, qf[0], qf[1]);
+          E::unpack2(qv.y, qf[2], qf[3]);
+          E::unpack2(qv.z, qf[4], qf[5]);
+          E::unpack2(qv.w, qf[6], qf[7]);
+          const float4 b0 = *reinterpret_cast<const float4*>(sB + t * L::kBStride + kb);
+          const float4 b1 = *reinterpret_cast<const float4*>(sB + t * L::kBStride + kb + 4);
+          bt[0] = b0.x; bt[1] = b0.y; bt[2] = b0.z; bt[3] = b0.w;
+          bt[4] = b1.x; bt[5] = b1.y; bt[6] = b1.z; bt[7] = b1.w;
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int sj = s_first + 2 * j;
+          float kf[8], bs[8];
+          const uint4 kv = *reinterpret_cast<const uint4*>(sK + sj * L::kQKStride + kb);
+          E::unpack2(kv.x, kf[0], kf[1]);
+          E::unpack2(kv.y, kf[2], kf[3]);
+          E::unpack2(kv.z, kf[4], kf[5]);
+          E::unpack2(kv.w, kf[6], kf[7]);
+          const float4 b0 = *reinterpret_cast<const float4*>(sB + sj * L::kBStride + kb);
+          const float4 b1 = *reinterpret_cast<const float4*>(sB + sj * L::kBStride + kb + 4);
+          bs[0] = b0.x; bs[1] = b0.y; bs[2] = b0.z; bs[3] = b0.w;
+          bs[4] = b1.x; bs[5] = b1.y; bs[6] = b1.z; bs[7] = b1.w;
+#pragma unroll
+          for (int x = 0; x < 8; ++x) {
+            // s > t gives a positive exponent; clamp so the unused entries stay finite.
+            acc[j] = fmaf(qf[x] * kf[x], exp2f(fminf(bt[x] - bs[x], 0.0f)), acc[j]);
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int sj = s_first + 2 * j;
+        sA[t * L::kAStride + sj] = E::from_float(sj <= t ? acc[j] * scale : 0.0f);
+      }
+    }
+    __syncthreads();  // raw q, k are read by every warp above; transformed in place below
+
+    // ---- 4. q <- q * exp2(b) * scale, k <- k * exp2(b_last - b) --------------------------
+    {
+      constexpr int kPerRow = KT / 8;
+      const float* const blast = sB + (kC - 1) * L::kBStride;  // rows past len repeat b_last
+      for (int i = tid; i < kC * kPerRow; i += kThreads) {
+        const int t = i / kPerRow, kb = (i % kPerRow) * 8;
+        uint4* const qp = reinterpret_cast<uint4*>(sQ + t * L::kQKStride + kb);
+        uint4* const kp = reinterpret_cast<uint4*>(sK + t * L::kQKStride + kb);
+        const float* const bt = sB + t * L::kBStride + kb;
+        uint4 qv = *qp, kv = *kp;
+        uint32_t* const qw = reinterpret_cast<uint32_t*>(&qv);
+        uint32_t* const kw = reinterpret_cast<uint32_t*>(&kv);
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          const float2 b = *reinterpret_cast<const float2*>(bt + 2 * x);
+          const float2 bl = *reinterpret_cast<const float2*>(blast + kb + 2 * x);
+          float q0, q1, k0, k1;
+          E::unpack2(qw[x], q0, q1);
+          E::unpack2(kw[x], k0, k1);
+          qw[x] = E::pack2(q0 * exp2f(b.x) * scale, q1 * exp2f(b.y) * scale);
+          kw[x] = E::pack2(k0 * exp2f(bl.x - b.x), k1 * exp2f(bl.y - b.y));
+        }
+        *qp = qv;
+        *kp = kv;
+      }
+    }
+    __syncthreads();
+
+    // ---- 5. o = q~ @ S + A @ v for this warp's 16 V columns ------------------------------
+    {
+      float o[4][2][4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int nh = 0; nh < 2; ++nh)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) o[i][nh][r] = 0.0f;
+
+      // inter-chunk: B[k][n] = S[key dim][V column]; s holds S^T, so the B fragment
+      // (rows 2c.., col g) of key dims [16kk, 16kk+16) is s[2kk][0..1], s[2kk+1][0..1]
+      // for V columns 16w + g, and s[..][2..3] for V columns 16w + 8 + g.
+#pragma unroll
+      for (int kk = 0; kk < KT / 16; ++kk) {
+        const uint32_t b00 = E::pack2(s[2 * kk][0], s[2 * kk][1]);
+        const uint32_t b01 = E::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        const uint32_t b10 = E::pack2(s[2 * kk][2], s[2 * kk][3]);
+        const uint32_t b11 = E::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          uint32_t af[4];
+          ldsm_x4(af, sQ + (16 * i + lm_row) * L::kQKStride + 16 * kk + lm_col);
+          E::mma(o[i][0], af, b00, b01);
+          E::mma(o[i][1], af, b10, b11);
+        }
+      }
+
+      // v fragments of this warp's columns, token block j: {vf[j][0], vf[j][1]} is the B
+      // fragment for columns 16w..16w+7, {vf[j][2], vf[j][3]} for 16w+8..16w+15.
+      uint32_t vf[4][4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        ldsm_x4_trans(vf[j], sV + (16 * j + lm_row) * L::kVStride + 16 * warp + lm_col);
+
+      // intra-chunk: causal, so row block i only needs token blocks j <= i
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j <= i; ++j) {
+          uint32_t af[4];
+          ldsm_x4(af, sA + (16 * i + lm_row) * L::kAStride + 16 * j + lm_col);
+          E::mma(o[i][0], af, vf[j][0], vf[j][1]);
+          E::mma(o[i][1], af, vf[j][2], vf[j][3]);
+        }
+      }
+
+      // write o: rows 16i + g (+8), V columns v0 + 16w + 8nh + 2c (+1)
+      T* const out = static_cast<T*>(a.o);
+      const bool vec_o = (a.flags & kVecO) != 0;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int nh = 0; nh < 2; ++nh) {
+          const int vc = v0 + 16 * warp + 8 * nh + 2 * c4;
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {
+            const int t = 16 * i + g8 + 8 * hr;
+            if (t >= len || vc >= V) continue;
+            const float x0 = o[i][nh][2 * hr], x1 = o[i][nh][2 * hr + 1];
+            uint16_t* const dst = reinterpret_cast<uint16_t*>(out) + v_base + t * v_tok + vc;
+            if (vec_o) {  // V even, so vc even < V implies vc + 1 < V
+              *reinterpret_cast<uint32_t*>(dst) = E::pack2(x0, x1);
+            } else {
+              dst[0] = E::from_float(x0);
+              if (vc + 1 < V) dst[1] = E::from_float(x1);
+            }
+          }
+        }
+      }
+
+      // ---- 6. S^T <- S^T * exp2(b_last) + v^T @ k~ --------------------------------------
+      const float* const blast = sB + (kC - 1) * L::kBStride;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        const float2 bl = *reinterpret_cast<const float2*>(blast + 8 * nt + 2 * c4);
+        const float e0 = exp2f(bl.x), e1 = exp2f(bl.y);
+        s[nt][0] *= e0;
+        s[nt][1] *= e1;
+        s[nt][2] *= e0;
+        s[nt][3] *= e1;
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        // A = v^T (rows = V columns, cols = tokens): the transposed v tile read above is
+        // already this fragment, in the order {vf0, vf2, vf1, vf3}.
+        const uint32_t av[4] = {vf[j][0], vf[j][2], vf[j][1], vf[j][3]};
+#pragma unroll
+        for (int kk = 0; kk < KT / 16; ++kk) {
+          uint32_t kf[4];
+          ldsm_x4_trans(kf, sK + (16 * j + lm_row) * L::kQKStride + 16 * kk + lm_col);
+          E::mma(s[2 * kk], av, kf[0], kf[1]);
+          E::mma(s[2 * kk + 1], av, kf[2], kf[3]);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with this chunk's tiles before they are reloaded
+  }
+
+  // final state
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int kd = 8 * nt + 2 * c4 + (r & 1);
+      const int vc = vc_lo + (r >> 1) * 8;
+      if (kd < K && vc < V) a.ht[state_base + static_cast<int64_t>(kd) * V + vc] = s[nt][r];
+    }
+  }
+}
+
+// ---- launcher ------------------------------------------------------------------------
+bool aligned(const void* p, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// Checks p and fills the kernel arguments and grid (x = N * H, y = V tiles). Returns an
+// error message, or nullptr; *empty is set when there is nothing to launch.
+const char* prepare(const GlaParams& p, ChunkFwdArgs* args, unsigned* grid_x,
+                    unsigned* grid_y, bool* empty) {
+  *empty = false;
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
+    return "chunk_fwd_cuda: q/k/v must be float16 or bfloat16 (the tensor-core chunked "
+           "kernel has no float32/float64 variant)";
+  if (p.K < 1 || p.K > kChunkMaxK)
+    return "chunk_fwd_cuda: K must be in [1, 128] (split wider K into slices)";
+  if (p.V < 1 || p.V > (int64_t{1} << 30)) return "chunk_fwd_cuda: V must be in [1, 2^30]";
+  if (p.B < 0 || p.T < 0 || p.H < 0 || p.N < 0) return "chunk_fwd_cuda: negative size";
+  if (p.cu_seqlens == nullptr && p.N != p.B)
+    return "chunk_fwd_cuda: N must equal B without cu_seqlens";
+  if (p.cu_seqlens != nullptr && p.B != 1)
+    return "chunk_fwd_cuda: B must be 1 with cu_seqlens";
+  if (p.H > int64_t{0x7fffffff} || p.N * p.H > int64_t{0x7fffffff})
+    return "chunk_fwd_cuda: N * H exceeds the grid limit";
+  if ((p.V + kBV - 1) / kBV > 65535) return "chunk_fwd_cuda: V too large for the grid";
+  if (p.N * p.H == 0) {  // no sequences or no heads: nothing to write
+    *empty = true;
+    return nullptr;
+  }
+  if (p.ht == nullptr) return "chunk_fwd_cuda: ht (final state) must not be null";
+  if (p.T > 0 && (p.q == nullptr || p.k == nullptr || p.v == nullptr || p.g == nullptr ||
+                  p.o == nullptr))
+    return "chunk_fwd_cuda: q, k, v, g and o must not be null";
+
+  args->q = p.q;
+  args->k = p.k;
+  args->v = p.v;
+  args->g = static_cast<const float*>(p.g);
+  args->h0 = static_cast<const float*>(p.h0);
+  args->o = p.o;
+  args->ht = static_cast<float*>(p.ht);
+  args->cu_seqlens = p.cu_seqlens;
+  args->T = p.T;
+  args->H = static_cast<int>(p.H);
+  args->K = static_cast<int>(p.K);
+  args->V = static_cast<int>(p.V);
+  args->scale = static_cast<float>(p.scale);
+  args->flags = 0;
+  if (p.K % 8 == 0 && aligned(p.q, 16) && aligned(p.k, 16)) args->flags |= kVecQK;
+  if (p.K % 4 == 0 && aligned(p.g, 16)) args->flags |= kVecG;
+  if (p.V % 8 == 0 && aligned(p.v, 16)) args->flags |= kVecV;
+  if (p.V % 2 == 0 && aligned(p.o, 4)) args->flags |= kVecO;
+  *grid_x = static_cast<unsigned>(p.N * p.H);
+  *grid_y = static_cast<unsigned>((p.V + kBV - 1) / kBV);
+  return nullptr;
+}
+
+#ifndef GLA_CHUNK_EMULATE
+thread_local char g_message[320];
+
+template <typename T, int KT>
+const char* launch(const ChunkFwdArgs& args, dim3 grid, cudaStream_t stream,
+                   const char* name) {
+  constexpr int kSmem = SmemLayout<KT>::kBytes;
+  auto* kernel = gla_chunk_fwd_kernel<T, KT>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it, so it is not reported again by a later check
+    std::snprintf(g_message, sizeof(g_message),
+                  "chunk_fwd_cuda: %s: cannot reserve %d bytes of shared memory: %s", name,
+                  kSmem, cudaGetErrorString(err));
+    return g_message;
+  }
+  kernel<<<grid, kThreads, kSmem, stream>>>(args);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    std::snprintf(g_message, sizeof(g_message), "chunk_fwd_cuda: %s launch failed: %s", name,
+                  cudaGetErrorString(err));
+    return g_message;
+  }
+  return nullptr;
+}
+#endif  // GLA_CHUNK_EMULATE
+
+}  // namespace
+
+#ifndef GLA_CHUNK_EMULATE
+const char* chunk_fwd_cuda(const GlaParams& p, void* stream_ptr) {
+  static_assert(kChunkMaxK == kCudaChunkMaxK, "gla.h and chunk_fwd.cu disagree on max K");
+  ChunkFwdArgs args;
+  unsigned grid_x = 0, grid_y = 0;
+  bool empty = false;
+  if (const char* err = prepare(p, &args, &grid_x, &grid_y, &empty)) return err;
+  if (empty) return nullptr;
+
+  int device = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) {
+    std::snprintf(g_message, sizeof(g_message), "chunk_fwd_cuda: cannot query the device: %s",
+                  cudaGetErrorString(err));
+    return g_message;
+  }
+  if (major < 8) return "chunk_fwd_cuda: needs a GPU of compute capability 8.0 or newer";
+
+  const dim3 grid(grid_x, grid_y);
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  if (p.K <= 64)
+    return bf16 ? launch<__nv_bfloat16, 64>(args, grid, stream, "gla_chunk_fwd_kernel<bf16, 64>")
+                : launch<__half, 64>(args, grid, stream, "gla_chunk_fwd_kernel<fp16, 64>");
+  return bf16 ? launch<__nv_bfloat16, 128>(args, grid, stream, "gla_chunk_fwd_kernel<bf16, 128>")
+              : launch<__half, 128>(args, grid, stream, "gla_chunk_fwd_kernel<fp16, 128>");
+}
+#endif  // GLA_CHUNK_EMULATE
+
+}  // namespace gla

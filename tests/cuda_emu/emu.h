@@ -1,0 +1,356 @@
+// Host emulation of the little CUDA that csrc/cuda/chunk_fwd.cu uses, so that its kernel body
+// can run on a CPU (no GPU needed) and be checked against a float64 recurrence.
+//
+// - Every thread of a block is a fiber (ucontext). A fiber runs until it reaches
+//   __syncthreads() or a warp-collective primitive, then yields. __syncthreads() releases
+//   only when all threads of the block wait on it; a warp collective runs when all 32 lanes
+//   of the warp wait on the same primitive. Anything else is reported as a deadlock.
+//   Scheduling is adversarial for missing barriers: one warp runs as far as it can (through
+//   its own collectives) before the next warp starts, lanes one after another, in forward
+//   or reverse order. A missing __syncthreads then shows up as reads of not-yet-written
+//   (poisoned) shared memory, or of data already overwritten, and as results that depend
+//   on the order.
+// - ldmatrix (.x4, with and without .trans) and mma.m16n8k16 (f16/bf16 in, f32 accumulate)
+//   are written from the fragment tables of the PTX ISA, independently of the kernel.
+// - cp.async copies at once (the kernel waits for all copies before a barrier anyway).
+// - Shared memory is poisoned with 0xFF bytes (NaN as float, bf16 and fp16) before each block.
+#pragma once
+
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+// ---- CUDA keywords and types ----------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__
+#define __align__(n) __attribute__((aligned(n)))
+#define __CUDA_ARCH__ 800
+
+struct EmuIdx {
+  unsigned x, y, z;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+struct alignas(8) float2 {
+  float x, y;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+struct __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+};
+struct __half {
+  uint16_t bits;
+};
+struct __half2 {
+  __half x, y;
+};
+
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (std::isnan(f)) return {static_cast<uint16_t>(0x7fc0)};
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return {static_cast<uint16_t>(u >> 16)};
+}
+inline float emu_bf16_to_float(uint16_t b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
+  return {__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)};
+}
+inline uint16_t __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
+
+inline __half __float2half_rn(float f) {
+  const _Float16 x = static_cast<_Float16>(f);  // round to nearest even
+  uint16_t b;
+  std::memcpy(&b, &x, 2);
+  return {b};
+}
+inline float __half2float(__half h) {
+  _Float16 x;
+  std::memcpy(&x, &h.bits, 2);
+  return static_cast<float>(x);
+}
+inline float emu_f16_to_float(uint16_t b) { return __half2float(__half{b}); }
+inline __half __ushort_as_half(uint16_t b) { return {b}; }
+inline uint16_t __half_as_ushort(__half h) { return h.bits; }
+inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
+inline __half2 __floats2half2_rn(float lo, float hi) {
+  return {__float2half_rn(lo), __float2half_rn(hi)};
+}
+
+// ---- fibers -------------------------------------------------------------------------------
+namespace emu {
+
+constexpr int kMaxThreads = 1024;
+constexpr size_t kSmemBytes = 200 * 1024;
+constexpr size_t kStackBytes = 256 * 1024;
+
+enum class Wait { kNone, kSync, kWarp, kDone };
+enum class Op { kLdsm, kLdsmTrans, kMmaBf16, kMmaF16 };
+
+struct Fiber {
+  ucontext_t ctx;
+  std::vector<char> stack;
+  Wait wait = Wait::kNone;
+  Op op = Op::kLdsm;
+  const void* addr = nullptr;  // ldmatrix row address
+  uint32_t a[4] = {}, b[2] = {};
+  float c[4] = {};
+  uint32_t r[4] = {};  // ldmatrix result
+  float d[4] = {};     // mma result
+};
+
+struct State {
+  Fiber fibers[kMaxThreads];
+  int nthreads = 0;
+  int current = -1;
+  ucontext_t sched;
+  EmuIdx block{0, 0, 0};
+  std::function<void()> body;
+  bool reverse = false;
+  long collectives = 0, barriers = 0;
+};
+inline State& st() {
+  static State s;
+  return s;
+}
+
+[[noreturn]] inline void die(const char* msg) {
+  std::fprintf(stderr, "emu error: %s (block %u,%u thread %d)\n", msg, st().block.x,
+               st().block.y, st().current);
+  std::exit(3);
+}
+
+inline EmuIdx thread_idx() { return {static_cast<unsigned>(st().current), 0, 0}; }
+inline EmuIdx block_idx() { return st().block; }
+
+inline void yield_to_scheduler() {
+  State& s = st();
+  swapcontext(&s.fibers[s.current].ctx, &s.sched);
+}
+
+inline void syncthreads() {
+  st().fibers[st().current].wait = Wait::kSync;
+  yield_to_scheduler();
+}
+
+inline void fiber_entry() {
+  State& s = st();
+  s.body();
+  s.fibers[s.current].wait = Wait::kDone;
+  swapcontext(&s.fibers[s.current].ctx, &s.sched);
+  die("finished fiber resumed");
+}
+
+}  // namespace emu
+
+// The shared memory of the (single, current) block. The kernel's block-scope
+// `extern __shared__ unsigned char smem[];` (in namespace gla::<anonymous>) names this array.
+namespace gla {
+namespace {
+alignas(16) unsigned char smem[emu::kSmemBytes];
+}  // namespace
+}  // namespace gla
+
+namespace emu {
+inline unsigned char* const emu_smem = gla::smem;
+
+inline void check_smem(const void* p, size_t bytes, size_t align, const char* what) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (c < emu_smem || c + bytes > emu_smem + kSmemBytes) die(what);
+  if (reinterpret_cast<uintptr_t>(p) % align != 0) die(what);
+}
+
+inline float to_float16bit(uint16_t x, bool bf16) {
+  return bf16 ? emu_bf16_to_float(x) : emu_f16_to_float(x);
+}
+
+// Runs one warp-collective op once all 32 lanes of warp w wait on it.
+inline void resolve_warp(int w) {
+  State& s = st();
+  Fiber* lane = &s.fibers[32 * w];
+  const Op op = lane[0].op;
+  for (int l = 1; l < 32; ++l)
+    if (lane[l].op != op) die("lanes of a warp wait on different collectives");
+  ++s.collectives;
+  if (op == Op::kLdsm || op == Op::kLdsmTrans) {
+    // Matrix m: rows given by lanes 8m..8m+7, each row 8 consecutive 16-bit elements.
+    for (int l = 0; l < 32; ++l) check_smem(lane[l].addr, 16, 16, "ldmatrix row address");
+    auto elem = [&](int m, int row, int col) -> uint32_t {
+      return static_cast<const uint16_t*>(lane[8 * m + row].addr)[col];
+    };
+    for (int l = 0; l < 32; ++l) {
+      for (int m = 0; m < 4; ++m) {
+        uint32_t lo, hi;
+        if (op == Op::kLdsm) {  // row l/4, columns 2(l%4), 2(l%4)+1
+          lo = elem(m, l / 4, 2 * (l % 4));
+          hi = elem(m, l / 4, 2 * (l % 4) + 1);
+        } else {  // transposed: rows 2(l%4), 2(l%4)+1 of column l/4
+          lo = elem(m, 2 * (l % 4), l / 4);
+          hi = elem(m, 2 * (l % 4) + 1, l / 4);
+        }
+        lane[l].r[m] = lo | (hi << 16);
+      }
+    }
+  } else {
+    const bool bf16 = op == Op::kMmaBf16;
+    double A[16][16], B[16][8], C[16][8];
+    for (int l = 0; l < 32; ++l) {
+      const int g = l >> 2, c = l & 3;
+      for (int e = 0; e < 8; ++e) {  // A: a_e in register e/2, low half for even e
+        const int row = (e < 2 || (e >= 4 && e < 6)) ? g : g + 8;
+        const int col = 2 * c + (e & 1) + (e >= 4 ? 8 : 0);
+        const uint16_t bits = static_cast<uint16_t>(lane[l].a[e / 2] >> (16 * (e & 1)));
+        A[row][col] = to_float16bit(bits, bf16);
+      }
+      for (int e = 0; e < 4; ++e) {  // B: b_e in register e/2
+        const int row = 2 * c + (e & 1) + (e >= 2 ? 8 : 0);
+        const int col = g;
+        const uint16_t bits = static_cast<uint16_t>(lane[l].b[e / 2] >> (16 * (e & 1)));
+        B[row][col] = to_float16bit(bits, bf16);
+      }
+      for (int e = 0; e < 4; ++e) {  // C: c_e
+        const int row = g + (e >= 2 ? 8 : 0);
+        const int col = 2 * c + (e & 1);
+        C[row][col] = lane[l].c[e];
+      }
+    }
+    for (int l = 0; l < 32; ++l) {
+      const int g = l >> 2, c = l & 3;
+      for (int e = 0; e < 4; ++e) {
+        const int row = g + (e >= 2 ? 8 : 0);
+        const int col = 2 * c + (e & 1);
+        double acc = C[row][col];
+        for (int kk = 0; kk < 16; ++kk) acc += A[row][kk] * B[kk][col];
+        lane[l].d[e] = static_cast<float>(acc);
+      }
+    }
+  }
+  for (int l = 0; l < 32; ++l) lane[l].wait = Wait::kNone;
+}
+
+inline void warp_collective(Fiber& f, Op op) {
+  f.op = op;
+  f.wait = Wait::kWarp;
+  yield_to_scheduler();
+}
+
+// Runs body() as one block of nthreads fibers.
+inline void run_block(EmuIdx block, int nthreads, std::function<void()> body) {
+  State& s = st();
+  if (nthreads % 32 != 0 || nthreads > kMaxThreads) die("block size must be whole warps");
+  std::memset(emu_smem, 0xff, kSmemBytes);
+  s.block = block;
+  s.nthreads = nthreads;
+  s.body = std::move(body);
+  for (int t = 0; t < nthreads; ++t) {
+    Fiber& f = s.fibers[t];
+    f.stack.resize(kStackBytes);
+    f.wait = Wait::kNone;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack.data();
+    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, fiber_entry, 0);
+  }
+  const int nwarps = nthreads / 32;
+  for (;;) {
+    // Advance one warp at a time as far as it can go (through its collectives) before the
+    // next warp starts: the first warp gets as far ahead of the others as a barrier allows.
+    for (int wi = 0; wi < nwarps; ++wi) {
+      const int w = s.reverse ? nwarps - 1 - wi : wi;
+      for (;;) {
+        for (int li = 0; li < 32; ++li) {
+          const int t = 32 * w + (s.reverse ? 31 - li : li);
+          if (s.fibers[t].wait != Wait::kNone) continue;
+          s.current = t;
+          swapcontext(&s.sched, &s.fibers[t].ctx);
+          s.current = -1;
+        }
+        int at_warp = 0;
+        for (int l = 0; l < 32; ++l) at_warp += s.fibers[32 * w + l].wait == Wait::kWarp;
+        if (at_warp != 32) break;  // at a barrier, done, or (if mixed) stuck
+        resolve_warp(w);
+      }
+    }
+    int done = 0, sync = 0;
+    for (int t = 0; t < nthreads; ++t) {
+      done += s.fibers[t].wait == Wait::kDone;
+      sync += s.fibers[t].wait == Wait::kSync;
+    }
+    if (done == nthreads) break;
+    if (sync == nthreads) {
+      ++s.barriers;
+      for (int t = 0; t < nthreads; ++t) s.fibers[t].wait = Wait::kNone;
+      continue;
+    }
+    die("deadlock: threads wait on different barriers/collectives (or some have exited)");
+  }
+}
+
+}  // namespace emu
+
+#define threadIdx (::emu::thread_idx())
+#define blockIdx (::emu::block_idx())
+inline void __syncthreads() { emu::syncthreads(); }
+
+// ---- the primitives chunk_fwd.cu expects (GLA_CHUNK_EMULATE) ---------------------------------
+inline void cp_async16(void* dst, const void* src) {
+  emu::check_smem(dst, 16, 16, "cp.async destination");
+  if (reinterpret_cast<uintptr_t>(src) % 16 != 0) emu::die("cp.async source not 16-byte aligned");
+  std::memcpy(dst, src, 16);
+}
+inline void cp_async_wait_all() {}
+
+inline void ldsm_x4(uint32_t (&r)[4], const void* row_addr) {
+  emu::Fiber& f = emu::st().fibers[emu::st().current];
+  f.addr = row_addr;
+  emu::warp_collective(f, emu::Op::kLdsm);
+  for (int i = 0; i < 4; ++i) r[i] = f.r[i];
+}
+inline void ldsm_x4_trans(uint32_t (&r)[4], const void* row_addr) {
+  emu::Fiber& f = emu::st().fibers[emu::st().current];
+  f.addr = row_addr;
+  emu::warp_collective(f, emu::Op::kLdsmTrans);
+  for (int i = 0; i < 4; ++i) r[i] = f.r[i];
+}
+inline void emu_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                    emu::Op op) {
+  emu::Fiber& f = emu::st().fibers[emu::st().current];
+  for (int i = 0; i < 4; ++i) {
+    f.a[i] = a[i];
+    f.c[i] = d[i];
+  }
+  f.b[0] = b0;
+  f.b[1] = b1;
+  emu::warp_collective(f, op);
+  for (int i = 0; i < 4; ++i) d[i] = f.d[i];
+}
+inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  emu_mma(d, a, b0, b1, emu::Op::kMmaBf16);
+}
+inline void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  emu_mma(d, a, b0, b1, emu::Op::kMmaF16);
+}
