@@ -225,15 +225,25 @@ BwdOut recurrent_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, con
   return out;
 }
 
-// Until the tensor-core chunked kernels land (issue 4/5), chunk_gla on CUDA runs the
-// fused recurrent kernels: same math, same results, honest about it in `gla_ext info`.
+// chunk_gla forward on CUDA: bf16/fp16 run the tensor-core chunked kernel (K <= 128; the
+// Python wrapper splits wider K); float32 runs the fused recurrent kernel (same math).
 std::tuple<Tensor, Tensor> chunk_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                           const Tensor& g, const OptTensor& h0,
                                           const OptTensor& cu_seqlens, double scale,
-                                          int64_t /*chunk_size*/) {
-  return recurrent_fwd_cuda(q, k, v, g, h0, cu_seqlens, scale, false);
+                                          int64_t /*chunk_size: the kernel uses 64*/) {
+  if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16)
+    return recurrent_fwd_cuda(q, k, v, g, h0, cu_seqlens, scale, false);
+  const char* op = "gla_ext.chunk_fwd (CUDA)";
+  c10::cuda::CUDAGuard guard(q.device());
+  auto p = make_params(op, q, k, v, g, h0, cu_seqlens, scale);
+  TORCH_CHECK(p.K <= gla::kCudaChunkMaxK, op, ": K must be <= ", gla::kCudaChunkMaxK,
+              " (the Python wrapper splits wider K), got ", p.K);
+  auto out = alloc_fwd(p, q, v);
+  check_cuda(gla::chunk_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op);
+  return {out.o, out.ht};
 }
 
+// Backward: the fused recurrent backward until the chunked one lands (issue 5).
 BwdOut chunk_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                       const Tensor& dout, const OptTensor& dht, const OptTensor& h0,
                       const OptTensor& cu_seqlens, double scale, int64_t /*chunk_size*/) {
@@ -291,6 +301,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["openmp"] = false;
 #endif
     info["chunk_cpu"] = std::string(gla::chunk_cpu_description());
+#ifdef GLA_WITH_CUDA
+    info["chunk_cuda"] = std::string(
+        "forward: tensor-core chunked kernel for bf16/fp16, fused recurrent kernel for float32; "
+        "backward: fused recurrent kernel (chunked backward pending, issue 5)");
+#endif
     return info;
   });
 }

@@ -19,8 +19,7 @@ def kernel_table() -> list[tuple[str, str, str]]:
         rows.append(("chunk_gla", "cpu", info.get("chunk_cpu", "C++ chunked kernel")))
         rows.append(("fused_recurrent_gla", "cpu", "C++ fused recurrent kernel"))
     if _ext.has_cuda():
-        rows.append(("chunk_gla", "cuda",
-                     "CUDA fused recurrent kernel (tensor-core chunked kernel pending, issue 4)"))
+        rows.append(("chunk_gla", "cuda", _ext.build_info().get("chunk_cuda", "CUDA kernels")))
         rows.append(("fused_recurrent_gla", "cuda", "CUDA fused recurrent kernel"))
     return rows
 

@@ -16,9 +16,16 @@ __all__ = ["chunk_gla", "fused_recurrent_gla", "resolve_backend", "BACKENDS"]
 
 BACKENDS = ("auto", "cuda", "cpu", "reference")
 
-# Widest K the CUDA recurrent kernel takes in one pass; wider K is split here (rows of the
-# state are independent, so outputs of K-slices add up and final states concatenate).
-_CUDA_MAX_K = 256
+# Widest K the CUDA kernels take in one pass; wider K is split here (rows of the state are
+# independent, so outputs of K-slices add up and final states concatenate).
+_CUDA_RECURRENT_MAX_K = 256
+_CUDA_CHUNK_MAX_K = 128      # tensor-core chunked forward (bf16/fp16)
+
+
+def _cuda_max_k(kernel_name: str, dtype: torch.dtype) -> int:
+    if kernel_name == "chunk" and dtype in (torch.float16, torch.bfloat16):
+        return _CUDA_CHUNK_MAX_K
+    return _CUDA_RECURRENT_MAX_K
 _DEFAULT_CHUNK = 0  # 0 = the kernel's own choice
 
 # Fake kernels and autograd are registered at import, so the first call may already be
@@ -99,7 +106,7 @@ def _gla(op_name, kernel_name, q, k, v, g, scale, initial_state, output_final_st
         return o, ht
     fwd_op = getattr(torch.ops.gla_ext, f"{kernel_name}_fwd")
     q, k, v, g, h0, cu = _prepare(q, k, v, g, initial_state, cu_seqlens)
-    max_k = _CUDA_MAX_K if chosen == "cuda" else None
+    max_k = _cuda_max_k(kernel_name, q.dtype) if chosen == "cuda" else None
     o, ht = _run_kernel(fwd_op, q, k, v, g, h0, cu, scale, extra, max_k)
     return o, (ht if output_final_state else None)
 
