@@ -132,55 +132,63 @@ void check_offsets_cpu(const gla::GlaParams& p, const char* op) {
 }
 
 // ---- CPU ------------------------------------------------------------------------------
+// `reverse` applies to the recurrent kernels, `chunk_size` to the chunked ones.
+
+std::tuple<Tensor, Tensor> run_fwd_cpu(const char* op, void (*kernel)(const gla::GlaParams&),
+                                       const Tensor& q, const Tensor& k, const Tensor& v,
+                                       const Tensor& g, const OptTensor& h0,
+                                       const OptTensor& cu_seqlens, double scale, bool reverse,
+                                       int64_t chunk_size) {
+  auto p = make_params(op, q, k, v, g, h0, cu_seqlens, scale);
+  check_offsets_cpu(p, op);
+  p.reverse = reverse;
+  p.chunk_size = chunk_size;
+  auto out = alloc_fwd(p, q, v);
+  kernel(p);
+  return {out.o, out.ht};
+}
+
+BwdOut run_bwd_cpu(const char* op, void (*kernel)(const gla::GlaParams&), const Tensor& q,
+                   const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& dout,
+                   const OptTensor& dht, const OptTensor& h0, const OptTensor& cu_seqlens,
+                   double scale, bool reverse, int64_t chunk_size) {
+  auto p = make_params(op, q, k, v, g, h0, cu_seqlens, scale);
+  check_offsets_cpu(p, op);
+  p.reverse = reverse;
+  p.chunk_size = chunk_size;
+  auto out = alloc_bwd(op, p, q, v, g, dout, dht);
+  kernel(p);
+  return out;
+}
 
 std::tuple<Tensor, Tensor> recurrent_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                              const Tensor& g, const OptTensor& h0,
                                              const OptTensor& cu_seqlens, double scale,
                                              bool reverse) {
-  const char* op = "gla_ext.recurrent_fwd (CPU)";
-  auto p = make_params(op, q, k, v, g, h0, cu_seqlens, scale);
-  check_offsets_cpu(p, op);
-  p.reverse = reverse;
-  auto out = alloc_fwd(p, q, v);
-  gla::recurrent_fwd_cpu(p);
-  return {out.o, out.ht};
+  return run_fwd_cpu("gla_ext.recurrent_fwd (CPU)", gla::recurrent_fwd_cpu, q, k, v, g, h0,
+                     cu_seqlens, scale, reverse, 0);
 }
 
 BwdOut recurrent_bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                          const Tensor& dout, const OptTensor& dht, const OptTensor& h0,
                          const OptTensor& cu_seqlens, double scale, bool reverse) {
-  const char* op = "gla_ext.recurrent_bwd (CPU)";
-  auto p = make_params(op, q, k, v, g, h0, cu_seqlens, scale);
-  check_offsets_cpu(p, op);
-  p.reverse = reverse;
-  auto out = alloc_bwd(op, p, q, v, g, dout, dht);
-  gla::recurrent_bwd_cpu(p);
-  return out;
+  return run_bwd_cpu("gla_ext.recurrent_bwd (CPU)", gla::recurrent_bwd_cpu, q, k, v, g, dout,
+                     dht, h0, cu_seqlens, scale, reverse, 0);
 }
 
 std::tuple<Tensor, Tensor> chunk_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const Tensor& g, const OptTensor& h0,
                                          const OptTensor& cu_seqlens, double scale,
                                          int64_t chunk_size) {
-  const char* op = "gla_ext.chunk_fwd (CPU)";
-  auto p = make_params(op, q, k, v, g, h0, cu_seqlens, scale);
-  check_offsets_cpu(p, op);
-  p.chunk_size = chunk_size;
-  auto out = alloc_fwd(p, q, v);
-  gla::chunk_fwd_cpu(p);
-  return {out.o, out.ht};
+  return run_fwd_cpu("gla_ext.chunk_fwd (CPU)", gla::chunk_fwd_cpu, q, k, v, g, h0, cu_seqlens,
+                     scale, false, chunk_size);
 }
 
 BwdOut chunk_bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                      const Tensor& dout, const OptTensor& dht, const OptTensor& h0,
                      const OptTensor& cu_seqlens, double scale, int64_t chunk_size) {
-  const char* op = "gla_ext.chunk_bwd (CPU)";
-  auto p = make_params(op, q, k, v, g, h0, cu_seqlens, scale);
-  check_offsets_cpu(p, op);
-  p.chunk_size = chunk_size;
-  auto out = alloc_bwd(op, p, q, v, g, dout, dht);
-  gla::chunk_bwd_cpu(p);
-  return out;
+  return run_bwd_cpu("gla_ext.chunk_bwd (CPU)", gla::chunk_bwd_cpu, q, k, v, g, dout, dht, h0,
+                     cu_seqlens, scale, false, chunk_size);
 }
 
 // ---- CUDA -----------------------------------------------------------------------------
@@ -190,17 +198,25 @@ void check_cuda(const char* err, const char* op) {
   TORCH_CHECK(err == nullptr, op, ": ", err ? err : "");
 }
 
+// make_params plus what the CUDA recurrent kernels need: no float64, K within one pass.
+gla::GlaParams recurrent_cuda_params(const char* op, const Tensor& q, const Tensor& k,
+                                     const Tensor& v, const Tensor& g, const OptTensor& h0,
+                                     const OptTensor& cu_seqlens, double scale, bool reverse) {
+  auto p = make_params(op, q, k, v, g, h0, cu_seqlens, scale);
+  TORCH_CHECK(p.dtype != gla::DType::kFloat64, op, ": float64 is not supported on CUDA");
+  TORCH_CHECK(p.K <= gla::kCudaRecurrentMaxK, op, ": K must be <= ", gla::kCudaRecurrentMaxK,
+              " (the Python wrapper splits wider K), got ", p.K);
+  p.reverse = reverse;
+  return p;
+}
+
 std::tuple<Tensor, Tensor> recurrent_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                               const Tensor& g, const OptTensor& h0,
                                               const OptTensor& cu_seqlens, double scale,
                                               bool reverse) {
   const char* op = "gla_ext.recurrent_fwd (CUDA)";
   c10::cuda::CUDAGuard guard(q.device());
-  auto p = make_params(op, q, k, v, g, h0, cu_seqlens, scale);
-  TORCH_CHECK(p.dtype != gla::DType::kFloat64, op, ": float64 is not supported on CUDA");
-  TORCH_CHECK(p.K <= gla::kCudaRecurrentMaxK, op, ": K must be <= ", gla::kCudaRecurrentMaxK,
-              " (the Python wrapper splits wider K), got ", p.K);
-  p.reverse = reverse;
+  auto p = recurrent_cuda_params(op, q, k, v, g, h0, cu_seqlens, scale, reverse);
   auto out = alloc_fwd(p, q, v);
   check_cuda(gla::recurrent_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op);
   return {out.o, out.ht};
@@ -211,11 +227,7 @@ BwdOut recurrent_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, con
                           const OptTensor& cu_seqlens, double scale, bool reverse) {
   const char* op = "gla_ext.recurrent_bwd (CUDA)";
   c10::cuda::CUDAGuard guard(q.device());
-  auto p = make_params(op, q, k, v, g, h0, cu_seqlens, scale);
-  TORCH_CHECK(p.dtype != gla::DType::kFloat64, op, ": float64 is not supported on CUDA");
-  TORCH_CHECK(p.K <= gla::kCudaRecurrentMaxK, op, ": K must be <= ", gla::kCudaRecurrentMaxK,
-              " (the Python wrapper splits wider K), got ", p.K);
-  p.reverse = reverse;
+  auto p = recurrent_cuda_params(op, q, k, v, g, h0, cu_seqlens, scale, reverse);
   auto out = alloc_bwd(op, p, q, v, g, dout, dht);
   Tensor workspace =
       at::empty({std::max<int64_t>(1, gla::recurrent_bwd_cuda_workspace_floats(p))},
