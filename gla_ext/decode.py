@@ -17,8 +17,9 @@ The packed copies are cached per model (weakly: they go away with the model) and
 when a parameter changes: an in-place write (its version counter), new data or a new
 dtype/device (its data pointer), or a parameter or submodule assigned anywhere (module
 registration hooks; then the model's parameters are compared one by one). Not seen: writes
-through `param.data` (a separate version counter) and direct edits of `module._parameters`;
-call clear_cache(model) after those.
+through `param.data` (a separate version counter), direct edits of `module._parameters`, and
+changed module attributes (eps, gate_logit_normalizer), which are read when packing; call
+clear_cache(model) after those.
 """
 from __future__ import annotations
 
@@ -172,6 +173,7 @@ def _entry(model):
         if collected is None or len(collected[2]) != len(entry.params) or any(
                 a is not b for a, b in zip(collected[2], entry.params)):
             return _build(model)
+        entry.dropouts = tuple(b.dropout for b in model.blocks)
         entry.generation = _generation
     return entry
 

@@ -1,4 +1,7 @@
 """The fused CPU decode step (gla_ext.decode, issue 3) against the generic GLA.step path."""
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -234,3 +237,23 @@ def test_bad_input_raises_like_the_generic_path():
         model.step(torch.randn(2, model.embed_dim + 1))
     with torch.no_grad(), pytest.raises(ValueError, match="state"):
         model.step(torch.randn(2, model.embed_dim), model.init_state(3))
+
+
+def test_cache_goes_away_with_the_model():
+    model = small_model()
+    with torch.no_grad():
+        model.step(torch.randn(1, model.embed_dim))
+    assert dec.is_cached(model)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None                      # the cache does not keep the model alive
+
+
+def test_replaced_dropout_is_seen():
+    model = small_model(dropout=0.0).train()
+    x = torch.randn(2, 1, model.embed_dim)
+    with torch.no_grad():
+        assert dec.try_step(model, x, None) is not None          # p = 0: same math
+        model.blocks[1].dropout = nn.Dropout(0.5)                 # now active in training mode
+        assert dec.try_step(model, x, None) is None
