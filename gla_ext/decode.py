@@ -198,6 +198,8 @@ def try_step(model, x_t, state):
             if (type(s) is not torch.Tensor or s.dtype != torch.float32
                     or s.device.type != "cpu" or (grad and s.requires_grad)):
                 return None
+    if grad and model not in _cache and next(model.parameters()).requires_grad:
+        return None     # training-style use: do not pack a copy of the weights for nothing
     entry = _entry(model)
     if entry is None:
         return None

@@ -190,6 +190,7 @@ def test_autograd_takes_the_generic_path():
     x = torch.randn(2, model.embed_dim)
     assert dec.try_step(model, x.unsqueeze(1), None) is None     # params require grad
     y, state = model.step(x)
+    assert not dec.is_cached(model)                              # no packed copy made
     assert y.requires_grad
     y.sum().backward()
     assert model.blocks[0].attn.q_proj.weight.grad is not None
