@@ -12,6 +12,7 @@
 #endif
 
 #include "gla.h"
+#include "cpu/decode.h"
 
 namespace {
 
@@ -300,6 +301,21 @@ TORCH_LIBRARY_IMPL(gla_ext, CUDA, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gla_ext compiled kernels; the ops live under torch.ops.gla_ext";
+  // Whole-model CPU decode step used by GLA.step (built and cached by gla_ext/decode.py).
+  pybind11::class_<gla::CpuDecoder, std::shared_ptr<gla::CpuDecoder>>(m, "CpuDecoder")
+      .def(pybind11::init<const std::vector<std::optional<Tensor>>&,
+                          const std::vector<std::vector<std::optional<Tensor>>>&, int64_t,
+                          int64_t, double, double, double>(),
+           pybind11::arg("globals"), pybind11::arg("layers"), pybind11::arg("num_heads"),
+           pybind11::arg("head_dim"), pybind11::arg("gate_normalizer"), pybind11::arg("eps"),
+           pybind11::arg("scale"))
+      .def("status", &gla::CpuDecoder::status, pybind11::arg("grad_enabled"),
+           "0 ready, 1 stale (parameters changed since packing), 2 autograd needed")
+      .def("step", &gla::CpuDecoder::step, pybind11::arg("x"), pybind11::arg("states"),
+           pybind11::call_guard<pybind11::gil_scoped_release>(),
+           "x [B, E] or [B, 1, E], states: list of [B, H, D, D] (or []) -> (y, new_states)")
+      .def_property_readonly("num_layers", &gla::CpuDecoder::num_layers)
+      .def_property_readonly("num_workspaces", &gla::CpuDecoder::num_workspaces);
   m.def("build_info", []() {
     pybind11::dict info;
 #ifdef GLA_WITH_CUDA

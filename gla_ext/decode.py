@@ -1,0 +1,220 @@
+"""Fused CPU decode: GLA.step runs the whole model step in one C++ call when it can.
+
+This is an internal fast path of the same math as the generic step (not a backend): the
+compiled gla_ext._C.CpuDecoder holds packed copies of the weights ([Wq; Wk; Wv; Wr; Wg] and
+[W1; W3] concatenated per layer) plus preallocated buffers per batch size, and runs every
+layer per token with four GEMMs and fused loops for the rest (see csrc/cpu/decode.cpp).
+
+try_step(model, x_t, state) returns (y_t, new_state), or None when the generic path must run:
+  - the extension is not built, or ENABLED is False;
+  - the model's backend is not "auto" or "cpu";
+  - x_t, a state or a parameter is not a float32 CPU tensor (or is a tensor subclass), or
+    torch.compile / functorch transforms are active;
+  - autograd is needed: grad mode is on and a parameter, x_t or a state requires grad;
+  - dropout is active (a block's Dropout in training mode with p > 0).
+
+The packed copies are cached per model (weakly: they go away with the model) and rebuilt
+when a parameter changes: an in-place write (its version counter), new data or a new
+dtype/device (its data pointer), or a parameter or submodule assigned anywhere (module
+registration hooks; then the model's parameters are compared one by one). Not seen: writes
+through `param.data` (a separate version counter), direct edits of `module._parameters`, and
+changed module attributes (eps, gate_logit_normalizer), which are read when packing; call
+clear_cache(model) after those.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from . import _ext
+
+__all__ = ["ENABLED", "try_step", "clear_cache", "is_cached"]
+
+# Set to False to make GLA.step always take the generic path (tests compare the two).
+ENABLED = True
+
+_READY, _STALE, _NEEDS_AUTOGRAD = 0, 1, 2
+
+# Bumped whenever any module anywhere registers a parameter or a submodule (assignment
+# included); the hooks are installed with the first cache entry.
+_generation = 0
+_hooks_installed = False
+
+
+def _bump(*_args):
+    global _generation
+    _generation += 1
+
+
+def _install_hooks():
+    global _hooks_installed
+    if not _hooks_installed:
+        nn.modules.module.register_module_parameter_registration_hook(_bump)
+        nn.modules.module.register_module_module_registration_hook(_bump)
+        _hooks_installed = True
+
+
+class _Entry:
+    __slots__ = ("decoder", "params", "dropouts", "generation")
+
+    def __init__(self, decoder, params, dropouts, generation):
+        self.decoder, self.params, self.dropouts = decoder, params, dropouts
+        self.generation = generation
+
+
+_cache: "weakref.WeakKeyDictionary[nn.Module, _Entry]" = weakref.WeakKeyDictionary()
+
+
+def clear_cache(model=None) -> None:
+    """Drops the packed weights of `model` (of every model when None)."""
+    if model is None:
+        _cache.clear()
+    else:
+        _cache.pop(model, None)
+
+
+def is_cached(model) -> bool:
+    """True when `model` has packed weights (its last step could take the fast path)."""
+    return model in _cache
+
+
+def _layer_tensors(block):
+    """The parameters of one GLABlock in the slot order of csrc/cpu/decode.h (None = absent)."""
+    attn, ffn = block.attn, block.ffn
+    if isinstance(attn.gk_proj, nn.Sequential):
+        first, second = attn.gk_proj[0], attn.gk_proj[1]
+        wg, wg2, bg = first.weight, second.weight, second.bias
+    else:
+        wg, wg2, bg = attn.gk_proj.weight, None, attn.gk_proj.bias
+    return [block.attn_norm.weight, block.attn_norm.bias,
+            attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+            None if attn.g_proj is None else attn.g_proj.weight,
+            wg, wg2, bg,
+            None if attn.norm is None else attn.norm.weight,
+            attn.o_proj.weight,
+            block.ffn_norm.weight, block.ffn_norm.bias,
+            ffn.w1.weight, ffn.w3.weight, ffn.w2.weight]
+
+
+def _collect(model):
+    """(globals, layers, flat parameter list) of a model, or None if its structure is not the one
+    the fused step implements (e.g. a submodule was swapped for something else)."""
+    proj = model.input_proj
+    if isinstance(proj, nn.Identity):
+        glob = [None, None]
+    elif isinstance(proj, nn.Linear):
+        glob = [proj.weight, proj.bias]
+    else:
+        return None
+    glob += [model.norm.weight, model.norm.bias]
+    layers = []
+    try:
+        for block in model.blocks:
+            layers.append(_layer_tensors(block))
+    except AttributeError:
+        return None
+    flat = tuple(t for t in glob + [t for layer in layers for t in layer] if t is not None)
+    return glob, layers, flat
+
+
+def _settings(model):
+    """(num_heads, head_dim, gate normalizer, eps) shared by every layer, or None."""
+    c = model.config
+    eps = {model.norm.eps}
+    normalizers = set()
+    for block in model.blocks:
+        attn = block.attn
+        if (attn.num_heads, attn.head_dim) != (c.num_heads, c.head_dim):
+            return None
+        if attn.backend not in ("auto", "cpu"):
+            return None
+        normalizers.add(float(attn.gate_logit_normalizer))
+        eps |= {block.attn_norm.eps, block.ffn_norm.eps}
+        if attn.norm is not None:
+            eps.add(attn.norm.eps)
+    if len(eps) != 1 or len(normalizers) != 1 or None in eps:
+        return None
+    return c.num_heads, c.head_dim, normalizers.pop(), float(eps.pop())
+
+
+def _eligible(flat) -> bool:
+    return all(type(p) in (torch.Tensor, nn.Parameter) and p.dtype == torch.float32
+               and p.device.type == "cpu" and not p.is_inference() for p in flat)
+
+
+def _build(model):
+    """A fresh cache entry for model, or None when the fused step cannot run it."""
+    _install_hooks()
+    generation = _generation
+    collected = _collect(model)
+    settings = _settings(model)
+    if collected is None or settings is None or not _eligible(collected[2]):
+        _cache.pop(model, None)
+        return None
+    glob, layers, flat = collected
+    heads, head_dim, normalizer, eps = settings
+    decoder = _ext._C.CpuDecoder(glob, layers, heads, head_dim, normalizer, eps,
+                                 head_dim ** -0.5)
+    dropouts = tuple(b.dropout for b in model.blocks)
+    entry = _Entry(decoder, flat, dropouts, generation)
+    _cache[model] = entry
+    return entry
+
+
+def _entry(model):
+    entry = _cache.get(model)
+    if entry is None:
+        return _build(model)
+    if entry.generation != _generation:
+        # Some module registered a parameter or submodule: is it still our model's set?
+        collected = _collect(model)
+        if collected is None or len(collected[2]) != len(entry.params) or any(
+                a is not b for a, b in zip(collected[2], entry.params)):
+            return _build(model)
+        entry.dropouts = tuple(b.dropout for b in model.blocks)
+        entry.generation = _generation
+    return entry
+
+
+def try_step(model, x_t, state):
+    """(y_t, new_state) from the fused C++ step, or None when GLA.step must take the generic
+    path (see the module docstring). x_t is [B, 1, embed_dim]; state a list or None. Input
+    errors raise the same messages as the generic path."""
+    if not ENABLED or _ext._C is None or model.config.backend not in ("auto", "cpu"):
+        return None
+    if type(x_t) is not torch.Tensor or x_t.dtype != torch.float32 or x_t.device.type != "cpu":
+        return None
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return None
+    grad = torch.is_grad_enabled()
+    if grad and x_t.requires_grad:
+        return None
+    if state is not None:
+        if not isinstance(state, (list, tuple)):
+            return None     # the generic path reports it
+        for s in state:
+            if (type(s) is not torch.Tensor or s.dtype != torch.float32
+                    or s.device.type != "cpu" or (grad and s.requires_grad)):
+                return None
+    if grad and model not in _cache and next(model.parameters()).requires_grad:
+        return None     # training-style use: do not pack a copy of the weights for nothing
+    entry = _entry(model)
+    if entry is None:
+        return None
+    for d in entry.dropouts:
+        if d.training and d.p > 0:
+            return None
+    status = entry.decoder.status(grad)
+    if status == _STALE:
+        entry = _build(model)
+        if entry is None:
+            return None
+        status = entry.decoder.status(grad)
+    if status != _READY:
+        return None
+    B = x_t.shape[0]
+    model._check_input(x_t)
+    model._check_state(state, B)
+    return entry.decoder.step(x_t, [] if state is None else list(state))
