@@ -9,8 +9,9 @@
 //
 // Parallelism: at::parallel_for over (sequence, head) tasks; the forward also splits V into
 // column tiles when there are fewer (sequence, head) pairs than threads (columns of the
-// state are independent; the scores are recomputed per tile). Each thread owns its workspace
-// and runs with denormals flushed to zero (restored afterwards).
+// state are independent; the scores are recomputed per tile). Each thread keeps its scratch
+// buffer between calls and runs with denormals flushed to zero (restored afterwards). Output
+// rows are written with streaming stores where aligned (AVX2/AVX-512, float32).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -22,7 +23,7 @@
 #include <string>
 
 #if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
+#include <immintrin.h>
 #define GLA_CHUNK_X86 1
 #else
 #define GLA_CHUNK_X86 0
@@ -97,24 +98,38 @@ ChunkKernels pick_kernels() {
   return GLA_KERNELS(chunk_generic);
 }
 
-// Denormals flushed to zero for the lifetime of the object (x86 MXCSR FTZ and DAZ).
-struct FlushDenormals {
+// Scope of one thread's share of a kernel: denormals flushed to zero meanwhile (x86 MXCSR
+// FTZ and DAZ, restored afterwards), and a store fence at the end so the streaming stores of
+// the output rows are ordered before the results are used.
+struct ThreadScope {
 #if GLA_CHUNK_X86
   unsigned saved;
-  FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040u); }
-  ~FlushDenormals() { _mm_setcsr(saved); }
+  ThreadScope() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040u); }
+  ~ThreadScope() {
+    _mm_sfence();
+    _mm_setcsr(saved);
+  }
 #endif
 };
 
-struct Workspace {
-  std::unique_ptr<char[]> mem;
-  size_t size = 0;
-  void* get(size_t bytes) {
-    if (bytes > size) {
-      mem.reset(new char[bytes]);
-      size = bytes;
+// Per-thread scratch, kept between calls (the OpenMP threads persist) so that the pages are
+// not mapped and faulted in again on every call. Requests above kKeepBytes are served by a
+// one-off allocation instead of growing the kept buffer.
+class Workspace {
+ public:
+  static void* get(size_t bytes, std::unique_ptr<char[]>& oneoff) {
+    constexpr size_t kKeepBytes = size_t(64) << 20;
+    if (bytes > kKeepBytes) {
+      oneoff.reset(new char[bytes]);
+      return oneoff.get();
     }
-    return mem.get();
+    thread_local std::unique_ptr<char[]> kept;
+    thread_local size_t kept_size = 0;
+    if (bytes > kept_size) {
+      kept.reset(new char[bytes]);
+      kept_size = bytes;
+    }
+    return kept.get();
   }
 };
 
@@ -142,9 +157,9 @@ void chunk_fwd_cpu(const GlaParams& p) {
   tiles = (p.V + tile_w - 1) / tile_w;
   const size_t ws_bytes = kern.fwd_ws(p.dtype, C, p.K, tile_w);
   at::parallel_for(0, NH * tiles, 1, [&](int64_t begin, int64_t end) {
-    FlushDenormals ftz;
-    Workspace ws;
-    void* buf = ws.get(ws_bytes);
+    ThreadScope scope;
+    std::unique_ptr<char[]> oneoff;
+    void* buf = Workspace::get(ws_bytes, oneoff);
     for (int64_t task = begin; task < end; ++task) {
       const idx nh = task / tiles, tile = task % tiles;
       const idx v0 = tile * tile_w, v1 = v0 + tile_w < p.V ? v0 + tile_w : p.V;
@@ -166,9 +181,9 @@ void chunk_bwd_cpu(const GlaParams& p) {
   const idx max_chunks = (max_len + C - 1) / C;
   const size_t ws_bytes = kern.bwd_ws(p.dtype, C, p.K, p.V, max_chunks);
   at::parallel_for(0, NH, 1, [&](int64_t begin, int64_t end) {
-    FlushDenormals ftz;
-    Workspace ws;
-    void* buf = ws.get(ws_bytes);
+    ThreadScope scope;
+    std::unique_ptr<char[]> oneoff;
+    void* buf = Workspace::get(ws_bytes, oneoff);
     for (int64_t task = begin; task < end; ++task) kern.bwd(p, task / p.H, task % p.H, C, max_chunks, buf);
   });
 }

@@ -171,10 +171,24 @@ inline typename ExpVec<L>::d exp_lanes(typename ExpVec<L>::d x) {
   const vi n = __builtin_convertvector(xc * 1.4426950408889634 + 2048.5, vi) - 2048;
   const vd nd = __builtin_convertvector(n, vd);
   const vd r = (xc - nd * 0.693145751953125) - nd * 1.42860682030941723212e-6;
-  double coef[DEG + 1];
-  coef[0] = 1.0;
-  for (int d = 1; d <= DEG; ++d) coef[d] = coef[d - 1] / d;
+  // 1/d! for d = 0..13
+  static constexpr double coef[14] = {1.0,
+                                      1.0,
+                                      0.5,
+                                      0.16666666666666666,
+                                      0.041666666666666664,
+                                      0.008333333333333333,
+                                      0.001388888888888889,
+                                      0.0001984126984126984,
+                                      2.48015873015873e-05,
+                                      2.7557319223985893e-06,
+                                      2.755731922398589e-07,
+                                      2.505210838544172e-08,
+                                      2.08767569878681e-09,
+                                      1.6059043836821613e-10};
+  static_assert(DEG <= 13, "degree");
   vd poly = vd{} + coef[DEG];
+#pragma GCC unroll 16
   for (int d = DEG - 1; d >= 0; --d) poly = poly * r + coef[d];
   const vl bits = (__builtin_convertvector(n, vl) + 1023) << 52;
   vd two_n;
@@ -185,14 +199,53 @@ inline typename ExpVec<L>::d exp_lanes(typename ExpVec<L>::d x) {
   return y;
 }
 
-// y[0..n) = exp(y[0..n)), n a multiple of the vector width
+// exp of float lanes in float arithmetic, for the instruction sets with FMA: the reduction
+// r = x - n ln2 is contracted into fused multiply-adds (so even if the compiler merges the
+// two-part ln2 under -ffast-math, r carries only ln2's rounding, |n| * 2e-9), then the
+// degree-6 minimax polynomial of Cephes' expf (about 1 ulp). Same edge behaviour as
+// exp_lanes: exact 1 at 0, exact 0 at -inf and below the float range.
+template <int L> inline typename VecT<float, L>::type exp_float_lanes(typename VecT<float, L>::type x) {
+  using vf = typename VecT<float, L>::type;
+  using vi = typename VecT<int32_t, L>::type;
+  const vf lo = vf{} - 87.5f, hi = vf{} + 88.0f;
+  vf xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const vi n = __builtin_convertvector(xc * 1.44269504088896341f + 128.5f, vi) - 128;
+  const vf nf = __builtin_convertvector(n, vf);
+  const vf r = (xc - nf * 0.693359375f) + nf * 2.12194440e-4f;
+  vf p = vf{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const vi bits = (n + 127) << 23;
+  vf two_n;
+  __builtin_memcpy(&two_n, &bits, sizeof(two_n));
+  vf y = p * two_n;
+  y = x < -87.33654475f ? vf{} : y;
+  y = x > 88.72283905f ? vf{} + __builtin_inff() : y;
+  return y;
+}
+
+// y[0..n) = exp(y[0..n)), n a multiple of the vector width.
 inline void exp_inplace(float* y, idx n) {
+#if GLA_VEC_BYTES >= 32
   constexpr int W = lanes<float>();
-  using vd = typename ExpVec<W>::d;
-  for (idx i = 0; i < n; i += W) {
-    const vd x = __builtin_convertvector(vload(y + i), vd);
-    vstore(y + i, __builtin_convertvector((exp_lanes<W, 7>(x)), Vec<float>));
+  for (idx i = 0; i < n; i += W) vstore(y + i, exp_float_lanes<W>(vload(y + i)));
+#else
+  // no FMA: the reduction in double lanes of the native width (half a float vector at a time)
+  constexpr int L = lanes<double>();
+  using vf = typename VecT<float, L>::type;
+  using vd = typename ExpVec<L>::d;
+  for (idx i = 0; i < n; i += L) {
+    vf x;
+    __builtin_memcpy(&x, y + i, sizeof(x));
+    const vf e = __builtin_convertvector((exp_lanes<L, 7>(__builtin_convertvector(x, vd))), vf);
+    __builtin_memcpy(y + i, &e, sizeof(e));
   }
+#endif
 }
 inline void exp_inplace(double* y, idx n) {
   constexpr int W = lanes<double>();
@@ -243,6 +296,42 @@ template <typename T> inline void mul_axpy(T* u, const T* a, T c, T* y, idx n) {
   }
 }
 
+// Elementwise on rows of n elements, n a multiple of the vector width. Written with explicit
+// vectors: the buffers all come from one allocation, so the compiler could not prove the
+// plain loops free of aliasing and left them scalar.
+template <typename T> inline void vmul(T* d, const T* x, const T* y, idx n) {
+  for (idx i = 0; i < n; i += lanes<T>()) vstore(d + i, vload(x + i) * vload(y + i));
+}
+// d = x * (y * z)
+template <typename T> inline void vmul3(T* d, const T* x, const T* y, const T* z, idx n) {
+  for (idx i = 0; i < n; i += lanes<T>()) vstore(d + i, vload(x + i) * (vload(y + i) * vload(z + i)));
+}
+template <typename T> inline void vmul_inplace(T* d, const T* x, idx n) {
+  for (idx i = 0; i < n; i += lanes<T>()) vstore(d + i, vload(d + i) * vload(x + i));
+}
+// d *= x * y
+template <typename T> inline void vmul2_inplace(T* d, const T* x, const T* y, idx n) {
+  for (idx i = 0; i < n; i += lanes<T>()) vstore(d + i, vload(d + i) * (vload(x + i) * vload(y + i)));
+}
+// d += x * y
+template <typename T> inline void vfma_inplace(T* d, const T* x, const T* y, idx n) {
+  for (idx i = 0; i < n; i += lanes<T>()) vstore(d + i, vload(d + i) + vload(x + i) * vload(y + i));
+}
+template <typename T> inline void vfill(T* d, T value, idx n) {
+  const Vec<T> v = Vec<T>{} + value;
+  for (idx i = 0; i < n; i += lanes<T>()) vstore(d + i, v);
+}
+template <typename T> inline void vcopy(T* d, const T* x, idx n) {
+  for (idx i = 0; i < n; i += lanes<T>()) vstore(d + i, vload(x + i));
+}
+// rows of M[rows x n] scaled: M[i][:] *= f[i]
+template <typename T> inline void vscale_rows(T* M, idx rows, idx n, const T* f) {
+  for (idx i = 0; i < rows; ++i) {
+    const Vec<T> fi = Vec<T>{} + f[i];
+    for (idx j = 0; j < n; j += lanes<T>()) vstore(M + i * n + j, vload(M + i * n + j) * fi);
+  }
+}
+
 // dst[0..n) = src[0..n) * mul, zeros up to npad
 template <typename S, typename T> inline void load_row(const S* src, idx n, idx npad, T* dst, T mul) {
   for (idx i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]) * mul;
@@ -251,6 +340,29 @@ template <typename S, typename T> inline void load_row(const S* src, idx n, idx 
 
 template <typename T, typename S> inline void store_row(const T* src, idx n, S* dst) {
   for (idx i = 0; i < n; ++i) dst[i] = static_cast<S>(src[i]);
+}
+
+// Output rows: streaming (non-temporal) stores where the row is a whole number of aligned
+// vectors, so the output lines are not read from memory first; plain stores otherwise.
+template <typename T, typename S> inline void put_row(const T* src, idx n, S* dst) {
+#if defined(__x86_64__) && GLA_VEC_BYTES == 64
+  if constexpr (sizeof(T) == sizeof(S) && sizeof(T) == 4) {
+    if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0 && n % 16 == 0) {
+      for (idx i = 0; i < n; i += 16)
+        _mm512_stream_ps(reinterpret_cast<float*>(dst) + i, _mm512_loadu_ps(reinterpret_cast<const float*>(src) + i));
+      return;
+    }
+  }
+#elif defined(__x86_64__) && GLA_VEC_BYTES == 32
+  if constexpr (sizeof(T) == sizeof(S) && sizeof(T) == 4) {
+    if ((reinterpret_cast<uintptr_t>(dst) & 31) == 0 && n % 8 == 0) {
+      for (idx i = 0; i < n; i += 8)
+        _mm256_stream_ps(reinterpret_cast<float*>(dst) + i, _mm256_loadu_ps(reinterpret_cast<const float*>(src) + i));
+      return;
+    }
+  }
+#endif
+  store_row(src, n, dst);
 }
 
 // dst[j*ldd + i] = src[i*lds + j] for i < rows, j < cols
@@ -263,12 +375,17 @@ template <typename T> void transpose(const T* src, idx lds, idx rows, idx cols, 
 
 // ---- workspace --------------------------------------------------------------------------
 // Buffers are carved out of one caller-owned allocation; a dry run (base 0) gives its size.
+// Successive buffers start at different offsets modulo 4 KiB (192 bytes apart): buffers
+// whose sizes are multiples of 4 KiB would otherwise all map to the same L1 sets, and the
+// loops that stream several of them at once would evict each other.
 struct Carver {
   uintptr_t base;
   size_t used = 0;
+  size_t takes = 0;
   explicit Carver(void* p) : base(reinterpret_cast<uintptr_t>(p)) {}
   template <typename T> T* take(idx count) {
     used = (used + 63) & ~static_cast<size_t>(63);
+    used += (takes++ * 192) % 4096;
     T* out = reinterpret_cast<T*>(base + used);
     used += static_cast<size_t>(count) * sizeof(T);
     return out;
@@ -292,20 +409,17 @@ void chunk_gates(idx c, idx Kp, const T* a, T* pq, T* pk, T* dblk, T* dpre, T* d
   const idx nb = (c + kBlk - 1) / kBlk;
   for (idx I = 0; I < nb; ++I) {
     const idx base = I * kBlk, R = imin(kBlk, c - base);
-    for (idx i = 0; i < Kp; ++i) pq[base * Kp + i] = a[base * Kp + i];
-    for (idx t = base + 1; t < base + R; ++t)
-      for (idx i = 0; i < Kp; ++i) pq[t * Kp + i] = pq[(t - 1) * Kp + i] * a[t * Kp + i];
-    for (idx i = 0; i < Kp; ++i) pk[(base + R - 1) * Kp + i] = 1;
+    vcopy(pq + base * Kp, a + base * Kp, Kp);
+    for (idx t = base + 1; t < base + R; ++t) vmul(pq + t * Kp, pq + (t - 1) * Kp, a + t * Kp, Kp);
+    vfill(pk + (base + R - 1) * Kp, T(1), Kp);
     for (idx s = base + R - 2; s >= base; --s)
-      for (idx i = 0; i < Kp; ++i) pk[s * Kp + i] = pk[(s + 1) * Kp + i] * a[(s + 1) * Kp + i];
-    for (idx i = 0; i < Kp; ++i) dblk[I * Kp + i] = pq[(base + R - 1) * Kp + i];
+      vmul(pk + s * Kp, pk + (s + 1) * Kp, a + (s + 1) * Kp, Kp);
+    vcopy(dblk + I * Kp, pq + (base + R - 1) * Kp, Kp);
   }
-  for (idx i = 0; i < Kp; ++i) dpre[i] = 1;
-  for (idx I = 0; I < nb; ++I)
-    for (idx i = 0; i < Kp; ++i) dpre[(I + 1) * Kp + i] = dpre[I * Kp + i] * dblk[I * Kp + i];
-  for (idx i = 0; i < Kp; ++i) dsuf[(nb - 1) * Kp + i] = 1;
-  for (idx I = nb - 1; I > 0; --I)
-    for (idx i = 0; i < Kp; ++i) dsuf[(I - 1) * Kp + i] = dsuf[I * Kp + i] * dblk[I * Kp + i];
+  vfill(dpre, T(1), Kp);
+  for (idx I = 0; I < nb; ++I) vmul(dpre + (I + 1) * Kp, dpre + I * Kp, dblk + I * Kp, Kp);
+  vfill(dsuf + (nb - 1) * Kp, T(1), Kp);
+  for (idx I = nb - 1; I > 0; --I) vmul(dsuf + (I - 1) * Kp, dsuf + I * Kp, dblk + I * Kp, Kp);
 }
 
 // Step I of the off-diagonal factorisation: rows of blocks < I-1 get D_{I-1}, the rows of
@@ -315,14 +429,12 @@ void advance_offdiag(idx I, idx Kp, const T* k, const T* pk, const T* dblk, T* k
   const idx prev = (I - 1) * kBlk;
   const T* d = dblk + (I - 1) * Kp;
   for (idx s = 0; s < prev; ++s) {
-    for (idx i = 0; i < Kp; ++i) kt[s * Kp + i] *= d[i];
-    if (ft)
-      for (idx i = 0; i < Kp; ++i) ft[s * Kp + i] *= d[i];
+    vmul_inplace(kt + s * Kp, d, Kp);
+    if (ft) vmul_inplace(ft + s * Kp, d, Kp);
   }
   for (idx s = prev; s < prev + kBlk; ++s) {
-    for (idx i = 0; i < Kp; ++i) kt[s * Kp + i] = k[s * Kp + i] * pk[s * Kp + i];
-    if (ft)
-      for (idx i = 0; i < Kp; ++i) ft[s * Kp + i] = pk[s * Kp + i];
+    vmul(kt + s * Kp, k + s * Kp, pk + s * Kp, Kp);
+    if (ft) vcopy(ft + s * Kp, pk + s * Kp, Kp);
   }
 }
 
@@ -364,7 +476,7 @@ void diag_scores(idx R, idx Kp, const T* q, const T* k, const T* a, T* u, T* at,
     T* row = at + s * ldA;
     for (idx l = 0; l < s; ++l) row[l] = 0;
     for (idx l = R; l < kBlk; ++l) row[l] = 0;
-    for (idx i = 0; i < Kp; ++i) u[i] = k[s * Kp + i];
+    vcopy(u, k + s * Kp, Kp);
     row[s] = dot(q + s * Kp, u, Kp);
     for (idx t = s + 1; t < R; ++t) row[t] = mul_dot(u, a + t * Kp, q + t * Kp, Kp);
   }
@@ -408,14 +520,10 @@ void fwd_task_t(const GlaParams& p, idx n, idx h, idx v0, idx v1, idx C, void* w
     exp_inplace(b.a, c * Kp);
     chunk_gates(c, Kp, b.a, b.pq, b.pk, b.dblk, b.dpre, b.dsuf);
     for (idx t = 0; t < c; ++t) {
-      const T* pre = b.dpre + (t / kBlk) * Kp;
-      const T* suf = b.dsuf + (t / kBlk) * Kp;
-      for (idx i = 0; i < Kp; ++i) {
-        const idx e = t * Kp + i;
-        b.qi[e] = b.q[e] * b.pq[e];
-        b.qe[e] = b.q[e] * (b.pq[e] * pre[i]);
-        b.kf[e] = b.k[e] * (b.pk[e] * suf[i]);
-      }
+      const idx e = t * Kp;
+      vmul(b.qi + e, b.q + e, b.pq + e, Kp);
+      vmul3(b.qe + e, b.q + e, b.pq + e, b.dpre + (t / kBlk) * Kp, Kp);
+      vmul3(b.kf + e, b.k + e, b.pk + e, b.dsuf + (t / kBlk) * Kp, Kp);
     }
     // inter-chunk: o = (q * e^b) S0
     gemm(c, Vp, Kp, b.qe, Kp, 1, b.S, Vp, b.o, Vp, false);
@@ -433,10 +541,9 @@ void fwd_task_t(const GlaParams& p, idx n, idx h, idx v0, idx v1, idx C, void* w
     }
     // state: S1 = e^{b_last} S0 + (k * e^{b_last - b})^T v
     const T* last = b.dpre + nb * Kp;
-    for (idx i = 0; i < Kp; ++i)
-      for (idx j = 0; j < Vp; ++j) b.S[i * Vp + j] *= last[i];
+    vscale_rows(b.S, Kp, Vp, last);
     gemm(Kp, Vp, c, b.kf, 1, Kp, b.v, Vp, b.S, Vp, true);
-    for (idx t = 0; t < c; ++t) store_row(b.o + t * Vp, vw, o + L.v(row, c0 + t, h) + v0);
+    for (idx t = 0; t < c; ++t) put_row(b.o + t * Vp, vw, o + L.v(row, c0 + t, h) + v0);
   }
   for (idx i = 0; i < K; ++i)
     for (idx j = 0; j < vw; ++j) ht[i * V + v0 + j] = b.S[i * Vp + j];
@@ -446,7 +553,7 @@ void fwd_task_t(const GlaParams& p, idx n, idx h, idx v0, idx v1, idx C, void* w
 
 template <typename T> struct BwdBufs {
   T *q, *k, *a, *pq, *pk, *qe, *qi, *kf, *kt, *ft, *v, *dout, *dv, *dqi, *dqs, *dki, *dks, *y,
-      *tmp, *at, *dat, *qit, *dot_t, *s0t, *dst, *dS, *S, *u, *dblk, *dpre, *dsuf, *states;
+      *tmp, *at, *dat, *qit, *dot_t, *dst, *dS, *S, *u, *dblk, *dpre, *dsuf, *states;
   double *rev, *run, *e1;
   BwdBufs(Carver& w, const Dims& d, idx nchunks) {
     const idx ck = d.C * d.Kp, cv = d.C * d.Vp, kv = d.Kp * d.Vp;
@@ -456,7 +563,7 @@ template <typename T> struct BwdBufs {
     dv = w.take<T>(cv); dqi = w.take<T>(ck); dqs = w.take<T>(ck); dki = w.take<T>(ck);
     dks = w.take<T>(ck); y = w.take<T>(ck); tmp = w.take<T>(kBlk * d.Kp);
     at = w.take<T>(d.C * d.ldA); dat = w.take<T>(d.C * d.ldA); qit = w.take<T>(d.Kp * kBlk);
-    dot_t = w.take<T>(d.Vp * kBlk); s0t = w.take<T>(kv); dst = w.take<T>(kv);
+    dot_t = w.take<T>(d.Vp * kBlk); dst = w.take<T>(kv);
     dS = w.take<T>(kv); S = w.take<T>(kv); u = w.take<T>(d.Kp);
     dblk = w.take<T>(d.nb * d.Kp); dpre = w.take<T>((d.nb + 1) * d.Kp);
     dsuf = w.take<T>(d.nb * d.Kp); states = w.take<T>(nchunks * kv);
@@ -481,15 +588,67 @@ void diag_backward(idx R, idx Kp, const T* q, const T* k, const T* a, const T* d
     const T* drow = dat + s * ldA;
     for (idx l = 0; l < s; ++l) row[l] = 0;
     for (idx l = R; l < kBlk; ++l) row[l] = 0;
-    for (idx i = 0; i < Kp; ++i) u[i] = k[s * Kp + i];
+    vcopy(u, k + s * Kp, Kp);
     row[s] = dot(q + s * Kp, u, Kp);
     for (idx t = s + 1; t < R; ++t)
       row[t] = mul_dot_axpy(u, a + t * Kp, q + t * Kp, drow[t], dqs + t * Kp, Kp);
   }
   for (idx t = 1; t < R; ++t) {
-    for (idx i = 0; i < Kp; ++i) u[i] = q[t * Kp + i];
+    vcopy(u, q + t * Kp, Kp);
     for (idx s = t - 1; s >= 0; --s)
       mul_axpy(u, a + (s + 1) * Kp, dat[s * ldA + t], dks + s * Kp, Kp);
+  }
+}
+
+// dg of one chunk, the sums in double (see the header comment):
+//   dg_t = e^{b_last} rowsum(S0 * dS) + sum_{r>=t} q_r dq_inter_r
+//          + sum_{s<t} (k_s (dk_inter_s + dk_strict_s) - q_s dq_strict_s)
+// S0T, dST: the states transposed [Vp x Kp]; e1, run: Kp doubles; rev: c*Kp doubles;
+// tmp: Kp of T; out(t) points at dg's row of token t. Works on double vectors of the native
+// width (L lanes), widening L elements of T at a time.
+template <typename T, typename Out>
+void chunk_dg(idx c, idx Kp, idx Vp, const T* S0T, const T* dST, const T* last, const T* q,
+              const T* k, const T* dqi, const T* dqs, const T* dki, const T* dks, double* e1,
+              double* run, double* rev, T* tmp, Out out, idx K) {
+  constexpr int L = lanes<double>();
+  using vt = typename VecT<T, L>::type;
+  using vd = typename VecT<double, L>::type;
+  auto wide = [](const T* p) {
+    vt x;
+    __builtin_memcpy(&x, p, sizeof(x));
+    return __builtin_convertvector(x, vd);
+  };
+  auto ld = [](const double* p) {
+    vd x;
+    __builtin_memcpy(&x, p, sizeof(x));
+    return x;
+  };
+  auto st = [](double* p, vd x) { __builtin_memcpy(p, &x, sizeof(x)); };
+  for (idx i = 0; i < Kp; i += L) st(e1 + i, vd{});
+  for (idx j = 0; j < Vp; ++j)
+    for (idx i = 0; i < Kp; i += L)
+      st(e1 + i, ld(e1 + i) + wide(S0T + j * Kp + i) * wide(dST + j * Kp + i));
+  for (idx i = 0; i < Kp; i += L) {
+    st(e1 + i, ld(e1 + i) * wide(last + i));
+    st(run + i, vd{});
+  }
+  for (idx t = c - 1; t >= 0; --t)
+    for (idx i = 0; i < Kp; i += L) {
+      const idx e = t * Kp + i;
+      const vd r = ld(run + i) + wide(q + e) * wide(dqi + e);
+      st(run + i, r);
+      st(rev + e, r);
+    }
+  for (idx i = 0; i < Kp; i += L) st(run + i, vd{});
+  for (idx t = 0; t < c; ++t) {
+    for (idx i = 0; i < Kp; i += L) {
+      const idx e = t * Kp + i;
+      const vd r = ld(run + i);
+      const vt dgv = __builtin_convertvector(ld(e1 + i) + ld(rev + e) + r, vt);
+      __builtin_memcpy(tmp + i, &dgv, sizeof(dgv));
+      st(run + i, r + wide(k + e) * (wide(dki + e) + wide(dks + e)) - wide(q + e) * wide(dqs + e));
+    }
+    put_row(tmp, K, out(t));
   }
 }
 
@@ -522,8 +681,9 @@ void bwd_task_t(const GlaParams& p, idx n, idx h, idx C, idx nchunks_max, void* 
   const idx nchunks = (stop - start + C - 1) / C;
 
   // Pass 1: the state at the start of every chunk.
-  for (idx i = 0; i < Kp; ++i)
-    for (idx j = 0; j < Vp; ++j) b.S[i * Vp + j] = (h0 && i < K && j < V) ? h0[i * V + j] : T(0);
+  // Kept transposed, S^T [Vp x Kp]: the form the backward's products read.
+  for (idx j = 0; j < Vp; ++j)
+    for (idx i = 0; i < Kp; ++i) b.S[j * Kp + i] = (h0 && i < K && j < V) ? h0[i * V + j] : T(0);
   for (idx ci = 0; ci < nchunks; ++ci) {
     const idx c0 = start + ci * C, c = imin(C, stop - c0), nb = (c + kBlk - 1) / kBlk;
     __builtin_memcpy(b.states + ci * KV, b.S, sizeof(T) * KV);
@@ -536,14 +696,11 @@ void bwd_task_t(const GlaParams& p, idx n, idx h, idx C, idx nchunks_max, void* 
     }
     exp_inplace(b.a, c * Kp);
     chunk_gates(c, Kp, b.a, b.pq, b.pk, b.dblk, b.dpre, b.dsuf);
-    for (idx t = 0; t < c; ++t) {
-      const T* suf = b.dsuf + (t / kBlk) * Kp;
-      for (idx i = 0; i < Kp; ++i) b.kf[t * Kp + i] = b.k[t * Kp + i] * (b.pk[t * Kp + i] * suf[i]);
-    }
+    for (idx t = 0; t < c; ++t)
+      vmul3(b.kf + t * Kp, b.k + t * Kp, b.pk + t * Kp, b.dsuf + (t / kBlk) * Kp, Kp);
     const T* last = b.dpre + nb * Kp;
-    for (idx i = 0; i < Kp; ++i)
-      for (idx j = 0; j < Vp; ++j) b.S[i * Vp + j] *= last[i];
-    gemm(Kp, Vp, c, b.kf, 1, Kp, b.v, Vp, b.S, Vp, true);
+    for (idx j = 0; j < Vp; ++j) vmul_inplace(b.S + j * Kp, last, Kp);
+    gemm(Vp, Kp, c, b.v, 1, Vp, b.kf, Kp, b.S, Kp, true);  // S^T += v^T (k e^{b_last-b})
   }
 
   // Pass 2: chunks in reverse, carrying dS, the gradient of the state at the chunk's end.
@@ -551,7 +708,7 @@ void bwd_task_t(const GlaParams& p, idx n, idx h, idx C, idx nchunks_max, void* 
     for (idx j = 0; j < Vp; ++j) b.dS[i * Vp + j] = (dht && i < K && j < V) ? dht[i * V + j] : T(0);
   for (idx ci = nchunks - 1; ci >= 0; --ci) {
     const idx c0 = start + ci * C, c = imin(C, stop - c0), nb = (c + kBlk - 1) / kBlk;
-    const T* S0 = b.states + ci * KV;
+    const T* S0T = b.states + ci * KV;
     for (idx t = 0; t < c; ++t) {
       const idx qo = L.qk(row, c0 + t, h), vo = L.v(row, c0 + t, h);
       load_row(q + qo, K, Kp, b.q + t * Kp, T(1));
@@ -563,32 +720,23 @@ void bwd_task_t(const GlaParams& p, idx n, idx h, idx C, idx nchunks_max, void* 
     exp_inplace(b.a, c * Kp);
     chunk_gates(c, Kp, b.a, b.pq, b.pk, b.dblk, b.dpre, b.dsuf);
     for (idx t = 0; t < c; ++t) {
-      const T* pre = b.dpre + (t / kBlk) * Kp;
-      const T* suf = b.dsuf + (t / kBlk) * Kp;
-      for (idx i = 0; i < Kp; ++i) {
-        const idx e = t * Kp + i;
-        b.qi[e] = b.q[e] * b.pq[e];
-        b.qe[e] = b.q[e] * (b.pq[e] * pre[i]);
-        b.kf[e] = b.k[e] * (b.pk[e] * suf[i]);
-      }
+      const idx e = t * Kp;
+      vmul(b.qi + e, b.q + e, b.pq + e, Kp);
+      vmul3(b.qe + e, b.q + e, b.pq + e, b.dpre + (t / kBlk) * Kp, Kp);
+      vmul3(b.kf + e, b.k + e, b.pk + e, b.dsuf + (t / kBlk) * Kp, Kp);
     }
-    transpose(S0, Vp, Kp, Vp, b.s0t, Kp);
     transpose(b.dS, Vp, Kp, Vp, b.dst, Kp);
     // inter-chunk parts
-    gemm(c, Kp, Vp, b.dout, Vp, 1, b.s0t, Kp, b.dqi, Kp, false);  // dO S0^T
+    gemm(c, Kp, Vp, b.dout, Vp, 1, S0T, Kp, b.dqi, Kp, false);  // dO S0^T
     gemm(c, Kp, Vp, b.v, Vp, 1, b.dst, Kp, b.dki, Kp, false);     // v dS^T
     gemm(c, Vp, Kp, b.kf, Kp, 1, b.dS, Vp, b.dv, Vp, false);      // (k e^{b_last-b}) dS
     for (idx t = 0; t < c; ++t) {
-      const T* pre = b.dpre + (t / kBlk) * Kp;
-      const T* suf = b.dsuf + (t / kBlk) * Kp;
-      for (idx i = 0; i < Kp; ++i) {
-        const idx e = t * Kp + i;
-        b.dqi[e] *= b.pq[e] * pre[i];
-        b.dki[e] *= b.pk[e] * suf[i];
-        b.dqs[e] = 0;
-        b.dks[e] = 0;
-      }
+      const idx e = t * Kp;
+      vmul2_inplace(b.dqi + e, b.pq + e, b.dpre + (t / kBlk) * Kp, Kp);
+      vmul2_inplace(b.dki + e, b.pk + e, b.dsuf + (t / kBlk) * Kp, Kp);
     }
+    vfill(b.dqs, T(0), c * Kp);
+    vfill(b.dks, T(0), c * Kp);
     // intra-chunk, one block row at a time
     for (idx I = 0; I < nb; ++I) {
       const idx base = I * kBlk, R = imin(kBlk, c - base);
@@ -600,13 +748,10 @@ void bwd_task_t(const GlaParams& p, idx n, idx h, idx C, idx nchunks_max, void* 
         gemm(base, kBlk, Kp, b.kt, Kp, 1, b.qit, kBlk, b.at + base, ldA, false);
         // dq of block I from earlier blocks: Pq * (dA K~)
         gemm(R, Kp, base, b.dat + base, 1, ldA, b.kt, Kp, b.tmp, Kp, false);
-        for (idx t = 0; t < R; ++t)
-          for (idx i = 0; i < Kp; ++i)
-            b.dqs[(base + t) * Kp + i] = b.pq[(base + t) * Kp + i] * b.tmp[t * Kp + i];
+        vmul(b.dqs + base * Kp, b.pq + base * Kp, b.tmp, R * Kp);
         // dk of earlier blocks from block I: factor * (dA^T (q Pq))
         gemm(base, Kp, R, b.dat + base, ldA, 1, b.qi + base * Kp, Kp, b.y, Kp, false);
-        for (idx s = 0; s < base; ++s)
-          for (idx i = 0; i < Kp; ++i) b.dks[s * Kp + i] += b.ft[s * Kp + i] * b.y[s * Kp + i];
+        vfma_inplace(b.dks, b.ft, b.y, base * Kp);
       }
       diag_backward(R, Kp, b.q + base * Kp, b.k + base * Kp, b.a + base * Kp,
                     b.dat + base * ldA + base, b.at + base * ldA + base, ldA, b.u,
@@ -618,48 +763,27 @@ void bwd_task_t(const GlaParams& p, idx n, idx h, idx C, idx nchunks_max, void* 
       gemm(R, Vp, c - base, b.at + base * ldA + base, ldA, 1, b.dout + base * Vp, Vp,
            b.dv + base * Vp, Vp, true);
     }
-    // dg, with the four sums of the header comment
-    const T* last = b.dpre + nb * Kp;
-    for (idx i = 0; i < Kp; ++i) {
-      double s = 0;
-      for (idx j = 0; j < Vp; ++j)
-        s += static_cast<double>(S0[i * Vp + j]) * static_cast<double>(b.dS[i * Vp + j]);
-      b.e1[i] = static_cast<double>(last[i]) * s;
-      b.run[i] = 0;
-    }
-    for (idx t = c - 1; t >= 0; --t)
-      for (idx i = 0; i < Kp; ++i) {
-        b.run[i] += static_cast<double>(b.q[t * Kp + i]) * static_cast<double>(b.dqi[t * Kp + i]);
-        b.rev[t * Kp + i] = b.run[i];
-      }
-    for (idx i = 0; i < Kp; ++i) b.run[i] = 0;
+    // dg, with the four sums of the header comment, then dq and dk
+    chunk_dg(c, Kp, Vp, S0T, b.dst, b.dpre + nb * Kp, b.q, b.k, b.dqi, b.dqs, b.dki, b.dks, b.e1,
+             b.run, b.rev, b.tmp, [&](idx t) { return dg + L.qk(row, c0 + t, h); }, K);
     for (idx t = 0; t < c; ++t) {
-      T* dgt = dg + L.qk(row, c0 + t, h);
-      for (idx i = 0; i < K; ++i) dgt[i] = static_cast<T>(b.e1[i] + b.rev[t * Kp + i] + b.run[i]);
-      for (idx i = 0; i < Kp; ++i) {
-        const idx e = t * Kp + i;
-        b.run[i] += static_cast<double>(b.k[e]) * (static_cast<double>(b.dki[e]) + b.dks[e]) -
-                    static_cast<double>(b.q[e]) * static_cast<double>(b.dqs[e]);
-      }
-    }
-    // dq, dk (adding the diagonal terms dA_tt k_t, dA_tt q_t) and dv
-    for (idx t = 0; t < c; ++t) {
+      // adding the diagonal terms dA_tt k_t and dA_tt q_t
       const T dtt = b.dat[t * ldA + t];
-      T* rq = b.tmp;
-      T* rk = b.tmp + Kp;
-      for (idx i = 0; i < Kp; ++i) {
-        const idx e = t * Kp + i;
-        rq[i] = b.dqi[e] + b.dqs[e] + dtt * b.k[e];
-        rk[i] = b.dki[e] + b.dks[e] + dtt * b.q[e];
+      const idx e = t * Kp;
+      const Vec<T> dv_tt = Vec<T>{} + dtt;
+      for (idx i = 0; i < Kp; i += lanes<T>()) {
+        vstore(b.tmp + i, vload(b.dqi + e + i) + vload(b.dqs + e + i) + dv_tt * vload(b.k + e + i));
+        vstore(b.tmp + Kp + i,
+               vload(b.dki + e + i) + vload(b.dks + e + i) + dv_tt * vload(b.q + e + i));
       }
       const idx qo = L.qk(row, c0 + t, h);
-      store_row(rq, K, dq + qo);
-      store_row(rk, K, dk + qo);
-      store_row(b.dv + t * Vp, V, dv + L.v(row, c0 + t, h));
+      put_row(b.tmp, K, dq + qo);
+      put_row(b.tmp + Kp, K, dk + qo);
+      put_row(b.dv + t * Vp, V, dv + L.v(row, c0 + t, h));
     }
+    const T* last = b.dpre + nb * Kp;
     // dS0 = e^{b_last} dS + (q e^b)^T dO
-    for (idx i = 0; i < Kp; ++i)
-      for (idx j = 0; j < Vp; ++j) b.dS[i * Vp + j] *= last[i];
+    vscale_rows(b.dS, Kp, Vp, last);
     gemm(Kp, Vp, c, b.qe, 1, Kp, b.dout, Vp, b.dS, Vp, true);
   }
   for (idx i = 0; i < K; ++i)
