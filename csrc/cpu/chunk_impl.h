@@ -66,11 +66,6 @@ template <typename T> inline Vec<T> vload(const T* p) {
   return v;
 }
 template <typename T> inline void vstore(T* p, Vec<T> v) { __builtin_memcpy(p, &v, sizeof(v)); }
-template <typename T> inline T hsum(Vec<T> v) {
-  T s = 0;
-  for (int l = 0; l < lanes<T>(); ++l) s += v[l];
-  return s;
-}
 
 // ---- matrix product -------------------------------------------------------------------
 // C[m x n] (+)= A[m x k] B[k x n]; A is read through strides (A(r, p) = A[r*rsa + p*csa]),
@@ -254,38 +249,6 @@ inline void exp_inplace(double* y, idx n) {
 
 // ---- small helpers on rows of n (a multiple of the vector width) ----------------------
 
-template <typename T> inline T dot(const T* x, const T* y, idx n) {
-  constexpr int W = lanes<T>();
-  Vec<T> acc{};
-  for (idx i = 0; i < n; i += W) acc += vload(x + i) * vload(y + i);
-  return hsum<T>(acc);
-}
-
-// u *= a; returns q . u
-template <typename T> inline T mul_dot(T* u, const T* a, const T* q, idx n) {
-  constexpr int W = lanes<T>();
-  Vec<T> acc{};
-  for (idx i = 0; i < n; i += W) {
-    const Vec<T> uv = vload(u + i) * vload(a + i);
-    vstore(u + i, uv);
-    acc += vload(q + i) * uv;
-  }
-  return hsum<T>(acc);
-}
-
-// u *= a; y += c * u; returns q . u
-template <typename T> inline T mul_dot_axpy(T* u, const T* a, const T* q, T c, T* y, idx n) {
-  constexpr int W = lanes<T>();
-  Vec<T> acc{};
-  for (idx i = 0; i < n; i += W) {
-    const Vec<T> uv = vload(u + i) * vload(a + i);
-    vstore(u + i, uv);
-    acc += vload(q + i) * uv;
-    vstore(y + i, vload(y + i) + c * uv);
-  }
-  return hsum<T>(acc);
-}
-
 // u *= a; y += c * u
 template <typename T> inline void mul_axpy(T* u, const T* a, T c, T* y, idx n) {
   constexpr int W = lanes<T>();
@@ -342,6 +305,36 @@ template <typename T, typename S> inline void store_row(const T* src, idx n, S* 
   for (idx i = 0; i < n; ++i) dst[i] = static_cast<S>(src[i]);
 }
 
+// Software prefetch (into L2) of the rows the next chunk will load, a few rows at a time at
+// several points of this chunk's work: the rows of one head are H*K elements apart, which
+// the hardware prefetchers follow poorly, and a single burst of prefetches would only stall
+// on the full miss queues.
+struct RowPrefetch {
+  const char* first[5];
+  idx stride[5], bytes[5];
+  int tensors = 0;
+  idx done = 0, rows = 0, per_step = 0;
+  void add(const void* p, idx row_stride_bytes, idx row_bytes) {
+    first[tensors] = static_cast<const char*>(p);
+    stride[tensors] = row_stride_bytes;
+    bytes[tensors] = row_bytes;
+    ++tensors;
+  }
+  void start(idx nrows, int steps) {
+    done = 0;
+    rows = nrows;
+    per_step = (nrows + steps - 1) / steps;
+  }
+  void step() {
+    const idx end = imin(done + per_step, rows);
+    for (idx r = done; r < end; ++r)
+      for (int x = 0; x < tensors; ++x)
+        for (idx off = 0; off < bytes[x]; off += 64)
+          __builtin_prefetch(first[x] + r * stride[x] + off, 0, 2);
+    done = end;
+  }
+};
+
 // Output rows: streaming (non-temporal) stores where the row is a whole number of aligned
 // vectors, so the output lines are not read from memory first; plain stores otherwise.
 template <typename T, typename S> inline void put_row(const T* src, idx n, S* dst) {
@@ -365,12 +358,57 @@ template <typename T, typename S> inline void put_row(const T* src, idx n, S* ds
   store_row(src, n, dst);
 }
 
-// dst[j*ldd + i] = src[i*lds + j] for i < rows, j < cols
-template <typename T> void transpose(const T* src, idx lds, idx rows, idx cols, T* dst, idx ldd) {
-  for (idx i0 = 0; i0 < rows; i0 += 16)
+#if defined(__x86_64__) && GLA_VEC_BYTES == 64
+// 16 x 16 float tile: dst[j*ldd + i] = src[i*lds + j]; rows i >= rows read as zero.
+inline void transpose16(const float* src, idx lds, idx rows, float* dst, idx ldd) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_loadu_ps(src + i * lds) : _mm512_setzero_ps();
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+  }
+  // r[4g + m] now holds, in each 128-bit lane L, column 4L + m of rows 4g .. 4g+3
+  for (int m = 0; m < 4; ++m) {
+    t[m] = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88);       // lanes 0,2 of rows 0-3, 4-7
+    t[4 + m] = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xdd);   // lanes 1,3
+    t[8 + m] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
+    t[12 + m] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xdd);
+  }
+  for (int m = 0; m < 4; ++m) {
+    // column m (lane 0), 8+m (lane 2) from t[m], t[8+m]; 4+m, 12+m from t[4+m], t[12+m]
+    _mm512_storeu_ps(dst + m * ldd, _mm512_shuffle_f32x4(t[m], t[8 + m], 0x88));
+    _mm512_storeu_ps(dst + (8 + m) * ldd, _mm512_shuffle_f32x4(t[m], t[8 + m], 0xdd));
+    _mm512_storeu_ps(dst + (4 + m) * ldd, _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0x88));
+    _mm512_storeu_ps(dst + (12 + m) * ldd, _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0xdd));
+  }
+}
+#endif
+
+// dst[j*ldd + i] = src[i*lds + j] for i < rows_pad, j < cols, reading rows i >= rows as zero
+// (rows_pad and cols multiples of 16 when the vector tile is used).
+template <typename T>
+void transpose(const T* src, idx lds, idx rows, idx rows_pad, idx cols, T* dst, idx ldd) {
+#if defined(__x86_64__) && GLA_VEC_BYTES == 64
+  if constexpr (sizeof(T) == 4) {
+    if (rows_pad % 16 == 0 && cols % 16 == 0) {
+      for (idx i0 = 0; i0 < rows_pad; i0 += 16)
+        for (idx j0 = 0; j0 < cols; j0 += 16)
+          transpose16(src + i0 * lds + j0, lds, rows - i0, dst + j0 * ldd + i0, ldd);
+      return;
+    }
+  }
+#endif
+  for (idx i0 = 0; i0 < rows_pad; i0 += 16)
     for (idx j0 = 0; j0 < cols; j0 += 16)
-      for (idx i = i0; i < imin(i0 + 16, rows); ++i)
-        for (idx j = j0; j < imin(j0 + 16, cols); ++j) dst[j * ldd + i] = src[i * lds + j];
+      for (idx i = i0; i < imin(i0 + 16, rows_pad); ++i)
+        for (idx j = j0; j < imin(j0 + 16, cols); ++j)
+          dst[j * ldd + i] = i < rows ? src[i * lds + j] : T(0);
 }
 
 // ---- workspace --------------------------------------------------------------------------
@@ -401,25 +439,57 @@ template <typename T> Dims make_dims(idx C, idx K, idx vw) {
               round_up(C, kBlk)};
 }
 
-// Gate products of one chunk (c tokens, rows of Kp), see the header comment:
-// pq, pk per token; dblk[j] per block; dpre[j] = D_0 ... D_{j-1} (dpre[nb] = e^{b_last});
-// dsuf[j] = D_{j+1} ... D_{nb-1}.
+// Gate products of one chunk (c tokens, rows of Kp), see the header comment, in two sweeps
+// that also make the gated copies of q and k while each row is at hand.
+// Forward sweep: pq per token, dblk[j] per block, dpre[j] = D_0 ... D_{j-1} (dpre[nb] =
+// e^{b_last}), qi = q * pq, qe = q * e^{b} = q * (pq * dpre[block]).
 template <typename T>
-void chunk_gates(idx c, idx Kp, const T* a, T* pq, T* pk, T* dblk, T* dpre, T* dsuf) {
+void gates_forward(idx c, idx Kp, const T* q, const T* a, T* pq, T* dblk, T* dpre, T* qi, T* qe) {
+  constexpr int W = lanes<T>();
   const idx nb = (c + kBlk - 1) / kBlk;
-  for (idx I = 0; I < nb; ++I) {
-    const idx base = I * kBlk, R = imin(kBlk, c - base);
-    vcopy(pq + base * Kp, a + base * Kp, Kp);
-    for (idx t = base + 1; t < base + R; ++t) vmul(pq + t * Kp, pq + (t - 1) * Kp, a + t * Kp, Kp);
-    vfill(pk + (base + R - 1) * Kp, T(1), Kp);
-    for (idx s = base + R - 2; s >= base; --s)
-      vmul(pk + s * Kp, pk + (s + 1) * Kp, a + (s + 1) * Kp, Kp);
-    vcopy(dblk + I * Kp, pq + (base + R - 1) * Kp, Kp);
-  }
   vfill(dpre, T(1), Kp);
-  for (idx I = 0; I < nb; ++I) vmul(dpre + (I + 1) * Kp, dpre + I * Kp, dblk + I * Kp, Kp);
+  for (idx I = 0; I < nb; ++I) {
+    const idx base = I * kBlk, end = imin(base + kBlk, c);
+    const T* pre = dpre + I * Kp;
+    for (idx t = base; t < end; ++t) {
+      const idx e = t * Kp;
+      for (idx i = 0; i < Kp; i += W) {
+        const Vec<T> pv = t == base ? vload(a + e + i) : vload(pq + e - Kp + i) * vload(a + e + i);
+        const Vec<T> qv = vload(q + e + i);
+        vstore(pq + e + i, pv);
+        vstore(qi + e + i, qv * pv);
+        vstore(qe + e + i, qv * (pv * vload(pre + i)));
+      }
+    }
+    vcopy(dblk + I * Kp, pq + (end - 1) * Kp, Kp);
+    vmul(dpre + (I + 1) * Kp, pre, dblk + I * Kp, Kp);
+  }
+}
+
+// Backward sweep: pk per token, dsuf[j] = D_{j+1} ... D_{nb-1}, kf = k * e^{b_last - b} =
+// k * (pk * dsuf[block]). With want_dblk it also sets dblk[j] = a_first * pk_first (the
+// whole block's decay) and dpre[nb] = e^{b_last}, for callers that skip the forward sweep.
+template <typename T>
+void gates_backward(idx c, idx Kp, const T* k, const T* a, T* pk, T* dblk, T* dsuf, T* kf,
+                    bool want_dblk, T* last) {
+  constexpr int W = lanes<T>();
+  const idx nb = (c + kBlk - 1) / kBlk;
   vfill(dsuf + (nb - 1) * Kp, T(1), Kp);
-  for (idx I = nb - 1; I > 0; --I) vmul(dsuf + (I - 1) * Kp, dsuf + I * Kp, dblk + I * Kp, Kp);
+  for (idx I = nb - 1; I >= 0; --I) {
+    const idx base = I * kBlk, end = imin(base + kBlk, c);
+    const T* suf = dsuf + I * Kp;
+    for (idx s = end - 1; s >= base; --s) {
+      const idx e = s * Kp;
+      for (idx i = 0; i < Kp; i += W) {
+        const Vec<T> pv = s == end - 1 ? Vec<T>{} + T(1) : vload(pk + e + Kp + i) * vload(a + e + Kp + i);
+        vstore(pk + e + i, pv);
+        vstore(kf + e + i, vload(k + e + i) * (pv * vload(suf + i)));
+      }
+    }
+    if (want_dblk) vmul(dblk + I * Kp, a + base * Kp, pk + base * Kp, Kp);
+    if (I > 0) vmul(dsuf + (I - 1) * Kp, suf, dblk + I * Kp, Kp);
+  }
+  if (want_dblk) vmul(last, dsuf, dblk, Kp);
 }
 
 // Step I of the off-diagonal factorisation: rows of blocks < I-1 get D_{I-1}, the rows of
@@ -440,22 +510,19 @@ void advance_offdiag(idx I, idx Kp, const T* k, const T* pk, const T* dblk, T* k
 
 // dst[i*16 + l] = src[(base + l)*ld + i] for l < R, 0 for R <= l < 16
 template <typename T> void pack_block_t(const T* src, idx ld, idx base, idx R, idx n, T* dst) {
-  for (idx i = 0; i < n; ++i) {
-    for (idx l = 0; l < R; ++l) dst[i * kBlk + l] = src[(base + l) * ld + i];
-    for (idx l = R; l < kBlk; ++l) dst[i * kBlk + l] = 0;
-  }
+  transpose(src + base * ld, ld, R, kBlk, n, dst, kBlk);
 }
 
 // ---- forward ----------------------------------------------------------------------------
 
 template <typename T> struct FwdBufs {
-  T *q, *k, *a, *pq, *pk, *qe, *qi, *kf, *kt, *v, *o, *S, *at, *qit, *u, *dblk, *dpre, *dsuf;
+  T *q, *k, *a, *pq, *pk, *qe, *qi, *kf, *kt, *v, *o, *S, *at, *qit, *ubuf, *dblk, *dpre, *dsuf;
   FwdBufs(Carver& w, const Dims& d) {
-    const idx ck = d.C * d.Kp, cv = d.C * d.Vp;
+    const idx ck = d.ldA * d.Kp, cv = d.ldA * d.Vp;  // rows up to a whole last block
     q = w.take<T>(ck); k = w.take<T>(ck); a = w.take<T>(ck); pq = w.take<T>(ck);
     pk = w.take<T>(ck); qe = w.take<T>(ck); qi = w.take<T>(ck); kf = w.take<T>(ck);
     kt = w.take<T>(ck); v = w.take<T>(cv); o = w.take<T>(cv); S = w.take<T>(d.Kp * d.Vp);
-    at = w.take<T>(d.C * d.ldA); qit = w.take<T>(d.Kp * kBlk); u = w.take<T>(d.Kp);
+    at = w.take<T>(d.ldA * d.ldA); qit = w.take<T>(d.Kp * kBlk); ubuf = w.take<T>(d.Kp * kBlk);
     dblk = w.take<T>(d.nb * d.Kp); dpre = w.take<T>((d.nb + 1) * d.Kp);
     dsuf = w.take<T>(d.nb * d.Kp);
   }
@@ -468,17 +535,127 @@ template <typename scalar_t> size_t fwd_workspace_bytes_t(idx C, idx K, idx vw) 
   return w.used + 64;
 }
 
-// Diagonal block scores: at[s*ldA + t] = A_{base+t, base+s} for s <= t < R, zero elsewhere
-// in the block's 16 columns. q, k, a point at the block's first row.
+// Diagonal block scores: at[s*ldA + t] = A_{t s} = sum_i q_ti k_si prod_{s<r<=t} a_ri for
+// s <= t in one 16-token block, zero for s > t. q, k, a point at the block's first row; all
+// 16 rows are read, so rows past the end of a short last block must hold q = k = 0 and a
+// finite (the loaders pad them).
+// Vectorized over t (16 lanes, NT vectors) with the key index i outermost: for each i a
+// vector u over t is carried down s = 15..0 (u *= a_{s+1,i}; lane s = q_si), and row s of
+// the block accumulates k_si * u in registers, so no horizontal sums are needed. Rows are
+// done G at a time (G*NT accumulators), u parked in ubuf[Kp x 16] between groups.
+template <typename T, int G, int S0>
+inline void diag_scores_rows(idx Kp, const T* q, const T* k, const T* a, T* at, idx ldA,
+                             T* ubuf) {
+  constexpr int W = lanes<T>(), NT = kBlk / W;
+  Vec<T> acc[G][NT];
+#pragma GCC unroll 16
+  for (int r = 0; r < G; ++r)
+#pragma GCC unroll 16
+    for (int j = 0; j < NT; ++j) acc[r][j] = Vec<T>{};
+  // X keys at a time: X independent chains of products (each step a multiply and a lane
+  // insert, both on the chain) to overlap their latency. Kp is a multiple of W >= X.
+  constexpr int X = NT == 1 ? 4 : 2;
+  for (idx i = 0; i < Kp; i += X) {
+    Vec<T> u[X][NT];
+#pragma GCC unroll 4
+    for (int x = 0; x < X; ++x)
+#pragma GCC unroll 16
+      for (int j = 0; j < NT; ++j)
+        u[x][j] = S0 + G == kBlk ? Vec<T>{} : vload(ubuf + (i + x) * kBlk + j * W);
+#pragma GCC unroll 16
+    for (int r = G - 1; r >= 0; --r) {
+      const int s = S0 + r;
+#pragma GCC unroll 4
+      for (int x = 0; x < X; ++x) {
+        if (s < kBlk - 1) {
+          const T as = a[(s + 1) * Kp + i + x];
+#pragma GCC unroll 16
+          for (int j = 0; j < NT; ++j) u[x][j] *= as;
+        }
+        u[x][s / W][s % W] = q[s * Kp + i + x];
+        const T ks = k[s * Kp + i + x];
+#pragma GCC unroll 16
+        for (int j = 0; j < NT; ++j) acc[r][j] += ks * u[x][j];
+      }
+    }
+    if constexpr (S0 > 0) {
+#pragma GCC unroll 4
+      for (int x = 0; x < X; ++x)
+#pragma GCC unroll 16
+        for (int j = 0; j < NT; ++j) vstore(ubuf + (i + x) * kBlk + j * W, u[x][j]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < G; ++r)
+#pragma GCC unroll 16
+    for (int j = 0; j < NT; ++j) vstore(at + (S0 + r) * ldA + j * W, acc[r][j]);
+  if constexpr (S0 > 0) diag_scores_rows<T, G, (S0 > G ? S0 - G : 0)>(Kp, q, k, a, at, ldA, ubuf);
+}
+
+#if defined(__x86_64__) && GLA_VEC_BYTES == 64
+// AVX-512, float: one row s at a time, vectorized over i instead: u = k_s * prod a (16 keys
+// per vector) runs along t = s..15, P_t += q_t * u, and the 16 partial vectors P_t are
+// reduced together by a transpose-and-add tree (lane t of the result = sum of P_t), which
+// costs fewer operations per score than the lane-insert form above.
+inline __m512 hsum16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int j = 0; j < 8; ++j)
+    a[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]),
+                         _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+  for (int j = 0; j < 4; ++j) {
+    const __m512d x = _mm512_castps_pd(a[2 * j]), y = _mm512_castps_pd(a[2 * j + 1]);
+    b[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int j = 0; j < 2; ++j)
+    c[j] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * j], b[2 * j + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * j], b[2 * j + 1], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
+                       _mm512_shuffle_f32x4(c[0], c[1], 0xdd));
+}
+
+template <int S>
+inline void diag_scores_row16(idx Kp, const float* q, const float* k, const float* a, float* at,
+                              idx ldA) {
+  __m512 P[16];
+#pragma GCC unroll 16
+  for (int t = 0; t < 16; ++t) P[t] = _mm512_setzero_ps();
+  for (idx i = 0; i < Kp; i += 16) {
+    __m512 u = _mm512_loadu_ps(k + S * Kp + i);
+    P[S] = _mm512_fmadd_ps(_mm512_loadu_ps(q + S * Kp + i), u, P[S]);
+#pragma GCC unroll 16
+    for (int t = S + 1; t < 16; ++t) {
+      u = _mm512_mul_ps(u, _mm512_loadu_ps(a + t * Kp + i));
+      P[t] = _mm512_fmadd_ps(_mm512_loadu_ps(q + t * Kp + i), u, P[t]);
+    }
+  }
+  _mm512_storeu_ps(at + S * ldA, hsum16(P));
+  if constexpr (S < 15) diag_scores_row16<S + 1>(Kp, q, k, a, at, ldA);
+}
+#endif
+
 template <typename T>
-void diag_scores(idx R, idx Kp, const T* q, const T* k, const T* a, T* u, T* at, idx ldA) {
-  for (idx s = 0; s < R; ++s) {
-    T* row = at + s * ldA;
-    for (idx l = 0; l < s; ++l) row[l] = 0;
-    for (idx l = R; l < kBlk; ++l) row[l] = 0;
-    vcopy(u, k + s * Kp, Kp);
-    row[s] = dot(q + s * Kp, u, Kp);
-    for (idx t = s + 1; t < R; ++t) row[t] = mul_dot(u, a + t * Kp, q + t * Kp, Kp);
+void diag_scores(idx Kp, const T* q, const T* k, const T* a, T* at, idx ldA, T* ubuf) {
+#if defined(__x86_64__) && GLA_VEC_BYTES == 64
+  if constexpr (sizeof(T) == 4) {
+    diag_scores_row16<0>(Kp, q, k, a, at, ldA);
+    return;
+  }
+#endif
+  constexpr int NT = kBlk / lanes<T>();
+  // rows per group: the accumulators within about half the vector registers
+  constexpr int G0 = (kVecRegs / 2) / NT;
+  constexpr int G = G0 >= 16 ? 16 : G0 >= 8 ? 8 : G0 >= 4 ? 4 : G0 >= 2 ? 2 : 1;
+  diag_scores_rows<T, G, kBlk - G>(Kp, q, k, a, at, ldA, ubuf);
+}
+
+// Rows [c, round_up(c, 16)) of a short last block: q = k = 0, a = 1.
+template <typename T> void pad_block_rows(idx c, idx Kp, T* q, T* k, T* a) {
+  const idx end = round_up(c, kBlk);
+  for (idx t = c; t < end; ++t) {
+    vfill(q + t * Kp, T(0), Kp);
+    vfill(k + t * Kp, T(0), Kp);
+    vfill(a + t * Kp, T(1), Kp);
   }
 }
 
@@ -515,34 +692,45 @@ void fwd_task_t(const GlaParams& p, idx n, idx h, idx v0, idx v1, idx C, void* w
       load_row(q + qo, K, Kp, b.q + t * Kp, scale);
       load_row(k + qo, K, Kp, b.k + t * Kp, T(1));
       load_row(g + qo, K, Kp, b.a + t * Kp, T(1));
+      exp_inplace(b.a + t * Kp, Kp);
       load_row(v + vo, vw, Vp, b.v + t * Vp, T(1));
     }
-    exp_inplace(b.a, c * Kp);
-    chunk_gates(c, Kp, b.a, b.pq, b.pk, b.dblk, b.dpre, b.dsuf);
-    for (idx t = 0; t < c; ++t) {
-      const idx e = t * Kp;
-      vmul(b.qi + e, b.q + e, b.pq + e, Kp);
-      vmul3(b.qe + e, b.q + e, b.pq + e, b.dpre + (t / kBlk) * Kp, Kp);
-      vmul3(b.kf + e, b.k + e, b.pk + e, b.dsuf + (t / kBlk) * Kp, Kp);
+    pad_block_rows(c, Kp, b.q, b.k, b.a);
+    RowPrefetch pf;
+    if (c0 + C < stop) {
+      const idx qo = L.qk(row, c0 + C, h), vo = L.v(row, c0 + C, h) + v0;
+      const idx qs = p.H * K * sizeof(scalar_t), vs = p.H * V * sizeof(scalar_t);
+      pf.add(q + qo, qs, K * sizeof(scalar_t));
+      pf.add(k + qo, qs, K * sizeof(scalar_t));
+      pf.add(g + qo, p.H * K * sizeof(T), K * sizeof(T));
+      pf.add(v + vo, vs, vw * sizeof(scalar_t));
+      pf.start(imin(C, stop - c0 - C), 16);
     }
-    // inter-chunk: o = (q * e^b) S0
+    gates_forward(c, Kp, b.q, b.a, b.pq, b.dblk, b.dpre, b.qi, b.qe);
+    pf.step();
+    gates_backward(c, Kp, b.k, b.a, b.pk, b.dblk, b.dsuf, b.kf, false, static_cast<T*>(nullptr));
+    pf.step();
     gemm(c, Vp, Kp, b.qe, Kp, 1, b.S, Vp, b.o, Vp, false);
-    // intra-chunk, one block row at a time
+    pf.step();
     for (idx I = 0; I < nb; ++I) {
       const idx base = I * kBlk, R = imin(kBlk, c - base);
       if (I > 0) {
         advance_offdiag<T>(I, Kp, b.k, b.pk, b.dblk, b.kt, nullptr);
         pack_block_t(b.qi, Kp, base, R, Kp, b.qit);
         gemm(base, kBlk, Kp, b.kt, Kp, 1, b.qit, kBlk, b.at + base, ldA, false);
+        pf.step();
       }
-      diag_scores(R, Kp, b.q + base * Kp, b.k + base * Kp, b.a + base * Kp, b.u,
-                  b.at + base * ldA + base, ldA);
+      diag_scores(Kp, b.q + base * Kp, b.k + base * Kp, b.a + base * Kp,
+                  b.at + base * ldA + base, ldA, b.ubuf);
+      pf.step();
       gemm(R, Vp, base + R, b.at + base, 1, ldA, b.v, Vp, b.o + base * Vp, Vp, true);
+      pf.step();
     }
     // state: S1 = e^{b_last} S0 + (k * e^{b_last - b})^T v
     const T* last = b.dpre + nb * Kp;
     vscale_rows(b.S, Kp, Vp, last);
     gemm(Kp, Vp, c, b.kf, 1, Kp, b.v, Vp, b.S, Vp, true);
+    while (pf.done < pf.rows) pf.step();
     for (idx t = 0; t < c; ++t) put_row(b.o + t * Vp, vw, o + L.v(row, c0 + t, h) + v0);
   }
   for (idx i = 0; i < K; ++i)
@@ -553,18 +741,18 @@ void fwd_task_t(const GlaParams& p, idx n, idx h, idx v0, idx v1, idx C, void* w
 
 template <typename T> struct BwdBufs {
   T *q, *k, *a, *pq, *pk, *qe, *qi, *kf, *kt, *ft, *v, *dout, *dv, *dqi, *dqs, *dki, *dks, *y,
-      *tmp, *at, *dat, *qit, *dot_t, *dst, *dS, *S, *u, *dblk, *dpre, *dsuf, *states;
+      *tmp, *at, *dat, *qit, *dot_t, *dst, *dS, *S, *u, *ubuf, *dblk, *dpre, *dsuf, *states;
   double *rev, *run, *e1;
   BwdBufs(Carver& w, const Dims& d, idx nchunks) {
-    const idx ck = d.C * d.Kp, cv = d.C * d.Vp, kv = d.Kp * d.Vp;
+    const idx ck = d.ldA * d.Kp, cv = d.ldA * d.Vp, kv = d.Kp * d.Vp;
     q = w.take<T>(ck); k = w.take<T>(ck); a = w.take<T>(ck); pq = w.take<T>(ck);
     pk = w.take<T>(ck); qe = w.take<T>(ck); qi = w.take<T>(ck); kf = w.take<T>(ck);
     kt = w.take<T>(ck); ft = w.take<T>(ck); v = w.take<T>(cv); dout = w.take<T>(cv);
     dv = w.take<T>(cv); dqi = w.take<T>(ck); dqs = w.take<T>(ck); dki = w.take<T>(ck);
     dks = w.take<T>(ck); y = w.take<T>(ck); tmp = w.take<T>(kBlk * d.Kp);
-    at = w.take<T>(d.C * d.ldA); dat = w.take<T>(d.C * d.ldA); qit = w.take<T>(d.Kp * kBlk);
+    at = w.take<T>(d.ldA * d.ldA); dat = w.take<T>(d.ldA * d.ldA); qit = w.take<T>(d.Kp * kBlk);
     dot_t = w.take<T>(d.Vp * kBlk); dst = w.take<T>(kv);
-    dS = w.take<T>(kv); S = w.take<T>(kv); u = w.take<T>(d.Kp);
+    dS = w.take<T>(kv); S = w.take<T>(kv); u = w.take<T>(d.Kp); ubuf = w.take<T>(d.Kp * kBlk);
     dblk = w.take<T>(d.nb * d.Kp); dpre = w.take<T>((d.nb + 1) * d.Kp);
     dsuf = w.take<T>(d.nb * d.Kp); states = w.take<T>(nchunks * kv);
     rev = w.take<double>(ck); run = w.take<double>(d.Kp); e1 = w.take<double>(d.Kp);
@@ -578,20 +766,14 @@ template <typename scalar_t> size_t bwd_workspace_bytes_t(idx C, idx K, idx V, i
   return w.used + 64;
 }
 
-// Diagonal block of the backward: the scores (as diag_scores) and the strict (s < t) parts of
-// dq and dk. dat holds dA_{t s} at dat[s*ldA + t] like at.
+// Diagonal block of the backward: the strict (s < t) parts of dq and dk, as running
+// products of a along the block. dat holds dA_{t s} at dat[s*ldA + t] (like at).
 template <typename T>
-void diag_backward(idx R, idx Kp, const T* q, const T* k, const T* a, const T* dat, T* at,
-                   idx ldA, T* u, T* dqs, T* dks) {
-  for (idx s = 0; s < R; ++s) {
-    T* row = at + s * ldA;
-    const T* drow = dat + s * ldA;
-    for (idx l = 0; l < s; ++l) row[l] = 0;
-    for (idx l = R; l < kBlk; ++l) row[l] = 0;
+void diag_backward(idx R, idx Kp, const T* q, const T* k, const T* a, const T* dat, idx ldA,
+                   T* u, T* dqs, T* dks) {
+  for (idx s = 0; s + 1 < R; ++s) {
     vcopy(u, k + s * Kp, Kp);
-    row[s] = dot(q + s * Kp, u, Kp);
-    for (idx t = s + 1; t < R; ++t)
-      row[t] = mul_dot_axpy(u, a + t * Kp, q + t * Kp, drow[t], dqs + t * Kp, Kp);
+    for (idx t = s + 1; t < R; ++t) mul_axpy(u, a + t * Kp, dat[s * ldA + t], dqs + t * Kp, Kp);
   }
   for (idx t = 1; t < R; ++t) {
     vcopy(u, q + t * Kp, Kp);
@@ -692,13 +874,11 @@ void bwd_task_t(const GlaParams& p, idx n, idx h, idx C, idx nchunks_max, void* 
       const idx qo = L.qk(row, c0 + t, h), vo = L.v(row, c0 + t, h);
       load_row(k + qo, K, Kp, b.k + t * Kp, T(1));
       load_row(g + qo, K, Kp, b.a + t * Kp, T(1));
+      exp_inplace(b.a + t * Kp, Kp);
       load_row(v + vo, V, Vp, b.v + t * Vp, T(1));
     }
-    exp_inplace(b.a, c * Kp);
-    chunk_gates(c, Kp, b.a, b.pq, b.pk, b.dblk, b.dpre, b.dsuf);
-    for (idx t = 0; t < c; ++t)
-      vmul3(b.kf + t * Kp, b.k + t * Kp, b.pk + t * Kp, b.dsuf + (t / kBlk) * Kp, Kp);
-    const T* last = b.dpre + nb * Kp;
+    T* last = b.dpre + nb * Kp;
+    gates_backward(c, Kp, b.k, b.a, b.pk, b.dblk, b.dsuf, b.kf, true, last);
     for (idx j = 0; j < Vp; ++j) vmul_inplace(b.S + j * Kp, last, Kp);
     gemm(Vp, Kp, c, b.v, 1, Vp, b.kf, Kp, b.S, Kp, true);  // S^T += v^T (k e^{b_last-b})
   }
@@ -714,18 +894,14 @@ void bwd_task_t(const GlaParams& p, idx n, idx h, idx C, idx nchunks_max, void* 
       load_row(q + qo, K, Kp, b.q + t * Kp, T(1));
       load_row(k + qo, K, Kp, b.k + t * Kp, T(1));
       load_row(g + qo, K, Kp, b.a + t * Kp, T(1));
+      exp_inplace(b.a + t * Kp, Kp);
       load_row(v + vo, V, Vp, b.v + t * Vp, T(1));
       load_row(dout + vo, V, Vp, b.dout + t * Vp, scale);
     }
-    exp_inplace(b.a, c * Kp);
-    chunk_gates(c, Kp, b.a, b.pq, b.pk, b.dblk, b.dpre, b.dsuf);
-    for (idx t = 0; t < c; ++t) {
-      const idx e = t * Kp;
-      vmul(b.qi + e, b.q + e, b.pq + e, Kp);
-      vmul3(b.qe + e, b.q + e, b.pq + e, b.dpre + (t / kBlk) * Kp, Kp);
-      vmul3(b.kf + e, b.k + e, b.pk + e, b.dsuf + (t / kBlk) * Kp, Kp);
-    }
-    transpose(b.dS, Vp, Kp, Vp, b.dst, Kp);
+    pad_block_rows(c, Kp, b.q, b.k, b.a);
+    gates_forward(c, Kp, b.q, b.a, b.pq, b.dblk, b.dpre, b.qi, b.qe);
+    gates_backward(c, Kp, b.k, b.a, b.pk, b.dblk, b.dsuf, b.kf, false, static_cast<T*>(nullptr));
+    transpose(b.dS, Vp, Kp, Kp, Vp, b.dst, Kp);
     // inter-chunk parts
     gemm(c, Kp, Vp, b.dout, Vp, 1, S0T, Kp, b.dqi, Kp, false);  // dO S0^T
     gemm(c, Kp, Vp, b.v, Vp, 1, b.dst, Kp, b.dki, Kp, false);     // v dS^T
@@ -753,9 +929,10 @@ void bwd_task_t(const GlaParams& p, idx n, idx h, idx C, idx nchunks_max, void* 
         gemm(base, Kp, R, b.dat + base, ldA, 1, b.qi + base * Kp, Kp, b.y, Kp, false);
         vfma_inplace(b.dks, b.ft, b.y, base * Kp);
       }
+      diag_scores(Kp, b.q + base * Kp, b.k + base * Kp, b.a + base * Kp,
+                  b.at + base * ldA + base, ldA, b.ubuf);
       diag_backward(R, Kp, b.q + base * Kp, b.k + base * Kp, b.a + base * Kp,
-                    b.dat + base * ldA + base, b.at + base * ldA + base, ldA, b.u,
-                    b.dqs + base * Kp, b.dks + base * Kp);
+                    b.dat + base * ldA + base, ldA, b.u, b.dqs + base * Kp, b.dks + base * Kp);
     }
     // dv += A^T dO, block row by block row (A is zero above the diagonal)
     for (idx J = 0; J < nb; ++J) {
