@@ -768,17 +768,64 @@ template <typename scalar_t> size_t bwd_workspace_bytes_t(idx C, idx K, idx V, i
 
 // Diagonal block of the backward: the strict (s < t) parts of dq and dk, as running
 // products of a along the block. dat holds dA_{t s} at dat[s*ldA + t] (like at).
+//   dq_t += sum_{s<t} dA_ts k_s prod_{s<r<=t} a_r,   dk_s += sum_{t>s} dA_ts q_t prod_{s<r<=t} a_r
+// With 32 vector registers: one vector of keys at a time, the 16 rows of dq (or dk) held in
+// registers while every chain runs through them; all 16 rows are processed (rows past a short
+// block's end only touch padding rows). Otherwise: one chain at a time through memory.
+template <typename T, int S>
+inline void diag_dq_chains(idx Kp, idx i, const T* k, const T* a, const T* dat, idx ldA,
+                           Vec<T>* D) {
+  Vec<T> u = vload(k + S * Kp + i);
+#pragma GCC unroll 16
+  for (int t = S + 1; t < kBlk; ++t) {
+    u *= vload(a + t * Kp + i);
+    D[t] += dat[S * ldA + t] * u;
+  }
+  if constexpr (S + 2 < kBlk) diag_dq_chains<T, S + 1>(Kp, i, k, a, dat, ldA, D);
+}
+
+template <typename T, int Tt>
+inline void diag_dk_chains(idx Kp, idx i, const T* q, const T* a, const T* dat, idx ldA,
+                           Vec<T>* D) {
+  Vec<T> u = vload(q + Tt * Kp + i);
+#pragma GCC unroll 16
+  for (int s = Tt - 1; s >= 0; --s) {
+    u *= vload(a + (s + 1) * Kp + i);
+    D[s] += dat[s * ldA + Tt] * u;
+  }
+  if constexpr (Tt + 1 < kBlk) diag_dk_chains<T, Tt + 1>(Kp, i, q, a, dat, ldA, D);
+}
+
 template <typename T>
 void diag_backward(idx R, idx Kp, const T* q, const T* k, const T* a, const T* dat, idx ldA,
                    T* u, T* dqs, T* dks) {
-  for (idx s = 0; s + 1 < R; ++s) {
-    vcopy(u, k + s * Kp, Kp);
-    for (idx t = s + 1; t < R; ++t) mul_axpy(u, a + t * Kp, dat[s * ldA + t], dqs + t * Kp, Kp);
-  }
-  for (idx t = 1; t < R; ++t) {
-    vcopy(u, q + t * Kp, Kp);
-    for (idx s = t - 1; s >= 0; --s)
-      mul_axpy(u, a + (s + 1) * Kp, dat[s * ldA + t], dks + s * Kp, Kp);
+  constexpr int W = lanes<T>();
+  if constexpr (kVecRegs == 32) {
+    (void)R;
+    (void)u;
+    for (idx i = 0; i < Kp; i += W) {
+      Vec<T> D[kBlk];
+#pragma GCC unroll 16
+      for (int t = 0; t < kBlk; ++t) D[t] = vload(dqs + t * Kp + i);
+      diag_dq_chains<T, 0>(Kp, i, k, a, dat, ldA, D);
+#pragma GCC unroll 16
+      for (int t = 0; t < kBlk; ++t) vstore(dqs + t * Kp + i, D[t]);
+#pragma GCC unroll 16
+      for (int t = 0; t < kBlk; ++t) D[t] = vload(dks + t * Kp + i);
+      diag_dk_chains<T, 1>(Kp, i, q, a, dat, ldA, D);
+#pragma GCC unroll 16
+      for (int t = 0; t < kBlk; ++t) vstore(dks + t * Kp + i, D[t]);
+    }
+  } else {
+    for (idx s = 0; s + 1 < R; ++s) {
+      vcopy(u, k + s * Kp, Kp);
+      for (idx t = s + 1; t < R; ++t) mul_axpy(u, a + t * Kp, dat[s * ldA + t], dqs + t * Kp, Kp);
+    }
+    for (idx t = 1; t < R; ++t) {
+      vcopy(u, q + t * Kp, Kp);
+      for (idx s = t - 1; s >= 0; --s)
+        mul_axpy(u, a + (s + 1) * Kp, dat[s * ldA + t], dks + s * Kp, Kp);
+    }
   }
 }
 
@@ -877,10 +924,22 @@ void bwd_task_t(const GlaParams& p, idx n, idx h, idx C, idx nchunks_max, void* 
       exp_inplace(b.a + t * Kp, Kp);
       load_row(v + vo, V, Vp, b.v + t * Vp, T(1));
     }
+    RowPrefetch pf;
+    if (ci + 2 < nchunks) {  // the next chunk this pass loads
+      const idx qo = L.qk(row, c0 + C, h), vo = L.v(row, c0 + C, h);
+      pf.add(k + qo, p.H * K * sizeof(scalar_t), K * sizeof(scalar_t));
+      pf.add(g + qo, p.H * K * sizeof(T), K * sizeof(T));
+      pf.add(v + vo, p.H * V * sizeof(scalar_t), V * sizeof(scalar_t));
+      pf.start(imin(C, stop - c0 - C), 4);
+    }
+    pf.step();
     T* last = b.dpre + nb * Kp;
     gates_backward(c, Kp, b.k, b.a, b.pk, b.dblk, b.dsuf, b.kf, true, last);
+    pf.step();
     for (idx j = 0; j < Vp; ++j) vmul_inplace(b.S + j * Kp, last, Kp);
+    pf.step();
     gemm(Vp, Kp, c, b.v, 1, Vp, b.kf, Kp, b.S, Kp, true);  // S^T += v^T (k e^{b_last-b})
+    pf.step();
   }
 
   // Pass 2: chunks in reverse, carrying dS, the gradient of the state at the chunk's end.
@@ -899,20 +958,35 @@ void bwd_task_t(const GlaParams& p, idx n, idx h, idx C, idx nchunks_max, void* 
       load_row(dout + vo, V, Vp, b.dout + t * Vp, scale);
     }
     pad_block_rows(c, Kp, b.q, b.k, b.a);
+    RowPrefetch pf;
+    if (ci > 0) {  // the chunk before, next in this walk
+      const idx qo = L.qk(row, c0 - C, h), vo = L.v(row, c0 - C, h);
+      const idx qs = p.H * K * sizeof(scalar_t), vs = p.H * V * sizeof(scalar_t);
+      pf.add(q + qo, qs, K * sizeof(scalar_t));
+      pf.add(k + qo, qs, K * sizeof(scalar_t));
+      pf.add(g + qo, p.H * K * sizeof(T), K * sizeof(T));
+      pf.add(v + vo, vs, V * sizeof(scalar_t));
+      pf.add(dout + vo, vs, V * sizeof(scalar_t));
+      pf.start(C, 16);
+    }
     gates_forward(c, Kp, b.q, b.a, b.pq, b.dblk, b.dpre, b.qi, b.qe);
     gates_backward(c, Kp, b.k, b.a, b.pk, b.dblk, b.dsuf, b.kf, false, static_cast<T*>(nullptr));
+    pf.step();
     transpose(b.dS, Vp, Kp, Kp, Vp, b.dst, Kp);
     // inter-chunk parts
     gemm(c, Kp, Vp, b.dout, Vp, 1, S0T, Kp, b.dqi, Kp, false);  // dO S0^T
+    pf.step();
     gemm(c, Kp, Vp, b.v, Vp, 1, b.dst, Kp, b.dki, Kp, false);     // v dS^T
+    pf.step();
     gemm(c, Vp, Kp, b.kf, Kp, 1, b.dS, Vp, b.dv, Vp, false);      // (k e^{b_last-b}) dS
+    pf.step();
     for (idx t = 0; t < c; ++t) {
       const idx e = t * Kp;
       vmul2_inplace(b.dqi + e, b.pq + e, b.dpre + (t / kBlk) * Kp, Kp);
       vmul2_inplace(b.dki + e, b.pk + e, b.dsuf + (t / kBlk) * Kp, Kp);
     }
-    vfill(b.dqs, T(0), c * Kp);
-    vfill(b.dks, T(0), c * Kp);
+    vfill(b.dqs, T(0), round_up(c, kBlk) * Kp);
+    vfill(b.dks, T(0), round_up(c, kBlk) * Kp);
     // intra-chunk, one block row at a time
     for (idx I = 0; I < nb; ++I) {
       const idx base = I * kBlk, R = imin(kBlk, c - base);
@@ -925,14 +999,18 @@ void bwd_task_t(const GlaParams& p, idx n, idx h, idx C, idx nchunks_max, void* 
         // dq of block I from earlier blocks: Pq * (dA K~)
         gemm(R, Kp, base, b.dat + base, 1, ldA, b.kt, Kp, b.tmp, Kp, false);
         vmul(b.dqs + base * Kp, b.pq + base * Kp, b.tmp, R * Kp);
+        pf.step();
         // dk of earlier blocks from block I: factor * (dA^T (q Pq))
         gemm(base, Kp, R, b.dat + base, ldA, 1, b.qi + base * Kp, Kp, b.y, Kp, false);
         vfma_inplace(b.dks, b.ft, b.y, base * Kp);
       }
       diag_scores(Kp, b.q + base * Kp, b.k + base * Kp, b.a + base * Kp,
                   b.at + base * ldA + base, ldA, b.ubuf);
+      for (idx r = base + R; r < base + kBlk; ++r) vfill(b.dat + r * ldA + base, T(0), kBlk);
+      pf.step();
       diag_backward(R, Kp, b.q + base * Kp, b.k + base * Kp, b.a + base * Kp,
                     b.dat + base * ldA + base, ldA, b.u, b.dqs + base * Kp, b.dks + base * Kp);
+      pf.step();
     }
     // dv += A^T dO, block row by block row (A is zero above the diagonal)
     for (idx J = 0; J < nb; ++J) {
@@ -940,6 +1018,7 @@ void bwd_task_t(const GlaParams& p, idx n, idx h, idx C, idx nchunks_max, void* 
       gemm(R, Vp, c - base, b.at + base * ldA + base, ldA, 1, b.dout + base * Vp, Vp,
            b.dv + base * Vp, Vp, true);
     }
+    pf.step();
     // dg, with the four sums of the header comment, then dq and dk
     chunk_dg(c, Kp, Vp, S0T, b.dst, b.dpre + nb * Kp, b.q, b.k, b.dqi, b.dqs, b.dki, b.dks, b.e1,
              b.run, b.rev, b.tmp, [&](idx t) { return dg + L.qk(row, c0 + t, h); }, K);
@@ -958,10 +1037,12 @@ void bwd_task_t(const GlaParams& p, idx n, idx h, idx C, idx nchunks_max, void* 
       put_row(b.tmp + Kp, K, dk + qo);
       put_row(b.dv + t * Vp, V, dv + L.v(row, c0 + t, h));
     }
+    pf.step();
     const T* last = b.dpre + nb * Kp;
     // dS0 = e^{b_last} dS + (q e^b)^T dO
     vscale_rows(b.dS, Kp, Vp, last);
     gemm(Kp, Vp, c, b.qe, 1, Kp, b.dout, Vp, b.dS, Vp, true);
+    while (pf.done < pf.rows) pf.step();
   }
   for (idx i = 0; i < K; ++i)
     for (idx j = 0; j < V; ++j) dh0[i * V + j] = b.dS[i * Vp + j];
