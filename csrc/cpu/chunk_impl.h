@@ -74,13 +74,16 @@ template <typename T> inline void vstore(T* p, Vec<T> v) { __builtin_memcpy(p, &
 
 template <typename T, int MR, int NV>
 void micro_kernel(idx k, const T* __restrict A, idx rsa, idx csa, const T* __restrict B, idx ldb,
-                  T* __restrict C, idx ldc, bool accumulate) {
+                  T* __restrict C, idx ldc, bool accumulate, const T* __restrict rowscale) {
   constexpr int W = lanes<T>();
   Vec<T> c[MR][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) c[r][j] = accumulate ? vload(C + r * ldc + j * W) : Vec<T>{};
+    for (int j = 0; j < NV; ++j)
+      c[r][j] = !accumulate ? Vec<T>{}
+                : rowscale  ? vload(C + r * ldc + j * W) * rowscale[r]
+                            : vload(C + r * ldc + j * W);
   for (idx p = 0; p < k; ++p) {
     const T* bp = B + p * ldb;
     const T* ap = A + p * csa;
@@ -109,38 +112,43 @@ constexpr int kMaxNV = kVecRegs == 32 ? 4 : 2;
 
 template <typename T, int NV, int R>
 inline void micro_tail(idx rows, idx k, const T* A, idx rsa, idx csa, const T* B, idx ldb, T* C,
-                       idx ldc, bool accumulate) {
+                       idx ldc, bool accumulate, const T* rowscale) {
   if constexpr (R > 0) {
-    if (rows == R) micro_kernel<T, R, NV>(k, A, rsa, csa, B, ldb, C, ldc, accumulate);
-    else micro_tail<T, NV, R - 1>(rows, k, A, rsa, csa, B, ldb, C, ldc, accumulate);
+    if (rows == R) micro_kernel<T, R, NV>(k, A, rsa, csa, B, ldb, C, ldc, accumulate, rowscale);
+    else micro_tail<T, NV, R - 1>(rows, k, A, rsa, csa, B, ldb, C, ldc, accumulate, rowscale);
   }
 }
 
 template <typename T, int NV>
 void gemm_panel(idx m, idx k, const T* A, idx rsa, idx csa, const T* B, idx ldb, T* C, idx ldc,
-                bool accumulate) {
+                bool accumulate, const T* rowscale) {
   constexpr int MR = rows_for<NV>();
   idx r = 0;
   for (; r + MR <= m; r += MR)
-    micro_kernel<T, MR, NV>(k, A + r * rsa, rsa, csa, B, ldb, C + r * ldc, ldc, accumulate);
+    micro_kernel<T, MR, NV>(k, A + r * rsa, rsa, csa, B, ldb, C + r * ldc, ldc, accumulate,
+                            rowscale ? rowscale + r : nullptr);
   if (r < m)
     micro_tail<T, NV, MR - 1>(m - r, k, A + r * rsa, rsa, csa, B, ldb, C + r * ldc, ldc,
-                              accumulate);
+                              accumulate, rowscale ? rowscale + r : nullptr);
 }
 
+// C = A B, C += A B (accumulate), or C = diag(rowscale) C + A B (accumulate and rowscale).
 template <typename T>
 void gemm(idx m, idx n, idx k, const T* A, idx rsa, idx csa, const T* B, idx ldb, T* C, idx ldc,
-          bool accumulate) {
+          bool accumulate, const T* rowscale = nullptr) {
   constexpr int W = lanes<T>();
   if (m <= 0 || n <= 0) return;
   idx j = 0;
   for (; j + kMaxNV * W <= n; j += kMaxNV * W)
-    gemm_panel<T, kMaxNV>(m, k, A, rsa, csa, B + j, ldb, C + j, ldc, accumulate);
+    gemm_panel<T, kMaxNV>(m, k, A, rsa, csa, B + j, ldb, C + j, ldc, accumulate, rowscale);
   const idx rest = (n - j) / W;
-  if (rest == 1) gemm_panel<T, 1>(m, k, A, rsa, csa, B + j, ldb, C + j, ldc, accumulate);
+  if (rest == 1)
+    gemm_panel<T, 1>(m, k, A, rsa, csa, B + j, ldb, C + j, ldc, accumulate, rowscale);
   if constexpr (kMaxNV > 2) {
-    if (rest == 2) gemm_panel<T, 2>(m, k, A, rsa, csa, B + j, ldb, C + j, ldc, accumulate);
-    if (rest == 3) gemm_panel<T, 3>(m, k, A, rsa, csa, B + j, ldb, C + j, ldc, accumulate);
+    if (rest == 2)
+      gemm_panel<T, 2>(m, k, A, rsa, csa, B + j, ldb, C + j, ldc, accumulate, rowscale);
+    if (rest == 3)
+      gemm_panel<T, 3>(m, k, A, rsa, csa, B + j, ldb, C + j, ldc, accumulate, rowscale);
   }
 }
 
@@ -226,7 +234,26 @@ template <int L> inline typename VecT<float, L>::type exp_float_lanes(typename V
 
 // y[0..n) = exp(y[0..n)), n a multiple of the vector width.
 inline void exp_inplace(float* y, idx n) {
-#if GLA_VEC_BYTES >= 32
+#if defined(__x86_64__) && GLA_VEC_BYTES == 64
+  // AVX-512: the same reduction and polynomial, rounding by vrndscaleps and the 2^n scaling
+  // by vscalefps (which also gives the exact 0 below the float range under FTZ/DAZ, and
+  // +inf above it), so no clamps or blends beyond the input clamp that keeps r finite.
+  const __m512 lo = _mm512_set1_ps(-104.0f), hi = _mm512_set1_ps(89.0f);
+  for (idx i = 0; i < n; i += 16) {
+    const __m512 x = _mm512_min_ps(_mm512_max_ps(_mm512_loadu_ps(y + i), lo), hi);
+    const __m512 nf = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(0.693147180559945309f), x);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    _mm512_storeu_ps(y + i, _mm512_scalef_ps(p, nf));
+  }
+#elif GLA_VEC_BYTES >= 32
   constexpr int W = lanes<float>();
   for (idx i = 0; i < n; i += W) vstore(y + i, exp_float_lanes<W>(vload(y + i)));
 #else
@@ -287,18 +314,21 @@ template <typename T> inline void vfill(T* d, T value, idx n) {
 template <typename T> inline void vcopy(T* d, const T* x, idx n) {
   for (idx i = 0; i < n; i += lanes<T>()) vstore(d + i, vload(x + i));
 }
-// rows of M[rows x n] scaled: M[i][:] *= f[i]
-template <typename T> inline void vscale_rows(T* M, idx rows, idx n, const T* f) {
-  for (idx i = 0; i < rows; ++i) {
-    const Vec<T> fi = Vec<T>{} + f[i];
-    for (idx j = 0; j < n; j += lanes<T>()) vstore(M + i * n + j, vload(M + i * n + j) * fi);
-  }
-}
 
 // dst[0..n) = src[0..n) * mul, zeros up to npad
 template <typename S, typename T> inline void load_row(const S* src, idx n, idx npad, T* dst, T mul) {
-  for (idx i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]) * mul;
-  for (idx i = n; i < npad; ++i) dst[i] = 0;
+  constexpr int W = lanes<T>();
+  idx i = 0;
+  if constexpr (std::is_same_v<S, T>) {  // same type: whole vectors, then the tail
+    const Vec<T> m = Vec<T>{} + mul;
+    for (; i + W <= n; i += W) {
+      Vec<T> x;
+      __builtin_memcpy(&x, src + i, sizeof(x));
+      vstore(dst + i, x * m);
+    }
+  }
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]) * mul;
+  for (; i < npad; ++i) dst[i] = 0;
 }
 
 template <typename T, typename S> inline void store_row(const T* src, idx n, S* dst) {
@@ -727,9 +757,7 @@ void fwd_task_t(const GlaParams& p, idx n, idx h, idx v0, idx v1, idx C, void* w
       pf.step();
     }
     // state: S1 = e^{b_last} S0 + (k * e^{b_last - b})^T v
-    const T* last = b.dpre + nb * Kp;
-    vscale_rows(b.S, Kp, Vp, last);
-    gemm(Kp, Vp, c, b.kf, 1, Kp, b.v, Vp, b.S, Vp, true);
+    gemm(Kp, Vp, c, b.kf, 1, Kp, b.v, Vp, b.S, Vp, true, b.dpre + nb * Kp);
     while (pf.done < pf.rows) pf.step();
     for (idx t = 0; t < c; ++t) put_row(b.o + t * Vp, vw, o + L.v(row, c0 + t, h) + v0);
   }
@@ -1038,10 +1066,8 @@ void bwd_task_t(const GlaParams& p, idx n, idx h, idx C, idx nchunks_max, void* 
       put_row(b.dv + t * Vp, V, dv + L.v(row, c0 + t, h));
     }
     pf.step();
-    const T* last = b.dpre + nb * Kp;
     // dS0 = e^{b_last} dS + (q e^b)^T dO
-    vscale_rows(b.dS, Kp, Vp, last);
-    gemm(Kp, Vp, c, b.qe, 1, Kp, b.dout, Vp, b.dS, Vp, true);
+    gemm(Kp, Vp, c, b.qe, 1, Kp, b.dout, Vp, b.dS, Vp, true, b.dpre + nb * Kp);
     while (pf.done < pf.rows) pf.step();
   }
   for (idx i = 0; i < K; ++i)
