@@ -21,6 +21,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -56,11 +57,16 @@ namespace chunk_avx2 {
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+// GCC 12 flags the deliberately undefined operand inside its own AVX-512 shuffle intrinsics.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 namespace chunk_avx512 {
 #define GLA_VEC_BYTES 64
 #include "chunk_impl.h"
 #undef GLA_VEC_BYTES
 }  // namespace chunk_avx512
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 #else
 #define GLA_CHUNK_MULTI_ISA 0
