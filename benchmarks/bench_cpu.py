@@ -170,7 +170,7 @@ def main() -> int:
     rate = matmul_rate()
     print(f"float32 torch.mm rate: {rate / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads")
     if args.quick:
-        shapes = [(1, 256, 4, 64), (1, 1024, 4, 64)]
+        shapes = [(1, 1024, 4, 64), (1, 4096, 4, 64)]
     else:
         shapes = [(B, T, 4, D) for D in (64, 128) for B in (1, 8) for T in (256, 1024, 4096)]
     rows, lines = [], [f"float32 torch.mm rate {rate / 1e9:.1f} GFLOP/s"]
