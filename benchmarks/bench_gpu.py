@@ -13,7 +13,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import RESULTS_DIR, save_results
+from common import RESULTS_DIR, pyplot, save_results
 from gla_ext import chunk_gla, fused_recurrent_gla
 from gla_ext._timing import time_fn
 
@@ -142,12 +142,8 @@ def bench_model_decode(rows, lines):
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, mode in zip(axes, ("fwd", "fwd+bwd")):

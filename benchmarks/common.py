@@ -59,3 +59,15 @@ def save_results(name: str, rows: list[dict], table: str, extra: dict | None = N
                 f"torch {meta['machine']['torch']}, {meta['machine']['cpu_threads']} threads\n\n")
         f.write("```\n" + table + "\n```\n")
     return path
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a message) when not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return None
+    return plt
