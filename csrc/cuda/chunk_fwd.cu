@@ -41,30 +41,20 @@
 // CUDA types and runs each block's threads as fibers, with the warp-level primitives
 // (ldmatrix, mma, cp.async) emulated from the PTX ISA's definitions. Only the primitives
 // and the CUDA runtime calls below are swapped out; the kernel body is compiled as is.
-#ifndef GLA_CHUNK_EMULATE
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#endif
-
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 
+#include "chunk_common.cuh"
 #include "gla.h"
 
 namespace gla {
 namespace {
 
-constexpr int kC = 64;          // tokens per chunk
 constexpr int kBV = 64;         // V columns per thread block
 constexpr int kWarps = 4;       // warp w owns V columns [16w, 16w + 16) of the tile
 constexpr int kThreads = 32 * kWarps;
 constexpr int kChunkMaxK = 128; // widest K in one pass (kCudaChunkMaxK in gla.h)
-constexpr float kLog2e = 1.4426950408889634f;
-// Per-token gate floor. exp(-128) ~ 2.6e-56 is already 0 in float32, so clamping changes no
-// float32 result, while every cumulative sum stays finite (|b| <= 64 * 128 * log2(e)).
-constexpr float kGateFloor = -128.0f;
 
 // Which global accesses may be vectorized (set by the launcher from sizes and alignment).
 enum : int { kVecQK = 1, kVecG = 2, kVecV = 4, kVecO = 8 };
@@ -108,167 +98,8 @@ struct SmemLayout {
 };
 static_assert(SmemLayout<128>::kBytes <= 99 * 1024, "shared memory over the 99 KB opt-in limit");
 
-// ---- warp-level primitives (PTX) -------------------------------------------------------
-// mma.m16n8k16 with f16/bf16 and cp.async need sm_80. Device passes for older targets still
-// compile the kernel, with every primitive a trap; the launcher refuses those devices.
-#ifndef GLA_CHUNK_EMULATE
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-#define GLA_CHUNK_SM80 0
-#else
-#define GLA_CHUNK_SM80 1
-#endif
-
-// d += a @ b, m16n8k16, A row-major 16x16, B column-major 16x8, float32 accumulators.
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1) {
-#if GLA_CHUNK_SM80
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-  (void)d, (void)a, (void)b0, (void)b1;
-  __trap();
-#endif
-}
-
-__device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                        uint32_t b1) {
-#if GLA_CHUNK_SM80
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-  (void)d, (void)a, (void)b0, (void)b1;
-  __trap();
-#endif
-}
-
-#if GLA_CHUNK_SM80
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-#endif
-
-// 16 bytes global -> shared without passing through registers.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-#if GLA_CHUNK_SM80
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)),
-               "l"(__cvta_generic_to_global(src))
-               : "memory");
-#else
-  (void)dst, (void)src;
-  __trap();
-#endif
-}
-
-// Commits this thread's outstanding copies and waits for all of them.
-__device__ __forceinline__ void cp_async_wait_all() {
-#if GLA_CHUNK_SM80
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
-#endif
-}
-
-// Four 8x8 matrices of 16-bit elements. Lane l gives the address of row (l & 7) of matrix
-// l >> 3; register m then holds, of matrix m, row lane/4 and columns 2*(lane%4) + {0, 1}.
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row_addr) {
-#if GLA_CHUNK_SM80
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(row_addr)));
-#else
-  (void)row_addr;
-  r[0] = r[1] = r[2] = r[3] = 0u;
-  __trap();
-#endif
-}
-
-// As ldsm_x4, transposed: register m holds, of matrix m, rows 2*(lane%4) + {0, 1} of column
-// lane/4 (the matrices are read column-major).
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row_addr) {
-#if GLA_CHUNK_SM80
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(row_addr)));
-#else
-  (void)row_addr;
-  r[0] = r[1] = r[2] = r[3] = 0u;
-  __trap();
-#endif
-}
-#endif  // GLA_CHUNK_EMULATE
-
-__device__ __forceinline__ void zero16(void* dst) {
-  *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-}
-
-// ---- element types ------------------------------------------------------------------
-template <typename T>
-struct Elem;
-
-template <>
-struct Elem<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_float(uint16_t x) {
-    return __uint_as_float(static_cast<uint32_t>(x) << 16);
-  }
-  static __device__ __forceinline__ void unpack2(uint32_t x, float& lo, float& hi) {
-    lo = __uint_as_float(x << 16);
-    hi = __uint_as_float(x & 0xffff0000u);
-  }
-  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    uint32_t r;
-    memcpy(&r, &h, 4);
-    return r;
-  }
-  static __device__ __forceinline__ uint16_t from_float(float x) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
-  }
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4],
-                                             uint32_t b0, uint32_t b1) {
-    mma_bf16(d, a, b0, b1);
-  }
-};
-
-template <>
-struct Elem<__half> {
-  static __device__ __forceinline__ float to_float(uint16_t x) {
-    return __half2float(__ushort_as_half(x));
-  }
-  static __device__ __forceinline__ void unpack2(uint32_t x, float& lo, float& hi) {
-    __half2 h;
-    memcpy(&h, &x, 4);
-    const float2 f = __half22float2(h);
-    lo = f.x;
-    hi = f.y;
-  }
-  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    uint32_t r;
-    memcpy(&r, &h, 4);
-    return r;
-  }
-  static __device__ __forceinline__ uint16_t from_float(float x) {
-    return __half_as_ushort(__float2half_rn(x));
-  }
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4],
-                                             uint32_t b0, uint32_t b1) {
-    mma_f16(d, a, b0, b1);
-  }
-};
-
 // ---- the kernel ----------------------------------------------------------------------
-//
-// Fragment conventions (PTX ISA, mma.m16n8k16 with .f16/.bf16, g = lane >> 2, c = lane & 3):
-//   A (16x16, row-major): reg0 = (row g, cols 2c..2c+1), reg1 = (row g+8, cols 2c..2c+1),
-//                         reg2 = (row g, cols 2c+8..2c+9), reg3 = (row g+8, cols 2c+8..2c+9)
-//   B (16x8, "col"):      reg0 = (rows 2c..2c+1, col g), reg1 = (rows 2c+8..2c+9, col g)
-//   C/D (16x8, float):    d0, d1 = (row g, cols 2c, 2c+1), d2, d3 = (row g+8, cols 2c, 2c+1)
-// With lane l pointing ldmatrix at row (l & 7) + 8 * ((l >> 3) & 1), column 8 * (l >> 4) of
-// a 16x16 tile stored row-major, ldsm_x4 gives exactly the A fragment of that tile, and
-// ldsm_x4_trans of a tile stored [k][n] gives the B fragments of its two 8-column halves:
-// {r0, r1} for columns 0..7 and {r2, r3} for columns 8..15.
+// Fragment conventions: see chunk_common.cuh.
 template <typename T, int KT>
 __global__ void __launch_bounds__(kThreads)
     gla_chunk_fwd_kernel(const ChunkFwdArgs a) {
@@ -339,188 +170,22 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t v_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(V);
 
     // ---- 1. tiles -> shared memory -----------------------------------------------------
-    if (a.flags & kVecQK) {  // K % 8 == 0 and 16-byte aligned: whole 8-element vectors
-      constexpr int kPerRow = KT / 8;
-      for (int i = tid; i < kC * kPerRow; i += kThreads) {
-        const int t = i / kPerRow, kk = (i % kPerRow) * 8;
-        uint16_t* dq = sQ + t * L::kQKStride + kk;
-        uint16_t* dk = sK + t * L::kQKStride + kk;
-        if (t < len && kk < K) {
-          const int64_t off = qk_base + t * qk_tok + kk;
-          cp_async16(dq, q + off);
-          cp_async16(dk, k + off);
-        } else {
-          zero16(dq);
-          zero16(dk);
-        }
-      }
-    } else {
-      for (int i = tid; i < kC * KT; i += kThreads) {
-        const int t = i / KT, kk = i % KT;
-        const bool in = t < len && kk < K;
-        const int64_t off = qk_base + t * qk_tok + kk;
-        sQ[t * L::kQKStride + kk] = in ? q[off] : uint16_t{0};
-        sK[t * L::kQKStride + kk] = in ? k[off] : uint16_t{0};
-      }
-    }
-    if (a.flags & kVecG) {  // K % 4 == 0 and 16-byte aligned: whole 4-float vectors
-      constexpr int kPerRow = KT / 4;
-      for (int i = tid; i < kC * kPerRow; i += kThreads) {
-        const int t = i / kPerRow, kk = (i % kPerRow) * 4;
-        float* dg = sB + t * L::kBStride + kk;
-        if (t < len && kk < K) {
-          cp_async16(dg, gate + qk_base + t * qk_tok + kk);
-        } else {
-          zero16(dg);
-        }
-      }
-    } else {
-      for (int i = tid; i < kC * KT; i += kThreads) {
-        const int t = i / KT, kk = i % KT;
-        sB[t * L::kBStride + kk] =
-            (t < len && kk < K) ? gate[qk_base + t * qk_tok + kk] : 0.0f;
-      }
-    }
-    if (a.flags & kVecV) {  // V % 8 == 0 and 16-byte aligned
-      constexpr int kPerRow = kBV / 8;
-      for (int i = tid; i < kC * kPerRow; i += kThreads) {
-        const int t = i / kPerRow, cc = (i % kPerRow) * 8;
-        uint16_t* dv = sV + t * L::kVStride + cc;
-        if (t < len && v0 + cc < V) {
-          cp_async16(dv, v + v_base + t * v_tok + v0 + cc);
-        } else {
-          zero16(dv);
-        }
-      }
-    } else {
-      for (int i = tid; i < kC * kBV; i += kThreads) {
-        const int t = i / kBV, cc = i % kBV;
-        sV[t * L::kVStride + cc] =
-            (t < len && v0 + cc < V) ? v[v_base + t * v_tok + v0 + cc] : uint16_t{0};
-      }
-    }
+    load_tile16<KT, L::kQKStride, kThreads>(sQ, q, qk_base, qk_tok, len, 0, K,
+                                            (a.flags & kVecQK) != 0, tid);
+    load_tile16<KT, L::kQKStride, kThreads>(sK, k, qk_base, qk_tok, len, 0, K,
+                                            (a.flags & kVecQK) != 0, tid);
+    load_tile32<KT, L::kBStride, kThreads>(sB, gate, qk_base, qk_tok, len, K,
+                                           (a.flags & kVecG) != 0, tid);
+    load_tile16<kBV, L::kVStride, kThreads>(sV, v, v_base, v_tok, len, v0, V,
+                                            (a.flags & kVecV) != 0, tid);
     cp_async_wait_all();
     __syncthreads();
 
     // ---- 2. cumulative gates, exp2 domain ------------------------------------------------
-    {
-      constexpr int kP = kThreads / KT;  // threads per key column (1 or 2)
-      constexpr int kRows = kC / kP;     // rows each of them scans
-      constexpr int kGroup = 16;         // rows loaded ahead of the dependent adds
-      static_assert(kThreads % KT == 0 && kRows % kGroup == 0, "scan split");
-      const int col = tid % KT, seg = tid / KT;
-      float* const bcol = sB + (seg * kRows) * L::kBStride + col;
-      float run = 0.0f;
-#pragma unroll
-      for (int r0 = 0; r0 < kRows; r0 += kGroup) {
-        float x[kGroup];
-#pragma unroll
-        for (int r = 0; r < kGroup; ++r) x[r] = bcol[(r0 + r) * L::kBStride];
-#pragma unroll
-        for (int r = 0; r < kGroup; ++r) {
-          run += fmaxf(x[r], kGateFloor) * kLog2e;
-          bcol[(r0 + r) * L::kBStride] = run;
-        }
-      }
-      if constexpr (kP > 1) {  // add the totals of the segments above this one
-        sTot[tid] = run;
-        __syncthreads();
-        float carry = 0.0f;
-        for (int p = 0; p < seg; ++p) carry += sTot[p * KT + col];
-        if (seg > 0) {
-#pragma unroll 8
-          for (int r = 0; r < kRows; ++r) bcol[r * L::kBStride] += carry;
-        }
-      }
-    }
-    __syncthreads();
+    gate_cumsum<KT, L::kBStride, kThreads>(sB, sTot, tid);
 
-    // ---- 3a. off-diagonal score blocks on tensor cores -------------------------------------
-    // 12 units = 6 pairs (i > j) x 2 halves of 8 columns; warp w takes units w, w+4, w+8.
-    for (int u = warp; u < 12; u += kWarps) {
-      const int p = u >> 1, half = u & 1;
-      const int bi = p < 1 ? 1 : (p < 3 ? 2 : 3);  // pairs (1,0) (2,0) (2,1) (3,0) (3,1) (3,2)
-      const int bj = p - bi * (bi - 1) / 2;
-      const int ref = 16 * bj + 15;                 // reference token: last of block j
-      const int t0 = 16 * bi + g8, t1 = t0 + 8;      // A rows of this lane
-      const int sc = 16 * bj + 8 * half + g8;        // B column (token s) of this lane
-      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll 4
-      for (int kb = 0; kb < KT; kb += 16) {
-        uint32_t af[4];
-        uint32_t bf[2];
-#pragma unroll
-        for (int hk = 0; hk < 2; ++hk) {  // key dims kb + 2c (+8 for hk = 1)
-          const int kd = kb + 2 * c4 + 8 * hk;
-          const float2 br = *reinterpret_cast<const float2*>(sB + ref * L::kBStride + kd);
-          const float2 b0 = *reinterpret_cast<const float2*>(sB + t0 * L::kBStride + kd);
-          const float2 b1 = *reinterpret_cast<const float2*>(sB + t1 * L::kBStride + kd);
-          const float2 bs = *reinterpret_cast<const float2*>(sB + sc * L::kBStride + kd);
-          float x0, x1;
-          E::unpack2(*reinterpret_cast<const uint32_t*>(sQ + t0 * L::kQKStride + kd), x0, x1);
-          af[2 * hk] = E::pack2(x0 * exp2f(b0.x - br.x), x1 * exp2f(b0.y - br.y));
-          E::unpack2(*reinterpret_cast<const uint32_t*>(sQ + t1 * L::kQKStride + kd), x0, x1);
-          af[2 * hk + 1] = E::pack2(x0 * exp2f(b1.x - br.x), x1 * exp2f(b1.y - br.y));
-          E::unpack2(*reinterpret_cast<const uint32_t*>(sK + sc * L::kQKStride + kd), x0, x1);
-          bf[hk] = E::pack2(x0 * exp2f(br.x - bs.x), x1 * exp2f(br.y - bs.y));
-        }
-        E::mma(acc, af, bf[0], bf[1]);
-      }
-      const int col = 16 * bj + 8 * half + 2 * c4;
-      *reinterpret_cast<uint32_t*>(sA + t0 * L::kAStride + col) =
-          E::pack2(acc[0] * scale, acc[1] * scale);
-      *reinterpret_cast<uint32_t*>(sA + t1 * L::kAStride + col) =
-          E::pack2(acc[2] * scale, acc[3] * scale);
-    }
-
-    // ---- 3b. diagonal 16 x 16 score blocks on CUDA cores (float32) ------------------------
-    // Warp w does diagonal block w: lane -> row t = lane / 2, columns s = lane % 2 + 2j.
-    {
-      const int t = 16 * warp + (lane >> 1);
-      const int s_first = 16 * warp + (lane & 1);
-      float acc[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
-#pragma unroll 1
-      for (int kb = 0; kb < KT; kb += 8) {
-        float qf[8], bt[8];
-        {
-          const uint4 qv = *reinterpret_cast<const uint4*>(sQ + t * L::kQKStride + kb);
-          E::unpack2(qv.x, qf[0], qf[1]);
-          E::unpack2(qv.y, qf[2], qf[3]);
-          E::unpack2(qv.z, qf[4], qf[5]);
-          E::unpack2(qv.w, qf[6], qf[7]);
-          const float4 b0 = *reinterpret_cast<const float4*>(sB + t * L::kBStride + kb);
-          const float4 b1 = *reinterpret_cast<const float4*>(sB + t * L::kBStride + kb + 4);
-          bt[0] = b0.x; bt[1] = b0.y; bt[2] = b0.z; bt[3] = b0.w;
-          bt[4] = b1.x; bt[5] = b1.y; bt[6] = b1.z; bt[7] = b1.w;
-        }
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int sj = s_first + 2 * j;
-          float kf[8], bs[8];
-          const uint4 kv = *reinterpret_cast<const uint4*>(sK + sj * L::kQKStride + kb);
-          E::unpack2(kv.x, kf[0], kf[1]);
-          E::unpack2(kv.y, kf[2], kf[3]);
-          E::unpack2(kv.z, kf[4], kf[5]);
-          E::unpack2(kv.w, kf[6], kf[7]);
-          const float4 b0 = *reinterpret_cast<const float4*>(sB + sj * L::kBStride + kb);
-          const float4 b1 = *reinterpret_cast<const float4*>(sB + sj * L::kBStride + kb + 4);
-          bs[0] = b0.x; bs[1] = b0.y; bs[2] = b0.z; bs[3] = b0.w;
-          bs[4] = b1.x; bs[5] = b1.y; bs[6] = b1.z; bs[7] = b1.w;
-#pragma unroll
-          for (int x = 0; x < 8; ++x) {
-            // s > t gives a positive exponent; clamp so the unused entries stay finite.
-            acc[j] = fmaf(qf[x] * kf[x], exp2f(fminf(bt[x] - bs[x], 0.0f)), acc[j]);
-          }
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int sj = s_first + 2 * j;
-        sA[t * L::kAStride + sj] = E::from_float(sj <= t ? acc[j] * scale : 0.0f);
-      }
-    }
+    // ---- 3. intra-chunk scores A -> sA (input dtype) ----------------------------------------
+    chunk_scores<T, KT, kWarps, L>(sQ, sK, sB, sA, scale, warp, lane);
     __syncthreads();  // raw q, k are read by every warp above; transformed in place below
 
     // ---- 4. q <- q * exp2(b) * scale, k <- k * exp2(b_last - b) --------------------------
@@ -623,29 +288,7 @@ __global__ void __launch_bounds__(kThreads)
       }
 
       // ---- 6. S^T <- S^T * exp2(b_last) + v^T @ k~ --------------------------------------
-      const float* const blast = sB + (kC - 1) * L::kBStride;
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        const float2 bl = *reinterpret_cast<const float2*>(blast + 8 * nt + 2 * c4);
-        const float e0 = exp2f(bl.x), e1 = exp2f(bl.y);
-        s[nt][0] *= e0;
-        s[nt][1] *= e1;
-        s[nt][2] *= e0;
-        s[nt][3] *= e1;
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        // A = v^T (rows = V columns, cols = tokens): the transposed v tile read above is
-        // already this fragment, in the order {vf0, vf2, vf1, vf3}.
-        const uint32_t av[4] = {vf[j][0], vf[j][2], vf[j][1], vf[j][3]};
-#pragma unroll
-        for (int kk = 0; kk < KT / 16; ++kk) {
-          uint32_t kf[4];
-          ldsm_x4_trans(kf, sK + (16 * j + lm_row) * L::kQKStride + 16 * kk + lm_col);
-          E::mma(s[2 * kk], av, kf[0], kf[1]);
-          E::mma(s[2 * kk + 1], av, kf[2], kf[3]);
-        }
-      }
+      state_update<T, KT, L::kQKStride>(s, vf, sK, sB + (kC - 1) * L::kBStride, lane);
     }
     __syncthreads();  // every warp is done with this chunk's tiles before they are reloaded
   }

@@ -1,0 +1,429 @@
+// Building blocks shared by the tensor-core chunked kernels (chunk_fwd.cu, chunk_bwd.cu):
+// PTX wrappers (mma.sync m16n8k16, ldmatrix, cp.async), bf16/fp16 element helpers, chunk tile
+// loaders, the in-chunk cumulative gate sum and the intra-chunk score matrix A.
+//
+// Chunk math (DESIGN.md), chunk of kC tokens, b_t = cumulative sum of the gates over the
+// chunk up to and including token t (one value per key dimension, exp2 domain here):
+//   A[t][s] = scale * sum_k q_t[k] k_s[k] exp2(b_t[k] - b_s[k])   for s <= t, else 0.
+// Every exponent used is <= 0 for gates g <= 0; g is clamped at kGateFloor per token first,
+// so g = -inf gives exact zeros (never -inf - -inf = NaN).
+//
+// GLA_CHUNK_EMULATE: tests/cuda_emu supplies the CUDA types and the warp primitives (emu.h)
+// so the kernels run on a CPU; only the primitives below are swapped out.
+#pragma once
+
+#ifndef GLA_CHUNK_EMULATE
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
+
+#include <cstdint>
+#include <cstring>
+
+namespace gla {
+namespace {
+
+constexpr int kC = 64;          // tokens per chunk
+constexpr float kLog2e = 1.4426950408889634f;
+// Per-token gate floor. exp(-128) ~ 2.6e-56 is already 0 in float32, so clamping changes no
+// float32 result, while every cumulative sum stays finite (|b| <= 64 * 128 * log2(e)).
+constexpr float kGateFloor = -128.0f;
+
+// ---- warp-level primitives (PTX) -------------------------------------------------------
+// mma.m16n8k16 with f16/bf16 and cp.async need sm_80. Device passes for older targets still
+// compile the kernel, with every primitive a trap; the launcher refuses those devices.
+#ifndef GLA_CHUNK_EMULATE
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define GLA_CHUNK_SM80 0
+#else
+#define GLA_CHUNK_SM80 1
+#endif
+
+// d += a @ b, m16n8k16, A row-major 16x16, B column-major 16x8, float32 accumulators.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+#if GLA_CHUNK_SM80
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  (void)d, (void)a, (void)b0, (void)b1;
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                        uint32_t b1) {
+#if GLA_CHUNK_SM80
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  (void)d, (void)a, (void)b0, (void)b1;
+  __trap();
+#endif
+}
+
+#if GLA_CHUNK_SM80
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+#endif
+
+// 16 bytes global -> shared without passing through registers.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+#if GLA_CHUNK_SM80
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)),
+               "l"(__cvta_generic_to_global(src))
+               : "memory");
+#else
+  (void)dst, (void)src;
+  __trap();
+#endif
+}
+
+// Commits this thread's outstanding copies and waits for all of them.
+__device__ __forceinline__ void cp_async_wait_all() {
+#if GLA_CHUNK_SM80
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// Four 8x8 matrices of 16-bit elements. Lane l gives the address of row (l & 7) of matrix
+// l >> 3; register m then holds, of matrix m, row lane/4 and columns 2*(lane%4) + {0, 1}.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row_addr) {
+#if GLA_CHUNK_SM80
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row_addr)));
+#else
+  (void)row_addr;
+  r[0] = r[1] = r[2] = r[3] = 0u;
+  __trap();
+#endif
+}
+
+// As ldsm_x4, transposed: register m holds, of matrix m, rows 2*(lane%4) + {0, 1} of column
+// lane/4 (the matrices are read column-major).
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row_addr) {
+#if GLA_CHUNK_SM80
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row_addr)));
+#else
+  (void)row_addr;
+  r[0] = r[1] = r[2] = r[3] = 0u;
+  __trap();
+#endif
+}
+#endif  // GLA_CHUNK_EMULATE
+
+__device__ __forceinline__ void zero16(void* dst) {
+  *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+}
+
+// ---- element types ------------------------------------------------------------------
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(uint16_t x) {
+    return __uint_as_float(static_cast<uint32_t>(x) << 16);
+  }
+  static __device__ __forceinline__ void unpack2(uint32_t x, float& lo, float& hi) {
+    lo = __uint_as_float(x << 16);
+    hi = __uint_as_float(x & 0xffff0000u);
+  }
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    uint32_t r;
+    memcpy(&r, &h, 4);
+    return r;
+  }
+  static __device__ __forceinline__ uint16_t from_float(float x) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4],
+                                             uint32_t b0, uint32_t b1) {
+    mma_bf16(d, a, b0, b1);
+  }
+};
+
+template <>
+struct Elem<__half> {
+  static __device__ __forceinline__ float to_float(uint16_t x) {
+    return __half2float(__ushort_as_half(x));
+  }
+  static __device__ __forceinline__ void unpack2(uint32_t x, float& lo, float& hi) {
+    __half2 h;
+    memcpy(&h, &x, 4);
+    const float2 f = __half22float2(h);
+    lo = f.x;
+    hi = f.y;
+  }
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    uint32_t r;
+    memcpy(&r, &h, 4);
+    return r;
+  }
+  static __device__ __forceinline__ uint16_t from_float(float x) {
+    return __half_as_ushort(__float2half_rn(x));
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4],
+                                             uint32_t b0, uint32_t b1) {
+    mma_f16(d, a, b0, b1);
+  }
+};
+
+// ---- fragment conventions --------------------------------------------------------------
+//
+// Fragment conventions (PTX ISA, mma.m16n8k16 with .f16/.bf16, g = lane >> 2, c = lane & 3):
+//   A (16x16, row-major): reg0 = (row g, cols 2c..2c+1), reg1 = (row g+8, cols 2c..2c+1),
+//                         reg2 = (row g, cols 2c+8..2c+9), reg3 = (row g+8, cols 2c+8..2c+9)
+//   B (16x8, "col"):      reg0 = (rows 2c..2c+1, col g), reg1 = (rows 2c+8..2c+9, col g)
+//   C/D (16x8, float):    d0, d1 = (row g, cols 2c, 2c+1), d2, d3 = (row g+8, cols 2c, 2c+1)
+// With lane l pointing ldmatrix at row (l & 7) + 8 * ((l >> 3) & 1), column 8 * (l >> 4) of
+// a 16x16 tile stored row-major, ldsm_x4 gives exactly the A fragment of that tile, and
+// ldsm_x4_trans of a tile stored [k][n] gives the B fragments of its two 8-column halves:
+// {r0, r1} for columns 0..7 and {r2, r3} for columns 8..15.
+
+// ---- chunk tiles -> shared memory ------------------------------------------------------
+// Rows are tokens t < kC of the chunk (token t at src + base + t * tok_stride); columns are
+// [col0, col0 + COLS) of a row `width` elements wide. Rows at or past len and columns at or
+// past width are zero. vec: width % 8 == 0 (4 for float) and src 16-byte aligned, so whole
+// 16-byte vectors are either fully inside or fully outside, and go through cp.async.
+// The caller waits (cp_async_wait_all) and syncs before reading.
+template <int COLS, int STRIDE, int NTHREADS>
+__device__ __forceinline__ void load_tile16(uint16_t* dst, const uint16_t* src, int64_t base,
+                                            int64_t tok_stride, int len, int col0, int width,
+                                            bool vec, int tid) {
+  if (vec) {
+    constexpr int kPerRow = COLS / 8;
+    for (int i = tid; i < kC * kPerRow; i += NTHREADS) {
+      const int t = i / kPerRow, cc = (i % kPerRow) * 8;
+      uint16_t* const d = dst + t * STRIDE + cc;
+      if (t < len && col0 + cc < width) {
+        cp_async16(d, src + base + t * tok_stride + col0 + cc);
+      } else {
+        zero16(d);
+      }
+    }
+  } else {
+    for (int i = tid; i < kC * COLS; i += NTHREADS) {
+      const int t = i / COLS, cc = i % COLS;
+      dst[t * STRIDE + cc] = (t < len && col0 + cc < width)
+                                 ? src[base + t * tok_stride + col0 + cc]
+                                 : uint16_t{0};
+    }
+  }
+}
+
+template <int COLS, int STRIDE, int NTHREADS>
+__device__ __forceinline__ void load_tile32(float* dst, const float* src, int64_t base,
+                                            int64_t tok_stride, int len, int width, bool vec,
+                                            int tid) {
+  if (vec) {
+    constexpr int kPerRow = COLS / 4;
+    for (int i = tid; i < kC * kPerRow; i += NTHREADS) {
+      const int t = i / kPerRow, cc = (i % kPerRow) * 4;
+      float* const d = dst + t * STRIDE + cc;
+      if (t < len && cc < width) {
+        cp_async16(d, src + base + t * tok_stride + cc);
+      } else {
+        zero16(d);
+      }
+    }
+  } else {
+    for (int i = tid; i < kC * COLS; i += NTHREADS) {
+      const int t = i / COLS, cc = i % COLS;
+      dst[t * STRIDE + cc] = (t < len && cc < width) ? src[base + t * tok_stride + cc] : 0.0f;
+    }
+  }
+}
+
+// ---- cumulative gates ------------------------------------------------------------------
+// In place down each key column of sB (kC rows, KT columns, row stride STRIDE):
+// b_t = sum_{s <= t} max(g_s, kGateFloor) * log2(e). Rows past the chunk's end hold g = 0,
+// so they repeat the last real b (row kC - 1 is b_last). sTot: NTHREADS floats of scratch.
+// Ends with __syncthreads().
+template <int KT, int STRIDE, int NTHREADS>
+__device__ __forceinline__ void gate_cumsum(float* sB, float* sTot, int tid) {
+  constexpr int kP = NTHREADS / KT;  // threads per key column
+  constexpr int kRows = kC / kP;     // rows each of them scans
+  constexpr int kGroup = kRows < 16 ? kRows : 16;  // rows loaded ahead of the dependent adds
+  static_assert(NTHREADS % KT == 0 && kRows % kGroup == 0, "scan split");
+  const int col = tid % KT, seg = tid / KT;
+  float* const bcol = sB + (seg * kRows) * STRIDE + col;
+  float run = 0.0f;
+#pragma unroll
+  for (int r0 = 0; r0 < kRows; r0 += kGroup) {
+    float x[kGroup];
+#pragma unroll
+    for (int r = 0; r < kGroup; ++r) x[r] = bcol[(r0 + r) * STRIDE];
+#pragma unroll
+    for (int r = 0; r < kGroup; ++r) {
+      run += fmaxf(x[r], kGateFloor) * kLog2e;
+      bcol[(r0 + r) * STRIDE] = run;
+    }
+  }
+  if constexpr (kP > 1) {  // add the totals of the segments above this one
+    sTot[tid] = run;
+    __syncthreads();
+    float carry = 0.0f;
+    for (int p = 0; p < seg; ++p) carry += sTot[p * KT + col];
+    if (seg > 0) {
+#pragma unroll 8
+      for (int r = 0; r < kRows; ++r) bcol[r * STRIDE] += carry;
+    }
+  }
+  __syncthreads();
+}
+
+// ---- intra-chunk scores ----------------------------------------------------------------
+// sA (kC x kC, input dtype, row stride L::kAStride) <- A from raw q, k (sQ, sK, stride
+// L::kQKStride) and cumulative gates sB (stride L::kBStride), by sub-blocks of 16 tokens
+// (the paper's secondary chunking):
+//   off-diagonal pairs (row block i > column block j) on tensor cores, with the gates folded
+//   into both factors relative to r = last token of block j: q_t * exp2(b_t - b_r) and
+//   k_s * exp2(b_r - b_s), both exponents <= 0;
+//   diagonal 16 x 16 blocks on CUDA cores in float32, one exp2(b_t - b_s) per element
+//   (warps 0..3, one block each).
+// Entries above the diagonal are written as 0. No barrier at the end.
+template <typename T, int KT, int NWARPS, typename L>
+__device__ __forceinline__ void chunk_scores(const uint16_t* sQ, const uint16_t* sK,
+                                             const float* sB, uint16_t* sA, float scale,
+                                             int warp, int lane) {
+  using E = Elem<T>;
+  static_assert(NWARPS >= 4, "one warp per diagonal block");
+  const int g8 = lane >> 2, c4 = lane & 3;
+  // off-diagonal: 12 units = 6 pairs (i > j) x 2 halves of 8 columns
+  for (int u = warp; u < 12; u += NWARPS) {
+    const int p = u >> 1, half = u & 1;
+    const int bi = p < 1 ? 1 : (p < 3 ? 2 : 3);  // pairs (1,0) (2,0) (2,1) (3,0) (3,1) (3,2)
+    const int bj = p - bi * (bi - 1) / 2;
+    const int ref = 16 * bj + 15;                 // reference token: last of block j
+    const int t0 = 16 * bi + g8, t1 = t0 + 8;      // A rows of this lane
+    const int sc = 16 * bj + 8 * half + g8;        // B column (token s) of this lane
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 4
+    for (int kb = 0; kb < KT; kb += 16) {
+      uint32_t af[4];
+      uint32_t bf[2];
+#pragma unroll
+      for (int hk = 0; hk < 2; ++hk) {  // key dims kb + 2c (+8 for hk = 1)
+        const int kd = kb + 2 * c4 + 8 * hk;
+        const float2 br = *reinterpret_cast<const float2*>(sB + ref * L::kBStride + kd);
+        const float2 b0 = *reinterpret_cast<const float2*>(sB + t0 * L::kBStride + kd);
+        const float2 b1 = *reinterpret_cast<const float2*>(sB + t1 * L::kBStride + kd);
+        const float2 bs = *reinterpret_cast<const float2*>(sB + sc * L::kBStride + kd);
+        float x0, x1;
+        E::unpack2(*reinterpret_cast<const uint32_t*>(sQ + t0 * L::kQKStride + kd), x0, x1);
+        af[2 * hk] = E::pack2(x0 * exp2f(b0.x - br.x), x1 * exp2f(b0.y - br.y));
+        E::unpack2(*reinterpret_cast<const uint32_t*>(sQ + t1 * L::kQKStride + kd), x0, x1);
+        af[2 * hk + 1] = E::pack2(x0 * exp2f(b1.x - br.x), x1 * exp2f(b1.y - br.y));
+        E::unpack2(*reinterpret_cast<const uint32_t*>(sK + sc * L::kQKStride + kd), x0, x1);
+        bf[hk] = E::pack2(x0 * exp2f(br.x - bs.x), x1 * exp2f(br.y - bs.y));
+      }
+      E::mma(acc, af, bf[0], bf[1]);
+    }
+    const int col = 16 * bj + 8 * half + 2 * c4;
+    *reinterpret_cast<uint32_t*>(sA + t0 * L::kAStride + col) =
+        E::pack2(acc[0] * scale, acc[1] * scale);
+    *reinterpret_cast<uint32_t*>(sA + t1 * L::kAStride + col) =
+        E::pack2(acc[2] * scale, acc[3] * scale);
+  }
+  // diagonal 16 x 16 blocks: warp w < 4 does block w; lane -> row t = lane / 2, columns
+  // s = lane % 2 + 2j.
+  if (warp < 4) {
+    const int t = 16 * warp + (lane >> 1);
+    const int s_first = 16 * warp + (lane & 1);
+    float acc[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
+#pragma unroll 1
+    for (int kb = 0; kb < KT; kb += 8) {
+      float qf[8], bt[8];
+      {
+        const uint4 qv = *reinterpret_cast<const uint4*>(sQ + t * L::kQKStride + kb);
+        E::unpack2(qv.x, qf[0], qf[1]);
+        E::unpack2(qv.y, qf[2], qf[3]);
+        E::unpack2(qv.z, qf[4], qf[5]);
+        E::unpack2(qv.w, qf[6], qf[7]);
+        const float4 b0 = *reinterpret_cast<const float4*>(sB + t * L::kBStride + kb);
+        const float4 b1 = *reinterpret_cast<const float4*>(sB + t * L::kBStride + kb + 4);
+        bt[0] = b0.x; bt[1] = b0.y; bt[2] = b0.z; bt[3] = b0.w;
+        bt[4] = b1.x; bt[5] = b1.y; bt[6] = b1.z; bt[7] = b1.w;
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int sj = s_first + 2 * j;
+        float kf[8], bs[8];
+        const uint4 kv = *reinterpret_cast<const uint4*>(sK + sj * L::kQKStride + kb);
+        E::unpack2(kv.x, kf[0], kf[1]);
+        E::unpack2(kv.y, kf[2], kf[3]);
+        E::unpack2(kv.z, kf[4], kf[5]);
+        E::unpack2(kv.w, kf[6], kf[7]);
+        const float4 b0 = *reinterpret_cast<const float4*>(sB + sj * L::kBStride + kb);
+        const float4 b1 = *reinterpret_cast<const float4*>(sB + sj * L::kBStride + kb + 4);
+        bs[0] = b0.x; bs[1] = b0.y; bs[2] = b0.z; bs[3] = b0.w;
+        bs[4] = b1.x; bs[5] = b1.y; bs[6] = b1.z; bs[7] = b1.w;
+#pragma unroll
+        for (int x = 0; x < 8; ++x) {
+          // s > t gives a positive exponent; clamp so the unused entries stay finite.
+          acc[j] = fmaf(qf[x] * kf[x], exp2f(fminf(bt[x] - bs[x], 0.0f)), acc[j]);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int sj = s_first + 2 * j;
+      sA[t * L::kAStride + sj] = E::from_float(sj <= t ? acc[j] * scale : 0.0f);
+    }
+  }
+}
+
+// ---- chunk state update ----------------------------------------------------------------
+// One warp's slice of S^T <- S^T * exp2(b_last) + Y^T @ X, the state carried across chunks.
+// s: m16n8 accumulators (float32) of S^T for 16 columns of Y (rows) by KT key dims: s[nt]
+// covers key dims 8nt + 2c + {0, 1}. yf[j]: the Y tile's token block j read with
+// ldsm_x4_trans (Y stored [token][column]), as loaded for other uses by the caller. X is the
+// gated kC x KT key-side tile (stored [token][key dim], row stride XSTRIDE); blast points
+// at b_last (the last row of the cumulative gates).
+template <typename T, int KT, int XSTRIDE>
+__device__ __forceinline__ void state_update(float (&s)[KT / 8][4], const uint32_t (&yf)[4][4],
+                                             const uint16_t* sX, const float* blast,
+                                             int lane) {
+  const int c4 = lane & 3;
+  const int lm_row = (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int lm_col = (lane >> 4) * 8;
+#pragma unroll
+  for (int nt = 0; nt < KT / 8; ++nt) {
+    const float2 bl = *reinterpret_cast<const float2*>(blast + 8 * nt + 2 * c4);
+    const float e0 = exp2f(bl.x), e1 = exp2f(bl.y);
+    s[nt][0] *= e0;
+    s[nt][1] *= e1;
+    s[nt][2] *= e0;
+    s[nt][3] *= e1;
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    // A = Y^T (rows = Y columns, cols = tokens): the transposed Y tile read by the caller is
+    // already this fragment, in the order {yf0, yf2, yf1, yf3}.
+    const uint32_t ay[4] = {yf[j][0], yf[j][2], yf[j][1], yf[j][3]};
+#pragma unroll
+    for (int kk = 0; kk < KT / 16; ++kk) {
+      uint32_t xf[4];
+      ldsm_x4_trans(xf, sX + (16 * j + lm_row) * XSTRIDE + 16 * kk + lm_col);
+      Elem<T>::mma(s[2 * kk], ay, xf[0], xf[1]);
+      Elem<T>::mma(s[2 * kk + 1], ay, xf[2], xf[3]);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace gla
