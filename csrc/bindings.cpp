@@ -256,11 +256,25 @@ std::tuple<Tensor, Tensor> chunk_fwd_cuda(const Tensor& q, const Tensor& k, cons
   return {out.o, out.ht};
 }
 
-// Backward: the fused recurrent backward until the chunked one lands (issue 5).
+// chunk_gla backward on CUDA: bf16/fp16 run the tensor-core chunked backward (three
+// launches, float32 workspace of two states per chunk); float32 runs the fused recurrent
+// backward, matching the forward's split.
 BwdOut chunk_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                       const Tensor& dout, const OptTensor& dht, const OptTensor& h0,
                       const OptTensor& cu_seqlens, double scale, int64_t /*chunk_size*/) {
-  return recurrent_bwd_cuda(q, k, v, g, dout, dht, h0, cu_seqlens, scale, false);
+  if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16)
+    return recurrent_bwd_cuda(q, k, v, g, dout, dht, h0, cu_seqlens, scale, false);
+  const char* op = "gla_ext.chunk_bwd (CUDA)";
+  c10::cuda::CUDAGuard guard(q.device());
+  auto p = make_params(op, q, k, v, g, h0, cu_seqlens, scale);
+  TORCH_CHECK(p.K <= gla::kCudaChunkMaxK, op, ": K must be <= ", gla::kCudaChunkMaxK,
+              " (the Python wrapper splits wider K), got ", p.K);
+  auto out = alloc_bwd(op, p, q, v, g, dout, dht);
+  Tensor workspace = at::empty({std::max<int64_t>(1, gla::chunk_bwd_cuda_workspace_floats(p))},
+                               q.options().dtype(at::kFloat));
+  p.workspace = workspace.data_ptr<float>();
+  check_cuda(gla::chunk_bwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op);
+  return out;
 }
 #endif
 
@@ -331,8 +345,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["chunk_cpu"] = std::string(gla::chunk_cpu_description());
 #ifdef GLA_WITH_CUDA
     info["chunk_cuda"] = std::string(
-        "forward: tensor-core chunked kernel for bf16/fp16, fused recurrent kernel for float32; "
-        "backward: fused recurrent kernel (chunked backward pending, issue 5)");
+        "forward and backward: tensor-core chunked kernels for bf16/fp16 (K <= 128 per pass), "
+        "fused recurrent kernels for float32");
 #endif
     return info;
   });

@@ -81,5 +81,9 @@ const char* recurrent_bwd_cuda(const GlaParams& p, void* stream);
 // K <= kCudaChunkMaxK (wider K is split by the caller), any V, no workspace.
 constexpr int64_t kCudaChunkMaxK = 128;
 const char* chunk_fwd_cuda(const GlaParams& p, void* stream);
+// Tensor-core chunked backward (csrc/cuda/chunk_bwd.cu): same limits as the forward; needs a
+// float32 workspace of chunk_bwd_cuda_workspace_floats(p) elements (two states per chunk).
+int64_t chunk_bwd_cuda_workspace_floats(const GlaParams& p);
+const char* chunk_bwd_cuda(const GlaParams& p, void* stream);
 
 }  // namespace gla

@@ -19,7 +19,7 @@ BACKENDS = ("auto", "cuda", "cpu", "reference")
 # Widest K the CUDA kernels take in one pass; wider K is split here (rows of the state are
 # independent, so outputs of K-slices add up and final states concatenate).
 _CUDA_RECURRENT_MAX_K = 256
-_CUDA_CHUNK_MAX_K = 128      # tensor-core chunked forward (bf16/fp16)
+_CUDA_CHUNK_MAX_K = 128      # tensor-core chunked forward and backward (bf16/fp16)
 
 
 def _cuda_max_k(kernel_name: str, dtype: torch.dtype) -> int:

@@ -225,15 +225,15 @@ __device__ __forceinline__ void load_tile16(uint16_t* dst, const uint16_t* src, 
 
 template <int COLS, int STRIDE, int NTHREADS>
 __device__ __forceinline__ void load_tile32(float* dst, const float* src, int64_t base,
-                                            int64_t tok_stride, int len, int width, bool vec,
-                                            int tid) {
+                                            int64_t tok_stride, int len, int col0, int width,
+                                            bool vec, int tid) {
   if (vec) {
     constexpr int kPerRow = COLS / 4;
     for (int i = tid; i < kC * kPerRow; i += NTHREADS) {
       const int t = i / kPerRow, cc = (i % kPerRow) * 4;
       float* const d = dst + t * STRIDE + cc;
-      if (t < len && cc < width) {
-        cp_async16(d, src + base + t * tok_stride + cc);
+      if (t < len && col0 + cc < width) {
+        cp_async16(d, src + base + t * tok_stride + col0 + cc);
       } else {
         zero16(d);
       }
@@ -241,7 +241,9 @@ __device__ __forceinline__ void load_tile32(float* dst, const float* src, int64_
   } else {
     for (int i = tid; i < kC * COLS; i += NTHREADS) {
       const int t = i / COLS, cc = i % COLS;
-      dst[t * STRIDE + cc] = (t < len && cc < width) ? src[base + t * tok_stride + cc] : 0.0f;
+      dst[t * STRIDE + cc] = (t < len && col0 + cc < width)
+                                 ? src[base + t * tok_stride + col0 + cc]
+                                 : 0.0f;
     }
   }
 }

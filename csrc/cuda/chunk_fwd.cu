@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kThreads)
                                             (a.flags & kVecQK) != 0, tid);
     load_tile16<KT, L::kQKStride, kThreads>(sK, k, qk_base, qk_tok, len, 0, K,
                                             (a.flags & kVecQK) != 0, tid);
-    load_tile32<KT, L::kBStride, kThreads>(sB, gate, qk_base, qk_tok, len, K,
+    load_tile32<KT, L::kBStride, kThreads>(sB, gate, qk_base, qk_tok, len, 0, K,
                                            (a.flags & kVecG) != 0, tid);
     load_tile16<kBV, L::kVStride, kThreads>(sV, v, v_base, v_tok, len, v0, V,
                                             (a.flags & kVecV) != 0, tid);

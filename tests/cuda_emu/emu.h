@@ -1,4 +1,4 @@
-// Host emulation of the little CUDA that csrc/cuda/chunk_fwd.cu uses, so that its kernel body
+// Host emulation of the little CUDA that csrc/cuda/chunk_{fwd,bwd}.cu use, so that their kernel bodies
 // can run on a CPU (no GPU needed) and be checked against a float64 recurrence.
 //
 // - Every thread of a block is a fiber (ucontext). A fiber runs until it reaches
@@ -42,6 +42,10 @@ struct EmuIdx {
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 struct alignas(8) float2 {
   float x, y;
 };
@@ -108,7 +112,7 @@ constexpr size_t kSmemBytes = 200 * 1024;
 constexpr size_t kStackBytes = 256 * 1024;
 
 enum class Wait { kNone, kSync, kWarp, kDone };
-enum class Op { kLdsm, kLdsmTrans, kMmaBf16, kMmaF16 };
+enum class Op { kLdsm, kLdsmTrans, kMmaBf16, kMmaF16, kShfl };
 
 struct Fiber {
   ucontext_t ctx;
@@ -118,7 +122,8 @@ struct Fiber {
   const void* addr = nullptr;  // ldmatrix row address
   uint32_t a[4] = {}, b[2] = {};
   float c[4] = {};
-  uint32_t r[4] = {};  // ldmatrix result
+  uint32_t r[4] = {};  // ldmatrix result (r[0]: shuffle result)
+  uint32_t shfl_val = 0, shfl_xor = 0;  // __shfl_xor_sync operands
   float d[4] = {};     // mma result
 };
 
@@ -195,7 +200,12 @@ inline void resolve_warp(int w) {
   for (int l = 1; l < 32; ++l)
     if (lane[l].op != op) die("lanes of a warp wait on different collectives");
   ++s.collectives;
-  if (op == Op::kLdsm || op == Op::kLdsmTrans) {
+  if (op == Op::kShfl) {  // every lane reads lane (l ^ mask); all 32 lanes take part
+    for (int l = 0; l < 32; ++l) {
+      if (lane[l].shfl_xor != lane[0].shfl_xor) die("lanes shuffle with different masks");
+      lane[l].r[0] = lane[l ^ lane[l].shfl_xor].shfl_val;
+    }
+  } else if (op == Op::kLdsm || op == Op::kLdsmTrans) {
     // Matrix m: rows given by lanes 8m..8m+7, each row 8 consecutive 16-bit elements.
     for (int l = 0; l < 32; ++l) check_smem(lane[l].addr, 16, 16, "ldmatrix row address");
     auto elem = [&](int m, int row, int col) -> uint32_t {
@@ -316,7 +326,7 @@ inline void run_block(EmuIdx block, int nthreads, std::function<void()> body) {
 #define blockIdx (::emu::block_idx())
 inline void __syncthreads() { emu::syncthreads(); }
 
-// ---- the primitives chunk_fwd.cu expects (GLA_CHUNK_EMULATE) ---------------------------------
+// ---- the primitives the chunk kernels expect (GLA_CHUNK_EMULATE) ---------------------------------
 inline void cp_async16(void* dst, const void* src) {
   emu::check_smem(dst, 16, 16, "cp.async destination");
   if (reinterpret_cast<uintptr_t>(src) % 16 != 0) emu::die("cp.async source not 16-byte aligned");
@@ -347,6 +357,16 @@ inline void emu_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t
   f.b[1] = b1;
   emu::warp_collective(f, op);
   for (int i = 0; i < 4; ++i) d[i] = f.d[i];
+}
+inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+  if (mask != 0xffffffffu || lane_mask < 0 || lane_mask > 31) emu::die("unsupported shuffle");
+  emu::Fiber& f = emu::st().fibers[emu::st().current];
+  std::memcpy(&f.shfl_val, &v, 4);
+  f.shfl_xor = static_cast<uint32_t>(lane_mask);
+  emu::warp_collective(f, emu::Op::kShfl);
+  float r;
+  std::memcpy(&r, &f.r[0], 4);
+  return r;
 }
 inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   emu_mma(d, a, b0, b1, emu::Op::kMmaBf16);

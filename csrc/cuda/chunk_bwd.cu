@@ -1,0 +1,991 @@
+// Chunked GLA backward on tensor cores (bf16 / fp16 inputs, float32 states and accumulation).
+// Torch-free: raw pointers and a stream.
+//
+// Per sequence and head, chunks of kC = 64 tokens; chunk c starts from state S0 (K x V) and
+// dS is the gradient arriving on its end state; b = in-chunk cumulative gates (exp2 domain
+// here), b_last its last row, A the scores of chunk_common.cuh (scale included).
+//   dA[t][s] = dO_t . v_s                                        (s <= t)
+//   dv       = A^T dO + (k * exp2(b_last - b)) dS
+//   dq_t     = scale exp2(b_t) * (dO_t S0^T) + scale sum_{s<=t} dA[t][s] k_s exp2(b_t - b_s)
+//   dk_s     = exp2(b_last - b_s) * (v_s dS^T) + scale sum_{t>=s} dA[t][s] q_t exp2(b_t - b_s)
+//   dg_t     = sum_{t' >= t in the chunk} (q dq - k dk)_{t'} + rowsum(S_end * dS)
+// The last term is the reverse cumulative sum of (q dq - k dk) over all later chunks plus the
+// final-state term, collapsed onto this chunk's end state (scaling S_end is the same as
+// shifting every later log-gate), and computed from what the chunk has:
+//   rowsum(S_end * dS) = exp2(b_last) * rowsum(S0 * dS) + sum_s k_s * exp2(b_last - b_s)(v_s dS^T).
+// So dg needs nothing from other chunks and no cancellation builds up along the sequence.
+//
+// Three launches:
+//   1. state scan, forward: per (sequence, head, 64 V columns), walks the chunks in order
+//      and stores S0 of every chunk (float32) into the workspace (the forward's state
+//      recurrence, without the outputs).
+//   2. state scan, gradient: the same kernel walking backwards with q and dO:
+//      dS_start = exp2(b_last) * dS_end + (scale q exp2(b))^T dO, stores dS_end of every chunk,
+//      starting from dht (or 0); what is left at the start is dh0.
+//   3. chunk kernel: one block (8 warps) per (chunk, head), every chunk in parallel. Warp
+//      (r, h2) = (warp % 4, warp / 4) owns token rows [16r, 16r + 16) and half h2 of the key
+//      dims (or of the 64-column V tile). It loops over V in tiles of 64 for dA, dv and the
+//      inter-chunk parts of dq and dk, then adds the intra-chunk parts by sub-blocks of 16
+//      tokens: off-diagonal blocks on tensor cores with the gates folded into both factors
+//      relative to a token between them (both exponents <= 0), diagonal blocks in float32.
+// Every matrix product runs on mma.sync m16n8k16 with float32 accumulation; the operands are
+// rounded to the input dtype (states, dA, gated q/k), as in the forward kernel.
+//
+// Memory: the workspace holds two float32 states per chunk and head, as flash-linear-
+// attention's backward does (states_in_fp32); nothing else is kept between launches.
+//
+// GLA_CHUNK_EMULATE: tests/cuda_emu/chunk_bwd_emu.cpp runs these kernels on a CPU.
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+
+#include "chunk_common.cuh"
+#include "gla.h"
+
+namespace gla {
+namespace {
+
+constexpr int kScanWarps = 4;             // state scans: warp w owns V columns [16w, 16w+16)
+constexpr int kScanThreads = 32 * kScanWarps;
+constexpr int kBwdWarps = 8;              // chunk kernel
+constexpr int kBwdThreads = 32 * kBwdWarps;
+constexpr int kTileV = 64;                // V columns per scan block / per chunk-kernel tile
+constexpr int kBwdMaxK = 128;             // kCudaChunkMaxK in gla.h
+
+// Which global accesses may be vectorized (set by the launcher from sizes and alignment).
+enum : int {
+  kVecQK = 1,   // q, k: K % 8 == 0, 16-byte aligned
+  kVecG = 2,    // g: K % 4 == 0, 16-byte aligned
+  kVecV = 4,    // v, dout: V % 8 == 0, 16-byte aligned
+  kVecS = 8,    // states: V % 4 == 0 (the workspace is 16-byte aligned)
+  kPairQK = 16, // dq, dk: K % 2 == 0, 4-byte aligned (pairs of 16-bit stores)
+  kPairV = 32,  // dv: V % 2 == 0, 4-byte aligned
+};
+
+struct ChunkBwdArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  const float* g;
+  const float* h0;    // may be null
+  const void* dout;
+  const float* dht;   // may be null
+  void* dq;
+  void* dk;
+  void* dv;
+  float* dg;
+  float* dh0;
+  float* states;      // [chunks, H, K, V]: state at the start of each chunk
+  float* dstates;     // [chunks, H, K, V]: gradient on the state at the end of each chunk
+  const int64_t* cu_seqlens;  // device pointer, may be null
+  int64_t T;
+  int64_t chunks_per_row;     // ceil(T / kC): chunks of one batch row without cu_seqlens
+  int N, H, K, V;
+  float scale;
+  int flags;
+};
+
+// ---- chunk bookkeeping ---------------------------------------------------------------
+__device__ __forceinline__ void seq_range(const ChunkBwdArgs& a, int64_t n, int64_t* row,
+                                          int64_t* start, int64_t* end) {
+  if (a.cu_seqlens != nullptr) {
+    *row = 0;
+    *start = a.cu_seqlens[n];
+    *end = a.cu_seqlens[n + 1];
+    if (*end < *start) *end = *start;  // malformed offsets must not run a loop backwards
+  } else {
+    *row = n;
+    *start = 0;
+    *end = a.T;
+  }
+}
+
+__device__ __forceinline__ int64_t num_chunks(int64_t start, int64_t end) {
+  return (end - start + kC - 1) / kC;
+}
+
+// Index of sequence n's first chunk in the workspace (chunks are numbered sequence by
+// sequence). O(N) with cu_seqlens; N is small next to the work of a block.
+__device__ __forceinline__ int64_t first_chunk(const ChunkBwdArgs& a, int64_t n) {
+  if (a.cu_seqlens == nullptr) return n * a.chunks_per_row;
+  int64_t acc = 0;
+  for (int64_t m = 0; m < n; ++m) {
+    int64_t row, s, e;
+    seq_range(a, m, &row, &s, &e);
+    acc += num_chunks(s, e);
+  }
+  return acc;
+}
+
+// Shared memory of the state scans.
+template <int KT>
+struct ScanLayout {
+  static constexpr int kXStride = KT + 8;     // gated key-side tile (k or q): 16-bit
+  static constexpr int kBStride = KT + 8;     // cumulative gates: float
+  static constexpr int kYStride = kTileV + 8; // value-side tile (v or dO): 16-bit
+  static constexpr int kXOff = 0;
+  static constexpr int kBOff = kXOff + kC * kXStride * 2;
+  static constexpr int kYOff = kBOff + kC * kBStride * 4;
+  static constexpr int kTotOff = kYOff + kC * kYStride * 2;
+  static constexpr int kBytes = kTotOff + kScanThreads * 4;
+  static_assert(kBOff % 16 == 0 && kYOff % 16 == 0 && kTotOff % 16 == 0, "alignment");
+};
+
+// ---- launches 1 and 2: state scans -----------------------------------------------------
+// kGrad = false: x = k, y = v, walks forward from h0, stores S0 of each chunk.
+// kGrad = true:  x = q, y = dO, walks backward from dht, stores dS_end of each chunk, then dh0.
+// Grid: x = N * H, y = V tiles of 64. Both are S^T <- S^T * exp2(b_last) + y^T @ x~ with
+// x~ = k * exp2(b_last - b) (forward) or q * exp2(b) * scale (gradient).
+template <typename T, int KT, bool kGrad>
+__global__ void __launch_bounds__(kScanThreads)
+    gla_chunk_state_scan_kernel(const ChunkBwdArgs a) {
+  using E = Elem<T>;
+  using L = ScanLayout<KT>;
+  constexpr int kNT = KT / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint16_t* const sX = reinterpret_cast<uint16_t*>(smem + L::kXOff);
+  float* const sB = reinterpret_cast<float*>(smem + L::kBOff);
+  uint16_t* const sY = reinterpret_cast<uint16_t*>(smem + L::kYOff);
+  float* const sTot = reinterpret_cast<float*>(smem + L::kTotOff);
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5, lane = tid & 31;
+  const int g8 = lane >> 2, c4 = lane & 3;
+  const int lm_row = (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int lm_col = (lane >> 4) * 8;
+  const int H = a.H, K = a.K, V = a.V;
+  const int h = static_cast<int>(blockIdx.x % static_cast<unsigned>(H));
+  const int64_t n = blockIdx.x / static_cast<unsigned>(H);
+  const int v0 = blockIdx.y * kTileV;
+  int64_t row, start, end;
+  seq_range(a, n, &row, &start, &end);
+  const int64_t nchunks = num_chunks(start, end);
+  const int64_t chunk0 = first_chunk(a, n);
+
+  // S^T (or dS^T) for V columns vc_lo + {0, 8} and key dims 8nt + 2c + {0, 1}
+  float s[kNT][4];
+  const int vc_lo = v0 + 16 * warp + g8;
+  const int64_t state_base = (n * H + h) * static_cast<int64_t>(K) * V;
+  const float* const init = kGrad ? a.dht : a.h0;
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int kd = 8 * nt + 2 * c4 + (r & 1);
+      const int vc = vc_lo + (r >> 1) * 8;
+      s[nt][r] = (init != nullptr && kd < K && vc < V)
+                     ? init[state_base + static_cast<int64_t>(kd) * V + vc]
+                     : 0.0f;
+    }
+  }
+
+  const uint16_t* const x = static_cast<const uint16_t*>(kGrad ? a.q : a.k);
+  const uint16_t* const y = static_cast<const uint16_t*>(kGrad ? a.dout : a.v);
+  float* const saved = kGrad ? a.dstates : a.states;
+  const int64_t qk_tok = static_cast<int64_t>(H) * K;
+  const int64_t v_tok = static_cast<int64_t>(H) * V;
+
+  for (int64_t ci = 0; ci < nchunks; ++ci) {
+    const int64_t c = kGrad ? nchunks - 1 - ci : ci;
+    const int64_t c0 = start + c * kC;
+    const int len = static_cast<int>(end - c0 < kC ? end - c0 : kC);
+    const int64_t qk_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(K);
+    const int64_t v_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(V);
+
+    load_tile16<KT, L::kXStride, kScanThreads>(sX, x, qk_base, qk_tok, len, 0, K,
+                                               (a.flags & kVecQK) != 0, tid);
+    load_tile32<KT, L::kBStride, kScanThreads>(sB, a.g, qk_base, qk_tok, len, 0, K,
+                                               (a.flags & kVecG) != 0, tid);
+    load_tile16<kTileV, L::kYStride, kScanThreads>(sY, y, v_base, v_tok, len, v0, V,
+                                                   (a.flags & kVecV) != 0, tid);
+    cp_async_wait_all();
+    __syncthreads();
+    gate_cumsum<KT, L::kBStride, kScanThreads>(sB, sTot, tid);
+
+    // x~ in place (input dtype)
+    {
+      constexpr int kPerRow = KT / 8;
+      const float* const blast = sB + (kC - 1) * L::kBStride;  // rows past len repeat b_last
+      for (int i = tid; i < kC * kPerRow; i += kScanThreads) {
+        const int t = i / kPerRow, kb = (i % kPerRow) * 8;
+        uint4* const xp = reinterpret_cast<uint4*>(sX + t * L::kXStride + kb);
+        const float* const bt = sB + t * L::kBStride + kb;
+        uint4 xv = *xp;
+        uint32_t* const xw = reinterpret_cast<uint32_t*>(&xv);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 b = *reinterpret_cast<const float2*>(bt + 2 * e);
+          float x0, x1;
+          E::unpack2(xw[e], x0, x1);
+          if constexpr (kGrad) {
+            xw[e] = E::pack2(x0 * exp2f(b.x) * a.scale, x1 * exp2f(b.y) * a.scale);
+          } else {
+            const float2 bl = *reinterpret_cast<const float2*>(blast + kb + 2 * e);
+            xw[e] = E::pack2(x0 * exp2f(bl.x - b.x), x1 * exp2f(bl.y - b.y));
+          }
+        }
+        *xp = xv;
+      }
+    }
+
+    // save the state this chunk starts from (forward) / the gradient on its end (backward)
+    float* const dst = saved + ((chunk0 + c) * H + h) * static_cast<int64_t>(K) * V;
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int kd = 8 * nt + 2 * c4 + (r & 1);
+        const int vc = vc_lo + (r >> 1) * 8;
+        if (kd < K && vc < V) dst[static_cast<int64_t>(kd) * V + vc] = s[nt][r];
+      }
+    }
+    __syncthreads();
+
+    uint32_t yf[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      ldsm_x4_trans(yf[j], sY + (16 * j + lm_row) * L::kYStride + 16 * warp + lm_col);
+    state_update<T, KT, L::kXStride>(s, yf, sX, sB + (kC - 1) * L::kBStride, lane);
+    __syncthreads();  // tiles are reloaded for the next chunk
+  }
+
+  if constexpr (kGrad) {
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int kd = 8 * nt + 2 * c4 + (r & 1);
+        const int vc = vc_lo + (r >> 1) * 8;
+        if (kd < K && vc < V) a.dh0[state_base + static_cast<int64_t>(kd) * V + vc] = s[nt][r];
+      }
+    }
+  }
+}
+
+// Shared memory of the chunk kernel. Region R holds the V-loop tiles (v, dO, S0, dS as the
+// input dtype), and after the loop is reused for dA (float) and the dg terms (float).
+template <int KT>
+struct BwdLayout {
+  static constexpr int kQKStride = KT + 8;    // q, k, k * exp2(b_last - b): 16-bit
+  static constexpr int kBStride = KT + 8;     // cumulative gates: float
+  static constexpr int kAStride = kC + 8;     // scores A: 16-bit
+  static constexpr int kVStride = kTileV + 8; // v, dO tiles: [kC][kVStride] 16-bit
+  static constexpr int kSStride = kTileV + 8; // S0, dS tiles: [KT][kSStride] 16-bit
+  static constexpr int kDAStride = kC + 4;    // dA: float
+  static constexpr int kDStride = KT + 4;     // q dq - k dk: float
+  static constexpr int kQOff = 0;
+  static constexpr int kKOff = kQOff + kC * kQKStride * 2;
+  static constexpr int kKbOff = kKOff + kC * kQKStride * 2;
+  static constexpr int kBOff = kKbOff + kC * kQKStride * 2;
+  static constexpr int kAOff = kBOff + kC * kBStride * 4;
+  static constexpr int kROff = kAOff + kC * kAStride * 2;
+  // region R, V loop
+  static constexpr int kVOff = kROff;
+  static constexpr int kDOOff = kVOff + kC * kVStride * 2;
+  static constexpr int kSOff = kDOOff + kC * kVStride * 2;
+  static constexpr int kDSOff = kSOff + KT * kSStride * 2;
+  static constexpr int kLoopEnd = kDSOff + KT * kSStride * 2;
+  // region R, after the loop
+  static constexpr int kDAOff = kROff;
+  static constexpr int kDOff = kDAOff + kC * kDAStride * 4;
+  static constexpr int kAfterEnd = kDOff + kC * kDStride * 4;
+  static constexpr int kREnd = kLoopEnd > kAfterEnd ? kLoopEnd : kAfterEnd;
+  // small arrays
+  static constexpr int kTotOff = kREnd;                  // [kBwdThreads] float
+  static constexpr int kRowOff = kTotOff + kBwdThreads * 4;  // [KT] rowsum(S0 * dS)
+  static constexpr int kPartOff = kRowOff + KT * 4;      // [4][KT] per row block
+  static constexpr int kBytes = kPartOff + 4 * KT * 4;
+  static_assert(kKOff % 16 == 0 && kKbOff % 16 == 0 && kBOff % 16 == 0 && kAOff % 16 == 0 &&
+                    kROff % 16 == 0 && kDOOff % 16 == 0 && kSOff % 16 == 0 &&
+                    kDSOff % 16 == 0 && kDOff % 16 == 0 && kTotOff % 16 == 0,
+                "tiles must start 16-byte aligned");
+};
+// sm_80 allows 163 KB per block with the opt-in, sm_90 227 KB.
+static_assert(BwdLayout<128>::kBytes <= 163 * 1024, "chunk backward shared memory too large");
+
+// Loads rows [0, KT) x columns [v0, v0 + 64) of a float32 K x V state into a 16-bit tile
+// (zero outside K x V). With want_rows, also adds rowsum(S0 * dS) of this tile into sRow.
+template <typename T, int KT, typename L>
+__device__ __forceinline__ void load_state_tiles(const ChunkBwdArgs& a, int64_t state_off,
+                                                 int v0, uint16_t* sS, uint16_t* sDS,
+                                                 float* sRow, int tid) {
+  using E = Elem<T>;
+  const int K = a.K, V = a.V;
+  const float* const S = a.states + state_off;
+  const float* const D = a.dstates + state_off;
+  // 16 threads per key row, 4 columns each; 256 threads cover 16 rows per pass, and every
+  // warp runs the same number of passes (KT * 16 is a multiple of kBwdThreads).
+  static_assert((KT * 16) % kBwdThreads == 0, "whole passes");
+  const bool vec = (a.flags & kVecS) != 0;
+  for (int i = tid; i < KT * 16; i += kBwdThreads) {
+    const int kd = i >> 4, cc = (i & 15) * 4;
+    float s4[4], d4[4];
+    if (vec) {
+      const bool in = kd < K && v0 + cc < V;  // V % 4 == 0: all four in or all out
+      const int64_t off = static_cast<int64_t>(kd) * V + v0 + cc;
+      const float4 sv = in ? *reinterpret_cast<const float4*>(S + off) : float4{0, 0, 0, 0};
+      const float4 dv = in ? *reinterpret_cast<const float4*>(D + off) : float4{0, 0, 0, 0};
+      s4[0] = sv.x; s4[1] = sv.y; s4[2] = sv.z; s4[3] = sv.w;
+      d4[0] = dv.x; d4[1] = dv.y; d4[2] = dv.z; d4[3] = dv.w;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool in = kd < K && v0 + cc + e < V;
+        const int64_t off = static_cast<int64_t>(kd) * V + v0 + cc + e;
+        s4[e] = in ? S[off] : 0.0f;
+        d4[e] = in ? D[off] : 0.0f;
+      }
+    }
+    *reinterpret_cast<uint2*>(sS + kd * L::kSStride + cc) =
+        make_uint2(E::pack2(s4[0], s4[1]), E::pack2(s4[2], s4[3]));
+    *reinterpret_cast<uint2*>(sDS + kd * L::kSStride + cc) =
+        make_uint2(E::pack2(d4[0], d4[1]), E::pack2(d4[2], d4[3]));
+    float dot = s4[0] * d4[0] + s4[1] * d4[1] + s4[2] * d4[2] + s4[3] * d4[3];
+    // sum over the 16 threads of this row (lanes i & 15 of a half warp), fixed order
+    dot += __shfl_xor_sync(0xffffffffu, dot, 8);
+    dot += __shfl_xor_sync(0xffffffffu, dot, 4);
+    dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+    dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+    if ((i & 15) == 0) sRow[kd] += dot;  // one writer per row per pass
+  }
+}
+
+// ---- launch 3: everything per chunk ------------------------------------------------------
+// Grid: x = chunk index (over all sequences; blocks past the last chunk return), y = head.
+template <typename T, int KT>
+__global__ void __launch_bounds__(kBwdThreads)
+    gla_chunk_bwd_kernel(const ChunkBwdArgs a) {
+  using E = Elem<T>;
+  using L = BwdLayout<KT>;
+  constexpr int kKH = KT / 2;      // key dims per warp half
+  constexpr int kKN = kKH / 8;     // their 8-wide accumulator tiles
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint16_t* const sQ = reinterpret_cast<uint16_t*>(smem + L::kQOff);
+  uint16_t* const sK = reinterpret_cast<uint16_t*>(smem + L::kKOff);
+  uint16_t* const sKb = reinterpret_cast<uint16_t*>(smem + L::kKbOff);
+  float* const sB = reinterpret_cast<float*>(smem + L::kBOff);
+  uint16_t* const sA = reinterpret_cast<uint16_t*>(smem + L::kAOff);
+  uint16_t* const sV = reinterpret_cast<uint16_t*>(smem + L::kVOff);
+  uint16_t* const sDO = reinterpret_cast<uint16_t*>(smem + L::kDOOff);
+  uint16_t* const sS = reinterpret_cast<uint16_t*>(smem + L::kSOff);
+  uint16_t* const sDS = reinterpret_cast<uint16_t*>(smem + L::kDSOff);
+  float* const sDA = reinterpret_cast<float*>(smem + L::kDAOff);
+  float* const sD = reinterpret_cast<float*>(smem + L::kDOff);
+  float* const sTot = reinterpret_cast<float*>(smem + L::kTotOff);
+  float* const sRow = reinterpret_cast<float*>(smem + L::kRowOff);
+  float* const sPart = reinterpret_cast<float*>(smem + L::kPartOff);
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5, lane = tid & 31;
+  const int rb = warp & 3;      // token rows [16 rb, 16 rb + 16)
+  const int half = warp >> 2;   // key dims [half * KT/2, ...) or V columns [32 half, ...)
+  const int g8 = lane >> 2, c4 = lane & 3;
+  const int lm_row = (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int lm_col = (lane >> 4) * 8;
+  const int H = a.H, K = a.K, V = a.V;
+  const int h = blockIdx.y;
+  const float scale = a.scale;
+
+  // which sequence and chunk this block is
+  const int64_t gc = blockIdx.x;
+  int64_t n = -1, c = 0;
+  if (a.cu_seqlens == nullptr) {
+    n = gc / a.chunks_per_row;
+    c = gc % a.chunks_per_row;
+    if (n >= a.N) return;
+  } else {
+    int64_t acc = 0;
+    for (int64_t m = 0; m < a.N; ++m) {
+      int64_t r, s0, e0;
+      seq_range(a, m, &r, &s0, &e0);
+      const int64_t nc = num_chunks(s0, e0);
+      if (gc < acc + nc) {
+        n = m;
+        c = gc - acc;
+        break;
+      }
+      acc += nc;
+    }
+    if (n < 0) return;  // past the last chunk (the grid is an upper bound)
+  }
+  int64_t row, start, end;
+  seq_range(a, n, &row, &start, &end);
+  const int64_t c0 = start + c * kC;
+  const int len = static_cast<int>(end - c0 < kC ? end - c0 : kC);
+  const int64_t qk_tok = static_cast<int64_t>(H) * K;
+  const int64_t v_tok = static_cast<int64_t>(H) * V;
+  const int64_t qk_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(K);
+  const int64_t v_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(V);
+  const int64_t state_off = (gc * H + h) * static_cast<int64_t>(K) * V;
+
+  // ---- q, k, gates; cumulative gates; scores A; k * exp2(b_last - b) ----------------------
+  const uint16_t* const q = static_cast<const uint16_t*>(a.q);
+  const uint16_t* const k = static_cast<const uint16_t*>(a.k);
+  load_tile16<KT, L::kQKStride, kBwdThreads>(sQ, q, qk_base, qk_tok, len, 0, K,
+                                             (a.flags & kVecQK) != 0, tid);
+  load_tile16<KT, L::kQKStride, kBwdThreads>(sK, k, qk_base, qk_tok, len, 0, K,
+                                             (a.flags & kVecQK) != 0, tid);
+  load_tile32<KT, L::kBStride, kBwdThreads>(sB, a.g, qk_base, qk_tok, len, 0, K,
+                                            (a.flags & kVecG) != 0, tid);
+  for (int i = tid; i < KT; i += kBwdThreads) sRow[i] = 0.0f;
+  cp_async_wait_all();
+  __syncthreads();
+  gate_cumsum<KT, L::kBStride, kBwdThreads>(sB, sTot, tid);
+  chunk_scores<T, KT, kBwdWarps, L>(sQ, sK, sB, sA, scale, warp, lane);
+  const float* const blast = sB + (kC - 1) * L::kBStride;  // rows past len repeat b_last
+  {
+    constexpr int kPerRow = KT / 8;
+    for (int i = tid; i < kC * kPerRow; i += kBwdThreads) {
+      const int t = i / kPerRow, kb = (i % kPerRow) * 8;
+      const uint4 kv = *reinterpret_cast<const uint4*>(sK + t * L::kQKStride + kb);
+      const uint32_t* const kw = reinterpret_cast<const uint32_t*>(&kv);
+      uint4 out;
+      uint32_t* const ow = reinterpret_cast<uint32_t*>(&out);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 b = *reinterpret_cast<const float2*>(sB + t * L::kBStride + kb + 2 * e);
+        const float2 bl = *reinterpret_cast<const float2*>(blast + kb + 2 * e);
+        float k0, k1;
+        E::unpack2(kw[e], k0, k1);
+        ow[e] = E::pack2(k0 * exp2f(bl.x - b.x), k1 * exp2f(bl.y - b.y));
+      }
+      *reinterpret_cast<uint4*>(sKb + t * L::kQKStride + kb) = out;
+    }
+  }
+  __syncthreads();
+
+  // ---- V loop: dA, dv, and the inter-chunk parts of dq and dk ---------------------------
+  float dA[4][4];        // rows 16rb + g (+8), tokens 32 half + 8j + 2c (+1)
+  float dq[kKN][4];      // rows 16rb + g (+8), key dims kKH half + 8j + 2c (+1)
+  float dk[kKN][4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) dA[j][r] = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kKN; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) dq[j][r] = dk[j][r] = 0.0f;
+
+  const uint16_t* const v = static_cast<const uint16_t*>(a.v);
+  const uint16_t* const dout = static_cast<const uint16_t*>(a.dout);
+  const int kh0 = kKH * half;  // first key dim of this warp's half
+  for (int v0 = 0; v0 < V; v0 += kTileV) {
+    load_tile16<kTileV, L::kVStride, kBwdThreads>(sV, v, v_base, v_tok, len, v0, V,
+                                                  (a.flags & kVecV) != 0, tid);
+    load_tile16<kTileV, L::kVStride, kBwdThreads>(sDO, dout, v_base, v_tok, len, v0, V,
+                                                  (a.flags & kVecV) != 0, tid);
+    load_state_tiles<T, KT, L>(a, state_off, v0, sS, sDS, sRow, tid);
+    cp_async_wait_all();
+    __syncthreads();
+
+#pragma unroll
+    for (int kk = 0; kk < kTileV / 16; ++kk) {  // 16 V columns at a time
+      uint32_t fdo[4], fv[4];
+      ldsm_x4(fdo, sDO + (16 * rb + lm_row) * L::kVStride + 16 * kk + lm_col);
+      ldsm_x4(fv, sV + (16 * rb + lm_row) * L::kVStride + 16 * kk + lm_col);
+      // dA += dO @ v^T: B[vcol][token] = v[token][vcol], read untransposed;
+      // {r0, r2} are tokens 0..7 of the block, {r1, r3} tokens 8..15.
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        const int j = 2 * half + jj;  // token block
+        if (j > rb) continue;         // causal: blocks after the row block are never used
+        uint32_t bv[4];
+        ldsm_x4(bv, sV + (16 * j + lm_row) * L::kVStride + 16 * kk + lm_col);
+        E::mma(dA[2 * jj], fdo, bv[0], bv[2]);
+        E::mma(dA[2 * jj + 1], fdo, bv[1], bv[3]);
+      }
+      // dq += dO @ S0^T and dk += v @ dS^T: B[vcol][key] = S[key][vcol], untransposed
+#pragma unroll
+      for (int kb = 0; kb < kKH; kb += 16) {
+        uint32_t bs[4], bd[4];
+        ldsm_x4(bs, sS + (kh0 + kb + lm_row) * L::kSStride + 16 * kk + lm_col);
+        ldsm_x4(bd, sDS + (kh0 + kb + lm_row) * L::kSStride + 16 * kk + lm_col);
+        E::mma(dq[kb / 8], fdo, bs[0], bs[2]);
+        E::mma(dq[kb / 8 + 1], fdo, bs[1], bs[3]);
+        E::mma(dk[kb / 8], fv, bd[0], bd[2]);
+        E::mma(dk[kb / 8 + 1], fv, bd[1], bd[3]);
+      }
+    }
+
+    // dv = A^T @ dO + kbar @ dS for rows 16rb.., V columns v0 + 32 half + [0, 32)
+    {
+      float acc[4][4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[j][r] = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // token blocks t >= s only
+        if (i < rb) continue;
+        uint32_t at[4];
+        // A^T rows s, cols t: the transposed read of A's tile (t rows, s cols) is this
+        // fragment in the order {r0, r2, r1, r3}
+        ldsm_x4_trans(at, sA + (16 * i + lm_row) * L::kAStride + 16 * rb + lm_col);
+        const uint32_t af[4] = {at[0], at[2], at[1], at[3]};
+#pragma unroll
+        for (int nb = 0; nb < 2; ++nb) {  // 16 V columns at a time
+          uint32_t bo[4];
+          ldsm_x4_trans(bo, sDO + (16 * i + lm_row) * L::kVStride + 32 * half + 16 * nb + lm_col);
+          E::mma(acc[2 * nb], af, bo[0], bo[1]);
+          E::mma(acc[2 * nb + 1], af, bo[2], bo[3]);
+        }
+      }
+#pragma unroll
+      for (int kb = 0; kb < KT; kb += 16) {
+        uint32_t af[4];
+        ldsm_x4(af, sKb + (16 * rb + lm_row) * L::kQKStride + kb + lm_col);
+#pragma unroll
+        for (int nb = 0; nb < 2; ++nb) {
+          uint32_t bd[4];
+          ldsm_x4_trans(bd, sDS + (kb + lm_row) * L::kSStride + 32 * half + 16 * nb + lm_col);
+          E::mma(acc[2 * nb], af, bd[0], bd[1]);
+          E::mma(acc[2 * nb + 1], af, bd[2], bd[3]);
+        }
+      }
+      uint16_t* const dvp = static_cast<uint16_t*>(a.dv) + v_base;
+      const bool pair = (a.flags & kPairV) != 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int vc = v0 + 32 * half + 8 * j + 2 * c4;
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int t = 16 * rb + g8 + 8 * hr;
+          if (t >= len || vc >= V) continue;
+          uint16_t* const dst = dvp + t * v_tok + vc;
+          if (pair) {
+            *reinterpret_cast<uint32_t*>(dst) = E::pack2(acc[j][2 * hr], acc[j][2 * hr + 1]);
+          } else {
+            dst[0] = E::from_float(acc[j][2 * hr]);
+            if (vc + 1 < V) dst[1] = E::from_float(acc[j][2 * hr + 1]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // tiles are reloaded (or the region reused) next
+  }
+
+  // ---- gate the inter-chunk parts; partial sums for the dg carry -------------------------
+  // dq *= scale * exp2(b_t), dk *= exp2(b_last - b_s); sPart[rb][key] = sum over the rows of
+  // k * dk (the inter part only).
+#pragma unroll
+  for (int j = 0; j < kKN; ++j) {
+    const int kd = kh0 + 8 * j + 2 * c4;
+    float part0 = 0.0f, part1 = 0.0f;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int t = 16 * rb + g8 + 8 * hr;
+      const float2 b = *reinterpret_cast<const float2*>(sB + t * L::kBStride + kd);
+      const float2 bl = *reinterpret_cast<const float2*>(blast + kd);
+      dq[j][2 * hr] *= scale * exp2f(b.x);
+      dq[j][2 * hr + 1] *= scale * exp2f(b.y);
+      dk[j][2 * hr] *= exp2f(bl.x - b.x);
+      dk[j][2 * hr + 1] *= exp2f(bl.y - b.y);
+      float k0, k1;
+      E::unpack2(*reinterpret_cast<const uint32_t*>(sK + t * L::kQKStride + kd), k0, k1);
+      part0 += k0 * dk[j][2 * hr];
+      part1 += k1 * dk[j][2 * hr + 1];
+    }
+    // sum over the 8 row groups g (lanes with the same c), fixed order
+#pragma unroll
+    for (int m = 4; m < 32; m <<= 1) {
+      part0 += __shfl_xor_sync(0xffffffffu, part0, m);
+      part1 += __shfl_xor_sync(0xffffffffu, part1, m);
+    }
+    if (g8 == 0) {
+      sPart[rb * KT + kd] = part0;
+      sPart[rb * KT + kd + 1] = part1;
+    }
+  }
+
+  // dA (scale included, causal) -> shared memory as float
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int t = 16 * rb + g8 + 8 * (r >> 1);
+      const int s = 32 * half + 8 * j + 2 * c4 + (r & 1);
+      sDA[t * L::kDAStride + s] = s <= t ? dA[j][r] * scale : 0.0f;
+    }
+  }
+  __syncthreads();
+
+  // ---- intra-chunk dq: row block i = rb ----------------------------------------------------
+  //   off-diagonal (blocks j < i) on tensor cores relative to r = 16i, the first token of the
+  //   block: dq_t += exp2(b_t - b_r) * sum_s dA[t][s] * (k_s * exp2(b_r - b_s)).
+  //   diagonal in float32: dq_t += sum_{16i <= s <= t} dA[t][s] k_s exp2(b_t - b_s).
+  {
+    const int i = rb;
+    if (i > 0) {
+      const int ref = 16 * i;
+      float tmp[kKN][4];
+#pragma unroll
+      for (int j = 0; j < kKN; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) tmp[j][r] = 0.0f;
+      for (int j = 0; j < i; ++j) {
+        uint32_t af[4];  // dA rows 16i + g (+8), cols 16j + 2c (+1) (+8)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int t = 16 * i + g8 + 8 * (e & 1);
+          const int s = 16 * j + 2 * c4 + 8 * (e >> 1);
+          const float2 x = *reinterpret_cast<const float2*>(sDA + t * L::kDAStride + s);
+          af[e] = E::pack2(x.x, x.y);
+        }
+#pragma unroll
+        for (int kb = 0; kb < kKH; kb += 16) {
+          uint32_t bk[4];  // k rows s (tokens), cols key dims, read transposed
+          ldsm_x4_trans(bk, sK + (16 * j + lm_row) * L::kQKStride + kh0 + kb + lm_col);
+          // bk[m]: tokens 16j + 2c (+1) (+8 for m odd), key dim kh0 + kb + g (+8 for m >= 2)
+#pragma unroll
+          for (int m = 0; m < 4; ++m) {
+            const int s = 16 * j + 2 * c4 + 8 * (m & 1);
+            const int kd = kh0 + kb + g8 + 8 * (m >> 1);
+            const float br = sB[ref * L::kBStride + kd];
+            float x0, x1;
+            E::unpack2(bk[m], x0, x1);
+            bk[m] = E::pack2(x0 * exp2f(br - sB[s * L::kBStride + kd]),
+                             x1 * exp2f(br - sB[(s + 1) * L::kBStride + kd]));
+          }
+          E::mma(tmp[kb / 8], af, bk[0], bk[1]);
+          E::mma(tmp[kb / 8 + 1], af, bk[2], bk[3]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kKN; ++j) {
+        const int kd = kh0 + 8 * j + 2 * c4;
+        const float2 br = *reinterpret_cast<const float2*>(sB + ref * L::kBStride + kd);
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int t = 16 * i + g8 + 8 * hr;
+          const float2 b = *reinterpret_cast<const float2*>(sB + t * L::kBStride + kd);
+          dq[j][2 * hr] += tmp[j][2 * hr] * exp2f(b.x - br.x);
+          dq[j][2 * hr + 1] += tmp[j][2 * hr + 1] * exp2f(b.y - br.y);
+        }
+      }
+    }
+    // diagonal block
+#pragma unroll 1
+    for (int sl = 0; sl < 16; ++sl) {
+      const int s = 16 * i + sl;
+      const float da0 = sDA[(16 * i + g8) * L::kDAStride + s];      // 0 when s > t
+      const float da1 = sDA[(16 * i + g8 + 8) * L::kDAStride + s];
+#pragma unroll
+      for (int j = 0; j < kKN; ++j) {
+        const int kd = kh0 + 8 * j + 2 * c4;
+        float k0, k1;
+        E::unpack2(*reinterpret_cast<const uint32_t*>(sK + s * L::kQKStride + kd), k0, k1);
+        const float2 bs = *reinterpret_cast<const float2*>(sB + s * L::kBStride + kd);
+        const float2 b0 = *reinterpret_cast<const float2*>(sB + (16 * i + g8) * L::kBStride + kd);
+        const float2 b1 =
+            *reinterpret_cast<const float2*>(sB + (16 * i + g8 + 8) * L::kBStride + kd);
+        // s > t would be a positive exponent: clamp (dA is 0 there anyway)
+        dq[j][0] += da0 * k0 * exp2f(fminf(b0.x - bs.x, 0.0f));
+        dq[j][1] += da0 * k1 * exp2f(fminf(b0.y - bs.y, 0.0f));
+        dq[j][2] += da1 * k0 * exp2f(fminf(b1.x - bs.x, 0.0f));
+        dq[j][3] += da1 * k1 * exp2f(fminf(b1.y - bs.y, 0.0f));
+      }
+    }
+  }
+
+  // ---- intra-chunk dk: token block j = rb ------------------------------------------------
+  //   off-diagonal (blocks i > j) relative to r = 16j + 15, the last token of the block:
+  //   dk_s += exp2(b_r - b_s) * sum_t dA[t][s] * (q_t * exp2(b_t - b_r)).
+  //   diagonal: dk_s += sum_{s <= t < 16j + 16} dA[t][s] q_t exp2(b_t - b_s).
+  {
+    const int j = rb;
+    if (j < 3) {
+      const int ref = 16 * j + 15;
+      float tmp[kKN][4];
+#pragma unroll
+      for (int x = 0; x < kKN; ++x)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) tmp[x][r] = 0.0f;
+      for (int i = j + 1; i < 4; ++i) {
+        uint32_t af[4];  // dA^T rows s = 16j + g (+8), cols t = 16i + 2c (+1) (+8)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int s = 16 * j + g8 + 8 * (e & 1);
+          const int t = 16 * i + 2 * c4 + 8 * (e >> 1);
+          af[e] = E::pack2(sDA[t * L::kDAStride + s], sDA[(t + 1) * L::kDAStride + s]);
+        }
+#pragma unroll
+        for (int kb = 0; kb < kKH; kb += 16) {
+          uint32_t bq[4];  // q rows t, cols key dims, read transposed
+          ldsm_x4_trans(bq, sQ + (16 * i + lm_row) * L::kQKStride + kh0 + kb + lm_col);
+#pragma unroll
+          for (int m = 0; m < 4; ++m) {
+            const int t = 16 * i + 2 * c4 + 8 * (m & 1);
+            const int kd = kh0 + kb + g8 + 8 * (m >> 1);
+            const float br = sB[ref * L::kBStride + kd];
+            float x0, x1;
+            E::unpack2(bq[m], x0, x1);
+            bq[m] = E::pack2(x0 * exp2f(sB[t * L::kBStride + kd] - br),
+                             x1 * exp2f(sB[(t + 1) * L::kBStride + kd] - br));
+          }
+          E::mma(tmp[kb / 8], af, bq[0], bq[1]);
+          E::mma(tmp[kb / 8 + 1], af, bq[2], bq[3]);
+        }
+      }
+#pragma unroll
+      for (int x = 0; x < kKN; ++x) {
+        const int kd = kh0 + 8 * x + 2 * c4;
+        const float2 br = *reinterpret_cast<const float2*>(sB + ref * L::kBStride + kd);
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int s = 16 * j + g8 + 8 * hr;
+          const float2 b = *reinterpret_cast<const float2*>(sB + s * L::kBStride + kd);
+          dk[x][2 * hr] += tmp[x][2 * hr] * exp2f(br.x - b.x);
+          dk[x][2 * hr + 1] += tmp[x][2 * hr + 1] * exp2f(br.y - b.y);
+        }
+      }
+    }
+#pragma unroll 1
+    for (int tl = 0; tl < 16; ++tl) {
+      const int t = 16 * j + tl;
+      const float da0 = sDA[t * L::kDAStride + 16 * j + g8];      // 0 when s > t
+      const float da1 = sDA[t * L::kDAStride + 16 * j + g8 + 8];
+#pragma unroll
+      for (int x = 0; x < kKN; ++x) {
+        const int kd = kh0 + 8 * x + 2 * c4;
+        float q0, q1;
+        E::unpack2(*reinterpret_cast<const uint32_t*>(sQ + t * L::kQKStride + kd), q0, q1);
+        const float2 bt = *reinterpret_cast<const float2*>(sB + t * L::kBStride + kd);
+        const float2 b0 = *reinterpret_cast<const float2*>(sB + (16 * j + g8) * L::kBStride + kd);
+        const float2 b1 =
+            *reinterpret_cast<const float2*>(sB + (16 * j + g8 + 8) * L::kBStride + kd);
+        dk[x][0] += da0 * q0 * exp2f(fminf(bt.x - b0.x, 0.0f));
+        dk[x][1] += da0 * q1 * exp2f(fminf(bt.y - b0.y, 0.0f));
+        dk[x][2] += da1 * q0 * exp2f(fminf(bt.x - b1.x, 0.0f));
+        dk[x][3] += da1 * q1 * exp2f(fminf(bt.y - b1.y, 0.0f));
+      }
+    }
+  }
+
+  // ---- write dq, dk; q dq - k dk -> sD ---------------------------------------------------
+  {
+    uint16_t* const dqp = static_cast<uint16_t*>(a.dq) + qk_base;
+    uint16_t* const dkp = static_cast<uint16_t*>(a.dk) + qk_base;
+    const bool pair = (a.flags & kPairQK) != 0;
+#pragma unroll
+    for (int x = 0; x < kKN; ++x) {
+      const int kd = kh0 + 8 * x + 2 * c4;
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int t = 16 * rb + g8 + 8 * hr;
+        float q0, q1, k0, k1;
+        E::unpack2(*reinterpret_cast<const uint32_t*>(sQ + t * L::kQKStride + kd), q0, q1);
+        E::unpack2(*reinterpret_cast<const uint32_t*>(sK + t * L::kQKStride + kd), k0, k1);
+        const float dq0 = dq[x][2 * hr], dq1 = dq[x][2 * hr + 1];
+        const float dk0 = dk[x][2 * hr], dk1 = dk[x][2 * hr + 1];
+        sD[t * L::kDStride + kd] = q0 * dq0 - k0 * dk0;
+        sD[t * L::kDStride + kd + 1] = q1 * dq1 - k1 * dk1;
+        if (t >= len || kd >= K) continue;
+        const int64_t off = t * qk_tok + kd;
+        if (pair) {  // K even, so kd even < K implies kd + 1 < K
+          *reinterpret_cast<uint32_t*>(dqp + off) = E::pack2(dq0, dq1);
+          *reinterpret_cast<uint32_t*>(dkp + off) = E::pack2(dk0, dk1);
+        } else {
+          dqp[off] = E::from_float(dq0);
+          dkp[off] = E::from_float(dk0);
+          if (kd + 1 < K) {
+            dqp[off + 1] = E::from_float(dq1);
+            dkp[off + 1] = E::from_float(dk1);
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  // ---- dg: reverse cumulative sum of sD down each key column, plus the carry ---------------
+  {
+    constexpr int kP = kBwdThreads / KT;  // threads per key column
+    constexpr int kRows = kC / kP;        // rows of each
+    const int col = tid % KT, seg = tid / KT;
+    const int r0 = seg * kRows;
+    float tot = 0.0f;
+    for (int r = 0; r < kRows; ++r) tot += sD[(r0 + r) * L::kDStride + col];
+    sTot[tid] = tot;
+    __syncthreads();
+    // carry: everything after this chunk, collapsed onto its end state (see the top)
+    float run = exp2f(blast[col]) * sRow[col] + sPart[col] + sPart[KT + col] +
+                sPart[2 * KT + col] + sPart[3 * KT + col];
+    for (int p = kP - 1; p > seg; --p) run += sTot[p * KT + col];  // later segments
+    float* const dgp = a.dg + qk_base;
+    for (int r = kRows - 1; r >= 0; --r) {
+      const int t = r0 + r;
+      run += sD[t * L::kDStride + col];
+      if (t < len && col < K) dgp[t * qk_tok + col] = run;
+    }
+  }
+}
+
+// ---- launcher ------------------------------------------------------------------------
+bool aligned(const void* p, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// Upper bound on the number of chunks (exact without cu_seqlens): each packed sequence adds
+// at most one partial chunk.
+int64_t max_chunks(const GlaParams& p) {
+  const int64_t per_row = (p.T + kC - 1) / kC;
+  return p.cu_seqlens != nullptr ? per_row + p.N : p.B * per_row;
+}
+
+struct BwdGrid {
+  unsigned scan_x = 0, scan_y = 0;    // state scans: N * H, V tiles
+  unsigned chunk_x = 0, chunk_y = 0;  // chunk kernel: chunks (upper bound), H
+  bool scan_only = false;             // no tokens: only dh0 (from dht) to write
+  bool empty = false;                 // nothing to launch at all
+};
+
+// Checks p and fills the kernel arguments and grids. Returns an error message, or nullptr.
+const char* prepare_bwd(const GlaParams& p, ChunkBwdArgs* args, BwdGrid* grid) {
+  *grid = BwdGrid{};
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
+    return "chunk_bwd_cuda: q/k/v must be float16 or bfloat16";
+  if (p.K < 1 || p.K > kBwdMaxK)
+    return "chunk_bwd_cuda: K must be in [1, 128] (split wider K into slices)";
+  if (p.V < 1 || p.V > (int64_t{1} << 30)) return "chunk_bwd_cuda: V must be in [1, 2^30]";
+  if (p.B < 0 || p.T < 0 || p.H < 0 || p.N < 0) return "chunk_bwd_cuda: negative size";
+  if (p.cu_seqlens == nullptr && p.N != p.B)
+    return "chunk_bwd_cuda: N must equal B without cu_seqlens";
+  if (p.cu_seqlens != nullptr && p.B != 1) return "chunk_bwd_cuda: B must be 1 with cu_seqlens";
+  if (p.H > 65535 || p.N * p.H > int64_t{0x7fffffff})
+    return "chunk_bwd_cuda: N * H or H exceeds the grid limit";
+  if ((p.V + kTileV - 1) / kTileV > 65535) return "chunk_bwd_cuda: V too large for the grid";
+  if (max_chunks(p) > int64_t{0x7fffffff}) return "chunk_bwd_cuda: too many chunks for the grid";
+  if (p.N * p.H == 0) {
+    grid->empty = true;
+    return nullptr;
+  }
+  if (p.dh0 == nullptr) return "chunk_bwd_cuda: dh0 must not be null";
+  if (p.T > 0 && (p.q == nullptr || p.k == nullptr || p.v == nullptr || p.g == nullptr ||
+                  p.dout == nullptr || p.dq == nullptr || p.dk == nullptr ||
+                  p.dv == nullptr || p.dg == nullptr || p.workspace == nullptr))
+    return "chunk_bwd_cuda: inputs, gradients and workspace must not be null";
+
+  const int64_t state_floats = max_chunks(p) * p.H * p.K * p.V;
+  args->q = p.q;
+  args->k = p.k;
+  args->v = p.v;
+  args->g = static_cast<const float*>(p.g);
+  args->h0 = static_cast<const float*>(p.h0);
+  args->dout = p.dout;
+  args->dht = static_cast<const float*>(p.dht);
+  args->dq = p.dq;
+  args->dk = p.dk;
+  args->dv = p.dv;
+  args->dg = static_cast<float*>(p.dg);
+  args->dh0 = static_cast<float*>(p.dh0);
+  args->states = p.workspace;
+  args->dstates = p.workspace == nullptr ? nullptr : p.workspace + state_floats;
+  args->cu_seqlens = p.cu_seqlens;
+  args->T = p.T;
+  args->chunks_per_row = (p.T + kC - 1) / kC;
+  args->N = static_cast<int>(p.N);
+  args->H = static_cast<int>(p.H);
+  args->K = static_cast<int>(p.K);
+  args->V = static_cast<int>(p.V);
+  args->scale = static_cast<float>(p.scale);
+  args->flags = 0;
+  if (p.K % 8 == 0 && aligned(p.q, 16) && aligned(p.k, 16)) args->flags |= kVecQK;
+  if (p.K % 4 == 0 && aligned(p.g, 16)) args->flags |= kVecG;
+  if (p.V % 8 == 0 && aligned(p.v, 16) && aligned(p.dout, 16)) args->flags |= kVecV;
+  if (p.V % 4 == 0 && aligned(p.workspace, 16)) args->flags |= kVecS;
+  if (p.K % 2 == 0 && aligned(p.dq, 4) && aligned(p.dk, 4)) args->flags |= kPairQK;
+  if (p.V % 2 == 0 && aligned(p.dv, 4)) args->flags |= kPairV;
+  grid->scan_x = static_cast<unsigned>(p.N * p.H);
+  grid->scan_y = static_cast<unsigned>((p.V + kTileV - 1) / kTileV);
+  grid->chunk_x = static_cast<unsigned>(max_chunks(p));
+  grid->chunk_y = static_cast<unsigned>(p.H);
+  grid->scan_only = p.T == 0;
+  return nullptr;
+}
+
+#ifndef GLA_CHUNK_EMULATE
+thread_local char g_message[320];
+
+using KernelFn = void (*)(const ChunkBwdArgs);
+
+const char* launch_one(KernelFn kernel, dim3 grid, int threads, int smem, cudaStream_t stream,
+                       const ChunkBwdArgs& args, const char* name) {
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it, so it is not reported again by a later check
+    std::snprintf(g_message, sizeof(g_message),
+                  "chunk_bwd_cuda: %s: cannot reserve %d bytes of shared memory: %s", name,
+                  smem, cudaGetErrorString(err));
+    return g_message;
+  }
+  kernel<<<grid, threads, smem, stream>>>(args);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    std::snprintf(g_message, sizeof(g_message), "chunk_bwd_cuda: %s launch failed: %s", name,
+                  cudaGetErrorString(err));
+    return g_message;
+  }
+  return nullptr;
+}
+
+// The three launches in order (stream order makes each see the previous one's results).
+template <typename T, int KT>
+const char* launch_all(const ChunkBwdArgs& args, const BwdGrid& grid, cudaStream_t stream) {
+  const dim3 scan_grid(grid.scan_x, grid.scan_y);
+  constexpr int kScanSmem = ScanLayout<KT>::kBytes;
+  if (!grid.scan_only) {
+    if (const char* e = launch_one(gla_chunk_state_scan_kernel<T, KT, false>, scan_grid,
+                                   kScanThreads, kScanSmem, stream, args,
+                                   "gla_chunk_state_scan_kernel (states)"))
+      return e;
+  }
+  // with no tokens this only writes dh0 (= dht, or 0)
+  if (const char* e = launch_one(gla_chunk_state_scan_kernel<T, KT, true>, scan_grid,
+                                 kScanThreads, kScanSmem, stream, args,
+                                 "gla_chunk_state_scan_kernel (gradients)"))
+    return e;
+  if (grid.scan_only) return nullptr;
+  return launch_one(gla_chunk_bwd_kernel<T, KT>, dim3(grid.chunk_x, grid.chunk_y), kBwdThreads,
+                    BwdLayout<KT>::kBytes, stream, args, "gla_chunk_bwd_kernel");
+}
+#endif  // GLA_CHUNK_EMULATE
+
+}  // namespace
+
+int64_t chunk_bwd_cuda_workspace_floats(const GlaParams& p) {
+  if (p.T <= 0) return 0;
+  return 2 * max_chunks(p) * p.H * p.K * p.V;  // chunk start states and end-state gradients
+}
+
+#ifndef GLA_CHUNK_EMULATE
+const char* chunk_bwd_cuda(const GlaParams& p, void* stream_ptr) {
+  static_assert(kBwdMaxK == kCudaChunkMaxK, "gla.h and chunk_bwd.cu disagree on max K");
+  ChunkBwdArgs args;
+  BwdGrid grid;
+  if (const char* err = prepare_bwd(p, &args, &grid)) return err;
+  if (grid.empty) return nullptr;
+
+  int device = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) {
+    std::snprintf(g_message, sizeof(g_message), "chunk_bwd_cuda: cannot query the device: %s",
+                  cudaGetErrorString(err));
+    return g_message;
+  }
+  if (major < 8) return "chunk_bwd_cuda: needs a GPU of compute capability 8.0 or newer";
+
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  if (p.K <= 64)
+    return bf16 ? launch_all<__nv_bfloat16, 64>(args, grid, stream)
+                : launch_all<__half, 64>(args, grid, stream);
+  return bf16 ? launch_all<__nv_bfloat16, 128>(args, grid, stream)
+              : launch_all<__half, 128>(args, grid, stream);
+}
+#endif  // GLA_CHUNK_EMULATE
+
+}  // namespace gla
