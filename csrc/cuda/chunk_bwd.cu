@@ -51,6 +51,7 @@ constexpr int kBwdWarps = 8;              // chunk kernel
 constexpr int kBwdThreads = 32 * kBwdWarps;
 constexpr int kTileV = 64;                // V columns per scan block / per chunk-kernel tile
 constexpr int kBwdMaxK = 128;             // kCudaChunkMaxK in gla.h
+constexpr int kScanK = 64;                // key dims per state-scan block
 
 // Which global accesses may be vectorized (set by the launcher from sizes and alignment).
 enum : int {
@@ -117,35 +118,35 @@ __device__ __forceinline__ int64_t first_chunk(const ChunkBwdArgs& a, int64_t n)
   return acc;
 }
 
-// Shared memory of the state scans.
-template <int KT>
+// Shared memory of the state scans: two stages, so the next chunk's tiles load (cp.async)
+// while the current one is computed.
 struct ScanLayout {
-  static constexpr int kXStride = KT + 8;     // gated key-side tile (k or q): 16-bit
-  static constexpr int kBStride = KT + 8;     // cumulative gates: float
-  static constexpr int kYStride = kTileV + 8; // value-side tile (v or dO): 16-bit
+  static constexpr int kXStride = kScanK + 8;   // gated key-side tile (k or q): 16-bit
+  static constexpr int kBStride = kScanK + 8;   // cumulative gates: float
+  static constexpr int kYStride = kTileV + 8;   // value-side tile (v or dO): 16-bit
   static constexpr int kXOff = 0;
   static constexpr int kBOff = kXOff + kC * kXStride * 2;
   static constexpr int kYOff = kBOff + kC * kBStride * 4;
-  static constexpr int kTotOff = kYOff + kC * kYStride * 2;
+  static constexpr int kStageBytes = kYOff + kC * kYStride * 2;
+  static constexpr int kTotOff = 2 * kStageBytes;
   static constexpr int kBytes = kTotOff + kScanThreads * 4;
-  static_assert(kBOff % 16 == 0 && kYOff % 16 == 0 && kTotOff % 16 == 0, "alignment");
+  static_assert(kBOff % 16 == 0 && kYOff % 16 == 0 && kStageBytes % 16 == 0, "alignment");
 };
 
 // ---- launches 1 and 2: state scans -----------------------------------------------------
 // kGrad = false: x = k, y = v, walks forward from h0, stores S0 of each chunk.
 // kGrad = true:  x = q, y = dO, walks backward from dht, stores dS_end of each chunk, then dh0.
-// Grid: x = N * H, y = V tiles of 64. Both are S^T <- S^T * exp2(b_last) + y^T @ x~ with
-// x~ = k * exp2(b_last - b) (forward) or q * exp2(b) * scale (gradient).
-template <typename T, int KT, bool kGrad>
+// Both are S^T <- S^T * exp2(b_last) + y^T @ x~ with x~ = k * exp2(b_last - b) (forward) or
+// q * exp2(b) * scale (gradient). Rows of the state (key dims) are independent, so the grid
+// splits them too: x = N * H, y = V tiles of 64, z = key tiles of kScanK.
+template <typename T, bool kGrad>
 __global__ void __launch_bounds__(kScanThreads)
     gla_chunk_state_scan_kernel(const ChunkBwdArgs a) {
   using E = Elem<T>;
-  using L = ScanLayout<KT>;
+  using L = ScanLayout;
+  constexpr int KT = kScanK;
   constexpr int kNT = KT / 8;
   extern __shared__ __align__(16) unsigned char smem[];
-  uint16_t* const sX = reinterpret_cast<uint16_t*>(smem + L::kXOff);
-  float* const sB = reinterpret_cast<float*>(smem + L::kBOff);
-  uint16_t* const sY = reinterpret_cast<uint16_t*>(smem + L::kYOff);
   float* const sTot = reinterpret_cast<float*>(smem + L::kTotOff);
 
   const int tid = threadIdx.x;
@@ -157,12 +158,13 @@ __global__ void __launch_bounds__(kScanThreads)
   const int h = static_cast<int>(blockIdx.x % static_cast<unsigned>(H));
   const int64_t n = blockIdx.x / static_cast<unsigned>(H);
   const int v0 = blockIdx.y * kTileV;
+  const int k0 = blockIdx.z * KT;
   int64_t row, start, end;
   seq_range(a, n, &row, &start, &end);
   const int64_t nchunks = num_chunks(start, end);
   const int64_t chunk0 = first_chunk(a, n);
 
-  // S^T (or dS^T) for V columns vc_lo + {0, 8} and key dims 8nt + 2c + {0, 1}
+  // S^T (or dS^T) for V columns vc_lo + {0, 8} and key dims k0 + 8nt + 2c + {0, 1}
   float s[kNT][4];
   const int vc_lo = v0 + 16 * warp + g8;
   const int64_t state_base = (n * H + h) * static_cast<int64_t>(K) * V;
@@ -171,7 +173,7 @@ __global__ void __launch_bounds__(kScanThreads)
   for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      const int kd = 8 * nt + 2 * c4 + (r & 1);
+      const int kd = k0 + 8 * nt + 2 * c4 + (r & 1);
       const int vc = vc_lo + (r >> 1) * 8;
       s[nt][r] = (init != nullptr && kd < K && vc < V)
                      ? init[state_base + static_cast<int64_t>(kd) * V + vc]
@@ -185,21 +187,51 @@ __global__ void __launch_bounds__(kScanThreads)
   const int64_t qk_tok = static_cast<int64_t>(H) * K;
   const int64_t v_tok = static_cast<int64_t>(H) * V;
 
-  for (int64_t ci = 0; ci < nchunks; ++ci) {
+  // chunk number ci in walking order -> its first token and length
+  auto chunk_of = [&](int64_t ci, int64_t* c0, int* len) {
     const int64_t c = kGrad ? nchunks - 1 - ci : ci;
-    const int64_t c0 = start + c * kC;
-    const int len = static_cast<int>(end - c0 < kC ? end - c0 : kC);
+    *c0 = start + c * kC;
+    *len = static_cast<int>(end - *c0 < kC ? end - *c0 : kC);
+    return c;
+  };
+  // issues the loads of chunk ci into stage `stage` (one commit group)
+  auto load_stage = [&](int64_t ci, int stage) {
+    unsigned char* const base = smem + stage * L::kStageBytes;
+    int64_t c0;
+    int len;
+    chunk_of(ci, &c0, &len);
     const int64_t qk_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(K);
     const int64_t v_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(V);
-
-    load_tile16<KT, L::kXStride, kScanThreads>(sX, x, qk_base, qk_tok, len, 0, K,
+    load_tile16<KT, L::kXStride, kScanThreads>(reinterpret_cast<uint16_t*>(base + L::kXOff), x,
+                                               qk_base, qk_tok, len, k0, K,
                                                (a.flags & kVecQK) != 0, tid);
-    load_tile32<KT, L::kBStride, kScanThreads>(sB, a.g, qk_base, qk_tok, len, 0, K,
+    load_tile32<KT, L::kBStride, kScanThreads>(reinterpret_cast<float*>(base + L::kBOff), a.g,
+                                               qk_base, qk_tok, len, k0, K,
                                                (a.flags & kVecG) != 0, tid);
-    load_tile16<kTileV, L::kYStride, kScanThreads>(sY, y, v_base, v_tok, len, v0, V,
+    load_tile16<kTileV, L::kYStride, kScanThreads>(reinterpret_cast<uint16_t*>(base + L::kYOff),
+                                                   y, v_base, v_tok, len, v0, V,
                                                    (a.flags & kVecV) != 0, tid);
-    cp_async_wait_all();
+    cp_async_commit();
+  };
+
+  if (nchunks > 0) load_stage(0, 0);
+  for (int64_t ci = 0; ci < nchunks; ++ci) {
+    const int stage = static_cast<int>(ci & 1);
+    // the other stage was released by the barrier that ended the previous iteration
+    if (ci + 1 < nchunks) {
+      load_stage(ci + 1, stage ^ 1);
+      cp_async_wait_group<1>();  // this chunk's group has landed, the next may be in flight
+    } else {
+      cp_async_wait_group<0>();
+    }
     __syncthreads();
+    unsigned char* const base = smem + stage * L::kStageBytes;
+    uint16_t* const sX = reinterpret_cast<uint16_t*>(base + L::kXOff);
+    float* const sB = reinterpret_cast<float*>(base + L::kBOff);
+    const uint16_t* const sY = reinterpret_cast<const uint16_t*>(base + L::kYOff);
+    int64_t c0;
+    int len;
+    const int64_t c = chunk_of(ci, &c0, &len);
     gate_cumsum<KT, L::kBStride, kScanThreads>(sB, sTot, tid);
 
     // x~ in place (input dtype)
@@ -234,7 +266,7 @@ __global__ void __launch_bounds__(kScanThreads)
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
-        const int kd = 8 * nt + 2 * c4 + (r & 1);
+        const int kd = k0 + 8 * nt + 2 * c4 + (r & 1);
         const int vc = vc_lo + (r >> 1) * 8;
         if (kd < K && vc < V) dst[static_cast<int64_t>(kd) * V + vc] = s[nt][r];
       }
@@ -246,7 +278,7 @@ __global__ void __launch_bounds__(kScanThreads)
     for (int j = 0; j < 4; ++j)
       ldsm_x4_trans(yf[j], sY + (16 * j + lm_row) * L::kYStride + 16 * warp + lm_col);
     state_update<T, KT, L::kXStride>(s, yf, sX, sB + (kC - 1) * L::kBStride, lane);
-    __syncthreads();  // tiles are reloaded for the next chunk
+    __syncthreads();  // this stage is refilled two chunks from now
   }
 
   if constexpr (kGrad) {
@@ -254,7 +286,7 @@ __global__ void __launch_bounds__(kScanThreads)
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
-        const int kd = 8 * nt + 2 * c4 + (r & 1);
+        const int kd = k0 + 8 * nt + 2 * c4 + (r & 1);
         const int vc = vc_lo + (r >> 1) * 8;
         if (kd < K && vc < V) a.dh0[state_base + static_cast<int64_t>(kd) * V + vc] = s[nt][r];
       }
@@ -834,7 +866,7 @@ int64_t max_chunks(const GlaParams& p) {
 }
 
 struct BwdGrid {
-  unsigned scan_x = 0, scan_y = 0;    // state scans: N * H, V tiles
+  unsigned scan_x = 0, scan_y = 0, scan_z = 0;  // state scans: N * H, V tiles, key tiles
   unsigned chunk_x = 0, chunk_y = 0;  // chunk kernel: chunks (upper bound), H
   bool scan_only = false;             // no tokens: only dh0 (from dht) to write
   bool empty = false;                 // nothing to launch at all
@@ -898,6 +930,7 @@ const char* prepare_bwd(const GlaParams& p, ChunkBwdArgs* args, BwdGrid* grid) {
   if (p.V % 2 == 0 && aligned(p.dv, 4)) args->flags |= kPairV;
   grid->scan_x = static_cast<unsigned>(p.N * p.H);
   grid->scan_y = static_cast<unsigned>((p.V + kTileV - 1) / kTileV);
+  grid->scan_z = static_cast<unsigned>((p.K + kScanK - 1) / kScanK);
   grid->chunk_x = static_cast<unsigned>(max_chunks(p));
   grid->chunk_y = static_cast<unsigned>(p.H);
   grid->scan_only = p.T == 0;
@@ -933,17 +966,17 @@ const char* launch_one(KernelFn kernel, dim3 grid, int threads, int smem, cudaSt
 // The three launches in order (stream order makes each see the previous one's results).
 template <typename T, int KT>
 const char* launch_all(const ChunkBwdArgs& args, const BwdGrid& grid, cudaStream_t stream) {
-  const dim3 scan_grid(grid.scan_x, grid.scan_y);
-  constexpr int kScanSmem = ScanLayout<KT>::kBytes;
+  const dim3 scan_grid(grid.scan_x, grid.scan_y, grid.scan_z);
+  constexpr int kScanSmem = ScanLayout::kBytes;
   if (!grid.scan_only) {
-    if (const char* e = launch_one(gla_chunk_state_scan_kernel<T, KT, false>, scan_grid,
+    if (const char* e = launch_one(gla_chunk_state_scan_kernel<T, false>, scan_grid,
                                    kScanThreads, kScanSmem, stream, args,
                                    "gla_chunk_state_scan_kernel (states)"))
       return e;
   }
   // with no tokens this only writes dh0 (= dht, or 0)
-  if (const char* e = launch_one(gla_chunk_state_scan_kernel<T, KT, true>, scan_grid,
-                                 kScanThreads, kScanSmem, stream, args,
+  if (const char* e = launch_one(gla_chunk_state_scan_kernel<T, true>, scan_grid, kScanThreads,
+                                 kScanSmem, stream, args,
                                  "gla_chunk_state_scan_kernel (gradients)"))
     return e;
   if (grid.scan_only) return nullptr;

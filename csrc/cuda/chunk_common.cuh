@@ -92,6 +92,21 @@ __device__ __forceinline__ void cp_async_wait_all() {
 #endif
 }
 
+// Closes the group of this thread's copies issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() {
+#if GLA_CHUNK_SM80
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {
+#if GLA_CHUNK_SM80
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 // Four 8x8 matrices of 16-bit elements. Lane l gives the address of row (l & 7) of matrix
 // l >> 3; register m then holds, of matrix m, row lane/4 and columns 2*(lane%4) + {0, 1}.
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row_addr) {

@@ -140,9 +140,11 @@ int main(int argc, char** argv) {
     return 4;
   }
 
-  auto launch = [&](unsigned gx, unsigned gy, int threads, const std::function<void()>& body) {
-    for (unsigned by = 0; by < gy; ++by)
-      for (unsigned bx = 0; bx < gx; ++bx) emu::run_block({bx, by, 0}, threads, body);
+  auto launch = [&](unsigned gx, unsigned gy, unsigned gz, int threads,
+                    const std::function<void()>& body) {
+    for (unsigned bz = 0; bz < gz; ++bz)
+      for (unsigned by = 0; by < gy; ++by)
+        for (unsigned bx = 0; bx < gx; ++bx) emu::run_block({bx, by, bz}, threads, body);
   };
   auto run_all = [&](bool reverse) {
     emu::st().reverse = reverse;
@@ -151,28 +153,29 @@ int main(int argc, char** argv) {
     std::function<void()> fwd_scan, grad_scan, chunk;
     if (K <= 64) {
       if (bf16) {
-        fwd_scan = [&] { gla::gla_chunk_state_scan_kernel<__nv_bfloat16, 64, false>(args); };
-        grad_scan = [&] { gla::gla_chunk_state_scan_kernel<__nv_bfloat16, 64, true>(args); };
+        fwd_scan = [&] { gla::gla_chunk_state_scan_kernel<__nv_bfloat16, false>(args); };
+        grad_scan = [&] { gla::gla_chunk_state_scan_kernel<__nv_bfloat16, true>(args); };
         chunk = [&] { gla::gla_chunk_bwd_kernel<__nv_bfloat16, 64>(args); };
       } else {
-        fwd_scan = [&] { gla::gla_chunk_state_scan_kernel<__half, 64, false>(args); };
-        grad_scan = [&] { gla::gla_chunk_state_scan_kernel<__half, 64, true>(args); };
+        fwd_scan = [&] { gla::gla_chunk_state_scan_kernel<__half, false>(args); };
+        grad_scan = [&] { gla::gla_chunk_state_scan_kernel<__half, true>(args); };
         chunk = [&] { gla::gla_chunk_bwd_kernel<__half, 64>(args); };
       }
     } else {
       if (bf16) {
-        fwd_scan = [&] { gla::gla_chunk_state_scan_kernel<__nv_bfloat16, 128, false>(args); };
-        grad_scan = [&] { gla::gla_chunk_state_scan_kernel<__nv_bfloat16, 128, true>(args); };
+        fwd_scan = [&] { gla::gla_chunk_state_scan_kernel<__nv_bfloat16, false>(args); };
+        grad_scan = [&] { gla::gla_chunk_state_scan_kernel<__nv_bfloat16, true>(args); };
         chunk = [&] { gla::gla_chunk_bwd_kernel<__nv_bfloat16, 128>(args); };
       } else {
-        fwd_scan = [&] { gla::gla_chunk_state_scan_kernel<__half, 128, false>(args); };
-        grad_scan = [&] { gla::gla_chunk_state_scan_kernel<__half, 128, true>(args); };
+        fwd_scan = [&] { gla::gla_chunk_state_scan_kernel<__half, false>(args); };
+        grad_scan = [&] { gla::gla_chunk_state_scan_kernel<__half, true>(args); };
         chunk = [&] { gla::gla_chunk_bwd_kernel<__half, 128>(args); };
       }
     }
-    if (!grid.scan_only) launch(grid.scan_x, grid.scan_y, gla::kScanThreads, fwd_scan);
-    launch(grid.scan_x, grid.scan_y, gla::kScanThreads, grad_scan);
-    if (!grid.scan_only) launch(grid.chunk_x, grid.chunk_y, gla::kBwdThreads, chunk);
+    if (!grid.scan_only)
+      launch(grid.scan_x, grid.scan_y, grid.scan_z, gla::kScanThreads, fwd_scan);
+    launch(grid.scan_x, grid.scan_y, grid.scan_z, gla::kScanThreads, grad_scan);
+    if (!grid.scan_only) launch(grid.chunk_x, grid.chunk_y, 1, gla::kBwdThreads, chunk);
   };
 
   const std::string order = kv["order"];
@@ -197,10 +200,10 @@ int main(int argc, char** argv) {
                       dv.guards_intact() && dg.guards_intact() && dh0.guards_intact() &&
                       work.guards_intact();
   const bool ok = guards && order_equal;
-  std::printf("%s guards=%d order_equal=%d flags=%d scan_grid=%ux%u chunk_grid=%ux%u "
+  std::printf("%s guards=%d order_equal=%d flags=%d scan_grid=%ux%ux%u chunk_grid=%ux%u "
               "collectives=%ld barriers=%ld\n",
               ok ? "DONE" : "FAIL", guards ? 1 : 0, order_equal ? 1 : 0, args.flags, grid.scan_x,
-              grid.scan_y, grid.chunk_x, grid.chunk_y, emu::st().collectives,
+              grid.scan_y, grid.scan_z, grid.chunk_x, grid.chunk_y, emu::st().collectives,
               emu::st().barriers);
   return ok ? 0 : 1;
 }

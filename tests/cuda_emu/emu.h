@@ -12,7 +12,9 @@
 //   on the order.
 // - ldmatrix (.x4, with and without .trans) and mma.m16n8k16 (f16/bf16 in, f32 accumulate)
 //   are written from the fragment tables of the PTX ISA, independently of the kernel.
-// - cp.async copies at once (the kernel waits for all copies before a barrier anyway).
+// - cp.async: in the forward-order run a copy lands when issued; in the reverse-order run it
+//   lands only at the wait that covers it (wait_all, or wait_group for older groups). A read
+//   before the right wait, or a buffer refilled while still in use, then changes the result.
 // - Shared memory is poisoned with 0xFF bytes (NaN as float, bf16 and fp16) before each block.
 #pragma once
 
@@ -124,6 +126,13 @@ struct Fiber {
   float c[4] = {};
   uint32_t r[4] = {};  // ldmatrix result (r[0]: shuffle result)
   uint32_t shfl_val = 0, shfl_xor = 0;  // __shfl_xor_sync operands
+  struct Copy {
+    void* dst;
+    unsigned char data[16];
+    int group;
+  };
+  std::vector<Copy> copies;  // cp.async copies not landed yet (deferred mode)
+  int committed = 0;         // groups committed so far
   float d[4] = {};     // mma result
 };
 
@@ -279,6 +288,8 @@ inline void run_block(EmuIdx block, int nthreads, std::function<void()> body) {
     Fiber& f = s.fibers[t];
     f.stack.resize(kStackBytes);
     f.wait = Wait::kNone;
+    f.copies.clear();
+    f.committed = 0;
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack.data();
     f.ctx.uc_stack.ss_size = f.stack.size();
@@ -330,9 +341,36 @@ inline void __syncthreads() { emu::syncthreads(); }
 inline void cp_async16(void* dst, const void* src) {
   emu::check_smem(dst, 16, 16, "cp.async destination");
   if (reinterpret_cast<uintptr_t>(src) % 16 != 0) emu::die("cp.async source not 16-byte aligned");
-  std::memcpy(dst, src, 16);
+  if (!emu::st().reverse) {
+    std::memcpy(dst, src, 16);
+    return;
+  }
+  emu::Fiber& f = emu::st().fibers[emu::st().current];
+  emu::Fiber::Copy c;
+  c.dst = dst;
+  std::memcpy(c.data, src, 16);
+  c.group = f.committed;  // the group the next commit closes
+  f.copies.push_back(c);
 }
-inline void cp_async_wait_all() {}
+// Lands every pending copy of the current thread whose group is below `group_limit`.
+inline void emu_land_copies(int group_limit) {
+  emu::Fiber& f = emu::st().fibers[emu::st().current];
+  std::vector<emu::Fiber::Copy> keep;
+  for (const auto& c : f.copies) {
+    if (c.group < group_limit) std::memcpy(c.dst, c.data, 16);
+    else keep.push_back(c);
+  }
+  f.copies.swap(keep);
+}
+inline void cp_async_commit() { ++emu::st().fibers[emu::st().current].committed; }
+template <int N>
+inline void cp_async_wait_group() {
+  emu_land_copies(emu::st().fibers[emu::st().current].committed - N);
+}
+inline void cp_async_wait_all() {
+  cp_async_commit();
+  emu_land_copies(emu::st().fibers[emu::st().current].committed);
+}
 
 inline void ldsm_x4(uint32_t (&r)[4], const void* row_addr) {
   emu::Fiber& f = emu::st().fibers[emu::st().current];
