@@ -1,13 +1,16 @@
 """GPU benchmark: gla_ext vs fla-core's Triton kernels, SDPA (flash) and the memory roofline.
 
-Prefill forward and forward+backward (bf16) at the issue's shapes, decode steps at B*H in
-{32, 256, 1024}, and per-token latency of the default model (eager vs CUDA graph); median of CUDA-event timings after warm-up; peak memory per case.
+Prefill forward and forward+backward (bf16) at the issue's shapes with peak memory per case,
+the chunked forward's fused vs split paths, decode steps at B*H in {32, 256, 1024}, and
+per-token latency of the default model (eager vs CUDA graph); median of CUDA-event timings
+after warm-up.
 Writes bench_gpu.json / .md / .png into --out (default benchmarks/results).
 Usage: python benchmarks/bench_gpu.py [--out DIR] [--quick]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -95,6 +98,38 @@ def bench_prefill(shapes, bandwidth, rows, lines):
             torch.cuda.empty_cache()
 
 
+def bench_forward_paths(shapes, bandwidth, rows, lines):
+    """The chunked forward's two execution paths (GLA_EXT_CHUNK_FWD=fused|split) head to head,
+    and which one "auto" picks: evidence for the grid-size rule in csrc/cuda/chunk_fwd.cu."""
+    header = (f"{'fwd path':8} {'B':>2} {'T':>6} {'H':>3} {'D':>4} | {'fused ms':>9} "
+              f"{'split ms':>9} {'auto ms':>8} | {'split/fused':>11}")
+    lines += ["", header, "-" * len(header)]
+    print(header, flush=True)
+    previous = os.environ.get("GLA_EXT_CHUNK_FWD")
+    try:
+        for B, T, H, D in shapes:
+            q, k, v, g = prefill_inputs(B, T, H, D, False)
+            times = {}
+            for path in ("fused", "split", "auto"):
+                os.environ["GLA_EXT_CHUNK_FWD"] = path
+                times[path] = timed(lambda: chunk_gla(q, k, v, g, backend="cuda")[0], False)[0]
+            rows.append({"mode": "fwd-path", "B": B, "T": T, "H": H, "D": D,
+                         "fused_s": times["fused"], "split_s": times["split"],
+                         "auto_s": times["auto"]})
+            line = (f"{'':8} {B:2d} {T:6d} {H:3d} {D:4d} | {times['fused']*1e3:9.3f} "
+                    f"{times['split']*1e3:9.3f} {times['auto']*1e3:8.3f} | "
+                    f"{times['split']/times['fused']:10.2f}x")
+            lines.append(line)
+            print(line, flush=True)
+            del q, k, v, g
+            torch.cuda.empty_cache()
+    finally:
+        if previous is None:
+            os.environ.pop("GLA_EXT_CHUNK_FWD", None)
+        else:
+            os.environ["GLA_EXT_CHUNK_FWD"] = previous
+
+
 def bench_decode(bandwidth, rows, lines):
     header = (f"{'decode':8} {'B*H':>6} | {'gla_ext us':>10} {'fla us':>8} | {'vs fla':>6} "
               f"{'of HBM bw':>9}")
@@ -175,7 +210,9 @@ def main() -> int:
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows, lines = [], [f"copy bandwidth {bandwidth / 1e12:.2f} TB/s"]
-    bench_prefill(PREFILL_SHAPES[:1] if args.quick else PREFILL_SHAPES, bandwidth, rows, lines)
+    shapes = PREFILL_SHAPES[:1] if args.quick else PREFILL_SHAPES
+    bench_prefill(shapes, bandwidth, rows, lines)
+    bench_forward_paths(shapes, bandwidth, rows, lines)
     bench_decode(bandwidth, rows, lines)
     bench_model_decode(rows, lines)
     path = save_results("bench_gpu", rows, "\n".join(lines),

@@ -238,8 +238,9 @@ BwdOut recurrent_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, con
   return out;
 }
 
-// chunk_gla forward on CUDA: bf16/fp16 run the tensor-core chunked kernel (K <= 128; the
-// Python wrapper splits wider K); float32 runs the fused recurrent kernel (same math).
+// chunk_gla forward on CUDA: bf16/fp16 run the tensor-core chunked kernels (K <= 128; the
+// Python wrapper splits wider K; fused or split, see chunk_fwd.cu); float32 runs the fused
+// recurrent kernel (same math).
 std::tuple<Tensor, Tensor> chunk_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                           const Tensor& g, const OptTensor& h0,
                                           const OptTensor& cu_seqlens, double scale,
@@ -252,6 +253,11 @@ std::tuple<Tensor, Tensor> chunk_fwd_cuda(const Tensor& q, const Tensor& k, cons
   TORCH_CHECK(p.K <= gla::kCudaChunkMaxK, op, ": K must be <= ", gla::kCudaChunkMaxK,
               " (the Python wrapper splits wider K), got ", p.K);
   auto out = alloc_fwd(p, q, v);
+  Tensor workspace;  // only for the split path (few sequences x heads, long sequences)
+  if (const int64_t floats = gla::chunk_fwd_cuda_workspace_floats(p); floats > 0) {
+    workspace = at::empty({floats}, q.options().dtype(at::kFloat));
+    p.workspace = workspace.data_ptr<float>();
+  }
   check_cuda(gla::chunk_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op);
   return {out.o, out.ht};
 }

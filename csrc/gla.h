@@ -78,8 +78,11 @@ int64_t recurrent_bwd_cuda_workspace_floats(const GlaParams& p);
 const char* recurrent_fwd_cuda(const GlaParams& p, void* stream);
 const char* recurrent_bwd_cuda(const GlaParams& p, void* stream);
 // Tensor-core chunked forward (csrc/cuda/chunk_fwd.cu): float16/bfloat16 only, sm_80+,
-// K <= kCudaChunkMaxK (wider K is split by the caller), any V, no workspace.
+// K <= kCudaChunkMaxK (wider K is split by the caller), any V. When the fused grid would
+// leave the GPU idle it runs split (state scan + chunk-parallel outputs), which needs a float32
+// workspace of chunk_fwd_cuda_workspace_floats(p) elements (0: fused, pass no workspace).
 constexpr int64_t kCudaChunkMaxK = 128;
+int64_t chunk_fwd_cuda_workspace_floats(const GlaParams& p);
 const char* chunk_fwd_cuda(const GlaParams& p, void* stream);
 // Tensor-core chunked backward (csrc/cuda/chunk_bwd.cu): same limits as the forward; needs a
 // float32 workspace of chunk_bwd_cuda_workspace_floats(p) elements (two states per chunk).

@@ -94,7 +94,8 @@ def test_kernel_source_on_cpu(emulator, case):
     tol = "1e-2" if dtype == "bf16" else "5e-3"
     args = [emulator, f"dtype={dtype}", f"B={B}", f"T={T}", f"H={H}", f"K={K}", f"V={V}",
             f"gate={gate}", f"h0={h0}", f"cu={cu}", f"misalign={misalign}", f"tol={tol}",
-            "order=both", f"seed={random.randrange(2**31)}"]  # fresh inputs every run
+            "order=both", "mode=both",  # fused in one thread order, split in the other
+            f"seed={random.randrange(2**31)}"]  # fresh inputs every run
     run = subprocess.run(args, capture_output=True, text=True, timeout=600)
     report = " ".join(args[1:]) + "\n" + (run.stdout + run.stderr).strip()
     assert run.returncode == 0 and "PASS" in run.stdout, report

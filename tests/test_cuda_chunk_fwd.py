@@ -6,6 +6,8 @@ the final state. Outputs are allocated with torch.empty by the op, so before eac
 blocks of the allocator are filled with 0xFF bytes (NaN as float32, float16 and bfloat16):
 anything the kernel leaves unwritten shows up as NaN.
 
+Both execution paths (fused and split, see csrc/cuda/chunk_fwd.cu) are compared bitwise.
+
 Skips cleanly without a GPU, without the compiled extension, or when gla_ext::chunk_fwd has
 no CUDA kernel. _C.build_info()["chunk_cuda"], when the build reports it, says what runs.
 """
@@ -184,3 +186,33 @@ def test_small_sizes():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_many_heads_and_batch(dtype):
     check(3, 97, 8, 64, 64, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,T,H,K,V,offsets", [
+    (2, 333, 2, 64, 64, None),
+    (1, 300, 3, 128, 100, None),
+    (1, 230, 2, 100, 60, [0, 0, 37, 37, 100, 165, 230, 230]),
+    (2, 1, 2, 128, 128, None),
+    (4, 129, 16, 128, 128, None),
+])
+def test_fused_and_split_paths_agree(monkeypatch, dtype, B, T, H, K, V, offsets):
+    """The forward runs fused (one block walks a sequence) or split (state scan, then every
+    chunk in parallel), chosen by grid size; GLA_EXT_CHUNK_FWD forces one. Both do the same
+    operations in the same order, so they agree bitwise, and both match the reference."""
+    results = {}
+    for path in ("fused", "split"):
+        monkeypatch.setenv("GLA_EXT_CHUNK_FWD", path)
+        torch.manual_seed(1234)  # same inputs for both paths
+        check(B, T, H, K, V, dtype, offsets=offsets)
+        torch.manual_seed(1234)
+        cu = None if offsets is None else torch.tensor(offsets, device="cuda")
+        N = B if offsets is None else len(offsets) - 1
+        q, k = (torch.randn(B, T, H, K, device="cuda").to(dtype) for _ in range(2))
+        v = torch.randn(B, T, H, V, device="cuda").to(dtype)
+        g = _gates((B, T, H, K), 1.0)
+        s0 = torch.randn(N, H, K, V, device="cuda")
+        results[path] = chunk_gla(q, k, v, g, initial_state=s0, output_final_state=True,
+                                  cu_seqlens=cu, backend="cuda")
+    for a, b in zip(results["fused"], results["split"]):
+        assert torch.equal(a, b), "fused and split forward paths differ"

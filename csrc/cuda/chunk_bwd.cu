@@ -40,259 +40,16 @@
 #include <cstring>
 
 #include "chunk_common.cuh"
+#include "chunk_scan.cuh"
 #include "gla.h"
 
 namespace gla {
 namespace {
 
-constexpr int kScanWarps = 4;             // state scans: warp w owns V columns [16w, 16w+16)
-constexpr int kScanThreads = 32 * kScanWarps;
 constexpr int kBwdWarps = 8;              // chunk kernel
 constexpr int kBwdThreads = 32 * kBwdWarps;
-constexpr int kTileV = 64;                // V columns per scan block / per chunk-kernel tile
+constexpr int kTileV = 64;                // V columns per chunk-kernel tile
 constexpr int kBwdMaxK = 128;             // kCudaChunkMaxK in gla.h
-constexpr int kScanK = 64;                // key dims per state-scan block
-
-// Which global accesses may be vectorized (set by the launcher from sizes and alignment).
-enum : int {
-  kVecQK = 1,   // q, k: K % 8 == 0, 16-byte aligned
-  kVecG = 2,    // g: K % 4 == 0, 16-byte aligned
-  kVecV = 4,    // v, dout: V % 8 == 0, 16-byte aligned
-  kVecS = 8,    // states: V % 4 == 0 (the workspace is 16-byte aligned)
-  kPairQK = 16, // dq, dk: K % 2 == 0, 4-byte aligned (pairs of 16-bit stores)
-  kPairV = 32,  // dv: V % 2 == 0, 4-byte aligned
-};
-
-struct ChunkBwdArgs {
-  const void* q;
-  const void* k;
-  const void* v;
-  const float* g;
-  const float* h0;    // may be null
-  const void* dout;
-  const float* dht;   // may be null
-  void* dq;
-  void* dk;
-  void* dv;
-  float* dg;
-  float* dh0;
-  float* states;      // [chunks, H, K, V]: state at the start of each chunk
-  float* dstates;     // [chunks, H, K, V]: gradient on the state at the end of each chunk
-  const int64_t* cu_seqlens;  // device pointer, may be null
-  int64_t T;
-  int64_t chunks_per_row;     // ceil(T / kC): chunks of one batch row without cu_seqlens
-  int N, H, K, V;
-  float scale;
-  int flags;
-};
-
-// ---- chunk bookkeeping ---------------------------------------------------------------
-__device__ __forceinline__ void seq_range(const ChunkBwdArgs& a, int64_t n, int64_t* row,
-                                          int64_t* start, int64_t* end) {
-  if (a.cu_seqlens != nullptr) {
-    *row = 0;
-    *start = a.cu_seqlens[n];
-    *end = a.cu_seqlens[n + 1];
-    if (*end < *start) *end = *start;  // malformed offsets must not run a loop backwards
-  } else {
-    *row = n;
-    *start = 0;
-    *end = a.T;
-  }
-}
-
-__device__ __forceinline__ int64_t num_chunks(int64_t start, int64_t end) {
-  return (end - start + kC - 1) / kC;
-}
-
-// Index of sequence n's first chunk in the workspace (chunks are numbered sequence by
-// sequence). O(N) with cu_seqlens; N is small next to the work of a block.
-__device__ __forceinline__ int64_t first_chunk(const ChunkBwdArgs& a, int64_t n) {
-  if (a.cu_seqlens == nullptr) return n * a.chunks_per_row;
-  int64_t acc = 0;
-  for (int64_t m = 0; m < n; ++m) {
-    int64_t row, s, e;
-    seq_range(a, m, &row, &s, &e);
-    acc += num_chunks(s, e);
-  }
-  return acc;
-}
-
-// Shared memory of the state scans: two stages, so the next chunk's tiles load (cp.async)
-// while the current one is computed.
-struct ScanLayout {
-  static constexpr int kXStride = kScanK + 8;   // gated key-side tile (k or q): 16-bit
-  static constexpr int kBStride = kScanK + 8;   // cumulative gates: float
-  static constexpr int kYStride = kTileV + 8;   // value-side tile (v or dO): 16-bit
-  static constexpr int kXOff = 0;
-  static constexpr int kBOff = kXOff + kC * kXStride * 2;
-  static constexpr int kYOff = kBOff + kC * kBStride * 4;
-  static constexpr int kStageBytes = kYOff + kC * kYStride * 2;
-  static constexpr int kTotOff = 2 * kStageBytes;
-  static constexpr int kBytes = kTotOff + kScanThreads * 4;
-  static_assert(kBOff % 16 == 0 && kYOff % 16 == 0 && kStageBytes % 16 == 0, "alignment");
-};
-
-// ---- launches 1 and 2: state scans -----------------------------------------------------
-// kGrad = false: x = k, y = v, walks forward from h0, stores S0 of each chunk.
-// kGrad = true:  x = q, y = dO, walks backward from dht, stores dS_end of each chunk, then dh0.
-// Both are S^T <- S^T * exp2(b_last) + y^T @ x~ with x~ = k * exp2(b_last - b) (forward) or
-// q * exp2(b) * scale (gradient). Rows of the state (key dims) are independent, so the grid
-// splits them too: x = N * H, y = V tiles of 64, z = key tiles of kScanK.
-template <typename T, bool kGrad>
-__global__ void __launch_bounds__(kScanThreads)
-    gla_chunk_state_scan_kernel(const ChunkBwdArgs a) {
-  using E = Elem<T>;
-  using L = ScanLayout;
-  constexpr int KT = kScanK;
-  constexpr int kNT = KT / 8;
-  extern __shared__ __align__(16) unsigned char smem[];
-  float* const sTot = reinterpret_cast<float*>(smem + L::kTotOff);
-
-  const int tid = threadIdx.x;
-  const int warp = tid >> 5, lane = tid & 31;
-  const int g8 = lane >> 2, c4 = lane & 3;
-  const int lm_row = (lane & 7) + ((lane >> 3) & 1) * 8;
-  const int lm_col = (lane >> 4) * 8;
-  const int H = a.H, K = a.K, V = a.V;
-  const int h = static_cast<int>(blockIdx.x % static_cast<unsigned>(H));
-  const int64_t n = blockIdx.x / static_cast<unsigned>(H);
-  const int v0 = blockIdx.y * kTileV;
-  const int k0 = blockIdx.z * KT;
-  int64_t row, start, end;
-  seq_range(a, n, &row, &start, &end);
-  const int64_t nchunks = num_chunks(start, end);
-  const int64_t chunk0 = first_chunk(a, n);
-
-  // S^T (or dS^T) for V columns vc_lo + {0, 8} and key dims k0 + 8nt + 2c + {0, 1}
-  float s[kNT][4];
-  const int vc_lo = v0 + 16 * warp + g8;
-  const int64_t state_base = (n * H + h) * static_cast<int64_t>(K) * V;
-  const float* const init = kGrad ? a.dht : a.h0;
-#pragma unroll
-  for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int kd = k0 + 8 * nt + 2 * c4 + (r & 1);
-      const int vc = vc_lo + (r >> 1) * 8;
-      s[nt][r] = (init != nullptr && kd < K && vc < V)
-                     ? init[state_base + static_cast<int64_t>(kd) * V + vc]
-                     : 0.0f;
-    }
-  }
-
-  const uint16_t* const x = static_cast<const uint16_t*>(kGrad ? a.q : a.k);
-  const uint16_t* const y = static_cast<const uint16_t*>(kGrad ? a.dout : a.v);
-  float* const saved = kGrad ? a.dstates : a.states;
-  const int64_t qk_tok = static_cast<int64_t>(H) * K;
-  const int64_t v_tok = static_cast<int64_t>(H) * V;
-
-  // chunk number ci in walking order -> its first token and length
-  auto chunk_of = [&](int64_t ci, int64_t* c0, int* len) {
-    const int64_t c = kGrad ? nchunks - 1 - ci : ci;
-    *c0 = start + c * kC;
-    *len = static_cast<int>(end - *c0 < kC ? end - *c0 : kC);
-    return c;
-  };
-  // issues the loads of chunk ci into stage `stage` (one commit group)
-  auto load_stage = [&](int64_t ci, int stage) {
-    unsigned char* const base = smem + stage * L::kStageBytes;
-    int64_t c0;
-    int len;
-    chunk_of(ci, &c0, &len);
-    const int64_t qk_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(K);
-    const int64_t v_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(V);
-    load_tile16<KT, L::kXStride, kScanThreads>(reinterpret_cast<uint16_t*>(base + L::kXOff), x,
-                                               qk_base, qk_tok, len, k0, K,
-                                               (a.flags & kVecQK) != 0, tid);
-    load_tile32<KT, L::kBStride, kScanThreads>(reinterpret_cast<float*>(base + L::kBOff), a.g,
-                                               qk_base, qk_tok, len, k0, K,
-                                               (a.flags & kVecG) != 0, tid);
-    load_tile16<kTileV, L::kYStride, kScanThreads>(reinterpret_cast<uint16_t*>(base + L::kYOff),
-                                                   y, v_base, v_tok, len, v0, V,
-                                                   (a.flags & kVecV) != 0, tid);
-    cp_async_commit();
-  };
-
-  if (nchunks > 0) load_stage(0, 0);
-  for (int64_t ci = 0; ci < nchunks; ++ci) {
-    const int stage = static_cast<int>(ci & 1);
-    // the other stage was released by the barrier that ended the previous iteration
-    if (ci + 1 < nchunks) {
-      load_stage(ci + 1, stage ^ 1);
-      cp_async_wait_group<1>();  // this chunk's group has landed, the next may be in flight
-    } else {
-      cp_async_wait_group<0>();
-    }
-    __syncthreads();
-    unsigned char* const base = smem + stage * L::kStageBytes;
-    uint16_t* const sX = reinterpret_cast<uint16_t*>(base + L::kXOff);
-    float* const sB = reinterpret_cast<float*>(base + L::kBOff);
-    const uint16_t* const sY = reinterpret_cast<const uint16_t*>(base + L::kYOff);
-    int64_t c0;
-    int len;
-    const int64_t c = chunk_of(ci, &c0, &len);
-    gate_cumsum<KT, L::kBStride, kScanThreads>(sB, sTot, tid);
-
-    // x~ in place (input dtype)
-    {
-      constexpr int kPerRow = KT / 8;
-      const float* const blast = sB + (kC - 1) * L::kBStride;  // rows past len repeat b_last
-      for (int i = tid; i < kC * kPerRow; i += kScanThreads) {
-        const int t = i / kPerRow, kb = (i % kPerRow) * 8;
-        uint4* const xp = reinterpret_cast<uint4*>(sX + t * L::kXStride + kb);
-        const float* const bt = sB + t * L::kBStride + kb;
-        uint4 xv = *xp;
-        uint32_t* const xw = reinterpret_cast<uint32_t*>(&xv);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float2 b = *reinterpret_cast<const float2*>(bt + 2 * e);
-          float x0, x1;
-          E::unpack2(xw[e], x0, x1);
-          if constexpr (kGrad) {
-            xw[e] = E::pack2(x0 * exp2f(b.x) * a.scale, x1 * exp2f(b.y) * a.scale);
-          } else {
-            const float2 bl = *reinterpret_cast<const float2*>(blast + kb + 2 * e);
-            xw[e] = E::pack2(x0 * exp2f(bl.x - b.x), x1 * exp2f(bl.y - b.y));
-          }
-        }
-        *xp = xv;
-      }
-    }
-
-    // save the state this chunk starts from (forward) / the gradient on its end (backward)
-    float* const dst = saved + ((chunk0 + c) * H + h) * static_cast<int64_t>(K) * V;
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int kd = k0 + 8 * nt + 2 * c4 + (r & 1);
-        const int vc = vc_lo + (r >> 1) * 8;
-        if (kd < K && vc < V) dst[static_cast<int64_t>(kd) * V + vc] = s[nt][r];
-      }
-    }
-    __syncthreads();
-
-    uint32_t yf[4][4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      ldsm_x4_trans(yf[j], sY + (16 * j + lm_row) * L::kYStride + 16 * warp + lm_col);
-    state_update<T, KT, L::kXStride>(s, yf, sX, sB + (kC - 1) * L::kBStride, lane);
-    __syncthreads();  // this stage is refilled two chunks from now
-  }
-
-  if constexpr (kGrad) {
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int kd = k0 + 8 * nt + 2 * c4 + (r & 1);
-        const int vc = vc_lo + (r >> 1) * 8;
-        if (kd < K && vc < V) a.dh0[state_base + static_cast<int64_t>(kd) * V + vc] = s[nt][r];
-      }
-    }
-  }
-}
 
 // Shared memory of the chunk kernel. Region R holds the V-loop tiles (v, dO, S0, dS as the
 // input dtype), and after the loop is reused for dA (float) and the dg terms (float).
@@ -323,8 +80,10 @@ struct BwdLayout {
   static constexpr int kAfterEnd = kDOff + kC * kDStride * 4;
   static constexpr int kREnd = kLoopEnd > kAfterEnd ? kLoopEnd : kAfterEnd;
   // small arrays
-  static constexpr int kTotOff = kREnd;                  // [kBwdThreads] float
-  static constexpr int kRowOff = kTotOff + kBwdThreads * 4;  // [KT] rowsum(S0 * dS)
+  static constexpr int kTotOff = kREnd;  // gate scan scratch, then dg segment totals (float)
+  static constexpr int kTotFloats = gate_scratch_floats<KT>() > kBwdThreads
+                                        ? gate_scratch_floats<KT>() : kBwdThreads;
+  static constexpr int kRowOff = kTotOff + kTotFloats * 4;  // [KT] rowsum(S0 * dS)
   static constexpr int kPartOff = kRowOff + KT * 4;      // [4][KT] per row block
   static constexpr int kBytes = kPartOff + 4 * KT * 4;
   static_assert(kKOff % 16 == 0 && kKbOff % 16 == 0 && kBOff % 16 == 0 && kAOff % 16 == 0 &&
@@ -338,7 +97,7 @@ static_assert(BwdLayout<128>::kBytes <= 163 * 1024, "chunk backward shared memor
 // Loads rows [0, KT) x columns [v0, v0 + 64) of a float32 K x V state into a 16-bit tile
 // (zero outside K x V). With want_rows, also adds rowsum(S0 * dS) of this tile into sRow.
 template <typename T, int KT, typename L>
-__device__ __forceinline__ void load_state_tiles(const ChunkBwdArgs& a, int64_t state_off,
+__device__ __forceinline__ void load_state_tiles(const ChunkArgs& a, int64_t state_off,
                                                  int v0, uint16_t* sS, uint16_t* sDS,
                                                  float* sRow, int tid) {
   using E = Elem<T>;
@@ -386,7 +145,7 @@ __device__ __forceinline__ void load_state_tiles(const ChunkBwdArgs& a, int64_t 
 // Grid: x = chunk index (over all sequences; blocks past the last chunk return), y = head.
 template <typename T, int KT>
 __global__ void __launch_bounds__(kBwdThreads)
-    gla_chunk_bwd_kernel(const ChunkBwdArgs a) {
+    gla_chunk_bwd_kernel(const ChunkArgs a) {
   using E = Elem<T>;
   using L = BwdLayout<KT>;
   constexpr int kKH = KT / 2;      // key dims per warp half
@@ -420,26 +179,8 @@ __global__ void __launch_bounds__(kBwdThreads)
 
   // which sequence and chunk this block is
   const int64_t gc = blockIdx.x;
-  int64_t n = -1, c = 0;
-  if (a.cu_seqlens == nullptr) {
-    n = gc / a.chunks_per_row;
-    c = gc % a.chunks_per_row;
-    if (n >= a.N) return;
-  } else {
-    int64_t acc = 0;
-    for (int64_t m = 0; m < a.N; ++m) {
-      int64_t r, s0, e0;
-      seq_range(a, m, &r, &s0, &e0);
-      const int64_t nc = num_chunks(s0, e0);
-      if (gc < acc + nc) {
-        n = m;
-        c = gc - acc;
-        break;
-      }
-      acc += nc;
-    }
-    if (n < 0) return;  // past the last chunk (the grid is an upper bound)
-  }
+  int64_t n = 0, c = 0;
+  if (!locate_chunk(a, gc, &n, &c)) return;  // past the last chunk (the grid is a bound)
   int64_t row, start, end;
   seq_range(a, n, &row, &start, &end);
   const int64_t c0 = start + c * kC;
@@ -854,15 +595,9 @@ __global__ void __launch_bounds__(kBwdThreads)
 }
 
 // ---- launcher ------------------------------------------------------------------------
-bool aligned(const void* p, uintptr_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
-}
 
-// Upper bound on the number of chunks (exact without cu_seqlens): each packed sequence adds
-// at most one partial chunk.
 int64_t max_chunks(const GlaParams& p) {
-  const int64_t per_row = (p.T + kC - 1) / kC;
-  return p.cu_seqlens != nullptr ? per_row + p.N : p.B * per_row;
+  return max_chunks(p.B, p.T, p.N, p.cu_seqlens != nullptr);
 }
 
 struct BwdGrid {
@@ -873,8 +608,9 @@ struct BwdGrid {
 };
 
 // Checks p and fills the kernel arguments and grids. Returns an error message, or nullptr.
-const char* prepare_bwd(const GlaParams& p, ChunkBwdArgs* args, BwdGrid* grid) {
+const char* prepare_bwd(const GlaParams& p, ChunkArgs* args, BwdGrid* grid) {
   *grid = BwdGrid{};
+  *args = ChunkArgs{};
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
     return "chunk_bwd_cuda: q/k/v must be float16 or bfloat16";
   if (p.K < 1 || p.K > kBwdMaxK)
@@ -929,7 +665,7 @@ const char* prepare_bwd(const GlaParams& p, ChunkBwdArgs* args, BwdGrid* grid) {
   if (p.K % 2 == 0 && aligned(p.dq, 4) && aligned(p.dk, 4)) args->flags |= kPairQK;
   if (p.V % 2 == 0 && aligned(p.dv, 4)) args->flags |= kPairV;
   grid->scan_x = static_cast<unsigned>(p.N * p.H);
-  grid->scan_y = static_cast<unsigned>((p.V + kTileV - 1) / kTileV);
+  grid->scan_y = static_cast<unsigned>((p.V + kScanV - 1) / kScanV);
   grid->scan_z = static_cast<unsigned>((p.K + kScanK - 1) / kScanK);
   grid->chunk_x = static_cast<unsigned>(max_chunks(p));
   grid->chunk_y = static_cast<unsigned>(p.H);
@@ -938,50 +674,27 @@ const char* prepare_bwd(const GlaParams& p, ChunkBwdArgs* args, BwdGrid* grid) {
 }
 
 #ifndef GLA_CHUNK_EMULATE
-thread_local char g_message[320];
-
-using KernelFn = void (*)(const ChunkBwdArgs);
-
-const char* launch_one(KernelFn kernel, dim3 grid, int threads, int smem, cudaStream_t stream,
-                       const ChunkBwdArgs& args, const char* name) {
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();  // clear it, so it is not reported again by a later check
-    std::snprintf(g_message, sizeof(g_message),
-                  "chunk_bwd_cuda: %s: cannot reserve %d bytes of shared memory: %s", name,
-                  smem, cudaGetErrorString(err));
-    return g_message;
-  }
-  kernel<<<grid, threads, smem, stream>>>(args);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    std::snprintf(g_message, sizeof(g_message), "chunk_bwd_cuda: %s launch failed: %s", name,
-                  cudaGetErrorString(err));
-    return g_message;
-  }
-  return nullptr;
-}
+constexpr const char* kOp = "chunk_bwd_cuda";
 
 // The three launches in order (stream order makes each see the previous one's results).
 template <typename T, int KT>
-const char* launch_all(const ChunkBwdArgs& args, const BwdGrid& grid, cudaStream_t stream) {
+const char* launch_all(const ChunkArgs& args, const BwdGrid& grid, cudaStream_t stream) {
   const dim3 scan_grid(grid.scan_x, grid.scan_y, grid.scan_z);
-  constexpr int kScanSmem = ScanLayout::kBytes;
   if (!grid.scan_only) {
-    if (const char* e = launch_one(gla_chunk_state_scan_kernel<T, false>, scan_grid,
-                                   kScanThreads, kScanSmem, stream, args,
-                                   "gla_chunk_state_scan_kernel (states)"))
+    if (const char* e = launch_chunk_kernel(gla_chunk_state_scan_kernel<T, false>, scan_grid,
+                                            kScanThreads, ScanLayout::kBytes, stream, args, kOp,
+                                            "gla_chunk_state_scan_kernel (states)"))
       return e;
   }
   // with no tokens this only writes dh0 (= dht, or 0)
-  if (const char* e = launch_one(gla_chunk_state_scan_kernel<T, true>, scan_grid, kScanThreads,
-                                 kScanSmem, stream, args,
-                                 "gla_chunk_state_scan_kernel (gradients)"))
+  if (const char* e = launch_chunk_kernel(gla_chunk_state_scan_kernel<T, true>, scan_grid,
+                                          kScanThreads, ScanLayout::kBytes, stream, args, kOp,
+                                          "gla_chunk_state_scan_kernel (gradients)"))
     return e;
   if (grid.scan_only) return nullptr;
-  return launch_one(gla_chunk_bwd_kernel<T, KT>, dim3(grid.chunk_x, grid.chunk_y), kBwdThreads,
-                    BwdLayout<KT>::kBytes, stream, args, "gla_chunk_bwd_kernel");
+  return launch_chunk_kernel(gla_chunk_bwd_kernel<T, KT>, dim3(grid.chunk_x, grid.chunk_y),
+                             kBwdThreads, BwdLayout<KT>::kBytes, stream, args, kOp,
+                             "gla_chunk_bwd_kernel");
 }
 #endif  // GLA_CHUNK_EMULATE
 
@@ -995,21 +708,12 @@ int64_t chunk_bwd_cuda_workspace_floats(const GlaParams& p) {
 #ifndef GLA_CHUNK_EMULATE
 const char* chunk_bwd_cuda(const GlaParams& p, void* stream_ptr) {
   static_assert(kBwdMaxK == kCudaChunkMaxK, "gla.h and chunk_bwd.cu disagree on max K");
-  ChunkBwdArgs args;
+  ChunkArgs args;
   BwdGrid grid;
   if (const char* err = prepare_bwd(p, &args, &grid)) return err;
   if (grid.empty) return nullptr;
-
-  int device = 0, major = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err != cudaSuccess) {
-    std::snprintf(g_message, sizeof(g_message), "chunk_bwd_cuda: cannot query the device: %s",
-                  cudaGetErrorString(err));
-    return g_message;
-  }
-  if (major < 8) return "chunk_bwd_cuda: needs a GPU of compute capability 8.0 or newer";
+  int sm_count = 0;
+  if (const char* err = check_device(kOp, &sm_count)) return err;
 
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const bool bf16 = p.dtype == DType::kBFloat16;

@@ -19,6 +19,7 @@
 #endif
 
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 
 namespace gla {
@@ -29,6 +30,112 @@ constexpr float kLog2e = 1.4426950408889634f;
 // Per-token gate floor. exp(-128) ~ 2.6e-56 is already 0 in float32, so clamping changes no
 // float32 result, while every cumulative sum stays finite (|b| <= 64 * 128 * log2(e)).
 constexpr float kGateFloor = -128.0f;
+
+// Which global accesses may be vectorized (set by the launchers from sizes and alignment).
+enum : int {
+  kVecQK = 1,    // q, k: K % 8 == 0, 16-byte aligned (cp.async)
+  kVecG = 2,     // g: K % 4 == 0, 16-byte aligned (cp.async)
+  kVecV = 4,     // v (and dout in the backward): V % 8 == 0, 16-byte aligned (cp.async)
+  kVecO = 8,     // o: V % 2 == 0, 4-byte aligned (pairs of 16-bit stores)
+  kVecS = 16,    // workspace states: V % 4 == 0 (the workspace is 16-byte aligned)
+  kPairQK = 32,  // dq, dk: K % 2 == 0, 4-byte aligned
+  kPairV = 64,   // dv: V % 2 == 0, 4-byte aligned
+};
+
+// Arguments of every chunk kernel (forward, state scans, backward); unused pointers are null.
+struct ChunkArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  const float* g;
+  const float* h0;     // may be null
+  void* o;             // forward
+  float* ht;           // forward: final state (may be null in the backward's scan)
+  const void* dout;    // backward
+  const float* dht;    // may be null
+  void* dq;
+  void* dk;
+  void* dv;
+  float* dg;
+  float* dh0;
+  float* states;       // workspace [chunks, H, K, V]: state at the start of each chunk
+  float* dstates;      // workspace [chunks, H, K, V]: gradient on each chunk's end state
+  const int64_t* cu_seqlens;  // device pointer, may be null
+  int64_t T;
+  int64_t chunks_per_row;     // ceil(T / kC): chunks of one batch row without cu_seqlens
+  int N, H, K, V;
+  float scale;
+  int flags;
+};
+
+// ---- chunk bookkeeping ---------------------------------------------------------------
+// Sequence n is batch row n, or tokens [cu[n], cu[n+1]) of row 0 with cu_seqlens. Chunks
+// start at the sequence start; workspace chunks are numbered sequence by sequence.
+__device__ __forceinline__ void seq_range(const ChunkArgs& a, int64_t n, int64_t* row,
+                                          int64_t* start, int64_t* end) {
+  if (a.cu_seqlens != nullptr) {
+    *row = 0;
+    *start = a.cu_seqlens[n];
+    *end = a.cu_seqlens[n + 1];
+    if (*end < *start) *end = *start;  // malformed offsets must not run a loop backwards
+  } else {
+    *row = n;
+    *start = 0;
+    *end = a.T;
+  }
+}
+
+__device__ __forceinline__ int64_t num_chunks(int64_t start, int64_t end) {
+  return (end - start + kC - 1) / kC;
+}
+
+// Workspace index of sequence n's first chunk. O(N) with cu_seqlens; N is small next to the
+// work of a block.
+__device__ __forceinline__ int64_t first_chunk(const ChunkArgs& a, int64_t n) {
+  if (a.cu_seqlens == nullptr) return n * a.chunks_per_row;
+  int64_t acc = 0;
+  for (int64_t m = 0; m < n; ++m) {
+    int64_t row, s, e;
+    seq_range(a, m, &row, &s, &e);
+    acc += num_chunks(s, e);
+  }
+  return acc;
+}
+
+// Sequence and chunk-within-sequence of workspace chunk gc; false past the last chunk (grids
+// over chunks are an upper bound with cu_seqlens).
+__device__ __forceinline__ bool locate_chunk(const ChunkArgs& a, int64_t gc, int64_t* n,
+                                             int64_t* c) {
+  if (a.cu_seqlens == nullptr) {
+    *n = gc / a.chunks_per_row;
+    *c = gc % a.chunks_per_row;
+    return *n < a.N;
+  }
+  int64_t acc = 0;
+  for (int64_t m = 0; m < a.N; ++m) {
+    int64_t row, s, e;
+    seq_range(a, m, &row, &s, &e);
+    const int64_t nc = num_chunks(s, e);
+    if (gc < acc + nc) {
+      *n = m;
+      *c = gc - acc;
+      return true;
+    }
+    acc += nc;
+  }
+  return false;
+}
+
+inline bool aligned(const void* p, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// Upper bound on the number of chunks (exact without cu_seqlens): each packed sequence adds
+// at most one partial chunk.
+inline int64_t max_chunks(int64_t B, int64_t T, int64_t N, bool varlen) {
+  const int64_t per_row = (T + kC - 1) / kC;
+  return varlen ? per_row + N : B * per_row;
+}
 
 // ---- warp-level primitives (PTX) -------------------------------------------------------
 // mma.m16n8k16 with f16/bf16 and cp.async need sm_80. Device passes for older targets still
@@ -266,37 +373,40 @@ __device__ __forceinline__ void load_tile32(float* dst, const float* src, int64_
 // ---- cumulative gates ------------------------------------------------------------------
 // In place down each key column of sB (kC rows, KT columns, row stride STRIDE):
 // b_t = sum_{s <= t} max(g_s, kGateFloor) * log2(e). Rows past the chunk's end hold g = 0,
-// so they repeat the last real b (row kC - 1 is b_last). sTot: NTHREADS floats of scratch.
+// so they repeat the last real b (row kC - 1 is b_last). The order of the additions is fixed
+// (two segments of 32 rows, the second then adds the first's total) whatever the thread
+// count, so every kernel gets bitwise the same b. sTot: kGateScratch floats of scratch.
 // Ends with __syncthreads().
+template <int KT>
+constexpr int gate_scratch_floats() {
+  return 2 * KT;
+}
+
 template <int KT, int STRIDE, int NTHREADS>
 __device__ __forceinline__ void gate_cumsum(float* sB, float* sTot, int tid) {
-  constexpr int kP = NTHREADS / KT;  // threads per key column
-  constexpr int kRows = kC / kP;     // rows each of them scans
-  constexpr int kGroup = kRows < 16 ? kRows : 16;  // rows loaded ahead of the dependent adds
-  static_assert(NTHREADS % KT == 0 && kRows % kGroup == 0, "scan split");
-  const int col = tid % KT, seg = tid / KT;
-  float* const bcol = sB + (seg * kRows) * STRIDE + col;
-  float run = 0.0f;
+  constexpr int kRows = kC / 2;  // rows per segment
+  constexpr int kGroup = 16;     // rows loaded ahead of the dependent adds
+  for (int w = tid; w < 2 * KT; w += NTHREADS) {
+    const int col = w % KT, seg = w / KT;
+    float* const bcol = sB + (seg * kRows) * STRIDE + col;
+    float run = 0.0f;
 #pragma unroll
-  for (int r0 = 0; r0 < kRows; r0 += kGroup) {
-    float x[kGroup];
+    for (int r0 = 0; r0 < kRows; r0 += kGroup) {
+      float x[kGroup];
 #pragma unroll
-    for (int r = 0; r < kGroup; ++r) x[r] = bcol[(r0 + r) * STRIDE];
+      for (int r = 0; r < kGroup; ++r) x[r] = bcol[(r0 + r) * STRIDE];
 #pragma unroll
-    for (int r = 0; r < kGroup; ++r) {
-      run += fmaxf(x[r], kGateFloor) * kLog2e;
-      bcol[(r0 + r) * STRIDE] = run;
+      for (int r = 0; r < kGroup; ++r) {
+        run += fmaxf(x[r], kGateFloor) * kLog2e;
+        bcol[(r0 + r) * STRIDE] = run;
+      }
     }
+    sTot[w] = run;
   }
-  if constexpr (kP > 1) {  // add the totals of the segments above this one
-    sTot[tid] = run;
-    __syncthreads();
-    float carry = 0.0f;
-    for (int p = 0; p < seg; ++p) carry += sTot[p * KT + col];
-    if (seg > 0) {
-#pragma unroll 8
-      for (int r = 0; r < kRows; ++r) bcol[r * STRIDE] += carry;
-    }
+  __syncthreads();
+  for (int i = tid; i < KT * kRows; i += NTHREADS) {  // second segment += first's total
+    const int col = i % KT, r = kRows + i / KT;
+    sB[r * STRIDE + col] += sTot[col];
   }
   __syncthreads();
 }
@@ -441,6 +551,57 @@ __device__ __forceinline__ void state_update(float (&s)[KT / 8][4], const uint32
     }
   }
 }
+
+// ---- launching -------------------------------------------------------------------------
+#ifndef GLA_CHUNK_EMULATE
+using ChunkKernel = void (*)(const ChunkArgs);
+
+// Reserves the dynamic shared memory and launches; returns nullptr or a message naming op and
+// kernel (valid until the next failing call on this thread).
+inline const char* launch_chunk_kernel(ChunkKernel kernel, dim3 grid, int threads, int smem,
+                                       cudaStream_t stream, const ChunkArgs& args,
+                                       const char* op, const char* name) {
+  static thread_local char message[320];
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it, so it is not reported again by a later check
+    std::snprintf(message, sizeof(message), "%s: %s: cannot reserve %d bytes of shared memory: %s",
+                  op, name, smem, cudaGetErrorString(err));
+    return message;
+  }
+  kernel<<<grid, threads, smem, stream>>>(args);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    std::snprintf(message, sizeof(message), "%s: %s launch failed: %s", op, name,
+                  cudaGetErrorString(err));
+    return message;
+  }
+  return nullptr;
+}
+
+// Checks the current device can run the chunk kernels (sm_80+); *sm_count gets its SM count.
+inline const char* check_device(const char* op, int* sm_count) {
+  static thread_local char message[320];
+  int device = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(sm_count, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) {
+    std::snprintf(message, sizeof(message), "%s: cannot query the device: %s", op,
+                  cudaGetErrorString(err));
+    return message;
+  }
+  if (major < 8) {
+    std::snprintf(message, sizeof(message),
+                  "%s: needs a GPU of compute capability 8.0 or newer", op);
+    return message;
+  }
+  return nullptr;
+}
+#endif  // GLA_CHUNK_EMULATE
 
 }  // namespace
 }  // namespace gla

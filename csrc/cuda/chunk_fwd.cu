@@ -43,9 +43,11 @@
 // and the CUDA runtime calls below are swapped out; the kernel body is compiled as is.
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "chunk_common.cuh"
+#include "chunk_scan.cuh"
 #include "gla.h"
 
 namespace gla {
@@ -55,24 +57,6 @@ constexpr int kBV = 64;         // V columns per thread block
 constexpr int kWarps = 4;       // warp w owns V columns [16w, 16w + 16) of the tile
 constexpr int kThreads = 32 * kWarps;
 constexpr int kChunkMaxK = 128; // widest K in one pass (kCudaChunkMaxK in gla.h)
-
-// Which global accesses may be vectorized (set by the launcher from sizes and alignment).
-enum : int { kVecQK = 1, kVecG = 2, kVecV = 4, kVecO = 8 };
-
-struct ChunkFwdArgs {
-  const void* q;
-  const void* k;
-  const void* v;
-  const float* g;
-  const float* h0;  // may be null
-  void* o;
-  float* ht;
-  const int64_t* cu_seqlens;  // device pointer, may be null
-  int64_t T;
-  int H, K, V;
-  float scale;
-  int flags;
-};
 
 // Shared memory layout of one block. Rows are padded by 8 elements so that the 8 rows an
 // ldmatrix (or a fragment load) touches fall in different banks, and rows stay 16-byte
@@ -88,8 +72,8 @@ struct SmemLayout {
   static constexpr int kBOff = kKOff + kC * kQKStride * 2;
   static constexpr int kVOff = kBOff + kC * kBStride * 4;
   static constexpr int kAOff = kVOff + kC * kVStride * 2;
-  static constexpr int kTotOff = kAOff + kC * kAStride * 2;  // scan carries: [kThreads] float
-  static constexpr int kBytes = kTotOff + kThreads * 4;
+  static constexpr int kTotOff = kAOff + kC * kAStride * 2;  // gate scan scratch (float)
+  static constexpr int kBytes = kTotOff + gate_scratch_floats<KT>() * 4;
   static_assert(kKOff % 16 == 0 && kBOff % 16 == 0 && kVOff % 16 == 0 && kAOff % 16 == 0,
                 "tiles must start 16-byte aligned");
   static_assert((kQKStride * 2) % 16 == 0 && (kBStride * 4) % 16 == 0 &&
@@ -100,9 +84,13 @@ static_assert(SmemLayout<128>::kBytes <= 99 * 1024, "shared memory over the 99 K
 
 // ---- the kernel ----------------------------------------------------------------------
 // Fragment conventions: see chunk_common.cuh.
-template <typename T, int KT>
+// kFromStates = false (fused): grid x = N * H, y = V tiles; the block walks all chunks of its
+//   sequence carrying the state in registers, and writes the final state.
+// kFromStates = true (split): grid x = workspace chunk (an upper bound), y = H, z = V tiles;
+//   the block does one chunk, starting from the state the scan stored for it.
+template <typename T, int KT, bool kFromStates>
 __global__ void __launch_bounds__(kThreads)
-    gla_chunk_fwd_kernel(const ChunkFwdArgs a) {
+    gla_chunk_fwd_kernel(const ChunkArgs a) {
   using E = Elem<T>;
   using L = SmemLayout<KT>;
   constexpr int kNT = KT / 8;  // 8-wide key-dim tiles of the state
@@ -123,21 +111,23 @@ __global__ void __launch_bounds__(kThreads)
   const int lm_col = (lane >> 4) * 8;
 
   const int H = a.H, K = a.K, V = a.V;
-  const int h = static_cast<int>(blockIdx.x % static_cast<unsigned>(H));
-  const int64_t n = blockIdx.x / static_cast<unsigned>(H);
-  const int v0 = blockIdx.y * kBV;  // first V column of this tile
   const float scale = a.scale;
-
-  int64_t row, start, end;
-  if (a.cu_seqlens != nullptr) {
-    row = 0;
-    start = a.cu_seqlens[n];
-    end = a.cu_seqlens[n + 1];
-    if (end < start) end = start;  // malformed offsets must not run a loop backwards
+  int64_t n = 0, row = 0, start = 0, end = 0, chunk = 0;
+  int h = 0, v0 = 0;
+  if constexpr (kFromStates) {
+    int64_t c = 0;
+    chunk = blockIdx.x;
+    if (!locate_chunk(a, chunk, &n, &c)) return;  // past the last chunk (the grid is a bound)
+    h = blockIdx.y;
+    v0 = blockIdx.z * kBV;
+    seq_range(a, n, &row, &start, &end);
+    start += c * kC;  // just this chunk
+    if (end > start + kC) end = start + kC;
   } else {
-    row = n;
-    start = 0;
-    end = a.T;
+    h = static_cast<int>(blockIdx.x % static_cast<unsigned>(H));
+    n = blockIdx.x / static_cast<unsigned>(H);
+    v0 = blockIdx.y * kBV;
+    seq_range(a, n, &row, &start, &end);
   }
 
   // S^T for this warp's 16 V columns: s[nt] is the m16n8 accumulator tile with rows = V
@@ -145,14 +135,17 @@ __global__ void __launch_bounds__(kThreads)
   float s[kNT][4];
   const int vc_lo = v0 + 16 * warp + g8;  // V column of s[.][0..1]; s[.][2..3] is +8
   const int64_t state_base = (n * H + h) * static_cast<int64_t>(K) * V;
+  const float* const init =
+      kFromStates ? a.states + (chunk * H + h) * static_cast<int64_t>(K) * V
+                  : (a.h0 != nullptr ? a.h0 + state_base : nullptr);
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int kd = 8 * nt + 2 * c4 + (r & 1);
       const int vc = vc_lo + (r >> 1) * 8;
-      s[nt][r] = (a.h0 != nullptr && kd < K && vc < V)
-                     ? a.h0[state_base + static_cast<int64_t>(kd) * V + vc]
+      s[nt][r] = (init != nullptr && kd < K && vc < V)
+                     ? init[static_cast<int64_t>(kd) * V + vc]
                      : 0.0f;
     }
   }
@@ -288,33 +281,61 @@ __global__ void __launch_bounds__(kThreads)
       }
 
       // ---- 6. S^T <- S^T * exp2(b_last) + v^T @ k~ --------------------------------------
-      state_update<T, KT, L::kQKStride>(s, vf, sK, sB + (kC - 1) * L::kBStride, lane);
+      if constexpr (!kFromStates)
+        state_update<T, KT, L::kQKStride>(s, vf, sK, sB + (kC - 1) * L::kBStride, lane);
     }
     __syncthreads();  // every warp is done with this chunk's tiles before they are reloaded
   }
 
-  // final state
+  if constexpr (!kFromStates) {  // final state (the split path's scan writes it)
 #pragma unroll
-  for (int nt = 0; nt < kNT; ++nt) {
+    for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int kd = 8 * nt + 2 * c4 + (r & 1);
-      const int vc = vc_lo + (r >> 1) * 8;
-      if (kd < K && vc < V) a.ht[state_base + static_cast<int64_t>(kd) * V + vc] = s[nt][r];
+      for (int r = 0; r < 4; ++r) {
+        const int kd = 8 * nt + 2 * c4 + (r & 1);
+        const int vc = vc_lo + (r >> 1) * 8;
+        if (kd < K && vc < V) a.ht[state_base + static_cast<int64_t>(kd) * V + vc] = s[nt][r];
+      }
     }
   }
 }
 
 // ---- launcher ------------------------------------------------------------------------
-bool aligned(const void* p, uintptr_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+// Two ways to run the same arithmetic (bitwise the same o and final state):
+//   fused: one block per (sequence, head, V tile) walks every chunk with the state in
+//     registers; reads each input once, but has only N * H * ceil(V / 64) blocks.
+//   split: the state scan (chunk_scan.cuh, also used by the backward) stores the float32
+//     state each chunk starts from in a workspace, then one block per (chunk, head, V tile).
+//     Costs the workspace traffic, but fills the GPU when there are few sequences and heads.
+struct FwdGrid {
+  bool split = false;
+  bool empty = false;           // nothing to launch at all
+  unsigned fused_x = 0, fused_y = 0;
+  unsigned scan_x = 0, scan_y = 0, scan_z = 0;
+  unsigned chunk_x = 0, chunk_y = 0, chunk_z = 0;
+};
+
+int64_t fwd_max_chunks(const GlaParams& p) {
+  return max_chunks(p.B, p.T, p.N, p.cu_seqlens != nullptr);
 }
 
-// Checks p and fills the kernel arguments and grid (x = N * H, y = V tiles). Returns an
-// error message, or nullptr; *empty is set when there is nothing to launch.
-const char* prepare(const GlaParams& p, ChunkFwdArgs* args, unsigned* grid_x,
-                    unsigned* grid_y, bool* empty) {
-  *empty = false;
+// The split path's choice: forced by GLA_EXT_CHUNK_FWD=fused|split, otherwise split when the
+// fused grid would fill less than two waves of the GPU's SMs and sequences span several
+// chunks (a first guess, to be tuned on a GPU: benchmarks/bench_gpu.py times both).
+bool want_split(const GlaParams& p, int sm_count) {
+  if (const char* force = std::getenv("GLA_EXT_CHUNK_FWD")) {
+    if (std::strcmp(force, "split") == 0) return p.T > 0;
+    if (std::strcmp(force, "fused") == 0) return false;
+  }
+  if (p.T <= 0 || p.N * p.H == 0) return false;
+  const int64_t fused_blocks = p.N * p.H * ((p.V + kBV - 1) / kBV);
+  return fused_blocks < 2 * static_cast<int64_t>(sm_count) && fwd_max_chunks(p) >= 2 * p.N;
+}
+
+// Checks p and fills the kernel arguments and grids; split: p.workspace holds the chunk
+// states. Returns an error message, or nullptr.
+const char* prepare(const GlaParams& p, bool split, ChunkArgs* args, FwdGrid* grid) {
+  *grid = FwdGrid{};
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
     return "chunk_fwd_cuda: q/k/v must be float16 or bfloat16 (the tensor-core chunked "
            "kernel has no float32/float64 variant)";
@@ -326,18 +347,23 @@ const char* prepare(const GlaParams& p, ChunkFwdArgs* args, unsigned* grid_x,
     return "chunk_fwd_cuda: N must equal B without cu_seqlens";
   if (p.cu_seqlens != nullptr && p.B != 1)
     return "chunk_fwd_cuda: B must be 1 with cu_seqlens";
-  if (p.H > int64_t{0x7fffffff} || p.N * p.H > int64_t{0x7fffffff})
-    return "chunk_fwd_cuda: N * H exceeds the grid limit";
+  if (p.H > 65535 || p.N * p.H > int64_t{0x7fffffff})
+    return "chunk_fwd_cuda: N * H or H exceeds the grid limit";
   if ((p.V + kBV - 1) / kBV > 65535) return "chunk_fwd_cuda: V too large for the grid";
+  if (fwd_max_chunks(p) > int64_t{0x7fffffff})
+    return "chunk_fwd_cuda: too many chunks for the grid";
   if (p.N * p.H == 0) {  // no sequences or no heads: nothing to write
-    *empty = true;
+    grid->empty = true;
     return nullptr;
   }
   if (p.ht == nullptr) return "chunk_fwd_cuda: ht (final state) must not be null";
   if (p.T > 0 && (p.q == nullptr || p.k == nullptr || p.v == nullptr || p.g == nullptr ||
                   p.o == nullptr))
     return "chunk_fwd_cuda: q, k, v, g and o must not be null";
+  if (split && (p.T == 0 || p.workspace == nullptr))
+    return "chunk_fwd_cuda: the split path needs tokens and a workspace";
 
+  *args = ChunkArgs{};
   args->q = p.q;
   args->k = p.k;
   args->v = p.v;
@@ -345,8 +371,11 @@ const char* prepare(const GlaParams& p, ChunkFwdArgs* args, unsigned* grid_x,
   args->h0 = static_cast<const float*>(p.h0);
   args->o = p.o;
   args->ht = static_cast<float*>(p.ht);
+  args->states = split ? p.workspace : nullptr;
   args->cu_seqlens = p.cu_seqlens;
   args->T = p.T;
+  args->chunks_per_row = (p.T + kC - 1) / kC;
+  args->N = static_cast<int>(p.N);
   args->H = static_cast<int>(p.H);
   args->K = static_cast<int>(p.K);
   args->V = static_cast<int>(p.V);
@@ -356,69 +385,64 @@ const char* prepare(const GlaParams& p, ChunkFwdArgs* args, unsigned* grid_x,
   if (p.K % 4 == 0 && aligned(p.g, 16)) args->flags |= kVecG;
   if (p.V % 8 == 0 && aligned(p.v, 16)) args->flags |= kVecV;
   if (p.V % 2 == 0 && aligned(p.o, 4)) args->flags |= kVecO;
-  *grid_x = static_cast<unsigned>(p.N * p.H);
-  *grid_y = static_cast<unsigned>((p.V + kBV - 1) / kBV);
+  const unsigned vtiles = static_cast<unsigned>((p.V + kBV - 1) / kBV);
+  grid->split = split;
+  grid->fused_x = static_cast<unsigned>(p.N * p.H);
+  grid->fused_y = vtiles;
+  grid->scan_x = static_cast<unsigned>(p.N * p.H);
+  grid->scan_y = static_cast<unsigned>((p.V + kScanV - 1) / kScanV);
+  grid->scan_z = static_cast<unsigned>((p.K + kScanK - 1) / kScanK);
+  grid->chunk_x = static_cast<unsigned>(fwd_max_chunks(p));
+  grid->chunk_y = static_cast<unsigned>(p.H);
+  grid->chunk_z = vtiles;
   return nullptr;
 }
 
 #ifndef GLA_CHUNK_EMULATE
-thread_local char g_message[320];
+constexpr const char* kOp = "chunk_fwd_cuda";
 
 template <typename T, int KT>
-const char* launch(const ChunkFwdArgs& args, dim3 grid, cudaStream_t stream,
-                   const char* name) {
+const char* launch_all(const ChunkArgs& args, const FwdGrid& grid, cudaStream_t stream) {
   constexpr int kSmem = SmemLayout<KT>::kBytes;
-  auto* kernel = gla_chunk_fwd_kernel<T, KT>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();  // clear it, so it is not reported again by a later check
-    std::snprintf(g_message, sizeof(g_message),
-                  "chunk_fwd_cuda: %s: cannot reserve %d bytes of shared memory: %s", name,
-                  kSmem, cudaGetErrorString(err));
-    return g_message;
-  }
-  kernel<<<grid, kThreads, kSmem, stream>>>(args);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    std::snprintf(g_message, sizeof(g_message), "chunk_fwd_cuda: %s launch failed: %s", name,
-                  cudaGetErrorString(err));
-    return g_message;
-  }
-  return nullptr;
+  if (!grid.split)
+    return launch_chunk_kernel(gla_chunk_fwd_kernel<T, KT, false>,
+                               dim3(grid.fused_x, grid.fused_y), kThreads, kSmem, stream, args,
+                               kOp, "gla_chunk_fwd_kernel (fused)");
+  if (const char* e = launch_chunk_kernel(
+          gla_chunk_state_scan_kernel<T, false>, dim3(grid.scan_x, grid.scan_y, grid.scan_z),
+          kScanThreads, ScanLayout::kBytes, stream, args, kOp, "gla_chunk_state_scan_kernel"))
+    return e;
+  return launch_chunk_kernel(gla_chunk_fwd_kernel<T, KT, true>,
+                             dim3(grid.chunk_x, grid.chunk_y, grid.chunk_z), kThreads, kSmem,
+                             stream, args, kOp, "gla_chunk_fwd_kernel (split)");
 }
 #endif  // GLA_CHUNK_EMULATE
 
 }  // namespace
 
 #ifndef GLA_CHUNK_EMULATE
+int64_t chunk_fwd_cuda_workspace_floats(const GlaParams& p) {
+  int sm_count = 0;
+  if (check_device(kOp, &sm_count) != nullptr) return 0;  // chunk_fwd_cuda reports it
+  return want_split(p, sm_count) ? fwd_max_chunks(p) * p.H * p.K * p.V : 0;
+}
+
 const char* chunk_fwd_cuda(const GlaParams& p, void* stream_ptr) {
   static_assert(kChunkMaxK == kCudaChunkMaxK, "gla.h and chunk_fwd.cu disagree on max K");
-  ChunkFwdArgs args;
-  unsigned grid_x = 0, grid_y = 0;
-  bool empty = false;
-  if (const char* err = prepare(p, &args, &grid_x, &grid_y, &empty)) return err;
-  if (empty) return nullptr;
-
-  int device = 0, major = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err != cudaSuccess) {
-    std::snprintf(g_message, sizeof(g_message), "chunk_fwd_cuda: cannot query the device: %s",
-                  cudaGetErrorString(err));
-    return g_message;
-  }
-  if (major < 8) return "chunk_fwd_cuda: needs a GPU of compute capability 8.0 or newer";
-
-  const dim3 grid(grid_x, grid_y);
+  int sm_count = 0;
+  if (const char* err = check_device(kOp, &sm_count)) return err;
+  ChunkArgs args;
+  FwdGrid grid;
+  const bool split = p.workspace != nullptr && want_split(p, sm_count);
+  if (const char* err = prepare(p, split, &args, &grid)) return err;
+  if (grid.empty) return nullptr;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const bool bf16 = p.dtype == DType::kBFloat16;
   if (p.K <= 64)
-    return bf16 ? launch<__nv_bfloat16, 64>(args, grid, stream, "gla_chunk_fwd_kernel<bf16, 64>")
-                : launch<__half, 64>(args, grid, stream, "gla_chunk_fwd_kernel<fp16, 64>");
-  return bf16 ? launch<__nv_bfloat16, 128>(args, grid, stream, "gla_chunk_fwd_kernel<bf16, 128>")
-              : launch<__half, 128>(args, grid, stream, "gla_chunk_fwd_kernel<fp16, 128>");
+    return bf16 ? launch_all<__nv_bfloat16, 64>(args, grid, stream)
+                : launch_all<__half, 64>(args, grid, stream);
+  return bf16 ? launch_all<__nv_bfloat16, 128>(args, grid, stream)
+              : launch_all<__half, 128>(args, grid, stream);
 }
 #endif  // GLA_CHUNK_EMULATE
 

@@ -133,7 +133,7 @@ int main(int argc, char** argv) {
   Guarded<float> work(static_cast<size_t>(nwork), 0, NAN);  // poisoned: unwritten reads show
   p.workspace = nwork > 0 ? work.data() : nullptr;
 
-  gla::ChunkBwdArgs args;
+  gla::ChunkArgs args;
   gla::BwdGrid grid;
   if (const char* err = gla::prepare_bwd(p, &args, &grid)) {
     std::printf("prepare refused: %s\n", err);

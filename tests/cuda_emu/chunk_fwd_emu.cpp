@@ -6,6 +6,7 @@
 //   gate: norm:X  -> logsigmoid(randn) / X;   const:X -> every gate equals X
 //   cu:   -       -> no cu_seqlens;           0,5,5,77 -> packed sequences (B must be 1)
 //   order: fwd | rev | both (run twice, threads in opposite orders; results must match bitwise)
+//   mode:  fused | split | both (fused, then split in reverse order: must match bitwise)
 //   misalign=1 offsets every input pointer by one element, forcing the scalar load paths.
 // Prints one line of measurements; exit status 0 when every check passes.
 #include "emu.h"
@@ -23,7 +24,7 @@ std::map<std::string, std::string> parse(int argc, char** argv) {
   std::map<std::string, std::string> kv = {
       {"dtype", "bf16"}, {"B", "2"}, {"T", "77"},     {"H", "2"},    {"K", "64"},
       {"V", "64"},      {"gate", "norm:1"}, {"h0", "1"}, {"cu", "-"},  {"order", "both"},
-      {"misalign", "0"}, {"seed", "1"},    {"tol", "1e-2"}};
+      {"misalign", "0"}, {"seed", "1"},    {"tol", "1e-2"}, {"mode", "fused"}};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     const auto eq = a.find('=');
@@ -133,39 +134,70 @@ int main(int argc, char** argv) {
   p.o = o.data();
   p.ht = ht.data();
 
-  gla::ChunkFwdArgs args;
-  unsigned gx = 0, gy = 0;
-  bool empty = false;
-  if (const char* err = gla::prepare(p, &args, &gx, &gy, &empty)) {
-    std::printf("prepare refused: %s\n", err);
-    return 4;
-  }
+  // split path: the chunk states live in a poisoned workspace
+  const int64_t nwork = T > 0 ? gla::fwd_max_chunks(p) * H * K * V : 0;
+  Guarded<float> work(static_cast<size_t>(nwork), 0, NAN);
 
-  auto run_all = [&](bool reverse) {
+  gla::ChunkArgs args;
+  gla::FwdGrid grid;
+  auto launch = [&](unsigned gx, unsigned gy, unsigned gz, int threads,
+                    const std::function<void()>& body) {
+    for (unsigned bz = 0; bz < gz; ++bz)
+      for (unsigned by = 0; by < gy; ++by)
+        for (unsigned bx = 0; bx < gx; ++bx) emu::run_block({bx, by, bz}, threads, body);
+  };
+  // Runs the forward the fused or the split way; false when prepare refuses.
+  auto run_all = [&](bool split, bool reverse) {
     emu::st().reverse = reverse;
-    if (empty) return;
-    for (unsigned by = 0; by < gy; ++by) {
-      for (unsigned bx = 0; bx < gx; ++bx) {
-        std::function<void()> body;
-        if (K <= 64) {
-          if (bf16) body = [&] { gla::gla_chunk_fwd_kernel<__nv_bfloat16, 64>(args); };
-          else body = [&] { gla::gla_chunk_fwd_kernel<__half, 64>(args); };
-        } else {
-          if (bf16) body = [&] { gla::gla_chunk_fwd_kernel<__nv_bfloat16, 128>(args); };
-          else body = [&] { gla::gla_chunk_fwd_kernel<__half, 128>(args); };
-        }
-        emu::run_block({bx, by, 0}, gla::kThreads, body);
+    std::fill(work.data(), work.data() + nwork, NAN);
+    p.workspace = split && nwork > 0 ? work.data() : nullptr;
+    if (const char* err = gla::prepare(p, split && T > 0, &args, &grid)) {
+      std::printf("prepare refused: %s\n", err);
+      return false;
+    }
+    if (grid.empty) return true;
+    std::function<void()> fused, scan, chunk;
+    if (K <= 64) {
+      if (bf16) {
+        fused = [&] { gla::gla_chunk_fwd_kernel<__nv_bfloat16, 64, false>(args); };
+        chunk = [&] { gla::gla_chunk_fwd_kernel<__nv_bfloat16, 64, true>(args); };
+      } else {
+        fused = [&] { gla::gla_chunk_fwd_kernel<__half, 64, false>(args); };
+        chunk = [&] { gla::gla_chunk_fwd_kernel<__half, 64, true>(args); };
+      }
+    } else {
+      if (bf16) {
+        fused = [&] { gla::gla_chunk_fwd_kernel<__nv_bfloat16, 128, false>(args); };
+        chunk = [&] { gla::gla_chunk_fwd_kernel<__nv_bfloat16, 128, true>(args); };
+      } else {
+        fused = [&] { gla::gla_chunk_fwd_kernel<__half, 128, false>(args); };
+        chunk = [&] { gla::gla_chunk_fwd_kernel<__half, 128, true>(args); };
       }
     }
+    if (bf16) scan = [&] { gla::gla_chunk_state_scan_kernel<__nv_bfloat16, false>(args); };
+    else scan = [&] { gla::gla_chunk_state_scan_kernel<__half, false>(args); };
+    if (!grid.split) {
+      launch(grid.fused_x, grid.fused_y, 1, gla::kThreads, fused);
+    } else {
+      launch(grid.scan_x, grid.scan_y, grid.scan_z, gla::kScanThreads, scan);
+      launch(grid.chunk_x, grid.chunk_y, grid.chunk_z, gla::kThreads, chunk);
+    }
+    return true;
   };
 
-  const std::string order = kv["order"];
-  run_all(order == "rev");
+  // mode fused | split: that path, in the order(s) asked; mode both: fused forward-order,
+  // then split reverse-order; every pair of runs must agree bitwise.
+  const std::string order = kv["order"], mode = kv["mode"];
+  const bool first_split = mode == "split";
+  const bool second_split = mode == "both" ? true : first_split;
+  if (!run_all(first_split, order == "rev")) return 4;
   bool order_equal = true;
-  if (order == "both") {
+  if (order == "both" || mode == "both") {
     const std::vector<uint16_t> o1(o.data(), o.data() + nv);
     const std::vector<float> h1(ht.data(), ht.data() + ns);
-    run_all(true);
+    std::fill(o.data(), o.data() + nv, uint16_t{0xffff});
+    std::fill(ht.data(), ht.data() + ns, NAN);
+    if (!run_all(second_split, true)) return 4;
     order_equal = std::memcmp(o1.data(), o.data(), nv * 2) == 0 &&
                   std::memcmp(h1.data(), ht.data(), ns * 4) == 0;
   }
@@ -212,11 +244,11 @@ int main(int argc, char** argv) {
   const double ht_rel = rh2 > 0 ? std::sqrt(dh2 / rh2) : std::sqrt(dh2);
   const bool guards = q.guards_intact() && k.guards_intact() && v.guards_intact() &&
                       g.guards_intact() && h0.guards_intact() && o.guards_intact() &&
-                      ht.guards_intact();
+                      ht.guards_intact() && work.guards_intact();
   const bool ok = nan == 0 && guards && order_equal && o_rel <= tol && ht_rel <= tol;
   std::printf("%s o_rel=%.3e ht_rel=%.3e nonfinite=%d guards=%d order_equal=%d flags=%d "
               "blocks=%ux%u collectives=%ld barriers=%ld\n",
               ok ? "PASS" : "FAIL", o_rel, ht_rel, nan, guards ? 1 : 0, order_equal ? 1 : 0,
-              args.flags, gx, gy, emu::st().collectives, emu::st().barriers);
+              args.flags, grid.fused_x, grid.fused_y, emu::st().collectives, emu::st().barriers);
   return ok ? 0 : 1;
 }
