@@ -336,6 +336,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "x [B, E] or [B, 1, E], states: list of [B, H, D, D] (or []) -> (y, new_states)")
       .def_property_readonly("num_layers", &gla::CpuDecoder::num_layers)
       .def_property_readonly("num_workspaces", &gla::CpuDecoder::num_workspaces);
+#ifdef GLA_WITH_CUDA
+  m.def("cuda_chunk_max_k", [](int64_t device) {
+        c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+        return gla::chunk_cuda_max_k();
+      }, pybind11::arg("device"),
+        "widest K slice the chunked CUDA kernels take on this device (128, or 64 where the "
+        "backward's shared memory does not fit)");
+#endif
   m.def("build_info", []() {
     pybind11::dict info;
 #ifdef GLA_WITH_CUDA

@@ -88,5 +88,8 @@ const char* chunk_fwd_cuda(const GlaParams& p, void* stream);
 // float32 workspace of chunk_bwd_cuda_workspace_floats(p) elements (two states per chunk).
 int64_t chunk_bwd_cuda_workspace_floats(const GlaParams& p);
 const char* chunk_bwd_cuda(const GlaParams& p, void* stream);
+// Widest K slice the chunk kernels take on the current device: 128 where the backward's
+// 152 KB of shared memory per block fits (sm_80, sm_90), else 64 (sm_86/sm_89: 99 KB).
+int64_t chunk_cuda_max_k();
 
 }  // namespace gla

@@ -22,10 +22,23 @@ _CUDA_RECURRENT_MAX_K = 256
 _CUDA_CHUNK_MAX_K = 128      # tensor-core chunked forward and backward (bf16/fp16)
 
 
-def _cuda_max_k(kernel_name: str, dtype: torch.dtype) -> int:
+_chunk_max_k_by_device: dict = {}
+
+
+def _cuda_max_k(kernel_name: str, dtype: torch.dtype, device: torch.device) -> int:
     if kernel_name == "chunk" and dtype in (torch.float16, torch.bfloat16):
-        return _CUDA_CHUNK_MAX_K
+        # 128, or 64 on GPUs whose shared memory per block cannot hold the K=128 backward.
+        # The query is a pybind call that torch.compile cannot trace: while compiling, a
+        # device not seen eagerly yet gets 64 (exact on every GPU, a little slower).
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _chunk_max_k_by_device:
+            if torch.compiler.is_compiling():
+                return 64
+            _chunk_max_k_by_device[index] = min(_CUDA_CHUNK_MAX_K,
+                                                int(_ext._C.cuda_chunk_max_k(index)))
+        return _chunk_max_k_by_device[index]
     return _CUDA_RECURRENT_MAX_K
+
 _DEFAULT_CHUNK = 0  # 0 = the kernel's own choice
 
 # Fake kernels and autograd are registered at import, so the first call may already be
@@ -106,7 +119,7 @@ def _gla(op_name, kernel_name, q, k, v, g, scale, initial_state, output_final_st
         return o, ht
     fwd_op = getattr(torch.ops.gla_ext, f"{kernel_name}_fwd")
     q, k, v, g, h0, cu = _prepare(q, k, v, g, initial_state, cu_seqlens)
-    max_k = _cuda_max_k(kernel_name, q.dtype) if chosen == "cuda" else None
+    max_k = _cuda_max_k(kernel_name, q.dtype, q.device) if chosen == "cuda" else None
     o, ht = _run_kernel(fwd_op, q, k, v, g, h0, cu, scale, extra, max_k)
     return o, (ht if output_final_state else None)
 

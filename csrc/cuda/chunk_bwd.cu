@@ -15,14 +15,14 @@
 //   rowsum(S_end * dS) = exp2(b_last) * rowsum(S0 * dS) + sum_s k_s * exp2(b_last - b_s)(v_s dS^T).
 // So dg needs nothing from other chunks and no cancellation builds up along the sequence.
 //
-// Three launches:
-//   1. state scan, forward: per (sequence, head, 64 V columns), walks the chunks in order
-//      and stores S0 of every chunk (float32) into the workspace (the forward's state
-//      recurrence, without the outputs).
-//   2. state scan, gradient: the same kernel walking backwards with q and dO:
-//      dS_start = exp2(b_last) * dS_end + (scale q exp2(b))^T dO, stores dS_end of every chunk,
-//      starting from dht (or 0); what is left at the start is dh0.
-//   3. chunk kernel: one block (8 warps) per (chunk, head), every chunk in parallel. Warp
+// Two launches:
+//   1. state scans (chunk_scan.cuh), per (sequence, head, 64 V columns, 64 key dims), both in
+//      one grid: forward, walking the chunks in order and storing S0 of every chunk (input
+//      dtype) into the workspace (the forward's state recurrence without the outputs); gradient,
+//      walking backwards with q and dO: dS_start = exp2(b_last) * dS_end +
+//      (scale q exp2(b))^T dO, storing dS_end of every chunk, starting from dht (or 0); what
+//      is left at the start is dh0.
+//   2. chunk kernel: one block (8 warps) per (chunk, head), every chunk in parallel. Warp
 //      (r, h2) = (warp % 4, warp / 4) owns token rows [16r, 16r + 16) and half h2 of the key
 //      dims (or of the 64-column V tile). It loops over V in tiles of 64 for dA, dv and the
 //      inter-chunk parts of dq and dk, then adds the intra-chunk parts by sub-blocks of 16
@@ -31,8 +31,9 @@
 // Every matrix product runs on mma.sync m16n8k16 with float32 accumulation; the operands are
 // rounded to the input dtype (states, dA, gated q/k), as in the forward kernel.
 //
-// Memory: the workspace holds two float32 states per chunk and head, as flash-linear-
-// attention's backward does (states_in_fp32); nothing else is kept between launches.
+// Memory: the workspace holds two states per chunk and head in the input dtype (half of what
+// flash-linear-attention's backward keeps in float32); nothing else is kept between launches.
+// The rowsum(S0 * dS) term of dg therefore uses the rounded states (float32 products).
 //
 // GLA_CHUNK_EMULATE: tests/cuda_emu/chunk_bwd_emu.cpp runs these kernels on a CPU.
 #include <cstdint>
@@ -94,51 +95,35 @@ struct BwdLayout {
 // sm_80 allows 163 KB per block with the opt-in, sm_90 227 KB.
 static_assert(BwdLayout<128>::kBytes <= 163 * 1024, "chunk backward shared memory too large");
 
-// Loads rows [0, KT) x columns [v0, v0 + 64) of a float32 K x V state into a 16-bit tile
-// (zero outside K x V). With want_rows, also adds rowsum(S0 * dS) of this tile into sRow.
+// Adds rowsum(S0 * dS) over this V tile into sRow[key] (float32 products and sums of the
+// 16-bit tiles, in a fixed order): kTPR threads per key row, reduced by shuffles.
 template <typename T, int KT, typename L>
-__device__ __forceinline__ void load_state_tiles(const ChunkArgs& a, int64_t state_off,
-                                                 int v0, uint16_t* sS, uint16_t* sDS,
-                                                 float* sRow, int tid) {
+__device__ __forceinline__ void add_state_rowsums(const uint16_t* sS, const uint16_t* sDS,
+                                                  float* sRow, int tid) {
   using E = Elem<T>;
-  const int K = a.K, V = a.V;
-  const float* const S = a.states + state_off;
-  const float* const D = a.dstates + state_off;
-  // 16 threads per key row, 4 columns each; 256 threads cover 16 rows per pass, and every
-  // warp runs the same number of passes (KT * 16 is a multiple of kBwdThreads).
-  static_assert((KT * 16) % kBwdThreads == 0, "whole passes");
-  const bool vec = (a.flags & kVecS) != 0;
-  for (int i = tid; i < KT * 16; i += kBwdThreads) {
-    const int kd = i >> 4, cc = (i & 15) * 4;
-    float s4[4], d4[4];
-    if (vec) {
-      const bool in = kd < K && v0 + cc < V;  // V % 4 == 0: all four in or all out
-      const int64_t off = static_cast<int64_t>(kd) * V + v0 + cc;
-      const float4 sv = in ? *reinterpret_cast<const float4*>(S + off) : float4{0, 0, 0, 0};
-      const float4 dv = in ? *reinterpret_cast<const float4*>(D + off) : float4{0, 0, 0, 0};
-      s4[0] = sv.x; s4[1] = sv.y; s4[2] = sv.z; s4[3] = sv.w;
-      d4[0] = dv.x; d4[1] = dv.y; d4[2] = dv.z; d4[3] = dv.w;
-    } else {
+  constexpr int kTPR = kBwdThreads / KT;  // 2 or 4, consecutive lanes
+  constexpr int kCols = kTileV / kTPR;    // 32 or 16
+  static_assert(kBwdThreads % KT == 0 && kCols % 8 == 0, "row split");
+  const int kd = tid / kTPR, c0 = (tid % kTPR) * kCols;
+  float dot = 0.0f;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool in = kd < K && v0 + cc + e < V;
-        const int64_t off = static_cast<int64_t>(kd) * V + v0 + cc + e;
-        s4[e] = in ? S[off] : 0.0f;
-        d4[e] = in ? D[off] : 0.0f;
-      }
+  for (int cc = 0; cc < kCols; cc += 8) {
+    const uint4 sv = *reinterpret_cast<const uint4*>(sS + kd * L::kSStride + c0 + cc);
+    const uint4 dv = *reinterpret_cast<const uint4*>(sDS + kd * L::kSStride + c0 + cc);
+    const uint32_t* const sw = reinterpret_cast<const uint32_t*>(&sv);
+    const uint32_t* const dw = reinterpret_cast<const uint32_t*>(&dv);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float s0, s1, d0, d1;
+      E::unpack2(sw[e], s0, s1);
+      E::unpack2(dw[e], d0, d1);
+      dot = fmaf(s0, d0, dot);
+      dot = fmaf(s1, d1, dot);
     }
-    *reinterpret_cast<uint2*>(sS + kd * L::kSStride + cc) =
-        make_uint2(E::pack2(s4[0], s4[1]), E::pack2(s4[2], s4[3]));
-    *reinterpret_cast<uint2*>(sDS + kd * L::kSStride + cc) =
-        make_uint2(E::pack2(d4[0], d4[1]), E::pack2(d4[2], d4[3]));
-    float dot = s4[0] * d4[0] + s4[1] * d4[1] + s4[2] * d4[2] + s4[3] * d4[3];
-    // sum over the 16 threads of this row (lanes i & 15 of a half warp), fixed order
-    dot += __shfl_xor_sync(0xffffffffu, dot, 8);
-    dot += __shfl_xor_sync(0xffffffffu, dot, 4);
-    dot += __shfl_xor_sync(0xffffffffu, dot, 2);
-    dot += __shfl_xor_sync(0xffffffffu, dot, 1);
-    if ((i & 15) == 0) sRow[kd] += dot;  // one writer per row per pass
   }
+#pragma unroll
+  for (int m = kTPR / 2; m >= 1; m >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, m);
+  if (tid % kTPR == 0) sRow[kd] += dot;  // one writer per row
 }
 
 // ---- launch 3: everything per chunk ------------------------------------------------------
@@ -248,9 +233,14 @@ __global__ void __launch_bounds__(kBwdThreads)
                                                   (a.flags & kVecV) != 0, tid);
     load_tile16<kTileV, L::kVStride, kBwdThreads>(sDO, dout, v_base, v_tok, len, v0, V,
                                                   (a.flags & kVecV) != 0, tid);
-    load_state_tiles<T, KT, L>(a, state_off, v0, sS, sDS, sRow, tid);
+    // S0 and dS rows [0, KT) x columns [v0, v0 + 64) (zero outside K x V)
+    load_tile16<kTileV, L::kSStride, kBwdThreads, KT>(sS, a.states, state_off, V, K, v0, V,
+                                                      (a.flags & kVecS) != 0, tid);
+    load_tile16<kTileV, L::kSStride, kBwdThreads, KT>(sDS, a.dstates, state_off, V, K, v0, V,
+                                                      (a.flags & kVecS) != 0, tid);
     cp_async_wait_all();
     __syncthreads();
+    add_state_rowsums<T, KT, L>(sS, sDS, sRow, tid);
 
 #pragma unroll
     for (int kk = 0; kk < kTileV / 16; ++kk) {  // 16 V columns at a time
@@ -634,7 +624,7 @@ const char* prepare_bwd(const GlaParams& p, ChunkArgs* args, BwdGrid* grid) {
                   p.dv == nullptr || p.dg == nullptr || p.workspace == nullptr))
     return "chunk_bwd_cuda: inputs, gradients and workspace must not be null";
 
-  const int64_t state_floats = max_chunks(p) * p.H * p.K * p.V;
+  const int64_t elems = state_elems(max_chunks(p), p.H, p.K, p.V);
   args->q = p.q;
   args->k = p.k;
   args->v = p.v;
@@ -647,8 +637,8 @@ const char* prepare_bwd(const GlaParams& p, ChunkArgs* args, BwdGrid* grid) {
   args->dv = p.dv;
   args->dg = static_cast<float*>(p.dg);
   args->dh0 = static_cast<float*>(p.dh0);
-  args->states = p.workspace;
-  args->dstates = p.workspace == nullptr ? nullptr : p.workspace + state_floats;
+  args->states = reinterpret_cast<uint16_t*>(p.workspace);
+  args->dstates = p.workspace == nullptr ? nullptr : args->states + elems;
   args->cu_seqlens = p.cu_seqlens;
   args->T = p.T;
   args->chunks_per_row = (p.T + kC - 1) / kC;
@@ -661,7 +651,7 @@ const char* prepare_bwd(const GlaParams& p, ChunkArgs* args, BwdGrid* grid) {
   if (p.K % 8 == 0 && aligned(p.q, 16) && aligned(p.k, 16)) args->flags |= kVecQK;
   if (p.K % 4 == 0 && aligned(p.g, 16)) args->flags |= kVecG;
   if (p.V % 8 == 0 && aligned(p.v, 16) && aligned(p.dout, 16)) args->flags |= kVecV;
-  if (p.V % 4 == 0 && aligned(p.workspace, 16)) args->flags |= kVecS;
+  if (p.V % 8 == 0 && aligned(p.workspace, 16)) args->flags |= kVecS;
   if (p.K % 2 == 0 && aligned(p.dq, 4) && aligned(p.dk, 4)) args->flags |= kPairQK;
   if (p.V % 2 == 0 && aligned(p.dv, 4)) args->flags |= kPairV;
   grid->scan_x = static_cast<unsigned>(p.N * p.H);
@@ -676,22 +666,20 @@ const char* prepare_bwd(const GlaParams& p, ChunkArgs* args, BwdGrid* grid) {
 #ifndef GLA_CHUNK_EMULATE
 constexpr const char* kOp = "chunk_bwd_cuda";
 
-// The three launches in order (stream order makes each see the previous one's results).
+// The launches in order (stream order makes each see the previous one's results): both state
+// scans in one grid, then the chunk kernel.
 template <typename T, int KT>
 const char* launch_all(const ChunkArgs& args, const BwdGrid& grid, cudaStream_t stream) {
-  const dim3 scan_grid(grid.scan_x, grid.scan_y, grid.scan_z);
-  if (!grid.scan_only) {
-    if (const char* e = launch_chunk_kernel(gla_chunk_state_scan_kernel<T, false>, scan_grid,
-                                            kScanThreads, ScanLayout::kBytes, stream, args, kOp,
-                                            "gla_chunk_state_scan_kernel (states)"))
-      return e;
-  }
-  // with no tokens this only writes dh0 (= dht, or 0)
-  if (const char* e = launch_chunk_kernel(gla_chunk_state_scan_kernel<T, true>, scan_grid,
+  if (grid.scan_only)  // no tokens: only dh0 (= dht, or 0) to write
+    return launch_chunk_kernel(gla_chunk_state_scan_kernel<T, true>,
+                               dim3(grid.scan_x, grid.scan_y, grid.scan_z), kScanThreads,
+                               ScanLayout::kBytes, stream, args, kOp,
+                               "gla_chunk_state_scan_kernel (gradients)");
+  if (const char* e = launch_chunk_kernel(gla_chunk_state_scans_kernel<T>,
+                                          dim3(grid.scan_x, grid.scan_y, 2 * grid.scan_z),
                                           kScanThreads, ScanLayout::kBytes, stream, args, kOp,
-                                          "gla_chunk_state_scan_kernel (gradients)"))
+                                          "gla_chunk_state_scans_kernel"))
     return e;
-  if (grid.scan_only) return nullptr;
   return launch_chunk_kernel(gla_chunk_bwd_kernel<T, KT>, dim3(grid.chunk_x, grid.chunk_y),
                              kBwdThreads, BwdLayout<KT>::kBytes, stream, args, kOp,
                              "gla_chunk_bwd_kernel");
@@ -702,10 +690,22 @@ const char* launch_all(const ChunkArgs& args, const BwdGrid& grid, cudaStream_t 
 
 int64_t chunk_bwd_cuda_workspace_floats(const GlaParams& p) {
   if (p.T <= 0) return 0;
-  return 2 * max_chunks(p) * p.H * p.K * p.V;  // chunk start states and end-state gradients
+  // chunk start states and end-state gradients, 16-bit each
+  return state_elems(max_chunks(p), p.H, p.K, p.V);
 }
 
 #ifndef GLA_CHUNK_EMULATE
+int64_t chunk_cuda_max_k() {
+  int device = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+          cudaSuccess) {
+    (void)cudaGetLastError();
+    return 64;  // chunk_fwd_cuda / chunk_bwd_cuda report the device error itself
+  }
+  return optin >= BwdLayout<128>::kBytes ? 128 : 64;
+}
+
 const char* chunk_bwd_cuda(const GlaParams& p, void* stream_ptr) {
   static_assert(kBwdMaxK == kCudaChunkMaxK, "gla.h and chunk_bwd.cu disagree on max K");
   ChunkArgs args;

@@ -37,7 +37,7 @@ enum : int {
   kVecG = 2,     // g: K % 4 == 0, 16-byte aligned (cp.async)
   kVecV = 4,     // v (and dout in the backward): V % 8 == 0, 16-byte aligned (cp.async)
   kVecO = 8,     // o: V % 2 == 0, 4-byte aligned (pairs of 16-bit stores)
-  kVecS = 16,    // workspace states: V % 4 == 0 (the workspace is 16-byte aligned)
+  kVecS = 16,    // workspace states: V % 8 == 0 (the workspace is 16-byte aligned)
   kPairQK = 32,  // dq, dk: K % 2 == 0, 4-byte aligned
   kPairV = 64,   // dv: V % 2 == 0, 4-byte aligned
 };
@@ -58,8 +58,9 @@ struct ChunkArgs {
   void* dv;
   float* dg;
   float* dh0;
-  float* states;       // workspace [chunks, H, K, V]: state at the start of each chunk
-  float* dstates;      // workspace [chunks, H, K, V]: gradient on each chunk's end state
+  // workspace, in the input dtype (the tensor cores take the states rounded to it anyway):
+  uint16_t* states;    // [chunks, H, K, V]: state at the start of each chunk
+  uint16_t* dstates;   // [chunks, H, K, V]: gradient on each chunk's end state
   const int64_t* cu_seqlens;  // device pointer, may be null
   int64_t T;
   int64_t chunks_per_row;     // ceil(T / kC): chunks of one batch row without cu_seqlens
@@ -124,6 +125,12 @@ __device__ __forceinline__ bool locate_chunk(const ChunkArgs& a, int64_t gc, int
     acc += nc;
   }
   return false;
+}
+
+// Elements of one workspace state array ([chunks, H, K, V], 16-bit), rounded up to whole
+// 16-byte vectors so that a second array placed after it stays aligned.
+inline int64_t state_elems(int64_t chunks, int64_t H, int64_t K, int64_t V) {
+  return (chunks * H * K * V + 7) / 8 * 8;
 }
 
 inline bool aligned(const void* p, uintptr_t bytes) {
@@ -315,18 +322,19 @@ struct Elem<__half> {
 // {r0, r1} for columns 0..7 and {r2, r3} for columns 8..15.
 
 // ---- chunk tiles -> shared memory ------------------------------------------------------
-// Rows are tokens t < kC of the chunk (token t at src + base + t * tok_stride); columns are
+// Rows are tokens t < ROWS (= kC) of the chunk (token t at src + base + t * tok_stride), or
+// key dims of a state (ROWS = KT, len = K, tok_stride = V); columns are
 // [col0, col0 + COLS) of a row `width` elements wide. Rows at or past len and columns at or
 // past width are zero. vec: width % 8 == 0 (4 for float) and src 16-byte aligned, so whole
 // 16-byte vectors are either fully inside or fully outside, and go through cp.async.
 // The caller waits (cp_async_wait_all) and syncs before reading.
-template <int COLS, int STRIDE, int NTHREADS>
+template <int COLS, int STRIDE, int NTHREADS, int ROWS = kC>
 __device__ __forceinline__ void load_tile16(uint16_t* dst, const uint16_t* src, int64_t base,
                                             int64_t tok_stride, int len, int col0, int width,
                                             bool vec, int tid) {
   if (vec) {
     constexpr int kPerRow = COLS / 8;
-    for (int i = tid; i < kC * kPerRow; i += NTHREADS) {
+    for (int i = tid; i < ROWS * kPerRow; i += NTHREADS) {
       const int t = i / kPerRow, cc = (i % kPerRow) * 8;
       uint16_t* const d = dst + t * STRIDE + cc;
       if (t < len && col0 + cc < width) {
@@ -336,7 +344,7 @@ __device__ __forceinline__ void load_tile16(uint16_t* dst, const uint16_t* src, 
       }
     }
   } else {
-    for (int i = tid; i < kC * COLS; i += NTHREADS) {
+    for (int i = tid; i < ROWS * COLS; i += NTHREADS) {
       const int t = i / COLS, cc = i % COLS;
       dst[t * STRIDE + cc] = (t < len && col0 + cc < width)
                                  ? src[base + t * tok_stride + col0 + cc]

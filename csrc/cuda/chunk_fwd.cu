@@ -135,18 +135,20 @@ __global__ void __launch_bounds__(kThreads)
   float s[kNT][4];
   const int vc_lo = v0 + 16 * warp + g8;  // V column of s[.][0..1]; s[.][2..3] is +8
   const int64_t state_base = (n * H + h) * static_cast<int64_t>(K) * V;
-  const float* const init =
-      kFromStates ? a.states + (chunk * H + h) * static_cast<int64_t>(K) * V
-                  : (a.h0 != nullptr ? a.h0 + state_base : nullptr);
+  const uint16_t* const saved =
+      kFromStates ? a.states + (chunk * H + h) * static_cast<int64_t>(K) * V : nullptr;
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int kd = 8 * nt + 2 * c4 + (r & 1);
-      const int vc = vc_lo + (r >> 1) * 8;
-      s[nt][r] = (init != nullptr && kd < K && vc < V)
-                     ? init[static_cast<int64_t>(kd) * V + vc]
-                     : 0.0f;
+      const int64_t off = static_cast<int64_t>(kd) * V + vc_lo + (r >> 1) * 8;
+      const bool in = kd < K && vc_lo + (r >> 1) * 8 < V;
+      if constexpr (kFromStates) {  // stored rounded to T: the same operand the fused path uses
+        s[nt][r] = in ? E::to_float(saved[off]) : 0.0f;
+      } else {
+        s[nt][r] = (in && a.h0 != nullptr) ? a.h0[state_base + off] : 0.0f;
+      }
     }
   }
 
@@ -304,8 +306,9 @@ __global__ void __launch_bounds__(kThreads)
 // Two ways to run the same arithmetic (bitwise the same o and final state):
 //   fused: one block per (sequence, head, V tile) walks every chunk with the state in
 //     registers; reads each input once, but has only N * H * ceil(V / 64) blocks.
-//   split: the state scan (chunk_scan.cuh, also used by the backward) stores the float32
-//     state each chunk starts from in a workspace, then one block per (chunk, head, V tile).
+//   split: the state scan (chunk_scan.cuh, also used by the backward) stores the state each
+//     chunk starts from in a workspace (rounded to the input dtype, as the fused path rounds
+//     it for the tensor cores), then one block per (chunk, head, V tile).
 //     Costs the workspace traffic, but fills the GPU when there are few sequences and heads.
 struct FwdGrid {
   bool split = false;
@@ -371,7 +374,7 @@ const char* prepare(const GlaParams& p, bool split, ChunkArgs* args, FwdGrid* gr
   args->h0 = static_cast<const float*>(p.h0);
   args->o = p.o;
   args->ht = static_cast<float*>(p.ht);
-  args->states = split ? p.workspace : nullptr;
+  args->states = split ? reinterpret_cast<uint16_t*>(p.workspace) : nullptr;
   args->cu_seqlens = p.cu_seqlens;
   args->T = p.T;
   args->chunks_per_row = (p.T + kC - 1) / kC;
@@ -424,7 +427,8 @@ const char* launch_all(const ChunkArgs& args, const FwdGrid& grid, cudaStream_t 
 int64_t chunk_fwd_cuda_workspace_floats(const GlaParams& p) {
   int sm_count = 0;
   if (check_device(kOp, &sm_count) != nullptr) return 0;  // chunk_fwd_cuda reports it
-  return want_split(p, sm_count) ? fwd_max_chunks(p) * p.H * p.K * p.V : 0;
+  // chunk start states, 16-bit (two per float)
+  return want_split(p, sm_count) ? (state_elems(fwd_max_chunks(p), p.H, p.K, p.V) + 1) / 2 : 0;
 }
 
 const char* chunk_fwd_cuda(const GlaParams& p, void* stream_ptr) {

@@ -1,7 +1,8 @@
 // The state scan shared by the chunked kernels: per (sequence, head, 64 V columns, 64 key
-// dims), walk the sequence's chunks and store the float32 state each chunk starts from
-// (forward, used by the chunk-parallel forward and by the backward) or the gradient arriving
-// on each chunk's end state (backward). Serial over chunks; double-buffered with cp.async so
+// dims), walk the sequence's chunks (state in float32 registers) and store the state each
+// chunk starts from (forward, used by the split forward and by the backward) or the gradient
+// arriving on each chunk's end state (backward), rounded to the input dtype: that is how the
+// tensor cores take them anyway, and it halves the workspace. Serial over chunks; double-buffered with cp.async so
 // the next chunk's tiles load while the current one is computed.
 #pragma once
 
@@ -25,9 +26,13 @@ struct ScanLayout {
   static constexpr int kBOff = kXOff + kC * kXStride * 2;
   static constexpr int kYOff = kBOff + kC * kBStride * 4;
   static constexpr int kStageBytes = kYOff + kC * kYStride * 2;
-  static constexpr int kTotOff = 2 * kStageBytes;
+  static constexpr int kOutStride = kScanV + 8;  // the state being saved: [kScanK] rows 16-bit
+  static constexpr int kOutOff = 2 * kStageBytes;
+  static constexpr int kTotOff = kOutOff + kScanK * kOutStride * 2;
   static constexpr int kBytes = kTotOff + gate_scratch_floats<kScanK>() * 4;
-  static_assert(kBOff % 16 == 0 && kYOff % 16 == 0 && kStageBytes % 16 == 0, "alignment");
+  static_assert(kBOff % 16 == 0 && kYOff % 16 == 0 && kStageBytes % 16 == 0 &&
+                    kTotOff % 16 == 0 && (kOutStride * 2) % 16 == 0,
+                "alignment");
 };
 
 // ---- the state scan kernel -------------------------------------------------------------
@@ -38,14 +43,14 @@ struct ScanLayout {
 // q * exp2(b) * scale (gradient). Rows of the state (key dims) are independent, so the grid
 // splits them too: x = N * H, y = V tiles of 64, z = key tiles of kScanK.
 template <typename T, bool kGrad>
-__global__ void __launch_bounds__(kScanThreads)
-    gla_chunk_state_scan_kernel(const ChunkArgs a) {
+__device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
   using E = Elem<T>;
   using L = ScanLayout;
   constexpr int KT = kScanK;
   constexpr int kNT = KT / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   float* const sTot = reinterpret_cast<float*>(smem + L::kTotOff);
+  uint16_t* const sOut = reinterpret_cast<uint16_t*>(smem + L::kOutOff);
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31;
@@ -56,7 +61,7 @@ __global__ void __launch_bounds__(kScanThreads)
   const int h = static_cast<int>(blockIdx.x % static_cast<unsigned>(H));
   const int64_t n = blockIdx.x / static_cast<unsigned>(H);
   const int v0 = blockIdx.y * kScanV;
-  const int k0 = blockIdx.z * KT;
+  const int k0 = key_tile * KT;
   int64_t row, start, end;
   seq_range(a, n, &row, &start, &end);
   const int64_t nchunks = num_chunks(start, end);
@@ -81,7 +86,7 @@ __global__ void __launch_bounds__(kScanThreads)
 
   const uint16_t* const x = static_cast<const uint16_t*>(kGrad ? a.q : a.k);
   const uint16_t* const y = static_cast<const uint16_t*>(kGrad ? a.dout : a.v);
-  float* const saved = kGrad ? a.dstates : a.states;
+  uint16_t* const saved = kGrad ? a.dstates : a.states;
   const int64_t qk_tok = static_cast<int64_t>(H) * K;
   const int64_t v_tok = static_cast<int64_t>(H) * V;
 
@@ -158,25 +163,42 @@ __global__ void __launch_bounds__(kScanThreads)
       }
     }
 
-    // save the state this chunk starts from (forward) / the gradient on its end (backward)
-    float* const dst = saved + ((chunk0 + c) * H + h) * static_cast<int64_t>(K) * V;
+    // save the state this chunk starts from (forward) / the gradient on its end (backward),
+    // rounded to the input dtype: staged in shared memory, then written in 16-byte vectors
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
-        const int kd = k0 + 8 * nt + 2 * c4 + (r & 1);
-        const int vc = vc_lo + (r >> 1) * 8;
-        if (kd < K && vc < V) dst[static_cast<int64_t>(kd) * V + vc] = s[nt][r];
+        const int kl = 8 * nt + 2 * c4 + (r & 1);         // key dim within the tile
+        const int vl = 16 * warp + g8 + (r >> 1) * 8;     // V column within the tile
+        sOut[kl * L::kOutStride + vl] = E::from_float(s[nt][r]);
       }
     }
     __syncthreads();
+    {
+      uint16_t* const dst = saved + ((chunk0 + c) * H + h) * static_cast<int64_t>(K) * V;
+      if (a.flags & kVecS) {  // V % 8 == 0: whole vectors are inside or outside
+        for (int i = tid; i < KT * (kScanV / 8); i += kScanThreads) {
+          const int kl = i / (kScanV / 8), vl = (i % (kScanV / 8)) * 8;
+          if (k0 + kl < K && v0 + vl < V)
+            *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(k0 + kl) * V + v0 + vl) =
+                *reinterpret_cast<const uint4*>(sOut + kl * L::kOutStride + vl);
+        }
+      } else {
+        for (int i = tid; i < KT * kScanV; i += kScanThreads) {
+          const int kl = i / kScanV, vl = i % kScanV;
+          if (k0 + kl < K && v0 + vl < V)
+            dst[static_cast<int64_t>(k0 + kl) * V + v0 + vl] = sOut[kl * L::kOutStride + vl];
+        }
+      }
+    }
 
     uint32_t yf[4][4];
 #pragma unroll
     for (int j = 0; j < 4; ++j)
       ldsm_x4_trans(yf[j], sY + (16 * j + lm_row) * L::kYStride + 16 * warp + lm_col);
     state_update<T, KT, L::kXStride>(s, yf, sX, sB + (kC - 1) * L::kBStride, lane);
-    __syncthreads();  // this stage is refilled two chunks from now
+    __syncthreads();  // this stage is refilled two chunks from now; sOut is rewritten next
   }
 
   // what is left: dh0 (gradient scan), or the final state when asked for (forward scan)
@@ -191,6 +213,27 @@ __global__ void __launch_bounds__(kScanThreads)
         if (kd < K && vc < V) last[state_base + static_cast<int64_t>(kd) * V + vc] = s[nt][r];
       }
     }
+  }
+}
+
+// One scan per block: grid x = N * H, y = V tiles, z = key tiles.
+template <typename T, bool kGrad>
+__global__ void __launch_bounds__(kScanThreads)
+    gla_chunk_state_scan_kernel(const ChunkArgs a) {
+  state_scan<T, kGrad>(a, blockIdx.z);
+}
+
+// Both scans of the backward in one launch (they are independent: k, v, h0 -> states and
+// q, dO, dht -> dstates, dh0), so twice the blocks share the GPU: z = 2 x key tiles, the
+// first half forward, the second half gradient.
+template <typename T>
+__global__ void __launch_bounds__(kScanThreads)
+    gla_chunk_state_scans_kernel(const ChunkArgs a) {
+  const int key_tiles = (a.K + kScanK - 1) / kScanK;
+  if (static_cast<int>(blockIdx.z) < key_tiles) {
+    state_scan<T, false>(a, blockIdx.z);
+  } else {
+    state_scan<T, true>(a, blockIdx.z - key_tiles);
   }
 }
 

@@ -148,34 +148,36 @@ int main(int argc, char** argv) {
   };
   auto run_all = [&](bool reverse) {
     emu::st().reverse = reverse;
-    work.fill_poison();
+    std::memset(work.data(), 0xff, work.n * 4);  // NaN as bf16 and fp16 (16-bit states)
     if (grid.empty) return;
-    std::function<void()> fwd_scan, grad_scan, chunk;
+    std::function<void()> both_scans, grad_scan, chunk;
     if (K <= 64) {
       if (bf16) {
-        fwd_scan = [&] { gla::gla_chunk_state_scan_kernel<__nv_bfloat16, false>(args); };
+        both_scans = [&] { gla::gla_chunk_state_scans_kernel<__nv_bfloat16>(args); };
         grad_scan = [&] { gla::gla_chunk_state_scan_kernel<__nv_bfloat16, true>(args); };
         chunk = [&] { gla::gla_chunk_bwd_kernel<__nv_bfloat16, 64>(args); };
       } else {
-        fwd_scan = [&] { gla::gla_chunk_state_scan_kernel<__half, false>(args); };
+        both_scans = [&] { gla::gla_chunk_state_scans_kernel<__half>(args); };
         grad_scan = [&] { gla::gla_chunk_state_scan_kernel<__half, true>(args); };
         chunk = [&] { gla::gla_chunk_bwd_kernel<__half, 64>(args); };
       }
     } else {
       if (bf16) {
-        fwd_scan = [&] { gla::gla_chunk_state_scan_kernel<__nv_bfloat16, false>(args); };
+        both_scans = [&] { gla::gla_chunk_state_scans_kernel<__nv_bfloat16>(args); };
         grad_scan = [&] { gla::gla_chunk_state_scan_kernel<__nv_bfloat16, true>(args); };
         chunk = [&] { gla::gla_chunk_bwd_kernel<__nv_bfloat16, 128>(args); };
       } else {
-        fwd_scan = [&] { gla::gla_chunk_state_scan_kernel<__half, false>(args); };
+        both_scans = [&] { gla::gla_chunk_state_scans_kernel<__half>(args); };
         grad_scan = [&] { gla::gla_chunk_state_scan_kernel<__half, true>(args); };
         chunk = [&] { gla::gla_chunk_bwd_kernel<__half, 128>(args); };
       }
     }
-    if (!grid.scan_only)
-      launch(grid.scan_x, grid.scan_y, grid.scan_z, gla::kScanThreads, fwd_scan);
-    launch(grid.scan_x, grid.scan_y, grid.scan_z, gla::kScanThreads, grad_scan);
-    if (!grid.scan_only) launch(grid.chunk_x, grid.chunk_y, 1, gla::kBwdThreads, chunk);
+    if (grid.scan_only) {
+      launch(grid.scan_x, grid.scan_y, grid.scan_z, gla::kScanThreads, grad_scan);
+      return;
+    }
+    launch(grid.scan_x, grid.scan_y, 2 * grid.scan_z, gla::kScanThreads, both_scans);
+    launch(grid.chunk_x, grid.chunk_y, 1, gla::kBwdThreads, chunk);
   };
 
   const std::string order = kv["order"];

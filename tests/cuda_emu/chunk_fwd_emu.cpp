@@ -135,8 +135,8 @@ int main(int argc, char** argv) {
   p.ht = ht.data();
 
   // split path: the chunk states live in a poisoned workspace
-  const int64_t nwork = T > 0 ? gla::fwd_max_chunks(p) * H * K * V : 0;
-  Guarded<float> work(static_cast<size_t>(nwork), 0, NAN);
+  const int64_t nwork = T > 0 ? (gla::state_elems(gla::fwd_max_chunks(p), H, K, V) + 1) / 2 : 0;
+  Guarded<float> work(static_cast<size_t>(nwork), 0, NAN);  // 16-bit states inside
 
   gla::ChunkArgs args;
   gla::FwdGrid grid;
@@ -149,7 +149,7 @@ int main(int argc, char** argv) {
   // Runs the forward the fused or the split way; false when prepare refuses.
   auto run_all = [&](bool split, bool reverse) {
     emu::st().reverse = reverse;
-    std::fill(work.data(), work.data() + nwork, NAN);
+    std::memset(work.data(), 0xff, nwork * 4);  // NaN as bf16 and fp16
     p.workspace = split && nwork > 0 ? work.data() : nullptr;
     if (const char* err = gla::prepare(p, split && T > 0, &args, &grid)) {
       std::printf("prepare refused: %s\n", err);
