@@ -61,8 +61,8 @@ struct BwdLayout {
   static constexpr int kAStride = kC + 8;     // scores A: 16-bit
   static constexpr int kVStride = kTileV + 8; // v, dO tiles: [kC][kVStride] 16-bit
   static constexpr int kSStride = kTileV + 8; // S0, dS tiles: [KT][kSStride] 16-bit
-  static constexpr int kDAStride = kC + 4;    // dA: float
-  static constexpr int kDStride = KT + 4;     // q dq - k dk: float
+  static constexpr int kDAStride = kC + 8;    // dA: float (+8: conflict-free float2 reads)
+  static constexpr int kDStride = KT + 8;     // q dq - k dk: float
   static constexpr int kQOff = 0;
   static constexpr int kKOff = kQOff + kC * kQKStride * 2;
   static constexpr int kKbOff = kKOff + kC * kQKStride * 2;
@@ -185,8 +185,26 @@ __global__ void __launch_bounds__(kBwdThreads)
                                              (a.flags & kVecQK) != 0, tid);
   load_tile32<KT, L::kBStride, kBwdThreads>(sB, a.g, qk_base, qk_tok, len, 0, K,
                                             (a.flags & kVecG) != 0, tid);
+  cp_async_commit();
+  // The first V tile's v, dO, S0, dS (region R is free until the V loop) load while the
+  // scores are computed.
+  const uint16_t* const v = static_cast<const uint16_t*>(a.v);
+  const uint16_t* const dout = static_cast<const uint16_t*>(a.dout);
+  auto load_v_tile = [&](int v0) {
+    load_tile16<kTileV, L::kVStride, kBwdThreads>(sV, v, v_base, v_tok, len, v0, V,
+                                                  (a.flags & kVecV) != 0, tid);
+    load_tile16<kTileV, L::kVStride, kBwdThreads>(sDO, dout, v_base, v_tok, len, v0, V,
+                                                  (a.flags & kVecV) != 0, tid);
+    // S0 and dS rows [0, KT) x columns [v0, v0 + 64) (zero outside K x V)
+    load_tile16<kTileV, L::kSStride, kBwdThreads, KT>(sS, a.states, state_off, V, K, v0, V,
+                                                      (a.flags & kVecS) != 0, tid);
+    load_tile16<kTileV, L::kSStride, kBwdThreads, KT>(sDS, a.dstates, state_off, V, K, v0, V,
+                                                      (a.flags & kVecS) != 0, tid);
+    cp_async_commit();
+  };
+  load_v_tile(0);
   for (int i = tid; i < KT; i += kBwdThreads) sRow[i] = 0.0f;
-  cp_async_wait_all();
+  cp_async_wait_group<1>();  // q, k, g have landed; the V tile may still be in flight
   __syncthreads();
   gate_cumsum<KT, L::kBStride, kBwdThreads>(sB, sTot, tid);
   chunk_scores<T, KT, kBwdWarps, L>(sQ, sK, sB, sA, scale, warp, lane);
@@ -225,19 +243,9 @@ __global__ void __launch_bounds__(kBwdThreads)
 #pragma unroll
     for (int r = 0; r < 4; ++r) dq[j][r] = dk[j][r] = 0.0f;
 
-  const uint16_t* const v = static_cast<const uint16_t*>(a.v);
-  const uint16_t* const dout = static_cast<const uint16_t*>(a.dout);
   const int kh0 = kKH * half;  // first key dim of this warp's half
   for (int v0 = 0; v0 < V; v0 += kTileV) {
-    load_tile16<kTileV, L::kVStride, kBwdThreads>(sV, v, v_base, v_tok, len, v0, V,
-                                                  (a.flags & kVecV) != 0, tid);
-    load_tile16<kTileV, L::kVStride, kBwdThreads>(sDO, dout, v_base, v_tok, len, v0, V,
-                                                  (a.flags & kVecV) != 0, tid);
-    // S0 and dS rows [0, KT) x columns [v0, v0 + 64) (zero outside K x V)
-    load_tile16<kTileV, L::kSStride, kBwdThreads, KT>(sS, a.states, state_off, V, K, v0, V,
-                                                      (a.flags & kVecS) != 0, tid);
-    load_tile16<kTileV, L::kSStride, kBwdThreads, KT>(sDS, a.dstates, state_off, V, K, v0, V,
-                                                      (a.flags & kVecS) != 0, tid);
+    if (v0 > 0) load_v_tile(v0);  // the first was issued with q, k, g
     cp_async_wait_all();
     __syncthreads();
     add_state_rowsums<T, KT, L>(sS, sDS, sRow, tid);
@@ -427,9 +435,9 @@ __global__ void __launch_bounds__(kBwdThreads)
         }
       }
     }
-    // diagonal block
-#pragma unroll 1
-    for (int sl = 0; sl < 16; ++sl) {
+    // diagonal block. The lane's rows are t = 16i + g (< 16i + 8) and t + 8, so columns
+    // s >= 16i + 8 only ever reach the second row: skip the first row's (masked) terms there.
+    auto dq_diag = [&](int sl, bool first_row) {
       const int s = 16 * i + sl;
       const float da0 = sDA[(16 * i + g8) * L::kDAStride + s];      // 0 when s > t
       const float da1 = sDA[(16 * i + g8 + 8) * L::kDAStride + s];
@@ -439,16 +447,23 @@ __global__ void __launch_bounds__(kBwdThreads)
         float k0, k1;
         E::unpack2(*reinterpret_cast<const uint32_t*>(sK + s * L::kQKStride + kd), k0, k1);
         const float2 bs = *reinterpret_cast<const float2*>(sB + s * L::kBStride + kd);
-        const float2 b0 = *reinterpret_cast<const float2*>(sB + (16 * i + g8) * L::kBStride + kd);
         const float2 b1 =
             *reinterpret_cast<const float2*>(sB + (16 * i + g8 + 8) * L::kBStride + kd);
         // s > t would be a positive exponent: clamp (dA is 0 there anyway)
-        dq[j][0] += da0 * k0 * exp2f(fminf(b0.x - bs.x, 0.0f));
-        dq[j][1] += da0 * k1 * exp2f(fminf(b0.y - bs.y, 0.0f));
+        if (first_row) {
+          const float2 b0 =
+              *reinterpret_cast<const float2*>(sB + (16 * i + g8) * L::kBStride + kd);
+          dq[j][0] += da0 * k0 * exp2f(fminf(b0.x - bs.x, 0.0f));
+          dq[j][1] += da0 * k1 * exp2f(fminf(b0.y - bs.y, 0.0f));
+        }
         dq[j][2] += da1 * k0 * exp2f(fminf(b1.x - bs.x, 0.0f));
         dq[j][3] += da1 * k1 * exp2f(fminf(b1.y - bs.y, 0.0f));
       }
-    }
+    };
+#pragma unroll 1
+    for (int sl = 0; sl < 8; ++sl) dq_diag(sl, true);
+#pragma unroll 1
+    for (int sl = 8; sl < 16; ++sl) dq_diag(sl, false);
   }
 
   // ---- intra-chunk dk: token block j = rb ------------------------------------------------
@@ -503,8 +518,9 @@ __global__ void __launch_bounds__(kBwdThreads)
         }
       }
     }
-#pragma unroll 1
-    for (int tl = 0; tl < 16; ++tl) {
+    // diagonal block. The lane's rows are s = 16j + g and s + 8 (>= 16j + 8), so tokens
+    // t < 16j + 8 only ever reach the first row: skip the second row's (masked) terms there.
+    auto dk_diag = [&](int tl, bool second_row) {
       const int t = 16 * j + tl;
       const float da0 = sDA[t * L::kDAStride + 16 * j + g8];      // 0 when s > t
       const float da1 = sDA[t * L::kDAStride + 16 * j + g8 + 8];
@@ -514,15 +530,22 @@ __global__ void __launch_bounds__(kBwdThreads)
         float q0, q1;
         E::unpack2(*reinterpret_cast<const uint32_t*>(sQ + t * L::kQKStride + kd), q0, q1);
         const float2 bt = *reinterpret_cast<const float2*>(sB + t * L::kBStride + kd);
-        const float2 b0 = *reinterpret_cast<const float2*>(sB + (16 * j + g8) * L::kBStride + kd);
-        const float2 b1 =
-            *reinterpret_cast<const float2*>(sB + (16 * j + g8 + 8) * L::kBStride + kd);
+        const float2 b0 =
+            *reinterpret_cast<const float2*>(sB + (16 * j + g8) * L::kBStride + kd);
         dk[x][0] += da0 * q0 * exp2f(fminf(bt.x - b0.x, 0.0f));
         dk[x][1] += da0 * q1 * exp2f(fminf(bt.y - b0.y, 0.0f));
-        dk[x][2] += da1 * q0 * exp2f(fminf(bt.x - b1.x, 0.0f));
-        dk[x][3] += da1 * q1 * exp2f(fminf(bt.y - b1.y, 0.0f));
+        if (second_row) {
+          const float2 b1 =
+              *reinterpret_cast<const float2*>(sB + (16 * j + g8 + 8) * L::kBStride + kd);
+          dk[x][2] += da1 * q0 * exp2f(fminf(bt.x - b1.x, 0.0f));
+          dk[x][3] += da1 * q1 * exp2f(fminf(bt.y - b1.y, 0.0f));
+        }
       }
-    }
+    };
+#pragma unroll 1
+    for (int tl = 0; tl < 8; ++tl) dk_diag(tl, false);
+#pragma unroll 1
+    for (int tl = 8; tl < 16; ++tl) dk_diag(tl, true);
   }
 
   // ---- write dq, dk; q dq - k dk -> sD ---------------------------------------------------
