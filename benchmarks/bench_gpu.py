@@ -211,13 +211,20 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows, lines = [], [f"copy bandwidth {bandwidth / 1e12:.2f} TB/s"]
     shapes = PREFILL_SHAPES[:1] if args.quick else PREFILL_SHAPES
+
+    def save():  # after every section: a run cut short still leaves what it measured
+        return save_results("bench_gpu", rows, "\n".join(lines),
+                            {"copy_bandwidth_Bps": bandwidth, "fla": FLA_ERROR or "fla-core"},
+                            out_dir=args.out)
+
     bench_prefill(shapes, bandwidth, rows, lines)
+    save()
     bench_forward_paths(shapes, bandwidth, rows, lines)
+    save()
     bench_decode(bandwidth, rows, lines)
+    save()
     bench_model_decode(rows, lines)
-    path = save_results("bench_gpu", rows, "\n".join(lines),
-                        {"copy_bandwidth_Bps": bandwidth, "fla": FLA_ERROR or "fla-core"},
-                        out_dir=args.out)
+    path = save()
     print(f"saved {path}")
     plot([r for r in rows if r["mode"] in ("fwd", "fwd+bwd")], path.replace(".json", ".png"))
     return 0
