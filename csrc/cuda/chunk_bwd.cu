@@ -384,7 +384,7 @@ __global__ void __launch_bounds__(kBwdThreads)
   // ---- intra-chunk dq: row block i = rb ----------------------------------------------------
   //   off-diagonal (blocks j < i) on tensor cores relative to r = 16i, the first token of the
   //   block: dq_t += exp2(b_t - b_r) * sum_s dA[t][s] * (k_s * exp2(b_r - b_s)).
-  //   diagonal in float32: dq_t += sum_{16i <= s <= t} dA[t][s] k_s exp2(b_t - b_s).
+  //   (diagonal blocks: below, together with dk's)
   {
     const int i = rb;
     if (i > 0) {
@@ -435,41 +435,11 @@ __global__ void __launch_bounds__(kBwdThreads)
         }
       }
     }
-    // diagonal block. The lane's rows are t = 16i + g (< 16i + 8) and t + 8, so columns
-    // s >= 16i + 8 only ever reach the second row: skip the first row's (masked) terms there.
-    auto dq_diag = [&](int sl, bool first_row) {
-      const int s = 16 * i + sl;
-      const float da0 = sDA[(16 * i + g8) * L::kDAStride + s];      // 0 when s > t
-      const float da1 = sDA[(16 * i + g8 + 8) * L::kDAStride + s];
-#pragma unroll
-      for (int j = 0; j < kKN; ++j) {
-        const int kd = kh0 + 8 * j + 2 * c4;
-        float k0, k1;
-        E::unpack2(*reinterpret_cast<const uint32_t*>(sK + s * L::kQKStride + kd), k0, k1);
-        const float2 bs = *reinterpret_cast<const float2*>(sB + s * L::kBStride + kd);
-        const float2 b1 =
-            *reinterpret_cast<const float2*>(sB + (16 * i + g8 + 8) * L::kBStride + kd);
-        // s > t would be a positive exponent: clamp (dA is 0 there anyway)
-        if (first_row) {
-          const float2 b0 =
-              *reinterpret_cast<const float2*>(sB + (16 * i + g8) * L::kBStride + kd);
-          dq[j][0] += da0 * k0 * exp2f(fminf(b0.x - bs.x, 0.0f));
-          dq[j][1] += da0 * k1 * exp2f(fminf(b0.y - bs.y, 0.0f));
-        }
-        dq[j][2] += da1 * k0 * exp2f(fminf(b1.x - bs.x, 0.0f));
-        dq[j][3] += da1 * k1 * exp2f(fminf(b1.y - bs.y, 0.0f));
-      }
-    };
-#pragma unroll 1
-    for (int sl = 0; sl < 8; ++sl) dq_diag(sl, true);
-#pragma unroll 1
-    for (int sl = 8; sl < 16; ++sl) dq_diag(sl, false);
   }
 
   // ---- intra-chunk dk: token block j = rb ------------------------------------------------
   //   off-diagonal (blocks i > j) relative to r = 16j + 15, the last token of the block:
   //   dk_s += exp2(b_r - b_s) * sum_t dA[t][s] * (q_t * exp2(b_t - b_r)).
-  //   diagonal: dk_s += sum_{s <= t < 16j + 16} dA[t][s] q_t exp2(b_t - b_s).
   {
     const int j = rb;
     if (j < 3) {
@@ -518,35 +488,83 @@ __global__ void __launch_bounds__(kBwdThreads)
         }
       }
     }
-    // diagonal block. The lane's rows are s = 16j + g and s + 8 (>= 16j + 8), so tokens
-    // t < 16j + 8 only ever reach the first row: skip the second row's (masked) terms there.
-    auto dk_diag = [&](int tl, bool second_row) {
-      const int t = 16 * j + tl;
-      const float da0 = sDA[t * L::kDAStride + 16 * j + g8];      // 0 when s > t
-      const float da1 = sDA[t * L::kDAStride + 16 * j + g8 + 8];
-#pragma unroll
-      for (int x = 0; x < kKN; ++x) {
-        const int kd = kh0 + 8 * x + 2 * c4;
-        float q0, q1;
-        E::unpack2(*reinterpret_cast<const uint32_t*>(sQ + t * L::kQKStride + kd), q0, q1);
-        const float2 bt = *reinterpret_cast<const float2*>(sB + t * L::kBStride + kd);
-        const float2 b0 =
-            *reinterpret_cast<const float2*>(sB + (16 * j + g8) * L::kBStride + kd);
-        dk[x][0] += da0 * q0 * exp2f(fminf(bt.x - b0.x, 0.0f));
-        dk[x][1] += da0 * q1 * exp2f(fminf(bt.y - b0.y, 0.0f));
-        if (second_row) {
-          const float2 b1 =
-              *reinterpret_cast<const float2*>(sB + (16 * j + g8 + 8) * L::kBStride + kd);
-          dk[x][2] += da1 * q0 * exp2f(fminf(bt.x - b1.x, 0.0f));
-          dk[x][3] += da1 * q1 * exp2f(fminf(bt.y - b1.y, 0.0f));
-        }
-      }
-    };
-#pragma unroll 1
-    for (int tl = 0; tl < 8; ++tl) dk_diag(tl, false);
-#pragma unroll 1
-    for (int tl = 8; tl < 16; ++tl) dk_diag(tl, true);
   }
+
+  // ---- diagonal blocks, dq and dk together ----------------------------------------------------
+  // One thread per (diagonal block, key dim) column: each exp2(b_t - b_s), s <= t in the
+  // block, is computed once and used twice, P = dA[t][s] exp2(b_t - b_s):
+  //   dq_t += P k_s,  dk_s += P q_t        (b never increases, so no exponent is positive)
+  // The owners' dq, then dk, pass through sD, where the column threads add their part.
+  constexpr int kCols = 4 * KT / kBwdThreads;  // columns per thread: 2 (KT = 128) or 1
+  static_assert((4 * KT) % kBwdThreads == 0, "whole columns per thread");
+  // owners' fragments <-> sD (rows 16rb + g (+8), key dims kh0 + 8x + 2c (+1))
+  auto frag_to_sd = [&](const float (&f)[kKN][4]) {
+#pragma unroll
+    for (int x = 0; x < kKN; ++x) {
+      const int kd = kh0 + 8 * x + 2 * c4;
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int t = 16 * rb + g8 + 8 * hr;
+        *reinterpret_cast<float2*>(sD + t * L::kDStride + kd) =
+            make_float2(f[x][2 * hr], f[x][2 * hr + 1]);
+      }
+    }
+  };
+  auto frag_from_sd = [&](float (&f)[kKN][4]) {
+#pragma unroll
+    for (int x = 0; x < kKN; ++x) {
+      const int kd = kh0 + 8 * x + 2 * c4;
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int t = 16 * rb + g8 + 8 * hr;
+        const float2 v2 = *reinterpret_cast<const float2*>(sD + t * L::kDStride + kd);
+        f[x][2 * hr] = v2.x;
+        f[x][2 * hr + 1] = v2.y;
+      }
+    }
+  };
+  float ddk[kCols][16];  // the columns' dk part, held until dk passes through sD
+  frag_to_sd(dq);
+  __syncthreads();
+#pragma unroll
+  for (int cl = 0; cl < kCols; ++cl) {
+    const int w = tid + cl * kBwdThreads;
+    const int blk = w / KT, kd = w % KT, t0 = 16 * blk;
+    float bc[16], qc[16], kc[16], ddq[16];
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      bc[r] = sB[(t0 + r) * L::kBStride + kd];
+      qc[r] = E::to_float(sQ[(t0 + r) * L::kQKStride + kd]);
+      kc[r] = E::to_float(sK[(t0 + r) * L::kQKStride + kd]);
+      ddq[r] = 0.0f;
+      ddk[cl][r] = 0.0f;
+    }
+#pragma unroll
+    for (int tt = 0; tt < 16; ++tt) {
+      const float* const da_row = sDA + (t0 + tt) * L::kDAStride + t0;  // same for the warp
+#pragma unroll
+      for (int ss = 0; ss <= tt; ++ss) {
+        const float pp = da_row[ss] * exp2f(bc[tt] - bc[ss]);
+        ddq[tt] = fmaf(pp, kc[ss], ddq[tt]);
+        ddk[cl][ss] = fmaf(pp, qc[tt], ddk[cl][ss]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 16; ++r) sD[(t0 + r) * L::kDStride + kd] += ddq[r];
+  }
+  __syncthreads();
+  frag_from_sd(dq);  // final dq
+  frag_to_sd(dk);    // same elements of the same thread: no barrier in between
+  __syncthreads();
+#pragma unroll
+  for (int cl = 0; cl < kCols; ++cl) {
+    const int w = tid + cl * kBwdThreads;
+    const int t0 = 16 * (w / KT), kd = w % KT;
+#pragma unroll
+    for (int r = 0; r < 16; ++r) sD[(t0 + r) * L::kDStride + kd] += ddk[cl][r];
+  }
+  __syncthreads();
+  frag_from_sd(dk);  // final dk; sD is overwritten below with q dq - k dk, element by element
 
   // ---- write dq, dk; q dq - k dk -> sD ---------------------------------------------------
   {
