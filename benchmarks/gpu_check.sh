@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: build for sm_90a, run the GPU tests, the GPU benchmark, the
 # numerical self-check and the other tests; logs and results go into OUT_DIR. Sized to finish
-# within 10 minutes on an H200 with 16 cores (build ~2-3 min, then at most 200+200+45+60 s).
+# within 10 minutes on an H200 with 16 cores (build ~2-3 min, then at most 200+200+45+60+45 s).
 #   benchmarks/gpu_check.sh OUT_DIR          (on the device tool: benchmarks/gpu_check.sh "$OUT")
 # The peer fla-core is used when wheels are in .whl/ (pip download --no-deps fla-core==0.6.0 -d .whl).
 # At most 8 files land in OUT_DIR: build.log tests.log check.txt bench.log bench_gpu.{json,md,png}.
@@ -45,3 +45,6 @@ echo "check: $(tail -n 1 "$OUT/check.txt")"
 timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests --ignore=tests/test_cuda_chunk_emu.py \
     $(for f in $GPU_TESTS; do echo "--ignore=$f"; done) >> "$OUT/tests.log" 2>&1
 echo "other tests: $(tail -n 1 "$OUT/tests.log")"
+# training smoke: bf16 model on the GPU, through the chunked forward and backward kernels
+timeout 45 "$PY" examples/train_tiny.py --steps 200 >> "$OUT/tests.log" 2>&1
+echo "train_tiny: exit $? ($(tail -n 1 "$OUT/tests.log"))"

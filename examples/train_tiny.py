@@ -3,7 +3,7 @@
 Each example is a list of (key, value) token pairs followed by one of the keys; the target
 is that key's value. Runs on CUDA when available (and the extension has CUDA), else CPU.
 
-    python examples/train_tiny.py [--steps 300] [--device cpu|cuda]
+    python examples/train_tiny.py [--steps 300] [--device cpu|cuda] [--dtype float32|bfloat16]
 """
 from __future__ import annotations
 
@@ -58,17 +58,22 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="parameter dtype; default bfloat16 on CUDA (the tensor-core chunked "
+                             "kernels), float32 on CPU")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda")
+                                          else "float32"))
     torch.manual_seed(0)
-    model = RecallModel(args.vocab, hidden=64).to(args.device)
+    model = RecallModel(args.vocab, hidden=64).to(args.device, dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    print(f"associative recall: {args.pairs} pairs, vocab {args.vocab}, device {args.device}, "
+    print(f"associative recall: {args.pairs} pairs, vocab {args.vocab}, {args.device} {dtype}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters")
     started, first, ema = time.time(), None, None
     for step in range(1, args.steps + 1):
         tokens, target = recall_batch(args.batch, args.pairs, args.vocab, args.device)
         logits = model(tokens)
-        loss = F.cross_entropy(logits, target)
+        loss = F.cross_entropy(logits.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
