@@ -50,7 +50,6 @@ namespace {
 constexpr int kBwdWarps = 8;              // chunk kernel
 constexpr int kBwdThreads = 32 * kBwdWarps;
 constexpr int kTileV = 64;                // V columns per chunk-kernel tile
-constexpr int kBwdMaxK = 128;             // kCudaChunkMaxK in gla.h
 
 // Shared memory of the chunk kernel. Region R holds the V-loop tiles (v, dO, S0, dS as the
 // input dtype), and after the loop is reused for dA (float) and the dg terms (float).
@@ -179,11 +178,11 @@ __global__ void __launch_bounds__(kBwdThreads)
   // ---- q, k, gates; cumulative gates; scores A; k * exp2(b_last - b) ----------------------
   const uint16_t* const q = static_cast<const uint16_t*>(a.q);
   const uint16_t* const k = static_cast<const uint16_t*>(a.k);
-  load_tile16<KT, L::kQKStride, kBwdThreads>(sQ, q, qk_base, qk_tok, len, 0, K,
+  load_tile<KT, L::kQKStride, kBwdThreads>(sQ, q, qk_base, qk_tok, len, 0, K,
                                              (a.flags & kVecQK) != 0, tid);
-  load_tile16<KT, L::kQKStride, kBwdThreads>(sK, k, qk_base, qk_tok, len, 0, K,
+  load_tile<KT, L::kQKStride, kBwdThreads>(sK, k, qk_base, qk_tok, len, 0, K,
                                              (a.flags & kVecQK) != 0, tid);
-  load_tile32<KT, L::kBStride, kBwdThreads>(sB, a.g, qk_base, qk_tok, len, 0, K,
+  load_tile<KT, L::kBStride, kBwdThreads>(sB, a.g, qk_base, qk_tok, len, 0, K,
                                             (a.flags & kVecG) != 0, tid);
   cp_async_commit();
   // The first V tile's v, dO, S0, dS (region R is free until the V loop) load while the
@@ -191,14 +190,14 @@ __global__ void __launch_bounds__(kBwdThreads)
   const uint16_t* const v = static_cast<const uint16_t*>(a.v);
   const uint16_t* const dout = static_cast<const uint16_t*>(a.dout);
   auto load_v_tile = [&](int v0) {
-    load_tile16<kTileV, L::kVStride, kBwdThreads>(sV, v, v_base, v_tok, len, v0, V,
+    load_tile<kTileV, L::kVStride, kBwdThreads>(sV, v, v_base, v_tok, len, v0, V,
                                                   (a.flags & kVecV) != 0, tid);
-    load_tile16<kTileV, L::kVStride, kBwdThreads>(sDO, dout, v_base, v_tok, len, v0, V,
+    load_tile<kTileV, L::kVStride, kBwdThreads>(sDO, dout, v_base, v_tok, len, v0, V,
                                                   (a.flags & kVecV) != 0, tid);
     // S0 and dS rows [0, KT) x columns [v0, v0 + 64) (zero outside K x V)
-    load_tile16<kTileV, L::kSStride, kBwdThreads, KT>(sS, a.states, state_off, V, K, v0, V,
+    load_tile<kTileV, L::kSStride, kBwdThreads, KT>(sS, a.states, state_off, V, K, v0, V,
                                                       (a.flags & kVecS) != 0, tid);
-    load_tile16<kTileV, L::kSStride, kBwdThreads, KT>(sDS, a.dstates, state_off, V, K, v0, V,
+    load_tile<kTileV, L::kSStride, kBwdThreads, KT>(sDS, a.dstates, state_off, V, K, v0, V,
                                                       (a.flags & kVecS) != 0, tid);
     cp_async_commit();
   };
@@ -627,10 +626,6 @@ __global__ void __launch_bounds__(kBwdThreads)
 
 // ---- launcher ------------------------------------------------------------------------
 
-int64_t max_chunks(const GlaParams& p) {
-  return max_chunks(p.B, p.T, p.N, p.cu_seqlens != nullptr);
-}
-
 struct BwdGrid {
   unsigned scan_x = 0, scan_y = 0, scan_z = 0;  // state scans: N * H, V tiles, key tiles
   unsigned chunk_x = 0, chunk_y = 0;  // chunk kernel: chunks (upper bound), H
@@ -641,20 +636,7 @@ struct BwdGrid {
 // Checks p and fills the kernel arguments and grids. Returns an error message, or nullptr.
 const char* prepare_bwd(const GlaParams& p, ChunkArgs* args, BwdGrid* grid) {
   *grid = BwdGrid{};
-  *args = ChunkArgs{};
-  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
-    return "chunk_bwd_cuda: q/k/v must be float16 or bfloat16";
-  if (p.K < 1 || p.K > kBwdMaxK)
-    return "chunk_bwd_cuda: K must be in [1, 128] (split wider K into slices)";
-  if (p.V < 1 || p.V > (int64_t{1} << 30)) return "chunk_bwd_cuda: V must be in [1, 2^30]";
-  if (p.B < 0 || p.T < 0 || p.H < 0 || p.N < 0) return "chunk_bwd_cuda: negative size";
-  if (p.cu_seqlens == nullptr && p.N != p.B)
-    return "chunk_bwd_cuda: N must equal B without cu_seqlens";
-  if (p.cu_seqlens != nullptr && p.B != 1) return "chunk_bwd_cuda: B must be 1 with cu_seqlens";
-  if (p.H > 65535 || p.N * p.H > int64_t{0x7fffffff})
-    return "chunk_bwd_cuda: N * H or H exceeds the grid limit";
-  if ((p.V + kTileV - 1) / kTileV > 65535) return "chunk_bwd_cuda: V too large for the grid";
-  if (max_chunks(p) > int64_t{0x7fffffff}) return "chunk_bwd_cuda: too many chunks for the grid";
+  if (const char* err = check_chunk_params(p, "chunk_bwd_cuda")) return err;
   if (p.N * p.H == 0) {
     grid->empty = true;
     return nullptr;
@@ -665,12 +647,7 @@ const char* prepare_bwd(const GlaParams& p, ChunkArgs* args, BwdGrid* grid) {
                   p.dv == nullptr || p.dg == nullptr || p.workspace == nullptr))
     return "chunk_bwd_cuda: inputs, gradients and workspace must not be null";
 
-  const int64_t elems = state_elems(max_chunks(p), p.H, p.K, p.V);
-  args->q = p.q;
-  args->k = p.k;
-  args->v = p.v;
-  args->g = static_cast<const float*>(p.g);
-  args->h0 = static_cast<const float*>(p.h0);
+  *args = common_args(p);
   args->dout = p.dout;
   args->dht = static_cast<const float*>(p.dht);
   args->dq = p.dq;
@@ -679,19 +656,10 @@ const char* prepare_bwd(const GlaParams& p, ChunkArgs* args, BwdGrid* grid) {
   args->dg = static_cast<float*>(p.dg);
   args->dh0 = static_cast<float*>(p.dh0);
   args->states = reinterpret_cast<uint16_t*>(p.workspace);
-  args->dstates = p.workspace == nullptr ? nullptr : args->states + elems;
-  args->cu_seqlens = p.cu_seqlens;
-  args->T = p.T;
-  args->chunks_per_row = (p.T + kC - 1) / kC;
-  args->N = static_cast<int>(p.N);
-  args->H = static_cast<int>(p.H);
-  args->K = static_cast<int>(p.K);
-  args->V = static_cast<int>(p.V);
-  args->scale = static_cast<float>(p.scale);
-  args->flags = 0;
-  if (p.K % 8 == 0 && aligned(p.q, 16) && aligned(p.k, 16)) args->flags |= kVecQK;
-  if (p.K % 4 == 0 && aligned(p.g, 16)) args->flags |= kVecG;
-  if (p.V % 8 == 0 && aligned(p.v, 16) && aligned(p.dout, 16)) args->flags |= kVecV;
+  args->dstates = p.workspace == nullptr
+                      ? nullptr
+                      : args->states + state_elems(max_chunks(p), p.H, p.K, p.V);
+  if (!(p.V % 8 == 0 && aligned(p.dout, 16))) args->flags &= ~kVecV;  // dout loads like v
   if (p.V % 8 == 0 && aligned(p.workspace, 16)) args->flags |= kVecS;
   if (p.K % 2 == 0 && aligned(p.dq, 4) && aligned(p.dk, 4)) args->flags |= kPairQK;
   if (p.V % 2 == 0 && aligned(p.dv, 4)) args->flags |= kPairV;
@@ -748,7 +716,6 @@ int64_t chunk_cuda_max_k() {
 }
 
 const char* chunk_bwd_cuda(const GlaParams& p, void* stream_ptr) {
-  static_assert(kBwdMaxK == kCudaChunkMaxK, "gla.h and chunk_bwd.cu disagree on max K");
   ChunkArgs args;
   BwdGrid grid;
   if (const char* err = prepare_bwd(p, &args, &grid)) return err;

@@ -22,6 +22,8 @@
 #include <cstdio>
 #include <cstring>
 
+#include "gla.h"
+
 namespace gla {
 namespace {
 
@@ -325,18 +327,19 @@ struct Elem<__half> {
 // Rows are tokens t < ROWS (= kC) of the chunk (token t at src + base + t * tok_stride), or
 // key dims of a state (ROWS = KT, len = K, tok_stride = V); columns are
 // [col0, col0 + COLS) of a row `width` elements wide. Rows at or past len and columns at or
-// past width are zero. vec: width % 8 == 0 (4 for float) and src 16-byte aligned, so whole
-// 16-byte vectors are either fully inside or fully outside, and go through cp.async.
+// past width are zero. X is a 16-bit type (uint16_t) or float. vec: width is a multiple of the
+// elements in 16 bytes and src is 16-byte aligned, so whole 16-byte vectors are either fully
+// inside or fully outside, and go through cp.async.
 // The caller waits (cp_async_wait_all) and syncs before reading.
-template <int COLS, int STRIDE, int NTHREADS, int ROWS = kC>
-__device__ __forceinline__ void load_tile16(uint16_t* dst, const uint16_t* src, int64_t base,
-                                            int64_t tok_stride, int len, int col0, int width,
-                                            bool vec, int tid) {
+template <int COLS, int STRIDE, int NTHREADS, int ROWS = kC, typename X>
+__device__ __forceinline__ void load_tile(X* dst, const X* src, int64_t base, int64_t tok_stride,
+                                          int len, int col0, int width, bool vec, int tid) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(X));  // elements per 16-byte vector
   if (vec) {
-    constexpr int kPerRow = COLS / 8;
+    constexpr int kPerRow = COLS / kVec;
     for (int i = tid; i < ROWS * kPerRow; i += NTHREADS) {
-      const int t = i / kPerRow, cc = (i % kPerRow) * 8;
-      uint16_t* const d = dst + t * STRIDE + cc;
+      const int t = i / kPerRow, cc = (i % kPerRow) * kVec;
+      X* const d = dst + t * STRIDE + cc;
       if (t < len && col0 + cc < width) {
         cp_async16(d, src + base + t * tok_stride + col0 + cc);
       } else {
@@ -346,34 +349,8 @@ __device__ __forceinline__ void load_tile16(uint16_t* dst, const uint16_t* src, 
   } else {
     for (int i = tid; i < ROWS * COLS; i += NTHREADS) {
       const int t = i / COLS, cc = i % COLS;
-      dst[t * STRIDE + cc] = (t < len && col0 + cc < width)
-                                 ? src[base + t * tok_stride + col0 + cc]
-                                 : uint16_t{0};
-    }
-  }
-}
-
-template <int COLS, int STRIDE, int NTHREADS>
-__device__ __forceinline__ void load_tile32(float* dst, const float* src, int64_t base,
-                                            int64_t tok_stride, int len, int col0, int width,
-                                            bool vec, int tid) {
-  if (vec) {
-    constexpr int kPerRow = COLS / 4;
-    for (int i = tid; i < kC * kPerRow; i += NTHREADS) {
-      const int t = i / kPerRow, cc = (i % kPerRow) * 4;
-      float* const d = dst + t * STRIDE + cc;
-      if (t < len && col0 + cc < width) {
-        cp_async16(d, src + base + t * tok_stride + col0 + cc);
-      } else {
-        zero16(d);
-      }
-    }
-  } else {
-    for (int i = tid; i < kC * COLS; i += NTHREADS) {
-      const int t = i / COLS, cc = i % COLS;
-      dst[t * STRIDE + cc] = (t < len && col0 + cc < width)
-                                 ? src[base + t * tok_stride + col0 + cc]
-                                 : 0.0f;
+      dst[t * STRIDE + cc] =
+          (t < len && col0 + cc < width) ? src[base + t * tok_stride + col0 + cc] : X{0};
     }
   }
 }
@@ -558,6 +535,66 @@ __device__ __forceinline__ void state_update(float (&s)[KT / 8][4], const uint32
       Elem<T>::mma(s[2 * kk + 1], ay, xf[2], xf[3]);
     }
   }
+}
+
+// ---- launcher helpers ------------------------------------------------------------------
+constexpr int kChunkMaxK = 128;  // widest K in one pass (kCudaChunkMaxK in gla.h)
+static_assert(kChunkMaxK == kCudaChunkMaxK, "gla.h and the chunk kernels disagree on max K");
+
+inline int64_t max_chunks(const GlaParams& p) {
+  return max_chunks(p.B, p.T, p.N, p.cu_seqlens != nullptr);
+}
+
+// The size and dtype checks every chunk launcher makes; nullptr when p is fine, else a
+// message starting with op (valid until the next failing call on this thread).
+inline const char* check_chunk_params(const GlaParams& p, const char* op) {
+  static thread_local char message[200];
+  const char* what = nullptr;
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
+    what = "q/k/v must be float16 or bfloat16 (the tensor-core chunked kernels have no "
+           "float32/float64 variant)";
+  else if (p.K < 1 || p.K > kChunkMaxK)
+    what = "K must be in [1, 128] (split wider K into slices)";
+  else if (p.V < 1 || p.V > (int64_t{1} << 30))
+    what = "V must be in [1, 2^30]";
+  else if (p.B < 0 || p.T < 0 || p.H < 0 || p.N < 0)
+    what = "negative size";
+  else if (p.cu_seqlens == nullptr && p.N != p.B)
+    what = "N must equal B without cu_seqlens";
+  else if (p.cu_seqlens != nullptr && p.B != 1)
+    what = "B must be 1 with cu_seqlens";
+  else if (p.H > 65535 || p.N * p.H > int64_t{0x7fffffff})
+    what = "N * H or H exceeds the grid limit";
+  else if ((p.V + 63) / 64 > 65535)
+    what = "V too large for the grid";
+  else if (max_chunks(p) > int64_t{0x7fffffff})
+    what = "too many chunks for the grid";
+  if (what == nullptr) return nullptr;
+  std::snprintf(message, sizeof(message), "%s: %s", op, what);
+  return message;
+}
+
+// The fields of ChunkArgs every chunk kernel reads, from p: inputs, sizes, and the flags of
+// the q/k/g/v loads (the launchers add their outputs and flags).
+inline ChunkArgs common_args(const GlaParams& p) {
+  ChunkArgs a{};
+  a.q = p.q;
+  a.k = p.k;
+  a.v = p.v;
+  a.g = static_cast<const float*>(p.g);
+  a.h0 = static_cast<const float*>(p.h0);
+  a.cu_seqlens = p.cu_seqlens;
+  a.T = p.T;
+  a.chunks_per_row = (p.T + kC - 1) / kC;
+  a.N = static_cast<int>(p.N);
+  a.H = static_cast<int>(p.H);
+  a.K = static_cast<int>(p.K);
+  a.V = static_cast<int>(p.V);
+  a.scale = static_cast<float>(p.scale);
+  if (p.K % 8 == 0 && aligned(p.q, 16) && aligned(p.k, 16)) a.flags |= kVecQK;
+  if (p.K % 4 == 0 && aligned(p.g, 16)) a.flags |= kVecG;
+  if (p.V % 8 == 0 && aligned(p.v, 16)) a.flags |= kVecV;
+  return a;
 }
 
 // ---- launching -------------------------------------------------------------------------

@@ -56,7 +56,6 @@ namespace {
 constexpr int kBV = 64;         // V columns per thread block
 constexpr int kWarps = 4;       // warp w owns V columns [16w, 16w + 16) of the tile
 constexpr int kThreads = 32 * kWarps;
-constexpr int kChunkMaxK = 128; // widest K in one pass (kCudaChunkMaxK in gla.h)
 
 // Shared memory layout of one block. Rows are padded by 8 elements so that the 8 rows an
 // ldmatrix (or a fragment load) touches fall in different banks, and rows stay 16-byte
@@ -165,13 +164,13 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t v_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(V);
 
     // ---- 1. tiles -> shared memory -----------------------------------------------------
-    load_tile16<KT, L::kQKStride, kThreads>(sQ, q, qk_base, qk_tok, len, 0, K,
+    load_tile<KT, L::kQKStride, kThreads>(sQ, q, qk_base, qk_tok, len, 0, K,
                                             (a.flags & kVecQK) != 0, tid);
-    load_tile16<KT, L::kQKStride, kThreads>(sK, k, qk_base, qk_tok, len, 0, K,
+    load_tile<KT, L::kQKStride, kThreads>(sK, k, qk_base, qk_tok, len, 0, K,
                                             (a.flags & kVecQK) != 0, tid);
-    load_tile32<KT, L::kBStride, kThreads>(sB, gate, qk_base, qk_tok, len, 0, K,
+    load_tile<KT, L::kBStride, kThreads>(sB, gate, qk_base, qk_tok, len, 0, K,
                                            (a.flags & kVecG) != 0, tid);
-    load_tile16<kBV, L::kVStride, kThreads>(sV, v, v_base, v_tok, len, v0, V,
+    load_tile<kBV, L::kVStride, kThreads>(sV, v, v_base, v_tok, len, v0, V,
                                             (a.flags & kVecV) != 0, tid);
     cp_async_wait_all();
     __syncthreads();
@@ -318,10 +317,6 @@ struct FwdGrid {
   unsigned chunk_x = 0, chunk_y = 0, chunk_z = 0;
 };
 
-int64_t fwd_max_chunks(const GlaParams& p) {
-  return max_chunks(p.B, p.T, p.N, p.cu_seqlens != nullptr);
-}
-
 // The split path's choice: forced by GLA_EXT_CHUNK_FWD=fused|split, otherwise split when the
 // fused grid would fill less than two waves of the GPU's SMs and sequences span several
 // chunks (a first guess, to be tuned on a GPU: benchmarks/bench_gpu.py times both).
@@ -332,29 +327,14 @@ bool want_split(const GlaParams& p, int sm_count) {
   }
   if (p.T <= 0 || p.N * p.H == 0) return false;
   const int64_t fused_blocks = p.N * p.H * ((p.V + kBV - 1) / kBV);
-  return fused_blocks < 2 * static_cast<int64_t>(sm_count) && fwd_max_chunks(p) >= 2 * p.N;
+  return fused_blocks < 2 * static_cast<int64_t>(sm_count) && max_chunks(p) >= 2 * p.N;
 }
 
 // Checks p and fills the kernel arguments and grids; split: p.workspace holds the chunk
 // states. Returns an error message, or nullptr.
 const char* prepare(const GlaParams& p, bool split, ChunkArgs* args, FwdGrid* grid) {
   *grid = FwdGrid{};
-  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
-    return "chunk_fwd_cuda: q/k/v must be float16 or bfloat16 (the tensor-core chunked "
-           "kernel has no float32/float64 variant)";
-  if (p.K < 1 || p.K > kChunkMaxK)
-    return "chunk_fwd_cuda: K must be in [1, 128] (split wider K into slices)";
-  if (p.V < 1 || p.V > (int64_t{1} << 30)) return "chunk_fwd_cuda: V must be in [1, 2^30]";
-  if (p.B < 0 || p.T < 0 || p.H < 0 || p.N < 0) return "chunk_fwd_cuda: negative size";
-  if (p.cu_seqlens == nullptr && p.N != p.B)
-    return "chunk_fwd_cuda: N must equal B without cu_seqlens";
-  if (p.cu_seqlens != nullptr && p.B != 1)
-    return "chunk_fwd_cuda: B must be 1 with cu_seqlens";
-  if (p.H > 65535 || p.N * p.H > int64_t{0x7fffffff})
-    return "chunk_fwd_cuda: N * H or H exceeds the grid limit";
-  if ((p.V + kBV - 1) / kBV > 65535) return "chunk_fwd_cuda: V too large for the grid";
-  if (fwd_max_chunks(p) > int64_t{0x7fffffff})
-    return "chunk_fwd_cuda: too many chunks for the grid";
+  if (const char* err = check_chunk_params(p, "chunk_fwd_cuda")) return err;
   if (p.N * p.H == 0) {  // no sequences or no heads: nothing to write
     grid->empty = true;
     return nullptr;
@@ -366,27 +346,10 @@ const char* prepare(const GlaParams& p, bool split, ChunkArgs* args, FwdGrid* gr
   if (split && (p.T == 0 || p.workspace == nullptr))
     return "chunk_fwd_cuda: the split path needs tokens and a workspace";
 
-  *args = ChunkArgs{};
-  args->q = p.q;
-  args->k = p.k;
-  args->v = p.v;
-  args->g = static_cast<const float*>(p.g);
-  args->h0 = static_cast<const float*>(p.h0);
+  *args = common_args(p);
   args->o = p.o;
   args->ht = static_cast<float*>(p.ht);
   args->states = split ? reinterpret_cast<uint16_t*>(p.workspace) : nullptr;
-  args->cu_seqlens = p.cu_seqlens;
-  args->T = p.T;
-  args->chunks_per_row = (p.T + kC - 1) / kC;
-  args->N = static_cast<int>(p.N);
-  args->H = static_cast<int>(p.H);
-  args->K = static_cast<int>(p.K);
-  args->V = static_cast<int>(p.V);
-  args->scale = static_cast<float>(p.scale);
-  args->flags = 0;
-  if (p.K % 8 == 0 && aligned(p.q, 16) && aligned(p.k, 16)) args->flags |= kVecQK;
-  if (p.K % 4 == 0 && aligned(p.g, 16)) args->flags |= kVecG;
-  if (p.V % 8 == 0 && aligned(p.v, 16)) args->flags |= kVecV;
   if (p.V % 2 == 0 && aligned(p.o, 4)) args->flags |= kVecO;
   const unsigned vtiles = static_cast<unsigned>((p.V + kBV - 1) / kBV);
   grid->split = split;
@@ -395,7 +358,7 @@ const char* prepare(const GlaParams& p, bool split, ChunkArgs* args, FwdGrid* gr
   grid->scan_x = static_cast<unsigned>(p.N * p.H);
   grid->scan_y = static_cast<unsigned>((p.V + kScanV - 1) / kScanV);
   grid->scan_z = static_cast<unsigned>((p.K + kScanK - 1) / kScanK);
-  grid->chunk_x = static_cast<unsigned>(fwd_max_chunks(p));
+  grid->chunk_x = static_cast<unsigned>(max_chunks(p));
   grid->chunk_y = static_cast<unsigned>(p.H);
   grid->chunk_z = vtiles;
   return nullptr;
@@ -428,11 +391,10 @@ int64_t chunk_fwd_cuda_workspace_floats(const GlaParams& p) {
   int sm_count = 0;
   if (check_device(kOp, &sm_count) != nullptr) return 0;  // chunk_fwd_cuda reports it
   // chunk start states, 16-bit (two per float)
-  return want_split(p, sm_count) ? (state_elems(fwd_max_chunks(p), p.H, p.K, p.V) + 1) / 2 : 0;
+  return want_split(p, sm_count) ? (state_elems(max_chunks(p), p.H, p.K, p.V) + 1) / 2 : 0;
 }
 
 const char* chunk_fwd_cuda(const GlaParams& p, void* stream_ptr) {
-  static_assert(kChunkMaxK == kCudaChunkMaxK, "gla.h and chunk_fwd.cu disagree on max K");
   int sm_count = 0;
   if (const char* err = check_device(kOp, &sm_count)) return err;
   ChunkArgs args;

@@ -105,13 +105,13 @@ __device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
     chunk_of(ci, &c0, &len);
     const int64_t qk_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(K);
     const int64_t v_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(V);
-    load_tile16<KT, L::kXStride, kScanThreads>(reinterpret_cast<uint16_t*>(base + L::kXOff), x,
+    load_tile<KT, L::kXStride, kScanThreads>(reinterpret_cast<uint16_t*>(base + L::kXOff), x,
                                                qk_base, qk_tok, len, k0, K,
                                                (a.flags & kVecQK) != 0, tid);
-    load_tile32<KT, L::kBStride, kScanThreads>(reinterpret_cast<float*>(base + L::kBOff), a.g,
+    load_tile<KT, L::kBStride, kScanThreads>(reinterpret_cast<float*>(base + L::kBOff), a.g,
                                                qk_base, qk_tok, len, k0, K,
                                                (a.flags & kVecG) != 0, tid);
-    load_tile16<kScanV, L::kYStride, kScanThreads>(reinterpret_cast<uint16_t*>(base + L::kYOff),
+    load_tile<kScanV, L::kYStride, kScanThreads>(reinterpret_cast<uint16_t*>(base + L::kYOff),
                                                    y, v_base, v_tok, len, v0, V,
                                                    (a.flags & kVecV) != 0, tid);
     cp_async_commit();

@@ -16,76 +16,16 @@
 
 #define GLA_CHUNK_EMULATE 1
 #include "cuda/chunk_bwd.cu"
+#include "harness.h"
 
-#include <fstream>
-#include <map>
-#include <string>
-
-namespace {
-
-std::map<std::string, std::string> parse(int argc, char** argv) {
-  std::map<std::string, std::string> kv = {
-      {"dtype", "bf16"}, {"B", "1"},   {"T", "77"},    {"H", "2"},      {"K", "64"},
-      {"V", "64"},       {"h0", "1"},  {"dht", "1"},   {"cu", "-"},     {"order", "both"},
-      {"misalign", "0"}, {"in", ""},   {"out", ""}};
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    const auto eq = a.find('=');
-    if (eq == std::string::npos || !kv.count(a.substr(0, eq))) {
-      std::fprintf(stderr, "bad argument %s\n", argv[i]);
-      std::exit(2);
-    }
-    kv[a.substr(0, eq)] = a.substr(eq + 1);
-  }
-  return kv;
-}
-
-// A buffer with poisoned guard zones on both sides; data() may be offset by `shift` elements.
-template <typename X>
-struct Guarded {
-  static constexpr size_t kGuard = 64;
-  std::vector<X> mem;
-  size_t n, shift;
-  X poison;
-  Guarded(size_t n_, size_t shift_, X poison_) : n(n_), shift(shift_), poison(poison_) {
-    mem.assign(n + 2 * kGuard + shift, poison);
-  }
-  X* data() { return mem.data() + kGuard + shift; }
-  bool guards_intact() const {
-    for (size_t i = 0; i < mem.size(); ++i) {
-      const bool inside = i >= kGuard + shift && i < kGuard + shift + n;
-      if (!inside && std::memcmp(&mem[i], &poison, sizeof(X)) != 0) return false;
-    }
-    return true;
-  }
-  void read(std::ifstream& f) {
-    f.read(reinterpret_cast<char*>(data()), static_cast<std::streamsize>(n * sizeof(X)));
-  }
-  void write(std::ofstream& f) {
-    f.write(reinterpret_cast<const char*>(data()), static_cast<std::streamsize>(n * sizeof(X)));
-  }
-  std::vector<X> copy() { return std::vector<X>(data(), data() + n); }
-  void fill_poison() { std::fill(data(), data() + n, poison); }
-};
-
-std::vector<int64_t> parse_offsets(const std::string& s) {
-  std::vector<int64_t> cu;
-  if (s == "-") return cu;
-  size_t pos = 0;
-  for (;;) {
-    const size_t comma = s.find(',', pos);
-    cu.push_back(std::stoll(s.substr(pos, comma == std::string::npos ? std::string::npos
-                                                                    : comma - pos)));
-    if (comma == std::string::npos) break;
-    pos = comma + 1;
-  }
-  return cu;
-}
-
-}  // namespace
+using harness::Guarded;
 
 int main(int argc, char** argv) {
-  auto kv = parse(argc, argv);
+  auto kv = harness::parse_args(
+      argc, argv,
+      {{"dtype", "bf16"}, {"B", "1"}, {"T", "77"}, {"H", "2"}, {"K", "64"}, {"V", "64"},
+       {"h0", "1"}, {"dht", "1"}, {"cu", "-"}, {"order", "both"}, {"misalign", "0"},
+       {"in", ""}, {"out", ""}});
   const bool bf16 = kv["dtype"] == "bf16";
   if (!bf16 && kv["dtype"] != "fp16") {
     std::fprintf(stderr, "dtype must be bf16 or fp16\n");
@@ -95,7 +35,7 @@ int main(int argc, char** argv) {
   const int64_t K = std::stoll(kv["K"]), V = std::stoll(kv["V"]);
   const bool with_h0 = kv["h0"] == "1", with_dht = kv["dht"] == "1";
   const size_t mis = kv["misalign"] == "1" ? 1 : 0;
-  std::vector<int64_t> cu = parse_offsets(kv["cu"]);
+  const std::vector<int64_t> cu = harness::parse_offsets(kv["cu"]);
   const int64_t N = cu.empty() ? B : static_cast<int64_t>(cu.size()) - 1;
   const size_t nqk = B * T * H * K, nv = B * T * H * V, ns = N * H * K * V;
 

@@ -13,55 +13,18 @@
 
 #define GLA_CHUNK_EMULATE 1
 #include "cuda/chunk_fwd.cu"
+#include "harness.h"
 
-#include <map>
 #include <random>
-#include <string>
 
-namespace {
-
-std::map<std::string, std::string> parse(int argc, char** argv) {
-  std::map<std::string, std::string> kv = {
-      {"dtype", "bf16"}, {"B", "2"}, {"T", "77"},     {"H", "2"},    {"K", "64"},
-      {"V", "64"},      {"gate", "norm:1"}, {"h0", "1"}, {"cu", "-"},  {"order", "both"},
-      {"misalign", "0"}, {"seed", "1"},    {"tol", "1e-2"}, {"mode", "fused"}};
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    const auto eq = a.find('=');
-    if (eq == std::string::npos || !kv.count(a.substr(0, eq))) {
-      std::fprintf(stderr, "bad argument %s\n", argv[i]);
-      std::exit(2);
-    }
-    kv[a.substr(0, eq)] = a.substr(eq + 1);
-  }
-  return kv;
-}
-
-// A buffer with poisoned guard zones on both sides; data() may be offset by `shift` elements.
-template <typename X>
-struct Guarded {
-  static constexpr size_t kGuard = 64;
-  std::vector<X> mem;
-  size_t n, shift;
-  X poison;
-  Guarded(size_t n_, size_t shift_, X poison_) : n(n_), shift(shift_), poison(poison_) {
-    mem.assign(n + 2 * kGuard + shift, poison);
-  }
-  X* data() { return mem.data() + kGuard + shift; }
-  X& operator[](size_t i) { return data()[i]; }
-  bool guards_intact() const {
-    for (size_t i = 0; i < mem.size(); ++i) {
-      const bool inside = i >= kGuard + shift && i < kGuard + shift + n;
-      if (!inside && std::memcmp(&mem[i], &poison, sizeof(X)) != 0) return false;
-    }
-    return true;
-  }
-};
-
-}  // namespace
+using harness::Guarded;
 
 int main(int argc, char** argv) {
-  auto kv = parse(argc, argv);
+  auto kv = harness::parse_args(
+      argc, argv,
+      {{"dtype", "bf16"}, {"B", "2"}, {"T", "77"}, {"H", "2"}, {"K", "64"}, {"V", "64"},
+       {"gate", "norm:1"}, {"h0", "1"}, {"cu", "-"}, {"order", "both"}, {"misalign", "0"},
+       {"seed", "1"}, {"tol", "1e-2"}, {"mode", "fused"}});
   const bool bf16 = kv["dtype"] == "bf16";
   if (!bf16 && kv["dtype"] != "fp16") {
     std::fprintf(stderr, "dtype must be bf16 or fp16\n");
@@ -72,18 +35,7 @@ int main(int argc, char** argv) {
   const bool with_h0 = kv["h0"] == "1";
   const size_t mis = kv["misalign"] == "1" ? 1 : 0;
   const double tol = std::stod(kv["tol"]);
-  std::vector<int64_t> cu;
-  if (kv["cu"] != "-") {
-    std::string s = kv["cu"];
-    size_t pos = 0;
-    while (pos <= s.size()) {
-      const size_t comma = s.find(',', pos);
-      cu.push_back(std::stoll(s.substr(pos, comma == std::string::npos ? std::string::npos
-                                                                      : comma - pos)));
-      if (comma == std::string::npos) break;
-      pos = comma + 1;
-    }
-  }
+  const std::vector<int64_t> cu = harness::parse_offsets(kv["cu"]);
   const int64_t N = cu.empty() ? B : static_cast<int64_t>(cu.size()) - 1;
 
   auto round16 = [&](float x) -> uint16_t {
@@ -135,7 +87,7 @@ int main(int argc, char** argv) {
   p.ht = ht.data();
 
   // split path: the chunk states live in a poisoned workspace
-  const int64_t nwork = T > 0 ? (gla::state_elems(gla::fwd_max_chunks(p), H, K, V) + 1) / 2 : 0;
+  const int64_t nwork = T > 0 ? (gla::state_elems(gla::max_chunks(p), H, K, V) + 1) / 2 : 0;
   Guarded<float> work(static_cast<size_t>(nwork), 0, NAN);  // 16-bit states inside
 
   gla::ChunkArgs args;
