@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string>
 #include <tuple>
 
@@ -254,7 +255,10 @@ std::tuple<Tensor, Tensor> chunk_fwd_cuda(const Tensor& q, const Tensor& k, cons
               " (the Python wrapper splits wider K), got ", p.K);
   auto out = alloc_fwd(p, q, v);
   Tensor workspace;  // only for the split path (few sequences x heads, long sequences)
-  if (const int64_t floats = gla::chunk_fwd_cuda_workspace_floats(p); floats > 0) {
+  const int64_t floats = gla::chunk_fwd_cuda_workspace_floats(p);
+  TORCH_CHECK(floats >= 0, op, ": GLA_EXT_CHUNK_FWD must be fused, split or auto, got '",
+              std::getenv("GLA_EXT_CHUNK_FWD"), "'");
+  if (floats > 0) {
     workspace = at::empty({floats}, q.options().dtype(at::kFloat));
     p.workspace = workspace.data_ptr<float>();
   }
@@ -262,9 +266,9 @@ std::tuple<Tensor, Tensor> chunk_fwd_cuda(const Tensor& q, const Tensor& k, cons
   return {out.o, out.ht};
 }
 
-// chunk_gla backward on CUDA: bf16/fp16 run the tensor-core chunked backward (three
-// launches, float32 workspace of two states per chunk); float32 runs the fused recurrent
-// backward, matching the forward's split.
+// chunk_gla backward on CUDA: bf16/fp16 run the tensor-core chunked backward (two launches;
+// workspace of two 16-bit states per chunk and head); float32 runs the fused recurrent
+// backward, as the forward does.
 BwdOut chunk_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                       const Tensor& dout, const OptTensor& dht, const OptTensor& h0,
                       const OptTensor& cu_seqlens, double scale, int64_t /*chunk_size*/) {
@@ -346,6 +350,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("build_info", []() {
     pybind11::dict info;
+#ifdef GLA_WITH_CUDA
+    // ops.py compares it with the device's opt-in shared memory per block (K slice 128 or 64)
+    info["chunk_bwd_smem_bytes_k128"] = gla::kCudaChunkBwdSmemBytesK128;
+#endif
 #ifdef GLA_WITH_CUDA
     info["cuda"] = true;
 #else

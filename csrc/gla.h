@@ -43,7 +43,8 @@ struct GlaParams {
   void* dg = nullptr;
   void* dh0 = nullptr;        // always written by backward kernels
 
-  // scratch owned by the caller (CUDA backward), sized by the *_workspace_floats helpers
+  // scratch owned by the caller (CUDA recurrent and chunked backward, split chunked forward),
+  // sized by the *_workspace_floats helpers
   float* workspace = nullptr;
 };
 
@@ -79,8 +80,9 @@ const char* recurrent_fwd_cuda(const GlaParams& p, void* stream);
 const char* recurrent_bwd_cuda(const GlaParams& p, void* stream);
 // Tensor-core chunked forward (csrc/cuda/chunk_fwd.cu): float16/bfloat16 only, sm_80+,
 // K <= kCudaChunkMaxK (wider K is split by the caller), any V. When the fused grid would
-// leave the GPU idle it runs split (state scan + chunk-parallel outputs), which needs a float32
-// workspace of chunk_fwd_cuda_workspace_floats(p) elements (0: fused, pass no workspace).
+// leave the GPU idle it runs split (state scan + chunk-parallel outputs):
+// chunk_fwd_cuda_workspace_floats(p) says which (0: fused, no workspace; > 0: split, pass a
+// workspace of that many floats; -1: GLA_EXT_CHUNK_FWD holds an unknown value).
 constexpr int64_t kCudaChunkMaxK = 128;
 int64_t chunk_fwd_cuda_workspace_floats(const GlaParams& p);
 const char* chunk_fwd_cuda(const GlaParams& p, void* stream);
@@ -88,8 +90,10 @@ const char* chunk_fwd_cuda(const GlaParams& p, void* stream);
 // float32 workspace of chunk_bwd_cuda_workspace_floats(p) elements (two states per chunk).
 int64_t chunk_bwd_cuda_workspace_floats(const GlaParams& p);
 const char* chunk_bwd_cuda(const GlaParams& p, void* stream);
-// Widest K slice the chunk kernels take on the current device: 128 where the backward's
-// 152 KB of shared memory per block fits (sm_80, sm_90), else 64 (sm_86/sm_89: 99 KB).
+// Shared memory per block of the K=128 chunked backward (checked in chunk_bwd.cu). GPUs with
+// less per-block opt-in shared memory (sm_86/sm_89: 99 KB) take K in slices of 64.
+constexpr int64_t kCudaChunkBwdSmemBytesK128 = 155136;
+// Widest K slice the chunk kernels take on the current device: 128 or 64 (see above).
 int64_t chunk_cuda_max_k();
 
 }  // namespace gla

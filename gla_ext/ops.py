@@ -20,24 +20,27 @@ BACKENDS = ("auto", "cuda", "cpu", "reference")
 # independent, so outputs of K-slices add up and final states concatenate).
 _CUDA_RECURRENT_MAX_K = 256
 _CUDA_CHUNK_MAX_K = 128      # tensor-core chunked forward and backward (bf16/fp16)
+# shared memory per block the K=128 chunked backward needs (read once from the build)
+_CHUNK_BWD_SMEM_K128 = int(_ext.build_info().get("chunk_bwd_smem_bytes_k128", 0))
 
 
-_chunk_max_k_by_device: dict = {}
+def _chunk_max_k(device: torch.device) -> int:
+    """128, or 64 on GPUs whose per-block shared memory cannot hold the K=128 backward
+    (sm_86/sm_89). From the device properties, which torch.compile can trace; the byte count
+    comes from the build."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    optin = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin",
+                    None)
+    if optin is None:  # older torch without the property: ask the extension (eager only)
+        return int(_ext._C.cuda_chunk_max_k(index))
+    return _CUDA_CHUNK_MAX_K if optin >= _CHUNK_BWD_SMEM_K128 else 64
 
 
 def _cuda_max_k(kernel_name: str, dtype: torch.dtype, device: torch.device) -> int:
     if kernel_name == "chunk" and dtype in (torch.float16, torch.bfloat16):
-        # 128, or 64 on GPUs whose shared memory per block cannot hold the K=128 backward.
-        # The query is a pybind call that torch.compile cannot trace: while compiling, a
-        # device not seen eagerly yet gets 64 (exact on every GPU, a little slower).
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in _chunk_max_k_by_device:
-            if torch.compiler.is_compiling():
-                return 64
-            _chunk_max_k_by_device[index] = min(_CUDA_CHUNK_MAX_K,
-                                                int(_ext._C.cuda_chunk_max_k(index)))
-        return _chunk_max_k_by_device[index]
+        return _chunk_max_k(device)
     return _CUDA_RECURRENT_MAX_K
+
 
 _DEFAULT_CHUNK = 0  # 0 = the kernel's own choice
 

@@ -269,3 +269,15 @@ def test_deterministic(dtype, layout):
     for name, x in first.items():
         assert torch.isfinite(x).all(), f"{name}: NaN/inf"
         assert torch.equal(x, second[name]), f"{name} differs between two identical runs"
+
+
+def test_k_slice_matches_device():
+    """K slice 128 where the K=128 backward's shared memory fits (sm_80, sm_90), else 64; the
+    Python rule (device properties) and the extension's own query agree."""
+    from gla_ext import _ext
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    expected = int(_ext._C.cuda_chunk_max_k(torch.cuda.current_device()))
+    assert expected in (64, 128)
+    assert ops._cuda_max_k("chunk", torch.bfloat16, torch.device("cuda")) == expected
+    if torch.cuda.get_device_capability() in ((8, 0), (9, 0)):
+        assert expected == 128, f"{props.name} should take K=128 in one pass"

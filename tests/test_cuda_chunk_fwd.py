@@ -216,3 +216,11 @@ def test_fused_and_split_paths_agree(monkeypatch, dtype, B, T, H, K, V, offsets)
                                   cu_seqlens=cu, backend="cuda")
     for a, b in zip(results["fused"], results["split"]):
         assert torch.equal(a, b), "fused and split forward paths differ"
+
+
+def test_unknown_path_setting_is_an_error(monkeypatch):
+    monkeypatch.setenv("GLA_EXT_CHUNK_FWD", "fastest")
+    q = k = torch.randn(1, 130, 2, 64, device="cuda", dtype=torch.bfloat16)
+    g = _gates((1, 130, 2, 64), 1.0)
+    with pytest.raises(RuntimeError, match="GLA_EXT_CHUNK_FWD"):
+        chunk_gla(q, k, q, g, backend="cuda")

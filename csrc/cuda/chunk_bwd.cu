@@ -93,6 +93,8 @@ struct BwdLayout {
 };
 // sm_80 allows 163 KB per block with the opt-in, sm_90 227 KB.
 static_assert(BwdLayout<128>::kBytes <= 163 * 1024, "chunk backward shared memory too large");
+static_assert(BwdLayout<128>::kBytes == kCudaChunkBwdSmemBytesK128, "update gla.h");
+static_assert(BwdLayout<64>::kBytes <= 99 * 1024, "K=64 must fit sm_86/sm_89 (99 KB per block)");
 
 // Adds rowsum(S0 * dS) over this V tile into sRow[key] (float32 products and sums of the
 // 16-bit tiles, in a fixed order): kTPR threads per key row, reduced by shuffles.
@@ -125,7 +127,7 @@ __device__ __forceinline__ void add_state_rowsums(const uint16_t* sS, const uint
   if (tid % kTPR == 0) sRow[kd] += dot;  // one writer per row
 }
 
-// ---- launch 3: everything per chunk ------------------------------------------------------
+// ---- launch 2: everything per chunk ------------------------------------------------------
 // Grid: x = chunk index (over all sequences; blocks past the last chunk return), y = head.
 template <typename T, int KT>
 __global__ void __launch_bounds__(kBwdThreads)
@@ -722,6 +724,9 @@ const char* chunk_bwd_cuda(const GlaParams& p, void* stream_ptr) {
   if (grid.empty) return nullptr;
   int sm_count = 0;
   if (const char* err = check_device(kOp, &sm_count)) return err;
+  if (p.K > 64 && chunk_cuda_max_k() < 128)
+    return "chunk_bwd_cuda: K > 64 needs 152 KB of shared memory per block and this GPU has "
+           "less; pass K in slices of 64 (chunk_gla does)";
 
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const bool bf16 = p.dtype == DType::kBFloat16;

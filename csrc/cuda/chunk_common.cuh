@@ -1,4 +1,5 @@
-// Building blocks shared by the tensor-core chunked kernels (chunk_fwd.cu, chunk_bwd.cu):
+// Building blocks shared by the tensor-core chunked kernels (chunk_fwd.cu, chunk_bwd.cu,
+// chunk_scan.cuh):
 // PTX wrappers (mma.sync m16n8k16, ldmatrix, cp.async), bf16/fp16 element helpers, chunk tile
 // loaders, the in-chunk cumulative gate sum and the intra-chunk score matrix A.
 //
@@ -39,7 +40,7 @@ enum : int {
   kVecG = 2,     // g: K % 4 == 0, 16-byte aligned (cp.async)
   kVecV = 4,     // v (and dout in the backward): V % 8 == 0, 16-byte aligned (cp.async)
   kVecO = 8,     // o: V % 2 == 0, 4-byte aligned (pairs of 16-bit stores)
-  kVecS = 16,    // workspace states: V % 8 == 0 (the workspace is 16-byte aligned)
+  kVecS = 16,    // workspace states (16-bit): V % 8 == 0, workspace 16-byte aligned
   kPairQK = 32,  // dq, dk: K % 2 == 0, 4-byte aligned
   kPairV = 64,   // dv: V % 2 == 0, 4-byte aligned
 };
@@ -66,6 +67,7 @@ struct ChunkArgs {
   const int64_t* cu_seqlens;  // device pointer, may be null
   int64_t T;
   int64_t chunks_per_row;     // ceil(T / kC): chunks of one batch row without cu_seqlens
+  int64_t ws_chunks;          // chunks the workspace holds (saves past it are dropped)
   int N, H, K, V;
   float scale;
   int flags;
@@ -78,9 +80,12 @@ __device__ __forceinline__ void seq_range(const ChunkArgs& a, int64_t n, int64_t
                                           int64_t* start, int64_t* end) {
   if (a.cu_seqlens != nullptr) {
     *row = 0;
+    // Malformed offsets (the Python wrapper rejects them; direct op calls and CUDA-graph
+    // capture skip that check) must not run a loop backwards or leave the rows.
     *start = a.cu_seqlens[n];
     *end = a.cu_seqlens[n + 1];
-    if (*end < *start) *end = *start;  // malformed offsets must not run a loop backwards
+    *start = *start < 0 ? 0 : (*start > a.T ? a.T : *start);
+    *end = *end < *start ? *start : (*end > a.T ? a.T : *end);
   } else {
     *row = n;
     *start = 0;
@@ -330,7 +335,7 @@ struct Elem<__half> {
 // past width are zero. X is a 16-bit type (uint16_t) or float. vec: width is a multiple of the
 // elements in 16 bytes and src is 16-byte aligned, so whole 16-byte vectors are either fully
 // inside or fully outside, and go through cp.async.
-// The caller waits (cp_async_wait_all) and syncs before reading.
+// The caller commits / waits (cp_async_wait_group or _wait_all) and syncs before reading.
 template <int COLS, int STRIDE, int NTHREADS, int ROWS = kC, typename X>
 __device__ __forceinline__ void load_tile(X* dst, const X* src, int64_t base, int64_t tok_stride,
                                           int len, int col0, int width, bool vec, int tid) {
@@ -360,7 +365,7 @@ __device__ __forceinline__ void load_tile(X* dst, const X* src, int64_t base, in
 // b_t = sum_{s <= t} max(g_s, kGateFloor) * log2(e). Rows past the chunk's end hold g = 0,
 // so they repeat the last real b (row kC - 1 is b_last). The order of the additions is fixed
 // (two segments of 32 rows, the second then adds the first's total) whatever the thread
-// count, so every kernel gets bitwise the same b. sTot: kGateScratch floats of scratch.
+// count, so every kernel gets bitwise the same b. sTot: gate_scratch_floats<KT>() floats.
 // Ends with __syncthreads().
 template <int KT>
 constexpr int gate_scratch_floats() {
@@ -586,6 +591,7 @@ inline ChunkArgs common_args(const GlaParams& p) {
   a.cu_seqlens = p.cu_seqlens;
   a.T = p.T;
   a.chunks_per_row = (p.T + kC - 1) / kC;
+  a.ws_chunks = max_chunks(p);
   a.N = static_cast<int>(p.N);
   a.H = static_cast<int>(p.H);
   a.K = static_cast<int>(p.K);

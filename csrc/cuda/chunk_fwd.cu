@@ -11,8 +11,11 @@
 // Every exponent above is <= 0 for gates g <= 0, so nothing can overflow; g is clamped at
 // kGateFloor per token first, so g = -inf gives exact zeros (never -inf - -inf = NaN).
 //
-// Work split: one thread block (4 warps) per (sequence n, head h, tile of kBV = 64 columns
-// of V); the block walks the sequence's chunks of kC = 64 tokens in order. Per chunk:
+// Work split, fused path: one thread block (4 warps) per (sequence n, head h, tile of
+// kBV = 64 columns of V); the block walks the sequence's chunks of kC = 64 tokens in order.
+// Split path (few sequences x heads, see the launcher): the state scan of chunk_scan.cuh
+// first stores every chunk's start state, then one block per (chunk, head, V tile) runs the
+// steps below once, starting from that state and skipping step 6. Per chunk:
 //   1. q, k (C x KT), g (C x KT, float) and v (C x 64) tiles -> shared memory (cp.async),
 //      rows past the sequence end and key dims past K are zero (g = 0 there).
 //   2. b = cumulative sum of max(g, floor) * log2(e) down each key column (exp2 domain).
@@ -317,17 +320,21 @@ struct FwdGrid {
   unsigned chunk_x = 0, chunk_y = 0, chunk_z = 0;
 };
 
-// The split path's choice: forced by GLA_EXT_CHUNK_FWD=fused|split, otherwise split when the
-// fused grid would fill less than two waves of the GPU's SMs and sequences span several
-// chunks (a first guess, to be tuned on a GPU: benchmarks/bench_gpu.py times both).
-bool want_split(const GlaParams& p, int sm_count) {
+// The split path's choice: GLA_EXT_CHUNK_FWD=fused|split forces it ("auto" or unset: the
+// rule), otherwise split when the fused grid would have fewer than two blocks per SM and
+// sequences span at least two chunks on average (a first guess, to be tuned on a GPU:
+// benchmarks/bench_gpu.py times both). -1: the variable holds something else.
+int want_split(const GlaParams& p, int sm_count) {
   if (const char* force = std::getenv("GLA_EXT_CHUNK_FWD")) {
-    if (std::strcmp(force, "split") == 0) return p.T > 0;
-    if (std::strcmp(force, "fused") == 0) return false;
+    if (std::strcmp(force, "split") == 0) return p.T > 0 ? 1 : 0;
+    if (std::strcmp(force, "fused") == 0) return 0;
+    if (force[0] != '\0' && std::strcmp(force, "auto") != 0) return -1;
   }
-  if (p.T <= 0 || p.N * p.H == 0) return false;
+  if (p.T <= 0 || p.N * p.H == 0) return 0;
   const int64_t fused_blocks = p.N * p.H * ((p.V + kBV - 1) / kBV);
-  return fused_blocks < 2 * static_cast<int64_t>(sm_count) && max_chunks(p) >= 2 * p.N;
+  const int64_t per_row = (p.T + kC - 1) / kC;  // chunks per row; N rows share it with varlen
+  const bool long_enough = p.cu_seqlens != nullptr ? per_row >= 2 * p.N : per_row >= 2;
+  return fused_blocks < 2 * static_cast<int64_t>(sm_count) && long_enough ? 1 : 0;
 }
 
 // Checks p and fills the kernel arguments and grids; split: p.workspace holds the chunk
@@ -351,6 +358,7 @@ const char* prepare(const GlaParams& p, bool split, ChunkArgs* args, FwdGrid* gr
   args->ht = static_cast<float*>(p.ht);
   args->states = split ? reinterpret_cast<uint16_t*>(p.workspace) : nullptr;
   if (p.V % 2 == 0 && aligned(p.o, 4)) args->flags |= kVecO;
+  if (split && p.V % 8 == 0 && aligned(p.workspace, 16)) args->flags |= kVecS;
   const unsigned vtiles = static_cast<unsigned>((p.V + kBV - 1) / kBV);
   grid->split = split;
   grid->fused_x = static_cast<unsigned>(p.N * p.H);
@@ -390,16 +398,20 @@ const char* launch_all(const ChunkArgs& args, const FwdGrid& grid, cudaStream_t 
 int64_t chunk_fwd_cuda_workspace_floats(const GlaParams& p) {
   int sm_count = 0;
   if (check_device(kOp, &sm_count) != nullptr) return 0;  // chunk_fwd_cuda reports it
+  const int split = want_split(p, sm_count);
+  if (split < 0) return -1;
   // chunk start states, 16-bit (two per float)
-  return want_split(p, sm_count) ? (state_elems(max_chunks(p), p.H, p.K, p.V) + 1) / 2 : 0;
+  return split ? (state_elems(max_chunks(p), p.H, p.K, p.V) + 1) / 2 : 0;
 }
 
+// Runs split exactly when the caller passed the workspace chunk_fwd_cuda_workspace_floats
+// asked for (the policy lives there only).
 const char* chunk_fwd_cuda(const GlaParams& p, void* stream_ptr) {
   int sm_count = 0;
   if (const char* err = check_device(kOp, &sm_count)) return err;
   ChunkArgs args;
   FwdGrid grid;
-  const bool split = p.workspace != nullptr && want_split(p, sm_count);
+  const bool split = p.workspace != nullptr;
   if (const char* err = prepare(p, split, &args, &grid)) return err;
   if (grid.empty) return nullptr;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);

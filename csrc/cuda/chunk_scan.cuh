@@ -1,8 +1,8 @@
 // The state scan shared by the chunked kernels: per (sequence, head, 64 V columns, 64 key
 // dims), walk the sequence's chunks (state in float32 registers) and store the state each
-// chunk starts from (forward, used by the split forward and by the backward) or the gradient
-// arriving on each chunk's end state (backward), rounded to the input dtype: that is how the
-// tensor cores take them anyway, and it halves the workspace. Serial over chunks; double-buffered with cp.async so
+// chunk starts from (forward; used by the split forward and by the backward) or the gradient
+// arriving on each chunk's end state (backward), rounded to the input dtype: that is how
+// the tensor cores take them anyway, and it halves the workspace. Serial over chunks; double-buffered with cp.async so
 // the next chunk's tiles load while the current one is computed.
 #pragma once
 
@@ -34,6 +34,7 @@ struct ScanLayout {
                     kTotOff % 16 == 0 && (kOutStride * 2) % 16 == 0,
                 "alignment");
 };
+static_assert(ScanLayout::kBytes <= 99 * 1024, "the scans must fit sm_86/sm_89 (99 KB per block)");
 
 // ---- the state scan kernel -------------------------------------------------------------
 // kGrad = false: x = k, y = v, walks forward from h0, stores S0 of each chunk (and the final
@@ -175,7 +176,7 @@ __device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
       }
     }
     __syncthreads();
-    {
+    if (chunk0 + c < a.ws_chunks) {  // always, for offsets the wrapper accepts
       uint16_t* const dst = saved + ((chunk0 + c) * H + h) * static_cast<int64_t>(K) * V;
       if (a.flags & kVecS) {  // V % 8 == 0: whole vectors are inside or outside
         for (int i = tid; i < KT * (kScanV / 8); i += kScanThreads) {
