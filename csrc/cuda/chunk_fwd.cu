@@ -88,8 +88,8 @@ static_assert(SmemLayout<128>::kBytes <= 99 * 1024, "shared memory over the 99 K
 // Fragment conventions: see chunk_common.cuh.
 // kFromStates = false (fused): grid x = N * H, y = V tiles; the block walks all chunks of its
 //   sequence carrying the state in registers, and writes the final state.
-// kFromStates = true (split): grid x = workspace chunk (an upper bound), y = H, z = V tiles;
-//   the block does one chunk, starting from the state the scan stored for it.
+// kFromStates = true (split): grid x = workspace chunk (an upper bound), y = H; the block does
+//   one chunk, all V tiles, starting from the states the scan stored for it.
 template <typename T, int KT, bool kFromStates>
 __global__ void __launch_bounds__(kThreads)
     gla_chunk_fwd_kernel(const ChunkArgs a) {
@@ -115,44 +115,49 @@ __global__ void __launch_bounds__(kThreads)
   const int H = a.H, K = a.K, V = a.V;
   const float scale = a.scale;
   int64_t n = 0, row = 0, start = 0, end = 0, chunk = 0;
-  int h = 0, v0 = 0;
+  int h = 0, v_first = 0;
   if constexpr (kFromStates) {
     int64_t c = 0;
     chunk = blockIdx.x;
     if (!locate_chunk(a, chunk, &n, &c)) return;  // past the last chunk (the grid is a bound)
     h = blockIdx.y;
-    v0 = blockIdx.z * kBV;
     seq_range(a, n, &row, &start, &end);
     start += c * kC;  // just this chunk
     if (end > start + kC) end = start + kC;
   } else {
     h = static_cast<int>(blockIdx.x % static_cast<unsigned>(H));
     n = blockIdx.x / static_cast<unsigned>(H);
-    v0 = blockIdx.y * kBV;
+    v_first = blockIdx.y * kBV;
     seq_range(a, n, &row, &start, &end);
   }
+  // V tiles of this block: the fused path has one (blockIdx.y); the split path loops over all
+  // of them, so the scores are computed once per chunk.
+  const int v_end = kFromStates ? V : v_first + 1;
 
   // S^T for this warp's 16 V columns: s[nt] is the m16n8 accumulator tile with rows = V
   // columns v0 + 16*warp + {g, g+8} and columns = key dims 8*nt + 2c + {0, 1}.
   float s[kNT][4];
-  const int vc_lo = v0 + 16 * warp + g8;  // V column of s[.][0..1]; s[.][2..3] is +8
   const int64_t state_base = (n * H + h) * static_cast<int64_t>(K) * V;
   const uint16_t* const saved =
       kFromStates ? a.states + (chunk * H + h) * static_cast<int64_t>(K) * V : nullptr;
+  auto init_state = [&](int v0) {
+    const int vc_lo = v0 + 16 * warp + g8;  // V column of s[.][0..1]; s[.][2..3] is +8
 #pragma unroll
-  for (int nt = 0; nt < kNT; ++nt) {
+    for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int kd = 8 * nt + 2 * c4 + (r & 1);
-      const int64_t off = static_cast<int64_t>(kd) * V + vc_lo + (r >> 1) * 8;
-      const bool in = kd < K && vc_lo + (r >> 1) * 8 < V;
-      if constexpr (kFromStates) {  // stored rounded to T: the same operand the fused path uses
-        s[nt][r] = in ? E::to_float(saved[off]) : 0.0f;
-      } else {
-        s[nt][r] = (in && a.h0 != nullptr) ? a.h0[state_base + off] : 0.0f;
+      for (int r = 0; r < 4; ++r) {
+        const int kd = 8 * nt + 2 * c4 + (r & 1);
+        const int64_t off = static_cast<int64_t>(kd) * V + vc_lo + (r >> 1) * 8;
+        const bool in = kd < K && vc_lo + (r >> 1) * 8 < V;
+        if constexpr (kFromStates) {  // stored rounded to T: the operand the fused path uses
+          s[nt][r] = in ? E::to_float(saved[off]) : 0.0f;
+        } else {
+          s[nt][r] = (in && a.h0 != nullptr) ? a.h0[state_base + off] : 0.0f;
+        }
       }
     }
-  }
+  };
+  if constexpr (!kFromStates) init_state(v_first);
 
   const uint16_t* const q = static_cast<const uint16_t*>(a.q);
   const uint16_t* const k = static_cast<const uint16_t*>(a.k);
@@ -173,7 +178,7 @@ __global__ void __launch_bounds__(kThreads)
                                             (a.flags & kVecQK) != 0, tid);
     load_tile<KT, L::kBStride, kThreads>(sB, gate, qk_base, qk_tok, len, 0, K,
                                            (a.flags & kVecG) != 0, tid);
-    load_tile<kBV, L::kVStride, kThreads>(sV, v, v_base, v_tok, len, v0, V,
+    load_tile<kBV, L::kVStride, kThreads>(sV, v, v_base, v_tok, len, v_first, V,
                                             (a.flags & kVecV) != 0, tid);
     cp_async_wait_all();
     __syncthreads();
@@ -205,93 +210,108 @@ __global__ void __launch_bounds__(kThreads)
           E::unpack2(qw[x], q0, q1);
           E::unpack2(kw[x], k0, k1);
           qw[x] = E::pack2(q0 * exp2f(b.x) * scale, q1 * exp2f(b.y) * scale);
-          kw[x] = E::pack2(k0 * exp2f(bl.x - b.x), k1 * exp2f(bl.y - b.y));
+          if constexpr (!kFromStates)  // k~ only feeds the state update
+            kw[x] = E::pack2(k0 * exp2f(bl.x - b.x), k1 * exp2f(bl.y - b.y));
         }
         *qp = qv;
-        *kp = kv;
+        if constexpr (!kFromStates) *kp = kv;
       }
     }
     __syncthreads();
 
-    // ---- 5. o = q~ @ S + A @ v for this warp's 16 V columns ------------------------------
-    {
-      float o[4][2][4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int nh = 0; nh < 2; ++nh)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) o[i][nh][r] = 0.0f;
+    for (int v0 = v_first; v0 < v_end; v0 += kBV) {
+      if constexpr (kFromStates) {
+        if (v0 != v_first) {  // the first V tile came with q, k, g
+          load_tile<kBV, L::kVStride, kThreads>(sV, v, v_base, v_tok, len, v0, V,
+                                                (a.flags & kVecV) != 0, tid);
+          cp_async_wait_all();
+          __syncthreads();
+        }
+        init_state(v0);
+      }
 
-      // inter-chunk: B[k][n] = S[key dim][V column]; s holds S^T, so the B fragment
-      // (rows 2c.., col g) of key dims [16kk, 16kk+16) is s[2kk][0..1], s[2kk+1][0..1]
-      // for V columns 16w + g, and s[..][2..3] for V columns 16w + 8 + g.
+      // ---- 5. o = q~ @ S + A @ v for this warp's 16 V columns ------------------------------
+      {
+        float o[4][2][4];
 #pragma unroll
-      for (int kk = 0; kk < KT / 16; ++kk) {
-        const uint32_t b00 = E::pack2(s[2 * kk][0], s[2 * kk][1]);
-        const uint32_t b01 = E::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        const uint32_t b10 = E::pack2(s[2 * kk][2], s[2 * kk][3]);
-        const uint32_t b11 = E::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int nh = 0; nh < 2; ++nh)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) o[i][nh][r] = 0.0f;
+
+        // inter-chunk: B[k][n] = S[key dim][V column]; s holds S^T, so the B fragment
+        // (rows 2c.., col g) of key dims [16kk, 16kk+16) is s[2kk][0..1], s[2kk+1][0..1]
+        // for V columns 16w + g, and s[..][2..3] for V columns 16w + 8 + g.
+#pragma unroll
+        for (int kk = 0; kk < KT / 16; ++kk) {
+          const uint32_t b00 = E::pack2(s[2 * kk][0], s[2 * kk][1]);
+          const uint32_t b01 = E::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+          const uint32_t b10 = E::pack2(s[2 * kk][2], s[2 * kk][3]);
+          const uint32_t b11 = E::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            uint32_t af[4];
+            ldsm_x4(af, sQ + (16 * i + lm_row) * L::kQKStride + 16 * kk + lm_col);
+            E::mma(o[i][0], af, b00, b01);
+            E::mma(o[i][1], af, b10, b11);
+          }
+        }
+
+        // v fragments of this warp's columns, token block j: {vf[j][0], vf[j][1]} is the B
+        // fragment for columns 16w..16w+7, {vf[j][2], vf[j][3]} for 16w+8..16w+15.
+        uint32_t vf[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          ldsm_x4_trans(vf[j], sV + (16 * j + lm_row) * L::kVStride + 16 * warp + lm_col);
+
+        // intra-chunk: causal, so row block i only needs token blocks j <= i
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          uint32_t af[4];
-          ldsm_x4(af, sQ + (16 * i + lm_row) * L::kQKStride + 16 * kk + lm_col);
-          E::mma(o[i][0], af, b00, b01);
-          E::mma(o[i][1], af, b10, b11);
+#pragma unroll
+          for (int j = 0; j <= i; ++j) {
+            uint32_t af[4];
+            ldsm_x4(af, sA + (16 * i + lm_row) * L::kAStride + 16 * j + lm_col);
+            E::mma(o[i][0], af, vf[j][0], vf[j][1]);
+            E::mma(o[i][1], af, vf[j][2], vf[j][3]);
+          }
         }
-      }
 
-      // v fragments of this warp's columns, token block j: {vf[j][0], vf[j][1]} is the B
-      // fragment for columns 16w..16w+7, {vf[j][2], vf[j][3]} for 16w+8..16w+15.
-      uint32_t vf[4][4];
+        // write o: rows 16i + g (+8), V columns v0 + 16w + 8nh + 2c (+1)
+        T* const out = static_cast<T*>(a.o);
+        const bool vec_o = (a.flags & kVecO) != 0;
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
-        ldsm_x4_trans(vf[j], sV + (16 * j + lm_row) * L::kVStride + 16 * warp + lm_col);
-
-      // intra-chunk: causal, so row block i only needs token blocks j <= i
+        for (int i = 0; i < 4; ++i) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
+          for (int nh = 0; nh < 2; ++nh) {
+            const int vc = v0 + 16 * warp + 8 * nh + 2 * c4;
 #pragma unroll
-        for (int j = 0; j <= i; ++j) {
-          uint32_t af[4];
-          ldsm_x4(af, sA + (16 * i + lm_row) * L::kAStride + 16 * j + lm_col);
-          E::mma(o[i][0], af, vf[j][0], vf[j][1]);
-          E::mma(o[i][1], af, vf[j][2], vf[j][3]);
-        }
-      }
-
-      // write o: rows 16i + g (+8), V columns v0 + 16w + 8nh + 2c (+1)
-      T* const out = static_cast<T*>(a.o);
-      const bool vec_o = (a.flags & kVecO) != 0;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-#pragma unroll
-        for (int nh = 0; nh < 2; ++nh) {
-          const int vc = v0 + 16 * warp + 8 * nh + 2 * c4;
-#pragma unroll
-          for (int hr = 0; hr < 2; ++hr) {
-            const int t = 16 * i + g8 + 8 * hr;
-            if (t >= len || vc >= V) continue;
-            const float x0 = o[i][nh][2 * hr], x1 = o[i][nh][2 * hr + 1];
-            uint16_t* const dst = reinterpret_cast<uint16_t*>(out) + v_base + t * v_tok + vc;
-            if (vec_o) {  // V even, so vc even < V implies vc + 1 < V
-              *reinterpret_cast<uint32_t*>(dst) = E::pack2(x0, x1);
-            } else {
-              dst[0] = E::from_float(x0);
-              if (vc + 1 < V) dst[1] = E::from_float(x1);
+            for (int hr = 0; hr < 2; ++hr) {
+              const int t = 16 * i + g8 + 8 * hr;
+              if (t >= len || vc >= V) continue;
+              const float x0 = o[i][nh][2 * hr], x1 = o[i][nh][2 * hr + 1];
+              uint16_t* const dst = reinterpret_cast<uint16_t*>(out) + v_base + t * v_tok + vc;
+              if (vec_o) {  // V even, so vc even < V implies vc + 1 < V
+                *reinterpret_cast<uint32_t*>(dst) = E::pack2(x0, x1);
+              } else {
+                dst[0] = E::from_float(x0);
+                if (vc + 1 < V) dst[1] = E::from_float(x1);
+              }
             }
           }
         }
-      }
 
-      // ---- 6. S^T <- S^T * exp2(b_last) + v^T @ k~ --------------------------------------
-      if constexpr (!kFromStates)
-        state_update<T, KT, L::kQKStride>(s, vf, sK, sB + (kC - 1) * L::kBStride, lane);
+        // ---- 6. S^T <- S^T * exp2(b_last) + v^T @ k~ --------------------------------------
+        if constexpr (!kFromStates)
+          state_update<T, KT, L::kQKStride>(s, vf, sK, sB + (kC - 1) * L::kBStride, lane);
+      }
+      if constexpr (kFromStates) __syncthreads();  // sV is refilled for the next V tile
     }
     __syncthreads();  // every warp is done with this chunk's tiles before they are reloaded
   }
 
   if constexpr (!kFromStates) {  // final state (the split path's scan writes it)
+    const int vc_lo = v_first + 16 * warp + g8;
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
@@ -368,7 +388,7 @@ const char* prepare(const GlaParams& p, bool split, ChunkArgs* args, FwdGrid* gr
   grid->scan_z = static_cast<unsigned>((p.K + kScanK - 1) / kScanK);
   grid->chunk_x = static_cast<unsigned>(max_chunks(p));
   grid->chunk_y = static_cast<unsigned>(p.H);
-  grid->chunk_z = vtiles;
+  grid->chunk_z = 1;  // the split kernel loops over the V tiles
   return nullptr;
 }
 
