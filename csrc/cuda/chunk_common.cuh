@@ -409,14 +409,13 @@ __device__ __forceinline__ void gate_cumsum(float* sB, float* sTot, int tid) {
 //   into both factors relative to r = last token of block j: q_t * exp2(b_t - b_r) and
 //   k_s * exp2(b_r - b_s), both exponents <= 0;
 //   diagonal 16 x 16 blocks on CUDA cores in float32, one exp2(b_t - b_s) per element
-//   (warps 0..3, one block each).
+//   (8 half-block units spread over the warps).
 // Entries above the diagonal are written as 0. No barrier at the end.
 template <typename T, int KT, int NWARPS, typename L>
 __device__ __forceinline__ void chunk_scores(const uint16_t* sQ, const uint16_t* sK,
                                              const float* sB, uint16_t* sA, float scale,
                                              int warp, int lane) {
   using E = Elem<T>;
-  static_assert(NWARPS >= 4, "one warp per diagonal block");
   const int g8 = lane >> 2, c4 = lane & 3;
   // off-diagonal: 12 units = 6 pairs (i > j) x 2 halves of 8 columns
   for (int u = warp; u < 12; u += NWARPS) {
@@ -454,14 +453,16 @@ __device__ __forceinline__ void chunk_scores(const uint16_t* sQ, const uint16_t*
     *reinterpret_cast<uint32_t*>(sA + t1 * L::kAStride + col) =
         E::pack2(acc[2] * scale, acc[3] * scale);
   }
-  // diagonal 16 x 16 blocks: warp w < 4 does block w; lane -> row t = lane / 2, columns
-  // s = lane % 2 + 2j.
-  if (warp < 4) {
-    const int t = 16 * warp + (lane >> 1);
-    const int s_first = 16 * warp + (lane & 1);
-    float acc[8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
+  // diagonal 16 x 16 blocks in float32, by 8 units (block u % 4, row half u / 4): lane ->
+  // row t = 16 block + 8 half + lane / 4, columns s = 16 block + lane % 4 + 4j. Rows of the
+  // upper half never reach the block's columns 8..15 (s > t), so those units do j < 2 only
+  // and write zeros there: 192 instead of 256 exp2 per block and key.
+  for (int u = warp; u < 8; u += NWARPS) {
+    const int blk = u & 3, lower = u >> 2;
+    const int nj = lower ? 4 : 2;  // warp-uniform
+    const int t = 16 * blk + 8 * lower + (lane >> 2);
+    const int s_first = 16 * blk + (lane & 3);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll 1
     for (int kb = 0; kb < KT; kb += 8) {
       float qf[8], bt[8];
@@ -477,8 +478,9 @@ __device__ __forceinline__ void chunk_scores(const uint16_t* sQ, const uint16_t*
         bt[4] = b1.x; bt[5] = b1.y; bt[6] = b1.z; bt[7] = b1.w;
       }
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int sj = s_first + 2 * j;
+      for (int j = 0; j < 4; ++j) {
+        if (j >= nj) break;
+        const int sj = s_first + 4 * j;
         float kf[8], bs[8];
         const uint4 kv = *reinterpret_cast<const uint4*>(sK + sj * L::kQKStride + kb);
         E::unpack2(kv.x, kf[0], kf[1]);
@@ -497,9 +499,9 @@ __device__ __forceinline__ void chunk_scores(const uint16_t* sQ, const uint16_t*
       }
     }
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int sj = s_first + 2 * j;
-      sA[t * L::kAStride + sj] = E::from_float(sj <= t ? acc[j] * scale : 0.0f);
+    for (int j = 0; j < 4; ++j) {
+      const int sj = s_first + 4 * j;
+      sA[t * L::kAStride + sj] = E::from_float(j < nj && sj <= t ? acc[j] * scale : 0.0f);
     }
   }
 }
