@@ -15,7 +15,7 @@
 //   rowsum(S_end * dS) = exp2(b_last) * rowsum(S0 * dS) + sum_s k_s * exp2(b_last - b_s)(v_s dS^T).
 // So dg needs nothing from other chunks and no cancellation builds up along the sequence.
 //
-// Two launches:
+// Two launches (three with cu_seqlens: gla_chunk_offsets_kernel first numbers the chunks):
 //   1. state scans (chunk_scan.cuh), per (sequence, head, 64 V columns, 64 key dims), both in
 //      one grid: forward, walking the chunks in order and storing S0 of every chunk (input
 //      dtype) into the workspace (the forward's state recurrence without the outputs); gradient,
@@ -657,10 +657,12 @@ const char* prepare_bwd(const GlaParams& p, ChunkArgs* args, BwdGrid* grid) {
   args->dv = p.dv;
   args->dg = static_cast<float*>(p.dg);
   args->dh0 = static_cast<float*>(p.dh0);
-  args->states = reinterpret_cast<uint16_t*>(p.workspace);
-  args->dstates = p.workspace == nullptr
-                      ? nullptr
-                      : args->states + state_elems(max_chunks(p), p.H, p.K, p.V);
+  if (p.workspace != nullptr) {  // [chunk offsets (varlen)] [states] [dstates]
+    args->chunk_offsets =
+        p.cu_seqlens != nullptr ? reinterpret_cast<int64_t*>(p.workspace) : nullptr;
+    args->states = reinterpret_cast<uint16_t*>(p.workspace + offsets_floats(p));
+    args->dstates = args->states + state_elems(max_chunks(p), p.H, p.K, p.V);
+  }
   if (!(p.V % 8 == 0 && aligned(p.dout, 16))) args->flags &= ~kVecV;  // dout loads like v
   if (p.V % 8 == 0 && aligned(p.workspace, 16)) args->flags |= kVecS;
   if (p.K % 2 == 0 && aligned(p.dq, 4) && aligned(p.dk, 4)) args->flags |= kPairQK;
@@ -686,6 +688,12 @@ const char* launch_all(const ChunkArgs& args, const BwdGrid& grid, cudaStream_t 
                                dim3(grid.scan_x, grid.scan_y, grid.scan_z), kScanThreads,
                                ScanLayout::kBytes, stream, args, kOp,
                                "gla_chunk_state_scan_kernel (gradients)");
+  if (args.chunk_offsets != nullptr) {
+    if (const char* e = launch_chunk_kernel(gla_chunk_offsets_kernel, dim3(1), kOffsetThreads,
+                                            kOffsetSmem, stream, args, kOp,
+                                            "gla_chunk_offsets_kernel"))
+      return e;
+  }
   if (const char* e = launch_chunk_kernel(gla_chunk_state_scans_kernel<T>,
                                           dim3(grid.scan_x, grid.scan_y, 2 * grid.scan_z),
                                           kScanThreads, ScanLayout::kBytes, stream, args, kOp,
@@ -702,7 +710,7 @@ const char* launch_all(const ChunkArgs& args, const BwdGrid& grid, cudaStream_t 
 int64_t chunk_bwd_cuda_workspace_floats(const GlaParams& p) {
   if (p.T <= 0) return 0;
   // chunk start states and end-state gradients, 16-bit each
-  return state_elems(max_chunks(p), p.H, p.K, p.V);
+  return offsets_floats(p) + state_elems(max_chunks(p), p.H, p.K, p.V);
 }
 
 #ifndef GLA_CHUNK_EMULATE

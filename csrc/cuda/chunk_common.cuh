@@ -65,6 +65,7 @@ struct ChunkArgs {
   uint16_t* states;    // [chunks, H, K, V]: state at the start of each chunk
   uint16_t* dstates;   // [chunks, H, K, V]: gradient on each chunk's end state
   const int64_t* cu_seqlens;  // device pointer, may be null
+  int64_t* chunk_offsets;     // with cu_seqlens: [N + 1], see gla_chunk_offsets_kernel
   int64_t T;
   int64_t chunks_per_row;     // ceil(T / kC): chunks of one batch row without cu_seqlens
   int64_t ws_chunks;          // chunks the workspace holds (saves past it are dropped)
@@ -97,17 +98,14 @@ __device__ __forceinline__ int64_t num_chunks(int64_t start, int64_t end) {
   return (end - start + kC - 1) / kC;
 }
 
-// Workspace index of sequence n's first chunk. O(N) with cu_seqlens; N is small next to the
-// work of a block.
+// With cu_seqlens, chunk_offsets[n] is the workspace index of sequence n's first chunk
+// (chunk_offsets[N] = all chunks), written by gla_chunk_offsets_kernel before the other
+// launches, so finding a block's chunk is a binary search, not a walk over every sequence.
+
+// Workspace index of sequence n's first chunk.
 __device__ __forceinline__ int64_t first_chunk(const ChunkArgs& a, int64_t n) {
   if (a.cu_seqlens == nullptr) return n * a.chunks_per_row;
-  int64_t acc = 0;
-  for (int64_t m = 0; m < n; ++m) {
-    int64_t row, s, e;
-    seq_range(a, m, &row, &s, &e);
-    acc += num_chunks(s, e);
-  }
-  return acc;
+  return a.chunk_offsets[n];
 }
 
 // Sequence and chunk-within-sequence of workspace chunk gc; false past the last chunk (grids
@@ -119,19 +117,56 @@ __device__ __forceinline__ bool locate_chunk(const ChunkArgs& a, int64_t gc, int
     *c = gc % a.chunks_per_row;
     return *n < a.N;
   }
-  int64_t acc = 0;
-  for (int64_t m = 0; m < a.N; ++m) {
-    int64_t row, s, e;
-    seq_range(a, m, &row, &s, &e);
-    const int64_t nc = num_chunks(s, e);
-    if (gc < acc + nc) {
-      *n = m;
-      *c = gc - acc;
-      return true;
-    }
-    acc += nc;
+  const int64_t* const off = a.chunk_offsets;
+  if (gc >= off[a.N]) return false;
+  int64_t lo = 0, hi = a.N;  // off[lo] <= gc < off[hi]; empty sequences are skipped over
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (off[mid] <= gc) lo = mid;
+    else hi = mid;
   }
-  return false;
+  *n = lo;
+  *c = gc - off[lo];
+  return true;
+}
+
+// One block of kOffsetThreads: chunk_offsets[0..N] = exclusive prefix sum of the sequences'
+// chunk counts (a block-wide scan per 256 sequences, carried across).
+constexpr int kOffsetThreads = 256;
+constexpr int kOffsetSmem = kOffsetThreads * 8;
+
+__global__ void __launch_bounds__(kOffsetThreads) gla_chunk_offsets_kernel(const ChunkArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  int64_t* const part = reinterpret_cast<int64_t*>(smem);
+  const int tid = threadIdx.x;
+  if (tid == 0) a.chunk_offsets[0] = 0;
+  int64_t carry = 0;
+  for (int64_t base = 0; base < a.N; base += kOffsetThreads) {
+    const int64_t n = base + tid;
+    int64_t count = 0;
+    if (n < a.N) {
+      int64_t row, s, e;
+      seq_range(a, n, &row, &s, &e);
+      count = num_chunks(s, e);
+    }
+    part[tid] = count;
+    __syncthreads();
+    for (int step = 1; step < kOffsetThreads; step <<= 1) {  // inclusive scan
+      const int64_t add = tid >= step ? part[tid - step] : 0;
+      __syncthreads();
+      part[tid] += add;
+      __syncthreads();
+    }
+    if (n < a.N) a.chunk_offsets[n + 1] = carry + part[tid];
+    carry += part[kOffsetThreads - 1];
+    __syncthreads();  // part is rewritten next round
+  }
+}
+
+// Floats of workspace the chunk offsets take (int64 [N + 1], rounded to 16 bytes); 0 without
+// cu_seqlens. The states follow them.
+inline int64_t offsets_floats(const GlaParams& p) {
+  return p.cu_seqlens != nullptr ? (2 * (p.N + 1) + 3) / 4 * 4 : 0;
 }
 
 // Elements of one workspace state array ([chunks, H, K, V], 16-bit), rounded up to whole

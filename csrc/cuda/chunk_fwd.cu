@@ -376,7 +376,11 @@ const char* prepare(const GlaParams& p, bool split, ChunkArgs* args, FwdGrid* gr
   *args = common_args(p);
   args->o = p.o;
   args->ht = static_cast<float*>(p.ht);
-  args->states = split ? reinterpret_cast<uint16_t*>(p.workspace) : nullptr;
+  if (split) {  // workspace: [chunk offsets (varlen)] [states]
+    args->chunk_offsets =
+        p.cu_seqlens != nullptr ? reinterpret_cast<int64_t*>(p.workspace) : nullptr;
+    args->states = reinterpret_cast<uint16_t*>(p.workspace + offsets_floats(p));
+  }
   if (p.V % 2 == 0 && aligned(p.o, 4)) args->flags |= kVecO;
   if (split && p.V % 8 == 0 && aligned(p.workspace, 16)) args->flags |= kVecS;
   const unsigned vtiles = static_cast<unsigned>((p.V + kBV - 1) / kBV);
@@ -402,6 +406,12 @@ const char* launch_all(const ChunkArgs& args, const FwdGrid& grid, cudaStream_t 
     return launch_chunk_kernel(gla_chunk_fwd_kernel<T, KT, false>,
                                dim3(grid.fused_x, grid.fused_y), kThreads, kSmem, stream, args,
                                kOp, "gla_chunk_fwd_kernel (fused)");
+  if (args.chunk_offsets != nullptr) {
+    if (const char* e = launch_chunk_kernel(gla_chunk_offsets_kernel, dim3(1), kOffsetThreads,
+                                            kOffsetSmem, stream, args, kOp,
+                                            "gla_chunk_offsets_kernel"))
+      return e;
+  }
   if (const char* e = launch_chunk_kernel(
           gla_chunk_state_scan_kernel<T, false>, dim3(grid.scan_x, grid.scan_y, grid.scan_z),
           kScanThreads, ScanLayout::kBytes, stream, args, kOp, "gla_chunk_state_scan_kernel"))
@@ -421,7 +431,7 @@ int64_t chunk_fwd_cuda_workspace_floats(const GlaParams& p) {
   const int split = want_split(p, sm_count);
   if (split < 0) return -1;
   // chunk start states, 16-bit (two per float)
-  return split ? (state_elems(max_chunks(p), p.H, p.K, p.V) + 1) / 2 : 0;
+  return split ? offsets_floats(p) + (state_elems(max_chunks(p), p.H, p.K, p.V) + 1) / 2 : 0;
 }
 
 // Runs split exactly when the caller passed the workspace chunk_fwd_cuda_workspace_floats

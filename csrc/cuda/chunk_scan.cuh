@@ -2,8 +2,9 @@
 // dims), walk the sequence's chunks (state in float32 registers) and store the state each
 // chunk starts from (forward; used by the split forward and by the backward) or the gradient
 // arriving on each chunk's end state (backward), rounded to the input dtype: that is how
-// the tensor cores take them anyway, and it halves the workspace. Serial over chunks; double-buffered with cp.async so
-// the next chunk's tiles load while the current one is computed.
+// the tensor cores take them anyway, and it halves the workspace. Serial over chunks;
+// double-buffered with cp.async so the next chunk's tiles load while the current one is
+// computed.
 #pragma once
 
 #include "chunk_common.cuh"
@@ -66,7 +67,7 @@ __device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
   int64_t row, start, end;
   seq_range(a, n, &row, &start, &end);
   const int64_t nchunks = num_chunks(start, end);
-  const int64_t chunk0 = first_chunk(a, n);
+  const int64_t chunk0 = nchunks > 0 ? first_chunk(a, n) : 0;  // no offsets without tokens
 
   // S^T (or dS^T) for V columns vc_lo + {0, 8} and key dims k0 + 8nt + 2c + {0, 1}
   float s[kNT][4];

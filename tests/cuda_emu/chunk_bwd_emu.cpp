@@ -116,6 +116,8 @@ int main(int argc, char** argv) {
       launch(grid.scan_x, grid.scan_y, grid.scan_z, gla::kScanThreads, grad_scan);
       return;
     }
+    if (args.chunk_offsets != nullptr)
+      launch(1, 1, 1, gla::kOffsetThreads, [&] { gla::gla_chunk_offsets_kernel(args); });
     launch(grid.scan_x, grid.scan_y, 2 * grid.scan_z, gla::kScanThreads, both_scans);
     launch(grid.chunk_x, grid.chunk_y, 1, gla::kBwdThreads, chunk);
   };

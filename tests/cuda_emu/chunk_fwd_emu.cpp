@@ -87,7 +87,9 @@ int main(int argc, char** argv) {
   p.ht = ht.data();
 
   // split path: the chunk states live in a poisoned workspace
-  const int64_t nwork = T > 0 ? (gla::state_elems(gla::max_chunks(p), H, K, V) + 1) / 2 : 0;
+  const int64_t nwork =
+      T > 0 ? gla::offsets_floats(p) + (gla::state_elems(gla::max_chunks(p), H, K, V) + 1) / 2
+            : 0;
   Guarded<float> work(static_cast<size_t>(nwork), 0, NAN);  // 16-bit states inside
 
   gla::ChunkArgs args;
@@ -131,6 +133,8 @@ int main(int argc, char** argv) {
     if (!grid.split) {
       launch(grid.fused_x, grid.fused_y, 1, gla::kThreads, fused);
     } else {
+      if (args.chunk_offsets != nullptr)
+        launch(1, 1, 1, gla::kOffsetThreads, [&] { gla::gla_chunk_offsets_kernel(args); });
       launch(grid.scan_x, grid.scan_y, grid.scan_z, gla::kScanThreads, scan);
       launch(grid.chunk_x, grid.chunk_y, grid.chunk_z, gla::kThreads, chunk);
     }
