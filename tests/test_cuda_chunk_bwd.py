@@ -240,6 +240,17 @@ def test_varlen_with_empty_sequences(dtype, h0, K, V):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_many_packed_sequences(dtype):
+    """300 packed sequences of 0..100 tokens: more than one round of the chunk-offset scan,
+    and the binary search that maps blocks to chunks across empty sequences."""
+    lengths = torch.randint(0, 17, (300,))
+    lengths[::7] = 100   # some sequences span two chunks
+    lengths[torch.rand(300) < 0.2] = 0
+    offsets = [0] + torch.cumsum(lengths, 0).tolist()
+    check(make_case(1, offsets[-1], 2, 64, 64, dtype, offsets=offsets))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("gate", ["-1e4", "0", "-inf", "mixed"])
 @pytest.mark.parametrize("K,V", [(64, 64), (256, 64)])
 def test_extreme_gates(dtype, gate, K, V):
