@@ -541,6 +541,26 @@ __device__ __forceinline__ void chunk_scores(const uint16_t* sQ, const uint16_t*
   }
 }
 
+// ---- a warp's slice of a state ---------------------------------------------------------
+// A warp carries S^T for 16 V columns as m16n8 accumulators: s[nt][r] is S[kd][vc] with
+// kd = k0 + 8nt + 2c + (r & 1) and vc = vc_lo + 8 (r >> 1), where vc_lo is the warp's first
+// V column + lane / 4. Calls f(s[nt][r], kd * V + vc) for the entries inside K x V; the
+// others are left as they are.
+template <int NT, typename F>
+__device__ __forceinline__ void for_state_slice(float (&s)[NT][4], int k0, int vc_lo, int K,
+                                                int V, int lane, F&& f) {
+  const int c4 = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int kd = k0 + 8 * nt + 2 * c4 + (r & 1);
+      const int vc = vc_lo + (r >> 1) * 8;
+      if (kd < K && vc < V) f(s[nt][r], static_cast<int64_t>(kd) * V + vc);
+    }
+  }
+}
+
 // ---- chunk state update ----------------------------------------------------------------
 // One warp's slice of S^T <- S^T * exp2(b_last) + Y^T @ X, the state carried across chunks.
 // s: m16n8 accumulators (float32) of S^T for 16 columns of Y (rows) by KT key dims: s[nt]

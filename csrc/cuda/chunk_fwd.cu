@@ -141,20 +141,15 @@ __global__ void __launch_bounds__(kThreads)
   const uint16_t* const saved =
       kFromStates ? a.states + (chunk * H + h) * static_cast<int64_t>(K) * V : nullptr;
   auto init_state = [&](int v0) {
+    for (int nt = 0; nt < kNT; ++nt)
+      for (int r = 0; r < 4; ++r) s[nt][r] = 0.0f;
     const int vc_lo = v0 + 16 * warp + g8;  // V column of s[.][0..1]; s[.][2..3] is +8
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int kd = 8 * nt + 2 * c4 + (r & 1);
-        const int64_t off = static_cast<int64_t>(kd) * V + vc_lo + (r >> 1) * 8;
-        const bool in = kd < K && vc_lo + (r >> 1) * 8 < V;
-        if constexpr (kFromStates) {  // stored rounded to T: the operand the fused path uses
-          s[nt][r] = in ? E::to_float(saved[off]) : 0.0f;
-        } else {
-          s[nt][r] = (in && a.h0 != nullptr) ? a.h0[state_base + off] : 0.0f;
-        }
-      }
+    if constexpr (kFromStates) {  // stored rounded to T: the operand the fused path uses
+      for_state_slice(s, 0, vc_lo, K, V, lane,
+                      [&](float& x, int64_t off) { x = E::to_float(saved[off]); });
+    } else if (a.h0 != nullptr) {
+      for_state_slice(s, 0, vc_lo, K, V, lane,
+                      [&](float& x, int64_t off) { x = a.h0[state_base + off]; });
     }
   };
   if constexpr (!kFromStates) init_state(v_first);
@@ -310,18 +305,9 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // every warp is done with this chunk's tiles before they are reloaded
   }
 
-  if constexpr (!kFromStates) {  // final state (the split path's scan writes it)
-    const int vc_lo = v_first + 16 * warp + g8;
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int kd = 8 * nt + 2 * c4 + (r & 1);
-        const int vc = vc_lo + (r >> 1) * 8;
-        if (kd < K && vc < V) a.ht[state_base + static_cast<int64_t>(kd) * V + vc] = s[nt][r];
-      }
-    }
-  }
+  if constexpr (!kFromStates)  // final state (the split path's scan writes it)
+    for_state_slice(s, 0, v_first + 16 * warp + g8, K, V, lane,
+                    [&](float& x, int64_t off) { a.ht[state_base + off] = x; });
 }
 
 // ---- launcher ------------------------------------------------------------------------

@@ -74,17 +74,11 @@ __device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
   const int vc_lo = v0 + 16 * warp + g8;
   const int64_t state_base = (n * H + h) * static_cast<int64_t>(K) * V;
   const float* const init = kGrad ? a.dht : a.h0;
-#pragma unroll
-  for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int kd = k0 + 8 * nt + 2 * c4 + (r & 1);
-      const int vc = vc_lo + (r >> 1) * 8;
-      s[nt][r] = (init != nullptr && kd < K && vc < V)
-                     ? init[state_base + static_cast<int64_t>(kd) * V + vc]
-                     : 0.0f;
-    }
-  }
+  for (int nt = 0; nt < kNT; ++nt)
+    for (int r = 0; r < 4; ++r) s[nt][r] = 0.0f;
+  if (init != nullptr)
+    for_state_slice(s, k0, vc_lo, K, V, lane,
+                    [&](float& x, int64_t off) { x = init[state_base + off]; });
 
   const uint16_t* const x = static_cast<const uint16_t*>(kGrad ? a.q : a.k);
   const uint16_t* const y = static_cast<const uint16_t*>(kGrad ? a.dout : a.v);
@@ -205,17 +199,9 @@ __device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
 
   // what is left: dh0 (gradient scan), or the final state when asked for (forward scan)
   float* const last = kGrad ? a.dh0 : a.ht;
-  if (last != nullptr) {
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int kd = k0 + 8 * nt + 2 * c4 + (r & 1);
-        const int vc = vc_lo + (r >> 1) * 8;
-        if (kd < K && vc < V) last[state_base + static_cast<int64_t>(kd) * V + vc] = s[nt][r];
-      }
-    }
-  }
+  if (last != nullptr)
+    for_state_slice(s, k0, vc_lo, K, V, lane,
+                    [&](float& x, int64_t off) { last[state_base + off] = x; });
 }
 
 // One scan per block: grid x = N * H, y = V tiles, z = key tiles.
