@@ -1,6 +1,8 @@
 """Shared test helpers: fresh random inputs in DESIGN.md's distributions, error metrics."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -49,3 +51,44 @@ def reference_grads(fn, inputs, grad_o, grad_ht, **kwargs):
         loss = loss + (ht * grad_ht.double()).sum()
     loss.backward()
     return o.detach(), ht.detach(), [None if x is None else x.grad for x in leaves]
+
+
+# ---- GPU tests --------------------------------------------------------------------------
+
+def has_cuda_kernel(op: str) -> bool:
+    """True with a GPU and a compiled extension that registered a CUDA kernel for op."""
+    import gla_ext
+    if not (torch.cuda.is_available() and gla_ext.extension_loaded()):
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def nbytes(shape, dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def poison_cuda_allocator(*sizes: int) -> None:
+    """Leave free allocator blocks of these byte sizes full of 0xFF (NaN in float32, float16
+    and bfloat16), so outputs an op allocates with torch.empty show unwritten elements as NaN."""
+    junk = [torch.full((max(1, n),), 0xFF, dtype=torch.uint8, device="cuda")
+            for n in sizes for _ in range(2)]
+    del junk
+
+
+def cuda_gates(shape, gate):
+    """Gates on the GPU: logsigmoid(randn) / gate for a number; a constant for a numeric string
+    ("-1e4", "0", "-inf"); "mixed": full forget, near-full forget and no decay scattered among
+    drawn gates."""
+    if gate == "mixed":
+        g = F.logsigmoid(torch.randn(shape, device="cuda", dtype=torch.float64))
+        u = torch.rand(shape, device="cuda")
+        g[u < 0.1] = float("-inf")
+        g[(u >= 0.1) & (u < 0.2)] = -1e4
+        g[(u >= 0.2) & (u < 0.35)] = 0.0
+        return g.float()
+    if isinstance(gate, str):
+        return torch.full(shape, float(gate), device="cuda")
+    return F.logsigmoid(torch.randn(shape, device="cuda", dtype=torch.float64)).float() / gate

@@ -26,31 +26,19 @@ into slices by the Python wrapper, so (256, 64) also checks the sliced backward.
 Skips cleanly without a GPU, without the compiled extension, or when gla_ext::chunk_bwd has no
 CUDA kernel.
 """
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import gla_ext
 from gla_ext import chunk_gla, ops
 from gla_ext.reference import chunk_gla_reference, naive_recurrent_gla
-from helpers import TOLERANCE
-
-
-def _has_cuda_chunk_bwd_kernel() -> bool:
-    if not (torch.cuda.is_available() and gla_ext.extension_loaded()):
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("gla_ext::chunk_bwd", "CUDA")
-    except (RuntimeError, AttributeError):
-        return False
+from helpers import TOLERANCE, cuda_gates, has_cuda_kernel, nbytes, poison_cuda_allocator
 
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(not _has_cuda_chunk_bwd_kernel(),
+    pytest.mark.skipif(not has_cuda_kernel("gla_ext::chunk_bwd"),
                        reason="gla_ext._C has no CUDA kernel for gla_ext::chunk_bwd"),
 ]
 
@@ -60,20 +48,6 @@ MAX_K = getattr(ops, "_CUDA_CHUNK_MAX_K", 128)
 
 
 # ---- inputs -----------------------------------------------------------------------------
-
-def _gates(shape, gate):
-    """logsigmoid(randn) / gate for a number; a constant for "-1e4", "0", "-inf"; or "mixed"."""
-    if gate == "mixed":  # full forget, near-full forget and no decay scattered among drawn gates
-        g = F.logsigmoid(torch.randn(shape, device="cuda", dtype=torch.float64))
-        u = torch.rand(shape, device="cuda")
-        g[u < 0.1] = float("-inf")
-        g[(u >= 0.1) & (u < 0.2)] = -1e4
-        g[(u >= 0.2) & (u < 0.35)] = 0.0
-        return g.float()
-    if isinstance(gate, str):
-        return torch.full(shape, float(gate), device="cuda")
-    return F.logsigmoid(torch.randn(shape, device="cuda", dtype=torch.float64)).float() / gate
-
 
 def make_case(B, T, H, K, V, dtype, gate=1.0, h0=True, do=True, dht=True, offsets=None):
     """Random inputs and output gradients. do/dht False: no gradient arrives on that output
@@ -87,7 +61,7 @@ def make_case(B, T, H, K, V, dtype, gate=1.0, h0=True, do=True, dht=True, offset
         q=torch.randn(B, T, H, K, device="cuda").to(dtype),
         k=torch.randn(B, T, H, K, device="cuda").to(dtype),
         v=torch.randn(B, T, H, V, device="cuda").to(dtype),
-        g=_gates((B, T, H, K), gate),
+        g=cuda_gates((B, T, H, K), gate),
         h0=torch.randn(N, H, K, V, device="cuda") if h0 else None,
         do=torch.randn(B, T, H, V, device="cuda").to(dtype) if do else None,
         dht=torch.randn(N, H, K, V, device="cuda") if dht else None,
@@ -99,26 +73,15 @@ def make_case(B, T, H, K, V, dtype, gate=1.0, h0=True, do=True, dht=True, offset
 
 # ---- the CUDA path ----------------------------------------------------------------------
 
-def _nbytes(shape, dtype):
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-
-
-def _poison(*nbytes):
-    """Leave free allocator blocks of the coming gradients' sizes full of NaN bytes (0xFF)."""
-    junk = [torch.full((max(1, n),), 0xFF, dtype=torch.uint8, device="cuda")
-            for n in nbytes for _ in range(2)]
-    del junk
-
-
 def _grad_nbytes(c):
     """Sizes of what the backward op allocates: per K slice dq, dk, dg, dh0, and dv."""
     B, T, H, K = c["q"].shape
     V = c["v"].shape[-1]
-    sizes = [_nbytes((B, T, H, V), c["v"].dtype)]
+    sizes = [nbytes((B, T, H, V), c["v"].dtype)]
     for lo in range(0, K, MAX_K):
         ks = min(MAX_K, K - lo)
-        sizes += [_nbytes((B, T, H, ks), c["q"].dtype), _nbytes((B, T, H, ks), torch.float32),
-                  _nbytes((c["N"], H, ks, V), torch.float32)]
+        sizes += [nbytes((B, T, H, ks), c["q"].dtype), nbytes((B, T, H, ks), torch.float32),
+                  nbytes((c["N"], H, ks, V), torch.float32)]
     return sizes
 
 
@@ -138,7 +101,7 @@ def run_cuda(c):
     if c["dht"] is not None:
         outs.append(ht)
         grad_outs.append(c["dht"])
-    _poison(*_grad_nbytes(c))
+    poison_cuda_allocator(*_grad_nbytes(c))
     grads = torch.autograd.grad(outs, [leaves[n] for n in names], grad_outs)
     torch.cuda.synchronize()
     results = {"o": o.detach()}

@@ -11,25 +11,13 @@ Both execution paths (fused and split, see csrc/cuda/chunk_fwd.cu) are compared 
 Skips cleanly without a GPU, without the compiled extension, or when gla_ext::chunk_fwd has
 no CUDA kernel. _C.build_info()["chunk_cuda"], when the build reports it, says what runs.
 """
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import gla_ext
 from gla_ext import chunk_gla
 from gla_ext.reference import naive_recurrent_gla
-from helpers import TOLERANCE
-
-
-def _has_cuda_chunk_kernel() -> bool:
-    if not (torch.cuda.is_available() and gla_ext.extension_loaded()):
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("gla_ext::chunk_fwd", "CUDA")
-    except (RuntimeError, AttributeError):
-        return False
+from helpers import TOLERANCE, cuda_gates, has_cuda_kernel, nbytes, poison_cuda_allocator
 
 
 def _what_runs() -> str:
@@ -43,7 +31,7 @@ def _what_runs() -> str:
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(not _has_cuda_chunk_kernel(),
+    pytest.mark.skipif(not has_cuda_kernel("gla_ext::chunk_fwd"),
                        reason="gla_ext._C has no CUDA kernel for gla_ext::chunk_fwd"),
 ]
 
@@ -51,23 +39,6 @@ DTYPES = [torch.bfloat16, torch.float16]
 
 
 # ---- helpers ----------------------------------------------------------------------------
-
-def _poison(*nbytes):
-    """Leave free allocator blocks of the coming outputs' sizes full of NaN bytes (0xFF)."""
-    junk = [torch.full((max(1, n),), 0xFF, dtype=torch.uint8, device="cuda")
-            for n in nbytes for _ in range(2)]
-    del junk
-
-
-def _nbytes(shape, dtype):
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-
-
-def _gates(shape, gate):
-    if isinstance(gate, str):  # a constant gate: "-1e4", "0", "-inf"
-        return torch.full(shape, float(gate), device="cuda")
-    return F.logsigmoid(torch.randn(shape, device="cuda", dtype=torch.float64)).float() / gate
-
 
 def _misaligned(t):
     """A contiguous copy of t whose data pointer is one element past a 16-byte boundary."""
@@ -97,7 +68,7 @@ def check(B, T, H, K, V, dtype, gate=1.0, h0=True, offsets=None, scale=None, mis
     q = torch.randn(B, T, H, K, device="cuda").to(dtype)
     k = torch.randn(B, T, H, K, device="cuda").to(dtype)
     v = torch.randn(B, T, H, V, device="cuda").to(dtype)
-    g = _gates((B, T, H, K), gate)
+    g = cuda_gates((B, T, H, K), gate)
     s0 = torch.randn(N, H, K, V, device="cuda") if h0 else None
     if misalign:
         q, k, v, g = (_misaligned(x) for x in (q, k, v, g))
@@ -106,7 +77,7 @@ def check(B, T, H, K, V, dtype, gate=1.0, h0=True, offsets=None, scale=None, mis
                                         scale=scale,
                                         initial_state=None if s0 is None else s0.double(),
                                         output_final_state=True, cu_seqlens=cu)
-    _poison(_nbytes((B, T, H, V), dtype), _nbytes((N, H, K, V), torch.float32))
+    poison_cuda_allocator(nbytes((B, T, H, V), dtype), nbytes((N, H, K, V), torch.float32))
     o, ht = chunk_gla(q, k, v, g, scale=scale, initial_state=s0, output_final_state=True,
                       cu_seqlens=cu, backend="cuda")
     torch.cuda.synchronize()
@@ -223,7 +194,7 @@ def test_fused_and_split_paths_agree(monkeypatch, dtype, B, T, H, K, V, offsets)
         N = B if offsets is None else len(offsets) - 1
         q, k = (torch.randn(B, T, H, K, device="cuda").to(dtype) for _ in range(2))
         v = torch.randn(B, T, H, V, device="cuda").to(dtype)
-        g = _gates((B, T, H, K), 1.0)
+        g = cuda_gates((B, T, H, K), 1.0)
         s0 = torch.randn(N, H, K, V, device="cuda")
         results[path] = chunk_gla(q, k, v, g, initial_state=s0, output_final_state=True,
                                   cu_seqlens=cu, backend="cuda")
@@ -234,6 +205,6 @@ def test_fused_and_split_paths_agree(monkeypatch, dtype, B, T, H, K, V, offsets)
 def test_unknown_path_setting_is_an_error(monkeypatch):
     monkeypatch.setenv("GLA_EXT_CHUNK_FWD", "fastest")
     q = k = torch.randn(1, 130, 2, 64, device="cuda", dtype=torch.bfloat16)
-    g = _gates((1, 130, 2, 64), 1.0)
+    g = cuda_gates((1, 130, 2, 64), 1.0)
     with pytest.raises(RuntimeError, match="GLA_EXT_CHUNK_FWD"):
         chunk_gla(q, k, q, g, backend="cuda")
