@@ -212,6 +212,24 @@ gla::GlaParams recurrent_cuda_params(const char* op, const Tensor& q, const Tens
   return p;
 }
 
+// make_params plus what the tensor-core chunked kernels need (bf16/fp16 only reach them).
+gla::GlaParams chunk_cuda_params(const char* op, const Tensor& q, const Tensor& k,
+                                 const Tensor& v, const Tensor& g, const OptTensor& h0,
+                                 const OptTensor& cu_seqlens, double scale) {
+  auto p = make_params(op, q, k, v, g, h0, cu_seqlens, scale);
+  TORCH_CHECK(p.K <= gla::kCudaChunkMaxK, op, ": K must be <= ", gla::kCudaChunkMaxK,
+              " (the Python wrapper splits wider K), got ", p.K);
+  return p;
+}
+
+// A float32 scratch tensor of `floats` elements on q's device, wired into p (none for 0).
+Tensor attach_workspace(gla::GlaParams& p, int64_t floats, const Tensor& q) {
+  if (floats <= 0) return Tensor();
+  Tensor workspace = at::empty({floats}, q.options().dtype(at::kFloat));
+  p.workspace = workspace.data_ptr<float>();
+  return workspace;
+}
+
 std::tuple<Tensor, Tensor> recurrent_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                               const Tensor& g, const OptTensor& h0,
                                               const OptTensor& cu_seqlens, double scale,
@@ -231,10 +249,7 @@ BwdOut recurrent_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, con
   c10::cuda::CUDAGuard guard(q.device());
   auto p = recurrent_cuda_params(op, q, k, v, g, h0, cu_seqlens, scale, reverse);
   auto out = alloc_bwd(op, p, q, v, g, dout, dht);
-  Tensor workspace =
-      at::empty({std::max<int64_t>(1, gla::recurrent_bwd_cuda_workspace_floats(p))},
-                q.options().dtype(at::kFloat));
-  p.workspace = workspace.data_ptr<float>();
+  Tensor workspace = attach_workspace(p, gla::recurrent_bwd_cuda_workspace_floats(p), q);
   check_cuda(gla::recurrent_bwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op);
   return out;
 }
@@ -250,18 +265,13 @@ std::tuple<Tensor, Tensor> chunk_fwd_cuda(const Tensor& q, const Tensor& k, cons
     return recurrent_fwd_cuda(q, k, v, g, h0, cu_seqlens, scale, false);
   const char* op = "gla_ext.chunk_fwd (CUDA)";
   c10::cuda::CUDAGuard guard(q.device());
-  auto p = make_params(op, q, k, v, g, h0, cu_seqlens, scale);
-  TORCH_CHECK(p.K <= gla::kCudaChunkMaxK, op, ": K must be <= ", gla::kCudaChunkMaxK,
-              " (the Python wrapper splits wider K), got ", p.K);
+  auto p = chunk_cuda_params(op, q, k, v, g, h0, cu_seqlens, scale);
   auto out = alloc_fwd(p, q, v);
-  Tensor workspace;  // only for the split path (few sequences x heads, long sequences)
   const int64_t floats = gla::chunk_fwd_cuda_workspace_floats(p);
   TORCH_CHECK(floats >= 0, op, ": GLA_EXT_CHUNK_FWD must be fused, split or auto, got '",
               std::getenv("GLA_EXT_CHUNK_FWD"), "'");
-  if (floats > 0) {
-    workspace = at::empty({floats}, q.options().dtype(at::kFloat));
-    p.workspace = workspace.data_ptr<float>();
-  }
+  // only the split path (few sequences x heads, long sequences) takes a workspace
+  Tensor workspace = attach_workspace(p, floats, q);
   check_cuda(gla::chunk_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op);
   return {out.o, out.ht};
 }
@@ -276,13 +286,9 @@ BwdOut chunk_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const T
     return recurrent_bwd_cuda(q, k, v, g, dout, dht, h0, cu_seqlens, scale, false);
   const char* op = "gla_ext.chunk_bwd (CUDA)";
   c10::cuda::CUDAGuard guard(q.device());
-  auto p = make_params(op, q, k, v, g, h0, cu_seqlens, scale);
-  TORCH_CHECK(p.K <= gla::kCudaChunkMaxK, op, ": K must be <= ", gla::kCudaChunkMaxK,
-              " (the Python wrapper splits wider K), got ", p.K);
+  auto p = chunk_cuda_params(op, q, k, v, g, h0, cu_seqlens, scale);
   auto out = alloc_bwd(op, p, q, v, g, dout, dht);
-  Tensor workspace = at::empty({std::max<int64_t>(1, gla::chunk_bwd_cuda_workspace_floats(p))},
-                               q.options().dtype(at::kFloat));
-  p.workspace = workspace.data_ptr<float>();
+  Tensor workspace = attach_workspace(p, gla::chunk_bwd_cuda_workspace_floats(p), q);
   check_cuda(gla::chunk_bwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op);
   return out;
 }
