@@ -3,7 +3,7 @@
 # fast the second time): a virtualenv in .venv with torch, then the extension build.
 #
 #   ./run.sh demo     build if needed, then `python -m gla_ext demo` (the main job)
-#   ./run.sh test     build if needed, then the test suite
+#   ./run.sh test     build if needed, install the test peers (fla, transformers), run the tests
 #   ./run.sh check    build if needed, then `python -m gla_ext check`
 #   ./run.sh info     build if needed, then `python -m gla_ext info`
 #   ./run.sh bench    build if needed, then `python -m gla_ext bench`
@@ -26,6 +26,17 @@ setup_env() {
         echo "[run.sh] installing $TORCH_SPEC, pytest, ninja, numpy into $VENV (about a minute)"
         "$PY" -m pip install -q --upgrade pip
         "$PY" -m pip install -q "$TORCH_SPEC" pytest ninja numpy
+    fi
+}
+
+# Test-only peers: the tests compare with flash-linear-attention (its ops and its GLA models,
+# which need transformers). Never imported by gla_ext itself outside gla_ext/integrations/.
+TEST_PEERS="fla-core==0.6.0 flash-linear-attention==0.6.0 transformers"
+
+setup_test_peers() {
+    if ! "$PY" -c "import fla, transformers, einops" 2>/dev/null; then
+        echo "[run.sh] installing the test peers: $TEST_PEERS"
+        "$PY" -m pip install -q $TEST_PEERS
     fi
 }
 
@@ -63,6 +74,6 @@ setup_env
 build
 case "$cmd" in
     demo|check|info|bench) exec "$PY" -m gla_ext "$cmd" "$@" ;;
-    test) exec "$PY" -m pytest -q tests "$@" ;;
+    test) setup_test_peers; exec "$PY" -m pytest -q tests "$@" ;;
     *) echo "usage: ./run.sh {demo|test|check|info|bench}" >&2; exit 2 ;;
 esac
