@@ -342,6 +342,47 @@ BwdOut recurrent_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, con
   return out;
 }
 
+// Forward with state pools / V-first states on CUDA. Pool indices are checked on the host by
+// the Python wrapper (reading them here would synchronise); the kernels treat any index
+// outside [0, P) as a padding row, so a bad one cannot write outside the pool.
+std::tuple<Tensor, Tensor> recurrent_fwd_state_cuda(const Tensor& q, const Tensor& k,
+                                                    const Tensor& v, const Tensor& g,
+                                                    const OptTensor& h0,
+                                                    const OptTensor& state_indices,
+                                                    const OptTensor& cu_seqlens, double scale,
+                                                    bool reverse, bool inplace, bool v_first) {
+  const char* op = "gla_ext.recurrent_fwd_state (CUDA)";
+  c10::cuda::CUDAGuard guard(q.device());
+  auto p = recurrent_cuda_params(op, q, k, v, g, std::nullopt, cu_seqlens, scale, reverse);
+  attach_state(p, op, q, h0, state_indices, inplace, v_first);
+  auto out = alloc_fwd(p, q, v);
+  check_cuda(gla::recurrent_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op);
+  return {out.o, out.ht};
+}
+
+std::tuple<Tensor, Tensor> chunk_fwd_state_cuda(const Tensor& q, const Tensor& k,
+                                                const Tensor& v, const Tensor& g,
+                                                const OptTensor& h0,
+                                                const OptTensor& state_indices,
+                                                const OptTensor& cu_seqlens, double scale,
+                                                int64_t /*chunk_size*/, bool inplace,
+                                                bool v_first) {
+  if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16)
+    return recurrent_fwd_state_cuda(q, k, v, g, h0, state_indices, cu_seqlens, scale, false,
+                                    inplace, v_first);
+  const char* op = "gla_ext.chunk_fwd_state (CUDA)";
+  c10::cuda::CUDAGuard guard(q.device());
+  auto p = chunk_cuda_params(op, q, k, v, g, std::nullopt, cu_seqlens, scale);
+  attach_state(p, op, q, h0, state_indices, inplace, v_first);
+  auto out = alloc_fwd(p, q, v);
+  const int64_t floats = gla::chunk_fwd_cuda_workspace_floats(p);
+  TORCH_CHECK(floats >= 0, op, ": GLA_EXT_CHUNK_FWD must be fused, split or auto, got '",
+              std::getenv("GLA_EXT_CHUNK_FWD"), "'");
+  Tensor workspace = attach_workspace(p, floats, q);
+  check_cuda(gla::chunk_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op);
+  return {out.o, out.ht};
+}
+
 // chunk_gla forward on CUDA: bf16/fp16 run the tensor-core chunked kernels (K <= 128; the
 // Python wrapper splits wider K; fused or split, see chunk_fwd.cu); float32 runs the fused
 // recurrent kernel (same math).
@@ -426,6 +467,8 @@ TORCH_LIBRARY_IMPL(gla_ext, CUDA, m) {
   m.impl("recurrent_bwd", &recurrent_bwd_cuda);
   m.impl("chunk_fwd", &chunk_fwd_cuda);
   m.impl("chunk_bwd", &chunk_bwd_cuda);
+  m.impl("recurrent_fwd_state", &recurrent_fwd_state_cuda);
+  m.impl("chunk_fwd_state", &chunk_fwd_state_cuda);
 }
 #endif
 
