@@ -44,9 +44,10 @@ def _split(blob, specs):
 
 
 def _run(emulator, tmp_path, blobs, **kw):
+    """Runs the emulator on blobs with key=value arguments kw; returns (output bytes, report)."""
     (tmp_path / "in.bin").write_bytes(b"".join(_raw(x) for x in blobs))
     args = [emulator] + [f"{k}={v}" for k, v in kw.items()] + [
-        "order=both", f"in={tmp_path / 'in.bin'}", f"out={tmp_path / 'out.bin'}"]
+        f"in={tmp_path / 'in.bin'}", f"out={tmp_path / 'out.bin'}"]
     run = subprocess.run(args, capture_output=True, text=True, timeout=600)
     report = " ".join(args[1:]) + "\n" + (run.stdout + run.stderr).strip()
     assert run.returncode == 0 and "DONE" in run.stdout, report
@@ -66,38 +67,21 @@ def _segments(cu, B, T):
         (0, cu[n], cu[n + 1]) for n in range(len(cu) - 1)]
 
 
-FWD_CASES = [
-    # dtype, B, T, H, K, V, cu, reverse, P, slots, inplace, vfirst
-    ("f32", 3, 5, 2, 64, 40, None, 0, 0, None, 0, 0),
-    ("bf16", 1, 15, 1, 64, 64, [0, 3, 3, 9, 12], 0, 6, [4, -1, 1, 0], 1, 0),
-    ("fp16", 3, 4, 1, 100, 70, None, 0, 5, [2, 0, -1], 1, 1),
-    ("f32", 1, 11, 1, 200, 33, [0, 0, 6, 11], 1, 4, [3, 1, -1], 0, 1),
-    ("f32", 4, 1, 2, 64, 64, None, 0, 8, [7, -1, 2, 5], 1, 0),   # decode step on a pool
-    ("bf16", 2, 6, 1, 32, 20, None, 1, 0, None, 0, 1),            # dense V-first
-]
-
-
-@pytest.mark.parametrize("case", FWD_CASES, ids=lambda c: "-".join(map(str, c[:8])))
-def test_forward_kernel_source_on_cpu(emulator, tmp_path, case):
-    dtype, B, T, H, K, V, cu, reverse, P, slots, inplace, vfirst = case
+def check_forward(blob, report, q, k, v, g, h0, idx, dtype, cu, reverse, P, slots, inplace,
+                  vfirst):
+    """Checks a forward run's o, dense final states and pool against the float64 reference:
+    named rows advanced, other rows bitwise unchanged, padding rows and the tail untouched.
+    h0: the K-first initial states (dense [N, ..] or the pool [P, ..])."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
     N = B if cu is None else len(cu) - 1
-    q, k, v, g = _inputs(dtype, B, T, H, K, V)
-    rows = P if P else N
-    h0 = torch.randn(rows, H, K, V)                   # K-first values
-    h0_given = h0.transpose(-1, -2).contiguous() if vfirst else h0
-    blobs = [q, k, v, g, h0_given]
-    if P:
-        idx = torch.tensor(slots, dtype=torch.int64)
-        blobs.append(idx)
-    blob, report = _run(emulator, tmp_path, blobs, mode="fwd", dtype=dtype, B=B, T=T, H=H, K=K,
-                        V=V, h0=1, cu="-" if cu is None else ",".join(map(str, cu)),
-                        reverse=reverse, P=P, inplace=inplace, vfirst=vfirst)
+    h0_given_shape = (h0.shape[0], H, V, K) if vfirst else tuple(h0.shape)
     state_shape = (N, H, V, K) if vfirst else (N, H, K, V)
     specs = [((B, T, H, V), _DT[dtype])]
     if not inplace:
         specs.append((state_shape, torch.float32))
     if P:
-        specs.append((tuple(h0_given.shape), torch.float32))
+        specs.append((h0_given_shape, torch.float32))
     outs = _split(blob, specs)
     o = outs[0]
     ht = None if inplace else outs[1]
@@ -142,13 +126,43 @@ def test_forward_kernel_source_on_cpu(emulator, tmp_path, case):
                 assert torch.equal(after[r], h0[r]), f"pool row {r} changed\n{report}"
 
 
+FWD_CASES = [
+    # dtype, B, T, H, K, V, cu, reverse, P, slots, inplace, vfirst
+    ("f32", 3, 5, 2, 64, 40, None, 0, 0, None, 0, 0),
+    ("bf16", 1, 15, 1, 64, 64, [0, 3, 3, 9, 12], 0, 6, [4, -1, 1, 0], 1, 0),
+    ("fp16", 3, 4, 1, 100, 70, None, 0, 5, [2, 0, -1], 1, 1),
+    ("f32", 1, 11, 1, 200, 33, [0, 0, 6, 11], 1, 4, [3, 1, -1], 0, 1),
+    ("f32", 4, 1, 2, 64, 64, None, 0, 8, [7, -1, 2, 5], 1, 0),   # decode step on a pool
+    ("bf16", 2, 6, 1, 32, 20, None, 1, 0, None, 0, 1),            # dense V-first
+]
+
+
+@pytest.mark.parametrize("case", FWD_CASES, ids=lambda c: "-".join(map(str, c[:8])))
+def test_forward_kernel_source_on_cpu(emulator, tmp_path, case):
+    dtype, B, T, H, K, V, cu, reverse, P, slots, inplace, vfirst = case
+    N = B if cu is None else len(cu) - 1
+    q, k, v, g = _inputs(dtype, B, T, H, K, V)
+    rows = P if P else N
+    h0 = torch.randn(rows, H, K, V)                   # K-first values
+    h0_given = h0.transpose(-1, -2).contiguous() if vfirst else h0
+    blobs = [q, k, v, g, h0_given]
+    if P:
+        idx = torch.tensor(slots, dtype=torch.int64)
+        blobs.append(idx)
+    blob, report = _run(emulator, tmp_path, blobs, mode="fwd", order="both", dtype=dtype, B=B, T=T, H=H, K=K,
+                        V=V, h0=1, cu="-" if cu is None else ",".join(map(str, cu)),
+                        reverse=reverse, P=P, inplace=inplace, vfirst=vfirst)
+    check_forward(blob, report, q, k, v, g, h0, idx if P else None, dtype, cu, reverse, P,
+                  slots, inplace, vfirst)
+
+
 def test_out_of_range_offsets_and_indices_stay_inside(emulator, tmp_path):
     """Malformed cu_seqlens (decreasing, past T) are clamped to [0, T] and pool indices >= P
     count as padding: the kernel stays inside every buffer (guard zones) and leaves the pool."""
     q, k, v, g = _inputs("f32", 1, 10, 1, 64, 32)
     pool = torch.randn(3, 1, 64, 32)
     blob, report = _run(emulator, tmp_path, [q, k, v, g, pool, torch.tensor([9, 0, 2])],
-                        mode="fwd", dtype="f32", B=1, T=10, H=1, K=64, V=32, h0=1,
+                        mode="fwd", order="both", dtype="f32", B=1, T=10, H=1, K=64, V=32, h0=1,
                         cu="0,6,3,25", P=3, inplace=1, vfirst=0)
     o, after = _split(blob, [((1, 10, 1, 32), torch.float32), ((3, 1, 64, 32), torch.float32)])
     assert torch.equal(after[0], pool[0]), "index 9 >= P wrote a row"
@@ -160,7 +174,7 @@ def test_nan_gate_propagates(emulator, tmp_path):
     q, k, v, g = _inputs("f32", 1, 6, 1, 64, 32)
     g[0, 2, 0, 5] = float("nan")
     blob, report = _run(emulator, tmp_path, [q, k, v, g, torch.randn(1, 1, 64, 32)],
-                        mode="fwd", dtype="f32", B=1, T=6, H=1, K=64, V=32, h0=1)
+                        mode="fwd", order="both", dtype="f32", B=1, T=6, H=1, K=64, V=32, h0=1)
     o, ht = _split(blob, [((1, 6, 1, 32), torch.float32), ((1, 1, 64, 32), torch.float32)])
     assert torch.isfinite(o[:, :2]).all() and torch.isnan(o[:, 2:]).all(), report
     assert torch.isnan(ht[0, 0, 5]).all() and torch.isfinite(ht[0, 0, :5]).all(), report
@@ -183,7 +197,7 @@ def test_backward_kernel_source_on_cpu(emulator, tmp_path, case):
     h0, dht = torch.randn(N, H, K, V), torch.randn(N, H, K, V)
     do = torch.randn(B, T, H, V).to(_DT[dtype])
     blobs = [q, k, v, g] + ([h0] if with_h0 else []) + [do] + ([dht] if with_dht else [])
-    blob, report = _run(emulator, tmp_path, blobs, mode="bwd", dtype=dtype, B=B, T=T, H=H, K=K,
+    blob, report = _run(emulator, tmp_path, blobs, mode="bwd", order="both", dtype=dtype, B=B, T=T, H=H, K=K,
                         V=V, h0=with_h0, dht=with_dht,
                         cu="-" if cu is None else ",".join(map(str, cu)), reverse=reverse)
     dt = _DT[dtype]

@@ -213,7 +213,7 @@ def test_cu_seqlens_past_t_is_an_error():
             op(q, k, v, g, initial_state=h0, cu_seqlens=torch.tensor([0, 5, 11]))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["chunk", "recurrent"])
 @pytest.mark.parametrize("case,error,message", [
     ("index_too_big", ValueError, "must be < P=7"),
@@ -230,12 +230,13 @@ def test_cu_seqlens_past_t_is_an_error():
     ("v_first_shape", ValueError, "must be a pool"),
 ])
 def test_bad_pool_input_raises_and_changes_nothing(backend, kind, case, error, message):
-    q, k, v, g, pool, slots, cu = _case(False, "cpu")
+    device = _device(backend)
+    q, k, v, g, pool, slots, cu = _case(False, device)
     kwargs = dict(initial_state=pool, state_indices=slots, inplace_final_state=True)
     if case == "index_too_big":
-        kwargs["state_indices"] = torch.tensor([5, 7, 0, 3])
+        kwargs["state_indices"] = torch.tensor([5, 7, 0, 3], device=device)
     elif case == "repeated":
-        kwargs["state_indices"] = torch.tensor([5, 3, -1, 3])
+        kwargs["state_indices"] = torch.tensor([5, 3, -1, 3], device=device)
     elif case == "pool_shape":
         kwargs["initial_state"] = pool[:, :1].clone()
     elif case == "pool_dtype":
@@ -266,3 +267,30 @@ def test_bad_pool_input_raises_and_changes_nothing(backend, kind, case, error, m
         assert torch.equal(target, saved), "the pool changed although the call failed"
     for a, b in zip((q, k, v, g), inputs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not _GPU, reason="needs a GPU")
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("v_first", [False, True])
+def test_cuda_bf16_chunk_kernels_update_the_pool(monkeypatch, path, v_first):
+    """The tensor-core chunked forward (bf16) reads and writes pool rows through the index,
+    on both of its paths."""
+    monkeypatch.setenv("GLA_EXT_CHUNK_FWD", path)
+    cu = torch.tensor([0, 70, 70, 150, 200], device="cuda")
+    q, k, v, g, _ = make_inputs(1, 210, 2, 64, 64, dtype=torch.bfloat16, device="cuda",
+                                with_h0=False)
+    pool = torch.randn(6, 2, 64, 64, device="cuda")
+    slots = torch.tensor([4, -1, 0, 2], device="cuda")
+    o_ref, ht_ref = _dense_reference("chunk", q, k, v, g, pool, slots, cu)
+    work = pool.transpose(-1, -2).contiguous() if v_first else pool.clone()
+    before = work.clone()
+    with torch.no_grad():
+        o, _ = chunk_gla(q, k, v, g, initial_state=work, state_indices=slots, cu_seqlens=cu,
+                         inplace_final_state=True, state_v_first=v_first, backend="cuda")
+    tol = TOLERANCE[("cuda", torch.bfloat16)]
+    assert rel_err(o, o_ref) <= tol and torch.count_nonzero(o[:, 200:]) == 0
+    after = work.transpose(-1, -2) if v_first else work
+    for n, s in enumerate(slots.tolist()):
+        if s >= 0:
+            assert rel_err(after[s], ht_ref[n]) <= tol
+    assert torch.equal(work[[1, 3, 5]], before[[1, 3, 5]])

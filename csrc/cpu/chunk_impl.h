@@ -205,6 +205,7 @@ inline typename ExpVec<L>::d exp_lanes(typename ExpVec<L>::d x) {
   vd y = poly * two_n;
   y = x < -708.3964185322641 ? vd{} : y;
   y = x > 709.782712893384 ? vd{} + __builtin_inf() : y;
+  y = x != x ? x : y;  // NaN stays NaN (a NaN gate propagates, as in the reference)
   return y;
 }
 
@@ -235,6 +236,7 @@ template <int L> inline typename VecT<float, L>::type exp_float_lanes(typename V
   vf y = p * two_n;
   y = x < -87.33654475f ? vf{} : y;
   y = x > 88.72283905f ? vf{} + __builtin_inff() : y;
+  y = x != x ? x : y;  // NaN stays NaN (a NaN gate propagates, as in the reference)
   return y;
 }
 
