@@ -248,7 +248,9 @@ inline void exp_inplace(float* y, idx n) {
   // +inf above it), so no clamps or blends beyond the input clamp that keeps r finite.
   const __m512 lo = _mm512_set1_ps(-104.0f), hi = _mm512_set1_ps(89.0f);
   for (idx i = 0; i < n; i += 16) {
-    const __m512 x = _mm512_min_ps(_mm512_max_ps(_mm512_loadu_ps(y + i), lo), hi);
+    // operand order keeps NaN (max/min return their second operand when one is NaN), so a
+    // NaN gate propagates as in the reference instead of becoming a full forget
+    const __m512 x = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_loadu_ps(y + i)));
     const __m512 nf = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(0.693147180559945309f), x);
