@@ -141,8 +141,8 @@ __global__ void __launch_bounds__(kThreads)
   if (in_row < 0) {  // uniform per block: o stays zero, no pool row read or written
     if (!kFromStates && !a.inplace_final) {
       const int64_t zero_base = (n * H + h) * static_cast<int64_t>(K) * V;
-      for_state_slice(s, 0, v_first + 16 * warp + g8, K, V, lane, [&](float&, int64_t off) {
-        a.ht[zero_base + state_layout_off(a, off)] = 0.0f;
+      for_state_elems(s, 0, v_first + 16 * warp + g8, K, V, lane, [&](float&, int kd, int vc) {
+        a.ht[zero_base + state_elem(a, kd, vc)] = 0.0f;
       });
     }
     return;
@@ -159,8 +159,8 @@ __global__ void __launch_bounds__(kThreads)
       for_state_slice(s, 0, vc_lo, K, V, lane,
                       [&](float& x, int64_t off) { x = E::to_float(saved[off]); });
     } else if (a.h0 != nullptr) {
-      for_state_slice(s, 0, vc_lo, K, V, lane,
-                      [&](float& x, int64_t off) { x = a.h0[state_base + state_layout_off(a, off)]; });
+      for_state_elems(s, 0, vc_lo, K, V, lane,
+                      [&](float& x, int kd, int vc) { x = a.h0[state_base + state_elem(a, kd, vc)]; });
     }
   };
   if constexpr (!kFromStates) init_state(v_first);
@@ -317,8 +317,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   if constexpr (!kFromStates)  // final state (the split path's scan writes it)
-    for_state_slice(s, 0, v_first + 16 * warp + g8, K, V, lane,
-                    [&](float& x, int64_t off) { a.ht[final_base + state_layout_off(a, off)] = x; });
+    for_state_elems(s, 0, v_first + 16 * warp + g8, K, V, lane,
+                    [&](float& x, int kd, int vc) { a.ht[final_base + state_elem(a, kd, vc)] = x; });
 }
 
 // ---- launcher ------------------------------------------------------------------------

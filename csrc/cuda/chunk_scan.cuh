@@ -80,8 +80,8 @@ __device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
     const int64_t in_row = h0_state_row(a, n);
     if (in_row < 0) {
       if (a.ht != nullptr && !a.inplace_final)
-        for_state_slice(s, k0, vc_lo, K, V, lane, [&](float&, int64_t off) {
-          a.ht[state_base + state_layout_off(a, off)] = 0.0f;
+        for_state_elems(s, k0, vc_lo, K, V, lane, [&](float&, int kd, int vc) {
+          a.ht[state_base + state_elem(a, kd, vc)] = 0.0f;
         });
       return;
     }
@@ -91,9 +91,10 @@ __device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
   const float* const init = kGrad ? a.dht : a.h0;
   for (int nt = 0; nt < kNT; ++nt)
     for (int r = 0; r < 4; ++r) s[nt][r] = 0.0f;
+  // h0 by its strides; dht (kGrad) is always K-first: ChunkArgs strides are (V, 1) there
   if (init != nullptr)
-    for_state_slice(s, k0, vc_lo, K, V, lane, [&](float& x, int64_t off) {
-      x = init[init_base + state_layout_off(a, off)];
+    for_state_elems(s, k0, vc_lo, K, V, lane, [&](float& x, int kd, int vc) {
+      x = init[init_base + state_elem(a, kd, vc)];
     });
 
   const uint16_t* const x = static_cast<const uint16_t*>(kGrad ? a.q : a.k);
@@ -216,8 +217,8 @@ __device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
   // what is left: dh0 (gradient scan), or the final state when asked for (forward scan)
   float* const last = kGrad ? a.dh0 : a.ht;
   if (last != nullptr)
-    for_state_slice(s, k0, vc_lo, K, V, lane,
-                    [&](float& x, int64_t off) { last[last_base + state_layout_off(a, off)] = x; });
+    for_state_elems(s, k0, vc_lo, K, V, lane,
+                    [&](float& x, int kd, int vc) { last[last_base + state_elem(a, kd, vc)] = x; });
 }
 
 // One scan per block: grid x = N * H, y = V tiles, z = key tiles.
