@@ -63,16 +63,24 @@ struct Seq {
   }
 };
 
+// Sequence n's tokens [start, end) with the cu_seqlens offsets clamped to [0, T] as in the
+// chunk kernels: malformed ones (the Python wrapper rejects them; direct op calls and
+// CUDA-graph capture skip that check) must neither run a loop backwards nor leave the row.
+__device__ __forceinline__ void clamped_bounds(const int64_t* __restrict__ cu, int64_t T,
+                                               int64_t n, int64_t* start, int64_t* end) {
+  int64_t s = cu[n], e = cu[n + 1];
+  s = s < 0 ? 0 : (s > T ? T : s);
+  e = e < s ? s : (e > T ? T : e);
+  *start = s;
+  *end = e;
+}
+
 __device__ __forceinline__ Seq make_seq(const int64_t* __restrict__ cu, int64_t T, int64_t n,
                                         bool reverse) {
   Seq s;
   if (cu) {
-    // Offsets clamped to [0, T] as in the chunk kernels: malformed ones (the Python wrapper
-    // rejects them; direct op calls and CUDA-graph capture skip that check) must neither run
-    // a loop backwards nor leave the row.
-    int64_t start = cu[n], end = cu[n + 1];
-    start = start < 0 ? 0 : (start > T ? T : start);
-    end = end < start ? start : (end > T ? T : end);
+    int64_t start, end;
+    clamped_bounds(cu, T, n, &start, &end);
     s.row = 0;
     s.start = start;
     s.len = end - start;
@@ -83,6 +91,34 @@ __device__ __forceinline__ Seq make_seq(const int64_t* __restrict__ cu, int64_t 
   }
   s.reverse = reverse;
   return s;
+}
+
+// The backward kernels read bounds clamped beforehand (recurrent_bounds_kernel; [N][2] start,
+// end): clamping inside the big backward kernel tipped ptxas into spilling (K <= 128).
+__device__ __forceinline__ Seq seq_from_bounds(const int64_t* __restrict__ bounds, int64_t T,
+                                               int64_t n, bool reverse) {
+  Seq s;
+  if (bounds) {
+    s.row = 0;
+    s.start = bounds[2 * n];
+    s.len = bounds[2 * n + 1] - s.start;
+  } else {
+    s.row = n;
+    s.start = 0;
+    s.len = T;
+  }
+  s.reverse = reverse;
+  return s;
+}
+
+constexpr int kBoundsThreads = 256;
+
+// One block: bounds[2n], bounds[2n + 1] = sequence n's clamped [start, end).
+__global__ void __launch_bounds__(kBoundsThreads)
+recurrent_bounds_kernel(const int64_t* __restrict__ cu, int64_t N, int64_t T,
+                        int64_t* __restrict__ bounds) {
+  for (int64_t n = threadIdx.x; n < N; n += kBoundsThreads)
+    clamped_bounds(cu, T, n, &bounds[2 * n], &bounds[2 * n + 1]);
 }
 
 // Where a sequence's state rows live (forward): h0 row state_idx[n] of a pool (or row n),
@@ -275,7 +311,7 @@ __global__ void __launch_bounds__(G::kThreads)
 recurrent_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                      const float* __restrict__ g, const float* __restrict__ h0,
                      const T* __restrict__ dout, const float* __restrict__ dht,
-                     const int64_t* __restrict__ cu, T* __restrict__ dv,
+                     const int64_t* __restrict__ bounds, T* __restrict__ dv,
                      float* __restrict__ dh0, float* __restrict__ ws_dq,
                      float* __restrict__ ws_dk, float* __restrict__ ws_hdh, int64_t Tlen,
                      int64_t H, int K, int V, int NT, int64_t qk_total, int64_t nhk_total,
@@ -290,7 +326,7 @@ recurrent_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
   const int j = tile * kTileV + lane;
   const bool col_ok = j < V;
   const int i0 = warp * R;
-  const Seq seq = make_seq(cu, Tlen, n, reverse);
+  const Seq seq = seq_from_bounds(bounds, Tlen, n, reverse);
   const int64_t HK = H * K, HV = H * V;
   const int64_t state_off = nh * K * V;
   // After warp_row_sums, this lane holds row i_sum; lanes with lane % LPR == 0 write it.
@@ -455,7 +491,7 @@ recurrent_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
 template <typename T>
 __global__ void __launch_bounds__(kFinalizeThreads)
 recurrent_bwd_finalize_kernel(const T* __restrict__ q, const T* __restrict__ k,
-                              const int64_t* __restrict__ cu, const float* __restrict__ ws_dq,
+                              const int64_t* __restrict__ bounds, const float* __restrict__ ws_dq,
                               const float* __restrict__ ws_dk, const float* __restrict__ ws_hdh,
                               bool has_dht, T* __restrict__ dq, T* __restrict__ dk,
                               float* __restrict__ dg, int64_t Tlen, int64_t H, int K,
@@ -465,7 +501,7 @@ recurrent_bwd_finalize_kernel(const T* __restrict__ q, const T* __restrict__ k,
   if (idx >= total) return;  // no barriers in this kernel
   const int i = static_cast<int>(idx % K);
   const int64_t nh = idx / K, n = nh / H, h = nh % H;
-  const Seq seq = make_seq(cu, Tlen, n, reverse);
+  const Seq seq = seq_from_bounds(bounds, Tlen, n, reverse);
 
   float hdh = 0.f;
   if (has_dht)
@@ -504,6 +540,13 @@ const char* launch_error(const char* kernel) {
 #endif  // GLA_RECURRENT_EMULATE
 
 int64_t num_v_tiles(const GlaParams& p) { return (p.V + kTileV - 1) / kTileV; }
+
+// The backward's workspace starts with the clamped sequence bounds (with cu_seqlens: N
+// pairs of int64, 4 floats per sequence), then the float partials.
+int64_t bounds_floats(const GlaParams& p) { return p.cu_seqlens ? 4 * p.N : 0; }
+int64_t* bounds_in_workspace(const GlaParams& p) {
+  return p.cu_seqlens ? reinterpret_cast<int64_t*>(p.workspace) : nullptr;
+}
 
 // Checks shared by forward and backward; nullptr when the parameters are usable.
 const char* check_params(const GlaParams& p, const char* op) {
@@ -544,7 +587,12 @@ const char* launch_bwd(const GlaParams& p, cudaStream_t stream) {
   const int NT = static_cast<int>(num_v_tiles(p));
   const int64_t qk_total = p.B * p.T * p.H * p.K;
   const int64_t nhk_total = p.N * p.H * p.K;
-  float* ws_dq = p.workspace;
+  int64_t* bounds = bounds_in_workspace(p);
+  if (bounds != nullptr && p.N > 0) {
+    recurrent_bounds_kernel<<<1, kBoundsThreads, 0, stream>>>(p.cu_seqlens, p.N, p.T, bounds);
+    if (const char* err = launch_error("recurrent_bounds_kernel")) return err;
+  }
+  float* ws_dq = p.workspace + bounds_floats(p);
   float* ws_dk = ws_dq + NT * qk_total;
   float* ws_hdh = ws_dk + NT * qk_total;
   const unsigned blocks = static_cast<unsigned>(p.N * p.H * NT);
@@ -552,7 +600,7 @@ const char* launch_bwd(const GlaParams& p, cudaStream_t stream) {
     recurrent_bwd_kernel<T, G><<<blocks, G::kThreads, 0, stream>>>(
         static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v),
         static_cast<const float*>(p.g), static_cast<const float*>(p.h0),
-        static_cast<const T*>(p.dout), static_cast<const float*>(p.dht), p.cu_seqlens,
+        static_cast<const T*>(p.dout), static_cast<const float*>(p.dht), bounds,
         static_cast<T*>(p.dv), static_cast<float*>(p.dh0), ws_dq, ws_dk, ws_hdh, p.T, p.H,
         static_cast<int>(p.K), static_cast<int>(p.V), NT, qk_total, nhk_total,
         static_cast<float>(p.scale), p.reverse);
@@ -564,7 +612,7 @@ const char* launch_bwd(const GlaParams& p, cudaStream_t stream) {
   if (fblocks > int64_t{0x7fffffff}) return "recurrent_bwd_finalize_kernel: grid too large";
   recurrent_bwd_finalize_kernel<T><<<static_cast<unsigned>(fblocks), kFinalizeThreads, 0,
                                      stream>>>(
-      static_cast<const T*>(p.q), static_cast<const T*>(p.k), p.cu_seqlens, ws_dq, ws_dk,
+      static_cast<const T*>(p.q), static_cast<const T*>(p.k), bounds, ws_dq, ws_dk,
       ws_hdh, p.dht != nullptr, static_cast<T*>(p.dq), static_cast<T*>(p.dk),
       static_cast<float*>(p.dg), p.T, p.H, static_cast<int>(p.K), total, NT, qk_total,
       nhk_total, p.reverse);
@@ -605,11 +653,12 @@ static_assert(Geo256::kMaxK == kCudaRecurrentMaxK, "largest block shape must cov
 
 }  // namespace
 
-// Workspace (float32): [NT][B*T*H*K] dq partials, [NT][B*T*H*K] dk partials,
+// Workspace (float32): [4N] clamped bounds (with cu_seqlens), [NT][B*T*H*K] dq partials,
+// [NT][B*T*H*K] dk partials,
 // [NT][N*H*K] rowsum(ht*dht) partials, NT = ceil(V / 32) tiles of V.
 int64_t recurrent_bwd_cuda_workspace_floats(const GlaParams& p) {
   const int64_t NT = num_v_tiles(p);
-  return NT * (2 * p.B * p.T * p.H * p.K + p.N * p.H * p.K);
+  return bounds_floats(p) + NT * (2 * p.B * p.T * p.H * p.K + p.N * p.H * p.K);
 }
 
 #ifndef GLA_RECURRENT_EMULATE
