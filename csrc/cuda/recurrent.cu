@@ -93,32 +93,38 @@ __device__ __forceinline__ Seq make_seq(const int64_t* __restrict__ cu, int64_t 
   return s;
 }
 
-// The backward kernels read bounds clamped beforehand (recurrent_bounds_kernel; [N][2] start,
-// end): clamping inside the big backward kernel tipped ptxas into spilling (K <= 128).
-__device__ __forceinline__ Seq seq_from_bounds(const int64_t* __restrict__ bounds, int64_t T,
-                                               int64_t n, bool reverse) {
+// The backward kernels read offsets clamped to [0, T] beforehand (recurrent_clamp_kernel),
+// with the unclamped code of before: clamping inside the big backward kernel tipped ptxas
+// into a 64-register budget with spills (K <= 128). Offsets within [0, T] and a length of at
+// least 0 keep every access inside the row, also for decreasing (malformed) offsets.
+__device__ __forceinline__ Seq seq_from_clamped(const int64_t* __restrict__ cu, int64_t T,
+                                                int64_t n, bool reverse) {
   Seq s;
-  if (bounds) {
+  if (cu) {
     s.row = 0;
-    s.start = bounds[2 * n];
-    s.len = bounds[2 * n + 1] - s.start;
+    s.start = cu[n];
+    s.len = cu[n + 1] - s.start;
   } else {
     s.row = n;
     s.start = 0;
     s.len = T;
   }
+  if (s.len < 0) s.len = 0;
   s.reverse = reverse;
   return s;
 }
 
-constexpr int kBoundsThreads = 256;
+constexpr int kClampThreads = 256;
 
-// One block: bounds[2n], bounds[2n + 1] = sequence n's clamped [start, end).
-__global__ void __launch_bounds__(kBoundsThreads)
-recurrent_bounds_kernel(const int64_t* __restrict__ cu, int64_t N, int64_t T,
-                        int64_t* __restrict__ bounds) {
-  for (int64_t n = threadIdx.x; n < N; n += kBoundsThreads)
-    clamped_bounds(cu, T, n, &bounds[2 * n], &bounds[2 * n + 1]);
+// out[i] = cu[i] clamped to [0, T], i = 0..N (one thread per offset).
+__global__ void __launch_bounds__(kClampThreads)
+recurrent_clamp_kernel(const int64_t* __restrict__ cu, int64_t count, int64_t T,
+                       int64_t* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kClampThreads + threadIdx.x;
+  if (i < count) {
+    const int64_t x = cu[i];
+    out[i] = x < 0 ? 0 : (x > T ? T : x);
+  }
 }
 
 // Where a sequence's state rows live (forward): h0 row state_idx[n] of a pool (or row n),
@@ -311,7 +317,7 @@ __global__ void __launch_bounds__(G::kThreads)
 recurrent_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                      const float* __restrict__ g, const float* __restrict__ h0,
                      const T* __restrict__ dout, const float* __restrict__ dht,
-                     const int64_t* __restrict__ bounds, T* __restrict__ dv,
+                     const int64_t* __restrict__ cu, T* __restrict__ dv,
                      float* __restrict__ dh0, float* __restrict__ ws_dq,
                      float* __restrict__ ws_dk, float* __restrict__ ws_hdh, int64_t Tlen,
                      int64_t H, int K, int V, int NT, int64_t qk_total, int64_t nhk_total,
@@ -326,7 +332,7 @@ recurrent_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
   const int j = tile * kTileV + lane;
   const bool col_ok = j < V;
   const int i0 = warp * R;
-  const Seq seq = seq_from_bounds(bounds, Tlen, n, reverse);
+  const Seq seq = seq_from_clamped(cu, Tlen, n, reverse);
   const int64_t HK = H * K, HV = H * V;
   const int64_t state_off = nh * K * V;
   // After warp_row_sums, this lane holds row i_sum; lanes with lane % LPR == 0 write it.
@@ -491,7 +497,7 @@ recurrent_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
 template <typename T>
 __global__ void __launch_bounds__(kFinalizeThreads)
 recurrent_bwd_finalize_kernel(const T* __restrict__ q, const T* __restrict__ k,
-                              const int64_t* __restrict__ bounds, const float* __restrict__ ws_dq,
+                              const int64_t* __restrict__ cu, const float* __restrict__ ws_dq,
                               const float* __restrict__ ws_dk, const float* __restrict__ ws_hdh,
                               bool has_dht, T* __restrict__ dq, T* __restrict__ dk,
                               float* __restrict__ dg, int64_t Tlen, int64_t H, int K,
@@ -501,7 +507,7 @@ recurrent_bwd_finalize_kernel(const T* __restrict__ q, const T* __restrict__ k,
   if (idx >= total) return;  // no barriers in this kernel
   const int i = static_cast<int>(idx % K);
   const int64_t nh = idx / K, n = nh / H, h = nh % H;
-  const Seq seq = seq_from_bounds(bounds, Tlen, n, reverse);
+  const Seq seq = seq_from_clamped(cu, Tlen, n, reverse);
 
   float hdh = 0.f;
   if (has_dht)
@@ -541,10 +547,12 @@ const char* launch_error(const char* kernel) {
 
 int64_t num_v_tiles(const GlaParams& p) { return (p.V + kTileV - 1) / kTileV; }
 
-// The backward's workspace starts with the clamped sequence bounds (with cu_seqlens: N
-// pairs of int64, 4 floats per sequence), then the float partials.
-int64_t bounds_floats(const GlaParams& p) { return p.cu_seqlens ? 4 * p.N : 0; }
-int64_t* bounds_in_workspace(const GlaParams& p) {
+// The backward's workspace starts with the clamped offsets (with cu_seqlens: N + 1 int64,
+// padded to 16 bytes), then the float partials.
+int64_t clamped_offsets_floats(const GlaParams& p) {
+  return p.cu_seqlens ? (2 * (p.N + 1) + 3) / 4 * 4 : 0;
+}
+int64_t* clamped_offsets_in_workspace(const GlaParams& p) {
   return p.cu_seqlens ? reinterpret_cast<int64_t*>(p.workspace) : nullptr;
 }
 
@@ -587,12 +595,14 @@ const char* launch_bwd(const GlaParams& p, cudaStream_t stream) {
   const int NT = static_cast<int>(num_v_tiles(p));
   const int64_t qk_total = p.B * p.T * p.H * p.K;
   const int64_t nhk_total = p.N * p.H * p.K;
-  int64_t* bounds = bounds_in_workspace(p);
-  if (bounds != nullptr && p.N > 0) {
-    recurrent_bounds_kernel<<<1, kBoundsThreads, 0, stream>>>(p.cu_seqlens, p.N, p.T, bounds);
-    if (const char* err = launch_error("recurrent_bounds_kernel")) return err;
+  int64_t* clamped = clamped_offsets_in_workspace(p);
+  if (clamped != nullptr) {
+    const int64_t count = p.N + 1;
+    recurrent_clamp_kernel<<<static_cast<unsigned>((count + kClampThreads - 1) / kClampThreads),
+                             kClampThreads, 0, stream>>>(p.cu_seqlens, count, p.T, clamped);
+    if (const char* err = launch_error("recurrent_clamp_kernel")) return err;
   }
-  float* ws_dq = p.workspace + bounds_floats(p);
+  float* ws_dq = p.workspace + clamped_offsets_floats(p);
   float* ws_dk = ws_dq + NT * qk_total;
   float* ws_hdh = ws_dk + NT * qk_total;
   const unsigned blocks = static_cast<unsigned>(p.N * p.H * NT);
@@ -600,7 +610,7 @@ const char* launch_bwd(const GlaParams& p, cudaStream_t stream) {
     recurrent_bwd_kernel<T, G><<<blocks, G::kThreads, 0, stream>>>(
         static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v),
         static_cast<const float*>(p.g), static_cast<const float*>(p.h0),
-        static_cast<const T*>(p.dout), static_cast<const float*>(p.dht), bounds,
+        static_cast<const T*>(p.dout), static_cast<const float*>(p.dht), clamped,
         static_cast<T*>(p.dv), static_cast<float*>(p.dh0), ws_dq, ws_dk, ws_hdh, p.T, p.H,
         static_cast<int>(p.K), static_cast<int>(p.V), NT, qk_total, nhk_total,
         static_cast<float>(p.scale), p.reverse);
@@ -612,7 +622,7 @@ const char* launch_bwd(const GlaParams& p, cudaStream_t stream) {
   if (fblocks > int64_t{0x7fffffff}) return "recurrent_bwd_finalize_kernel: grid too large";
   recurrent_bwd_finalize_kernel<T><<<static_cast<unsigned>(fblocks), kFinalizeThreads, 0,
                                      stream>>>(
-      static_cast<const T*>(p.q), static_cast<const T*>(p.k), bounds, ws_dq, ws_dk,
+      static_cast<const T*>(p.q), static_cast<const T*>(p.k), clamped, ws_dq, ws_dk,
       ws_hdh, p.dht != nullptr, static_cast<T*>(p.dq), static_cast<T*>(p.dk),
       static_cast<float*>(p.dg), p.T, p.H, static_cast<int>(p.K), total, NT, qk_total,
       nhk_total, p.reverse);
@@ -653,12 +663,12 @@ static_assert(Geo256::kMaxK == kCudaRecurrentMaxK, "largest block shape must cov
 
 }  // namespace
 
-// Workspace (float32): [4N] clamped bounds (with cu_seqlens), [NT][B*T*H*K] dq partials,
+// Workspace (float32): the clamped offsets (with cu_seqlens), [NT][B*T*H*K] dq partials,
 // [NT][B*T*H*K] dk partials,
 // [NT][N*H*K] rowsum(ht*dht) partials, NT = ceil(V / 32) tiles of V.
 int64_t recurrent_bwd_cuda_workspace_floats(const GlaParams& p) {
   const int64_t NT = num_v_tiles(p);
-  return bounds_floats(p) + NT * (2 * p.B * p.T * p.H * p.K + p.N * p.H * p.K);
+  return clamped_offsets_floats(p) + NT * (2 * p.B * p.T * p.H * p.K + p.N * p.H * p.K);
 }
 
 #ifndef GLA_RECURRENT_EMULATE
