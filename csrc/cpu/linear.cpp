@@ -153,5 +153,6 @@ void PackedMatrix::apply(const float* x, int64_t ldx, int64_t n, float* y, int64
 const char* PackedMatrix::isa() const { return kern_ ? kern_->name : "none"; }
 
 const char* linear_isa_now() { return pick_kernels().name; }
+int64_t linear_panel_width_now() { return pick_kernels().nr; }
 
 }  // namespace gla

@@ -60,7 +60,9 @@ class PackedMatrix {
   size_t bytes_ = 0;
 };
 
-// The instruction set a matrix packed now would use ("avx512", "avx2" or "generic").
+// The instruction set a matrix packed now would use ("avx512", "avx2" or "generic"), and
+// its panel width.
 const char* linear_isa_now();
+int64_t linear_panel_width_now();
 
 }  // namespace gla
