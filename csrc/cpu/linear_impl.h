@@ -16,6 +16,10 @@ constexpr int NR = 2 * W;              // panel width: two vectors of outputs
 constexpr int MB_MAX = GLA_VEC_BYTES == 64 ? 8 : 4;
 
 typedef float vf __attribute__((vector_size(GLA_VEC_BYTES)));
+#ifndef GLA_LINEAR_PREFETCH
+#define GLA_LINEAR_PREFETCH 2048
+#endif
+constexpr idx kPrefetchBytes = GLA_LINEAR_PREFETCH;
 
 inline vf vload(const float* p) {
   vf v;
@@ -88,10 +92,20 @@ inline void tile(const typename WP::T* __restrict wp, idx in, const float* __res
   for (int q = 0; q < NP; ++q)
 #pragma GCC unroll 8
     for (int b = 0; b < MB; ++b) c[q][b][0] = c[q][b][1] = vf{};
+  constexpr idx kRowBytes = NR * sizeof(typename WP::T);
+  // Software prefetch kPrefetchBytes ahead in each panel stream: with several batch rows the
+  // FMAs alone keep the core busy, and the hardware prefetcher does not run far enough ahead
+  // to overlap them with the weight stream from L3/DRAM.
+  constexpr idx kAhead = (kPrefetchBytes + kRowBytes - 1) / kRowBytes;
   for (idx k = 0; k < in; ++k) {
     vf w[NP][2];
 #pragma GCC unroll 2
-    for (int q = 0; q < NP; ++q) WP::load(wp + (q * in + k) * NR, w[q][0], w[q][1]);
+    for (int q = 0; q < NP; ++q) {
+      const char* pf = reinterpret_cast<const char*>(wp + (q * in + k + kAhead) * NR);
+#pragma GCC unroll 2
+      for (idx line = 0; line < kRowBytes; line += 64) __builtin_prefetch(pf + line, 0, 3);
+      WP::load(wp + (q * in + k) * NR, w[q][0], w[q][1]);
+    }
 #pragma GCC unroll 8
     for (int b = 0; b < MB; ++b) {
       const float xb = x[b * ldx + k];
