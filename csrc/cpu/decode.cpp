@@ -11,8 +11,14 @@
 // per-batch-size workspace; a step allocates only its outputs (y and, for step(), the new
 // states; step_pool() writes the pool in place).
 //
-// Threading policy (threads_for): measured with benchmarks/bench_decode_cpu.py on the 2-core
-// Intel Xeon (AVX-512) VM of issue 10; see the numbers there.
+// Threading policy (threads_for), measured rather than guessed, per batch size: the first
+// kProbeSteps steps run on one thread, the next (up to) kProbeSteps on all of
+// at::get_num_threads(); the faster median wins (all threads only if >= 10%
+// faster), re-measured every kRechooseSteps steps. Why measured at run time: on idle cores
+// two threads beat one (2-core Xeon VM, best-of: batch 1 0.45 vs 0.67 ms, batch 32 3.1 vs
+// 7.8 ms), but with the cores shared (that VM under load average 8) a threaded step waits
+// at every barrier for a descheduled partner (median batch 1 4.6 ms vs 0.8 ms on one
+// thread). Models below kMinThreadBytes of weights always run on one thread.
 #include "decode.h"
 
 #include <ATen/Parallel.h>
@@ -22,6 +28,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -340,11 +347,48 @@ int64_t CpuDecoder::weight_bytes() const {
   return static_cast<int64_t>(bytes);
 }
 
+namespace {
+constexpr size_t kProbeSteps = 5;
+constexpr int64_t kRechooseSteps = 4096;
+constexpr int64_t kMinThreadBytes = int64_t(1) << 20;
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+}  // namespace
+
 int64_t CpuDecoder::threads_for(int64_t B) const {
   const int64_t avail = at::get_num_threads();
   if (thread_limit > 0) return std::min(thread_limit, avail);
-  (void)B;
-  return 1;
+  if (avail <= 1 || weight_bytes() < kMinThreadBytes) return 1;
+  const auto it = workspaces_.find(B);
+  if (it == workspaces_.end()) return 1;
+  const Workspace& ws = it->second;
+  if (ws.chosen > 0) return std::min(ws.chosen, avail);
+  return ws.probe_one.size() < kProbeSteps ? 1 : avail;
+}
+
+void CpuDecoder::record_step_time(Workspace& ws, int T, double seconds) {
+  if (thread_limit > 0 || at::get_num_threads() <= 1) return;
+  if (ws.chosen > 0) {
+    if (++ws.steps_since_choice >= kRechooseSteps) ws.chosen = 0;  // measure again
+    return;
+  }
+  if (T <= 1) {
+    ws.probe_one.push_back(seconds);
+    return;
+  }
+  ws.probe_all.push_back(seconds);
+  const double one = median(ws.probe_one);
+  // A threaded step far slower than one thread: the cores are busy, stop measuring now.
+  const bool hopeless = seconds > 3 * one;
+  if (hopeless || ws.probe_all.size() >= kProbeSteps) {
+    ws.chosen = !hopeless && median(ws.probe_all) < 0.9 * one ? T : 1;
+    ws.steps_since_choice = 0;
+    ws.probe_one.clear();
+    ws.probe_all.clear();
+  }
 }
 
 CpuDecoder::Workspace& CpuDecoder::workspace(int64_t B) {
@@ -453,12 +497,16 @@ void CpuDecoder::run(int64_t B, Workspace& ws, const float* x, float* y) {
   }
 #ifdef _OPENMP
   if (T > 1) {
+    const auto t0 = std::chrono::steady_clock::now();
 #pragma omp parallel num_threads(T)
     run_thread(B, ws, x, y, omp_get_thread_num(), omp_get_num_threads());
+    record_step_time(ws, T, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     return;
   }
 #endif
+  const auto t0 = std::chrono::steady_clock::now();
   run_thread(B, ws, x, y, 0, 1);
+  record_step_time(ws, 1, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
 }
 
 // A [B, H, D, D] float32 tensor for a new state. Its storage is one handed out by an earlier

@@ -55,7 +55,7 @@ enum DecodeGlobalSlot : int { kInW, kInB, kNormW, kNormB, kNumGlobalSlots };
 //   Threading: a step runs single-threaded, or as ONE OpenMP parallel region in which each
 //   thread owns a fixed slice of every matrix's panels and of the (row, head) tasks, with a
 //   barrier between dependent stages (no thread wake-up per product). threads_for() says how
-//   many threads a batch size gets (measured policy, see decode.cpp).
+//   many threads a batch size gets: measured at run time, per batch size (see decode.cpp).
 // The parameters the copies were made from are kept, with their version counters and data
 // pointers, so status() can tell when the copies are stale.
 class GLA_DECODE_HIDDEN CpuDecoder {
@@ -88,8 +88,8 @@ class GLA_DECODE_HIDDEN CpuDecoder {
   std::string isa() const;
   at::ScalarType weight_dtype() const { return wdtype_; }
   int64_t weight_bytes() const;  // packed matrix bytes one step streams
-  // Threads a step of batch B runs on (<= at::get_num_threads()). thread_limit: 0 = the
-  // measured policy, n > 0 = at most n (benchmarks compare).
+  // Threads the next step of batch B runs on (<= at::get_num_threads()). thread_limit: 0 =
+  // the measured policy (decode.cpp), n > 0 = at most n (tests and benchmarks compare).
   int64_t threads_for(int64_t B) const;
   int64_t thread_limit = 0;
 
@@ -103,7 +103,12 @@ class GLA_DECODE_HIDDEN CpuDecoder {
     std::vector<const float*> old_states;
     std::vector<float*> new_states;
     std::vector<c10::Storage> spare;  // state storages handed out before (reused once free)
+    // Threading policy (threads_for): step times of one thread and of all threads, measured
+    // on this batch size's first steps; `chosen` = the winner (0 while measuring).
+    std::vector<double> probe_one, probe_all;
+    int64_t chosen = 0, steps_since_choice = 0;
   };
+  void record_step_time(Workspace& ws, int T, double seconds);
   at::Tensor fresh_state(Workspace& ws, int64_t B);
   Workspace& workspace(int64_t B);
   void check_x(const at::Tensor& x) const;
