@@ -11,9 +11,8 @@ G_j = sum_t g_t over slice j:
     S_in_0 = 0,    S_in_{j+1} = diag(exp(G_j)) S_in_j + L_j        (rank 0's L includes h0)
 
 Every factor exp(G_j) is <= 1 (never the exponential of a positive number), so gates down to
--inf stay finite. Rank i then adds what S_in_i contributes to its outputs,
-
-    o_t += scale * (q_t * exp(sum_{s<=t} g_s)) S_in_i               (s, t inside the slice)
+-inf stay finite. Rank i (> 0) then runs its slice again from S_in_i, which gives its outputs
+and (last rank) the final state exactly as the single process would.
 
 Communication: one all_gather of (L_i, G_i) forward and one of dS_in_i backward, O(B*H*K*V)
 elements per rank and direction whatever the sequence length, plus an all_gather of a few
@@ -144,8 +143,11 @@ def chunk_gla_cp(q, k, v, g, scale=None, initial_state=None, output_final_state=
     [B, H, K, V] on rank 0 only; the final state (output_final_state=True) is returned on the
     last rank, None elsewhere. Returns (o [B, T_i, H, V], final_state or None), equal to the
     matching slice of chunk_gla on the whole sequence, and differentiable for q, k, v, g,
-    initial_state and a gradient on the final state. Every rank must call it (and run the
-    backward) in the same order: it issues collectives on `group`.
+    initial_state and a gradient on the final state. Every rank must call it in the same
+    order, and backpropagate through its o (a rank whose loss does not use it can add
+    0 * o.sum()): forward and backward each issue collectives on `group`. Shapes (B, H, K,
+    V), dtype, scale, output_final_state and whether gradients are needed must agree on all
+    ranks; otherwise every rank raises a ValueError.
     """
     op = "chunk_gla_cp"
     group, rank, world = _group_info(op, group)
@@ -158,30 +160,36 @@ def chunk_gla_cp(q, k, v, g, scale=None, initial_state=None, output_final_state=
         resolve_backend(backend, q.device, q.dtype, op)
         B, _, H, K = q.shape
         sc = K ** -0.5 if scale is None else float(scale)
+        # a rank whose inputs need no gradient would skip the backward's collective
+        needs_grad = torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (q, k, v, g, initial_state))
         fields = dict(B=B, H=H, K=K, V=v.shape[3], dtype=_DTYPE_CODES[q.dtype],
-                      output_final_state=int(bool(output_final_state)), scale=sc)
+                      output_final_state=int(bool(output_final_state)), scale=sc,
+                      requires_grad=int(needs_grad))
     except (ValueError, TypeError, RuntimeError) as e:
         error = e
     device = q.device if isinstance(q, torch.Tensor) else None
     check_cp_call(op, group, device, error, fields or dict(
-        B=0, H=0, K=0, V=0, dtype=0, output_final_state=0, scale=0))
+        B=0, H=0, K=0, V=0, dtype=0, output_final_state=0, scale=0, requires_grad=0))
 
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    # This slice from a zero state (rank 0: from initial_state): local output and final state.
-    o_local, L = chunk_gla(q, k, v, g, scale=sc, initial_state=initial_state,
-                           output_final_state=True, backend=backend)
-    g_acc = g.to(acc)
-    G = g_acc.sum(dim=1)                                          # [B, H, K], <= 0
+    last = rank == world - 1
+    # Pass 1: this slice from a zero state (rank 0: from initial_state) for its final state L.
+    o, L = chunk_gla(q, k, v, g, scale=sc, initial_state=initial_state,
+                     output_final_state=True, backend=backend)
+    G = g.to(acc).sum(dim=1)                                     # [B, H, K], <= 0
     S_in = _StateExchange.apply(L.to(acc), G, group, rank, world)
     if rank == 0:
-        # S_in is zero here, but it must stay in the graph: the backward's all_gather runs
-        # only if autograd reaches the exchange on every rank.
-        o = o_local + (S_in.sum() * 0).to(o_local.dtype)
+        # S_in is zero here and o is already right, but S_in must stay in the graph: the
+        # backward's all_gather runs only if autograd reaches the exchange on every rank.
+        o = o + (S_in.sum() * 0).to(o.dtype)
+        final = L if last else None
     else:
-        decay = torch.exp(torch.cumsum(g_acc, dim=1))            # exponents <= 0
-        corr = torch.einsum("bthk,bhkv->bthv", q.to(acc) * decay, S_in) * sc
-        o = (o_local.to(acc) + corr).to(o_local.dtype)
-    final = None
-    if output_final_state and rank == world - 1:
-        final = torch.exp(G).unsqueeze(-1) * S_in + L.to(acc)
+        # Pass 2: the slice again from its entering state, by the same kernel (its output and
+        # its final state are exactly the single-process ones). A torch einsum/cumsum
+        # correction of pass 1's output would do the same work outside the kernel; on CPUs
+        # whose BLAS is slow for these shapes it cost 5-10x the kernel (see README).
+        o, final = chunk_gla(q, k, v, g, scale=sc, initial_state=S_in,
+                             output_final_state=last, backend=backend)
+    final = final if output_final_state and last else None
     return o, final

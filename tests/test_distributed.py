@@ -209,6 +209,8 @@ def worker_model(rank, world, slices):
                  "same B, H, K, V", "rank 1: B=1, H=3")
     qd = q.double() if rank == world - 1 else q
     expect_error(lambda: chunk_gla_cp(qd, qd, v.to(qd.dtype), qd.clamp(max=0)), "dtype=float64")
+    qg = q.clone().requires_grad_(rank == 0)         # only rank 0 would run the backward
+    expect_error(lambda: chunk_gla_cp(qg, q, v, q.clamp(max=0)), "requires_grad=1")
     h0 = torch.zeros(1, 2, 8, 8) if rank == 1 else None
     expect_error(lambda: chunk_gla_cp(q, q, v, q.clamp(max=0), initial_state=h0),
                  "rank 0 only" if rank == 1 else "rank(s) [1]")
