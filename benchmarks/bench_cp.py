@@ -7,7 +7,9 @@ call (median of reps, the slowest rank's):
   cp        chunk_gla_cp on the rank's slice (forward; forward + backward)
   local     chunk_gla on the same slice alone (the compute chunk_gla_cp starts with)
   comm      the collectives chunk_gla_cp issues, alone, with the same sizes
-  combine   cp - local - comm (the entering-state scan and the output correction)
+  extra     cp - local - comm: what context parallelism adds to the slice's own kernel work:
+            ranks > 0 run the forward twice (pass 1 for the slice's final state, pass 2 from
+            the entering state) and the backward computes the entering state's gradient
   single    chunk_gla on the whole sequence in one process (rank 0), for the speed-up
 Bytes are counted from the tensors chunk_gla_cp actually hands to all_gather. Also prints the
 cost model (bytes per rank vs activations) for B=1, T=1M, H=16, K=V=128 over 8 and 64 ranks.
@@ -206,12 +208,12 @@ def main() -> int:
     lines = [f"chunk_gla_cp, gloo, {args.ranks} ranks x 1 thread, float32, gates logsigmoid/16; "
              "ms per call, slowest rank's median",
              f"{'B T H K V':<22}{'pass':<9}{'sent/rank':>11}{'activ/rank':>12}{'cp':>9}"
-             f"{'local':>9}{'comm':>9}{'combine':>9}{'single':>9}{'speedup':>9}"]
+             f"{'local':>9}{'comm':>9}{'extra':>9}{'single':>9}{'speedup':>9}"]
     for r in rows:
         for mode in ("fwd", "fwd_bwd"):
             cp, loc, com = r[f"cp_{mode}"], r[f"local_{mode}"], r[f"comm_{mode}"]
             single = r.get(f"single_{mode}")
-            r[f"combine_{mode}"] = cp - loc - com
+            r[f"extra_{mode}"] = cp - loc - com
             lines.append(f"{r['B']} {r['T']} {r['H']} {r['K']} {r['V']:<10}{mode:<9}"
                          f"{_kib(r[f'bytes_sent_{mode}']):>11}{_kib(r['activation_bytes']):>12}"
                          f"{cp * 1e3:>9.2f}{loc * 1e3:>9.2f}{com * 1e3:>9.2f}"

@@ -100,39 +100,112 @@ def _show(name: str, x: float):
     return int(x) if float(x).is_integer() else x
 
 
-class _StateExchange(torch.autograd.Function):
-    """(L_i, G_i) on each rank -> S_in_i, the state entering rank i's slice.
+def _cumsum_t(g: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """Inclusive cumulative sum of g [B, T, H, K] over T: torch.cumsum along a non-inner dim is
+    a slow scalar loop on CPU, so sums inside 64-step blocks are one matmul with a triangular
+    matrix and the block offsets (accumulated in float64) are added after."""
+    B, T, H, K = g.shape
+    n = -(-T // block)
+    # -inf (full forget) would make 0 * -inf = NaN in the matmul; any C <= -1e4 gives the same
+    # exp(C) = 0, and every later C stays below it (g <= 0).
+    g = g.clamp(min=-1e4)
+    if n * block != T:
+        g = torch.nn.functional.pad(g, (0, 0, 0, 0, 0, n * block - T))
+    tril = torch.ones(block, block, dtype=g.dtype, device=g.device).tril_()
+    inner = torch.matmul(tril, g.reshape(B, n, block, H * K))          # [B, n, block, H*K]
+    totals = inner[:, :, -1].to(torch.float64)
+    offsets = (torch.cumsum(totals, dim=1) - totals).to(g.dtype)       # sum of earlier blocks
+    return (inner + offsets[:, :, None]).reshape(B, n * block, H, K)[:, :T]
 
-    One all_gather forward, one all_gather backward (of dS_in); every rank issues both, so the
-    collectives match across ranks whatever order autograd runs the other nodes in.
+
+def _entering_state_grad(q, g, dO, scale: float) -> torch.Tensor:
+    """d loss / d S_in through this slice's outputs: scale * sum_t (q_t * exp(C_t))^T dO_t.
+
+    C_t = g_1 + ... + g_t inside the slice (<= 0). Factors below e^-80 (float32; e^-700 in
+    float64) are taken as 0: their products are denormal numbers, slow on CPUs, and below
+    anything a float32 sum of the other terms can hold. The sum over t is one batched matmul
+    in the layout [B*H, T, K].
+    """
+    B, T, H, K = q.shape
+    V = dO.shape[-1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    C = _cumsum_t(g.to(acc))
+    low = -700.0 if acc == torch.float64 else -80.0
+    decay = torch.exp(C.clamp(min=low)).masked_fill_(C < low, 0.0)   # exp never makes denormals
+    qd = (q.to(acc) * decay).permute(0, 2, 1, 3).reshape(B * H, T, K)
+    do = dO.to(acc).permute(0, 2, 1, 3).reshape(B * H, T, V)
+    return (torch.bmm(qd.transpose(1, 2), do) * scale).view(B, H, K, V)
+
+
+class _ChunkGLACP(torch.autograd.Function):
+    """One rank's slice of chunk_gla_cp; one all_gather forward and one backward.
+
+    Forward: pass 1 (no graph) gives this slice's final state L from a zero state; the
+    all_gather of (L, G) gives S_in (the scan in the module docstring); pass 2 runs the slice
+    from S_in (rank 0: from initial_state, and pass 1 is skipped) with a graph kept for the
+    backward. Its outputs o and F (the true state after this slice) are the single-process
+    ones. The later ranks depend on this slice only through F = S_in of the next rank.
+    Backward: every rank's local gradient on its S_in, a = d<dO, o>/dS_in (+ exp(G) dF on the
+    last rank), is all_gathered; the gradient arriving on F from the later ranks is
+    dF_ext = sum_{m > i} diag(exp(G_{i+1} + ... + G_{m-1})) a_m, and ONE kernel backward of pass
+    2 with (dO, dF + dF_ext) gives every input's gradient (and initial_state's on rank 0).
     """
 
     @staticmethod
-    def forward(ctx, L, G, group, rank, world):
-        n = L.numel()
-        packed = torch.cat([L.reshape(-1), G.reshape(-1)])
-        gathered = _all_gather(packed, group, world)
-        Ls = gathered[:, :n].view((world,) + tuple(L.shape))
-        Gs = gathered[:, n:].view((world,) + tuple(G.shape))
-        S = torch.zeros_like(L)
-        for j in range(rank):              # S_in_{j+1} = diag(exp(G_j)) S_in_j + L_j
-            S = torch.exp(Gs[j]).unsqueeze(-1) * S + Ls[j]
-        ctx.save_for_backward(Gs, S)
-        ctx.group, ctx.rank, ctx.world = group, rank, world
-        return S
+    def forward(ctx, q, k, v, g, h0, scale, group, rank, world, backend, needs_grad):
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        G = g.to(acc).sum(dim=1)                                   # [B, H, K], <= 0
+        if rank == 0:
+            L = None
+        else:
+            with torch.no_grad():
+                _, L = chunk_gla(q, k, v, g, scale=scale, output_final_state=True,
+                                 backend=backend)
+        # pass 2's graph is built only for the inputs that need gradients
+        leaves = [x.detach().requires_grad_(needs_grad and x.requires_grad) for x in (q, k, v, g)]
+        h0_leaf = (None if h0 is None else
+                   h0.detach().requires_grad_(needs_grad and h0.requires_grad))
+        with torch.enable_grad():
+            if rank == 0:
+                o, F = chunk_gla(*leaves, scale=scale, initial_state=h0_leaf,
+                                 output_final_state=True, backend=backend)
+                L = F.detach()
+            # exchange (L, G): S_in_{j+1} = diag(exp(G_j)) S_in_j + L_j
+            n = L.numel()
+            gathered = _all_gather(torch.cat([L.reshape(-1).to(acc), G.reshape(-1)]),
+                                   group, world)
+            Ls = gathered[:, :n].view((world,) + tuple(L.shape))
+            Gs = gathered[:, n:].view((world,) + tuple(G.shape))
+            if rank > 0:
+                S_in = torch.zeros_like(Ls[0])
+                for j in range(rank):
+                    S_in = torch.exp(Gs[j]).unsqueeze(-1) * S_in + Ls[j]
+                o, F = chunk_gla(*leaves, scale=scale, initial_state=S_in,
+                                 output_final_state=True, backend=backend)
+        ctx.graph = (o, F, leaves, h0_leaf)
+        ctx.save_for_backward(Gs)
+        ctx.scale, ctx.group, ctx.rank, ctx.world = scale, group, rank, world
+        return o.detach(), F.detach()
 
     @staticmethod
-    def backward(ctx, dS):
-        Gs, S = ctx.saved_tensors
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dO, dF):
+        (Gs,) = ctx.saved_tensors
+        o, F, leaves, h0_leaf = ctx.graph
         rank, world = ctx.rank, ctx.world
-        dS_all = _all_gather(dS, ctx.group, world)
-        # dL_i = sum_{m > i} diag(exp(G_{i+1} + ... + G_{m-1})) dS_in_m  (reverse of the scan)
-        dL = torch.zeros_like(S)
+        q, _, _, g = leaves
+        a = torch.zeros_like(F) if rank == 0 else _entering_state_grad(q, g, dO, ctx.scale)
+        a = a + torch.exp(Gs[rank]).unsqueeze(-1) * dF        # dF is zero except on the last rank
+        a_all = _all_gather(a, ctx.group, world)
+        dF_ext = torch.zeros_like(F)
         for m in range(world - 1, rank, -1):
-            dL = torch.exp(Gs[m]).unsqueeze(-1) * dL + dS_all[m]
-        # G_i scales S_in_i on its way into every later slice: d/dG_i of <dL_i, exp(G_i) S_in_i>
-        dG = (torch.exp(Gs[rank]).unsqueeze(-1) * S * dL).sum(-1)
-        return dL, dG, None, None, None
+            dF_ext = torch.exp(Gs[m]).unsqueeze(-1) * dF_ext + a_all[m]
+        wanted = [x for x in leaves + [h0_leaf] if x is not None and x.requires_grad]
+        grads = iter(torch.autograd.grad((o, F), wanted, (dO, dF + dF_ext), allow_unused=True))
+        out = [next(grads) if x is not None and x.requires_grad else None
+               for x in leaves + [h0_leaf]]
+        ctx.graph = None
+        return (*out, None, None, None, None, None, None)
 
 
 def chunk_gla_cp(q, k, v, g, scale=None, initial_state=None, output_final_state=False,
@@ -172,24 +245,6 @@ def chunk_gla_cp(q, k, v, g, scale=None, initial_state=None, output_final_state=
     check_cp_call(op, group, device, error, fields or dict(
         B=0, H=0, K=0, V=0, dtype=0, output_final_state=0, scale=0, requires_grad=0))
 
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    last = rank == world - 1
-    # Pass 1: this slice from a zero state (rank 0: from initial_state) for its final state L.
-    o, L = chunk_gla(q, k, v, g, scale=sc, initial_state=initial_state,
-                     output_final_state=True, backend=backend)
-    G = g.to(acc).sum(dim=1)                                     # [B, H, K], <= 0
-    S_in = _StateExchange.apply(L.to(acc), G, group, rank, world)
-    if rank == 0:
-        # S_in is zero here and o is already right, but S_in must stay in the graph: the
-        # backward's all_gather runs only if autograd reaches the exchange on every rank.
-        o = o + (S_in.sum() * 0).to(o.dtype)
-        final = L if last else None
-    else:
-        # Pass 2: the slice again from its entering state, by the same kernel (its output and
-        # its final state are exactly the single-process ones). A torch einsum/cumsum
-        # correction of pass 1's output would do the same work outside the kernel; on CPUs
-        # whose BLAS is slow for these shapes it cost 5-10x the kernel (see README).
-        o, final = chunk_gla(q, k, v, g, scale=sc, initial_state=S_in,
-                             output_final_state=last, backend=backend)
-    final = final if output_final_state and last else None
-    return o, final
+    o, final = _ChunkGLACP.apply(q, k, v, g, initial_state, sc, group, rank, world, backend,
+                                 needs_grad)
+    return o, (final if output_final_state and rank == world - 1 else None)
