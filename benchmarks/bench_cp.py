@@ -235,7 +235,12 @@ def main() -> int:
     m = machine()
     print(f"{m['cpu']}, torch {m['torch']}")
     name = "cp_gloo_quick" if args.quick else "cp_gloo"
-    path = save_results(name, rows, table, extra={"cost_model": model_rows,
+    load = os.getloadavg()
+    print(f"load average during the run (1/5/15 min): {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
+          f"on {os.cpu_count()} cores (other processes share them: times are noisy)")
+    table += f"\nload average at the end (1/5/15 min): {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}, " \
+             f"{os.cpu_count()} cores"
+    path = save_results(name, rows, table, extra={"cost_model": model_rows, "load_avg": load,
                                                   "ranks": args.ranks, "reps": args.reps})
     print(f"saved {path}")
     return 0

@@ -199,6 +199,12 @@ def worker_model(rank, world, slices):
         for n, p in model.named_parameters():      # per-rank slice contributions sum to the whole
             dist.all_reduce(p.grad, group=group)
             assert rel(p.grad, ref[n]) <= 1e-5, f"rank {rank}: grad of {n} differs"
+    # DDP over the context group itself: it averages, so each rank's loss is scaled by world
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ddp = DDP(tiny_model(**kw), process_group=group)
+    (ddp(x[:, lo:hi], cp_group=group, return_sequence=True) * w[:, lo:hi]).sum().mul(world).backward()
+    for n, p in ddp.module.named_parameters():
+        assert rel(p.grad, ref[n]) <= 1e-5, f"rank {rank}: DDP + context parallel grad of {n} differs"
 
     # bad use: every rank raises (none hangs), and the group still works afterwards
     q = torch.randn(1, 4, 2, 8)
