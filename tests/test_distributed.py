@@ -3,7 +3,7 @@
 Each test spawns 2-4 processes (torch.multiprocessing, gloo on 127.0.0.1, a free port); every
 process group and the join have timeouts, so a bug fails instead of hanging. Workers are
 module-level functions (spawn pickles them by name) and run many checks per spawn, because
-starting processes is what costs time here. Every rank builds the same full inputs from one
+starting processes (importing torch) is what costs time here: one spawn per group size. Every rank builds the same full inputs from one
 seed, runs the single-process op / model on them, and compares its own slice.
 """
 from __future__ import annotations
@@ -152,9 +152,8 @@ OP_CASES = {
 }
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_chunk_gla_cp_matches_single_process(world):
-    run_ranks(worker_ops, world, OP_CASES[world])
+def test_chunk_gla_cp_4_ranks():
+    run_ranks(worker_ops, 4, OP_CASES[4])
 
 
 # ---- the model with cp_group; bad use raises on every rank ---------------------------------
@@ -235,8 +234,13 @@ def worker_model(rank, world, slices):
     check_case(rank, world, _case(31, [10, 3, 0][:world] + [5] * (world - 3), gate=16))
 
 
-def test_model_cp_and_bad_use():
-    run_ranks(worker_model, 3, [9, 0, 14])
+def worker_3(rank, world):
+    worker_ops(rank, world, OP_CASES[3])
+    worker_model(rank, world, [9, 0, 14])
+
+
+def test_chunk_gla_cp_model_and_bad_use_3_ranks():
+    run_ranks(worker_3, 3)
 
 
 # ---- DDP and FSDP2: 2-rank training steps == one process on the whole batch ----------------
@@ -291,8 +295,13 @@ def worker_dp(rank, world):
         assert rel(full, expected[n]) <= 1e-5, f"FSDP2 rank {rank}: {n} differs"
 
 
-def test_ddp_and_fsdp2_match_single_process():
-    run_ranks(worker_dp, 2)
+def worker_2(rank, world):
+    worker_ops(rank, world, OP_CASES[2])
+    worker_dp(rank, world)
+
+
+def test_chunk_gla_cp_ddp_and_fsdp2_2_ranks():
+    run_ranks(worker_2, 2)
 
 
 # ---- the example: torchrun, 2 processes, data x context mesh ------------------------------
