@@ -116,7 +116,7 @@ def check_case(rank, world, case):
     if ht_cp is not None:
         loss = loss + (ht_cp * dht).sum()
     loss.backward()
-    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
     errs = {"o": rel(o_cp, o[:, lo:hi])}
     if ht_cp is not None:
         errs["final_state"] = rel(ht_cp, ht)
@@ -138,11 +138,12 @@ def _case(seed, slices, shape=(2, 2, 16, 16), dtype=torch.float32, gate=1.0, h0=
 
 
 # uneven slices crossing chunk boundaries (64), empty slices, K != V, weak (16) and strong (0.1)
-# decay, full-forget gates, with and without h0 / final state, float32 and float64
+# decay, full-forget gates, with and without h0 / final state, float32, float64 and bfloat16
 OP_CASES = {
     2: [_case(1, [70, 9], gate=16), _case(2, [0, 33], shape=(1, 3, 8, 24), gate=0.1),
         _case(3, [65, 64], dtype=torch.float64, gate=16), _case(4, [5, 0], h0=False),
-        _case(5, [40, 90], shape=(2, 2, 32, 8), gate="mixed", final=False)],
+        _case(5, [40, 90], shape=(2, 2, 32, 8), gate="mixed", final=False),
+        _case(6, [50, 78], dtype=torch.bfloat16, gate=16)],
     3: [_case(11, [40, 0, 27], shape=(2, 2, 8, 12), gate=0.1),
         _case(12, [1, 70, 130], dtype=torch.float64, gate=16, h0=False),
         _case(13, [20, 20, 0], shape=(1, 2, 16, 40), gate=16)],
