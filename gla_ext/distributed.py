@@ -47,13 +47,18 @@ def _group_info(op: str, group):
 
 
 def _comm_device(group, device) -> torch.device:
-    """Where collectives of this group run: the tensors' GPU under NCCL, else the CPU (gloo)."""
+    """Where this group's collectives run: the tensors' GPU under NCCL, the CPU under gloo
+    (also for CUDA tensors when the group has no NCCL), the GPU for CPU tensors under NCCL
+    alone; other backends get the tensors' own device."""
     backend = str(dist.get_backend(group)).lower()
+    cuda = device is not None and device.type == "cuda"
+    if "nccl" in backend and cuda:
+        return device
+    if "gloo" in backend:
+        return torch.device("cpu")
     if "nccl" in backend:
-        if device is not None and device.type == "cuda":
-            return device
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return device if device is not None else torch.device("cpu")
 
 
 def _all_gather(t: torch.Tensor, group, world: int) -> torch.Tensor:
