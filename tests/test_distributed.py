@@ -205,6 +205,19 @@ def worker_model(rank, world, slices):
     (ddp(x[:, lo:hi], cp_group=group, return_sequence=True) * w[:, lo:hi]).sum().mul(world).backward()
     for n, p in ddp.module.named_parameters():
         assert rel(p.grad, ref[n]) <= 1e-5, f"rank {rank}: DDP + context parallel grad of {n} differs"
+    # FSDP2 over the context group itself (its all-gathers and reduce-scatters interleave
+    # with the context exchange on one group); its reduce-scatter averages too
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+    sharded = tiny_model(**kw)
+    mesh = DeviceMesh.from_group(group, "cpu")
+    for block in sharded.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    (sharded(x[:, lo:hi], cp_group=group, return_sequence=True) * w[:, lo:hi]).sum().mul(world).backward()
+    for n, p in sharded.named_parameters():
+        assert rel(p.grad.full_tensor(), ref[n]) <= 1e-5, \
+            f"rank {rank}: FSDP2 + context parallel grad of {n} differs"
 
     # bad use: every rank raises (none hangs), and the group still works afterwards
     q = torch.randn(1, 4, 2, 8)
