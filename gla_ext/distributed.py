@@ -224,8 +224,8 @@ def chunk_gla_cp(q, k, v, g, scale=None, initial_state=None, output_final_state=
     initial_state and a gradient on the final state. Every rank must call it in the same
     order, and backpropagate through its o (a rank whose loss does not use it can add
     0 * o.sum()): forward and backward each issue collectives on `group`. Shapes (B, H, K,
-    V), dtype, scale, output_final_state and whether gradients are needed must agree on all
-    ranks; otherwise every rank raises a ValueError.
+    V), dtype, scale and whether gradients are needed must agree on all ranks; otherwise
+    every rank raises a ValueError. output_final_state is read on the last rank only.
     """
     op = "chunk_gla_cp"
     group, rank, world = _group_info(op, group)
@@ -241,14 +241,14 @@ def chunk_gla_cp(q, k, v, g, scale=None, initial_state=None, output_final_state=
         # a rank whose inputs need no gradient would skip the backward's collective
         needs_grad = torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (q, k, v, g, initial_state))
-        fields = dict(B=B, H=H, K=K, V=v.shape[3], dtype=_DTYPE_CODES[q.dtype],
-                      output_final_state=int(bool(output_final_state)), scale=sc,
+        # (output_final_state matters on the last rank only, so it need not agree)
+        fields = dict(B=B, H=H, K=K, V=v.shape[3], dtype=_DTYPE_CODES[q.dtype], scale=sc,
                       requires_grad=int(needs_grad))
     except (ValueError, TypeError, RuntimeError) as e:
         error = e
     device = q.device if isinstance(q, torch.Tensor) else None
     check_cp_call(op, group, device, error, fields or dict(
-        B=0, H=0, K=0, V=0, dtype=0, output_final_state=0, scale=0, requires_grad=0))
+        B=0, H=0, K=0, V=0, dtype=0, scale=0, requires_grad=0))
 
     o, final = _ChunkGLACP.apply(q, k, v, g, initial_state, sc, group, rank, world, backend,
                                  needs_grad)

@@ -97,7 +97,10 @@ def check_case(rank, world, case):
     from gla_ext.distributed import chunk_gla_cp
     slices, dtype = case["slices"], case["dtype"]
     B, H, K, V = case["shape"]
-    use_h0, want_final = case["h0"], case["final"]
+    use_h0, want_final = case["h0"], bool(case["final"])
+    last = rank == world - 1
+    # final="last": only the last rank asks for it (the flag is read there only)
+    ask_final = last if case["final"] == "last" else want_final
     qkvg, h0, do, dht = full_inputs(case["seed"], sum(slices), B, H, K, V, dtype, case["gate"])
     # single process, whole sequence (float64 whatever the dtype under test)
     leaves = [x.double().clone().requires_grad_() for x in qkvg]
@@ -108,8 +111,7 @@ def check_case(rank, world, case):
     lo, hi = bounds(slices, rank)
     mine = [x[:, lo:hi].clone().requires_grad_() for x in qkvg]
     my_h0 = h0.clone().requires_grad_() if use_h0 and rank == 0 else None
-    o_cp, ht_cp = chunk_gla_cp(*mine, initial_state=my_h0, output_final_state=want_final)
-    last = rank == world - 1
+    o_cp, ht_cp = chunk_gla_cp(*mine, initial_state=my_h0, output_final_state=ask_final)
     assert (ht_cp is not None) == (want_final and last), "final state on the wrong rank"
     assert o_cp.shape == (B, hi - lo, H, V) and o_cp.dtype == dtype
     loss = (o_cp * do[:, lo:hi]).sum()
@@ -146,7 +148,7 @@ OP_CASES = {
         _case(6, [50, 78], dtype=torch.bfloat16, gate=16)],
     3: [_case(11, [40, 0, 27], shape=(2, 2, 8, 12), gate=0.1),
         _case(12, [1, 70, 130], dtype=torch.float64, gate=16, h0=False),
-        _case(13, [20, 20, 0], shape=(1, 2, 16, 40), gate=16)],
+        _case(13, [20, 20, 0], shape=(1, 2, 16, 40), gate=16, final="last")],
     4: [_case(21, [17, 64, 1, 50], shape=(2, 2, 24, 8), gate=16),
         _case(22, [0, 30, 0, 9], dtype=torch.float64, shape=(1, 2, 8, 16), gate=0.1),
         _case(23, [33, 12, 70, 2], gate="mixed", shape=(1, 1, 16, 16))],
