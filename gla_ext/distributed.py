@@ -14,10 +14,15 @@ Every factor exp(G_j) is <= 1 (never the exponential of a positive number), so g
 -inf stay finite. Rank i (> 0) then runs its slice again from S_in_i, which gives its outputs
 and (last rank) the final state exactly as the single process would.
 
-Communication: one all_gather of (L_i, G_i) forward and one of dS_in_i backward, O(B*H*K*V)
-elements per rank and direction whatever the sequence length, plus an all_gather of a few
-numbers in the forward that checks every rank passed matching shapes (so a mismatch raises on
-every rank instead of hanging in the exchange). Works with gloo (CPU) and NCCL (GPU).
+Backward: each rank's local gradient on its entering state is all_gathered, every rank scans
+the later ranks' ones back into the gradient on its own final state, and one kernel backward
+of the second pass gives all its inputs' gradients (see _ChunkGLACP).
+
+Communication: one all_gather of (L_i, G_i) forward and one of the entering-state gradients
+backward, O(B*H*K*V) elements per rank and direction whatever the sequence length, plus an
+all_gather of a few numbers in the forward that checks every rank passed matching shapes (so a
+mismatch raises on every rank instead of hanging in the exchange). Works with gloo (CPU) and
+NCCL (GPU).
 """
 from __future__ import annotations
 
