@@ -1,0 +1,169 @@
+"""One token per call for an FlaGLALM: the decode loop of generate().
+
+Every matrix product goes through a linear object made once per model:
+gla_ext.cpu_linear.PackedLinear on the CPU (own packed layout and SIMD kernels, weights read
+once per step for the whole batch; float32 or bfloat16 weights, float32 activations) when it
+is available, torch's matmul otherwise (GPU). Projections that read the same input are
+concatenated into one matrix, so a step makes five products per block plus the lm_head:
+    [Wq; Wk; Wv; Wg; Wgk0] h,  Wgk1 r + b,  Wo o,  [W_gate; W_up] h,  W_down a.
+
+The recurrent state is kept per key/value head ([B, num_kv_heads, K, V] float32): the
+query heads of one GQA group share k, v and gk, so they share the state too and each step
+updates it once per group (o = scale * q S for the group's queries in one batched product).
+Buffers are allocated once per batch size; a step allocates only small temporaries.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .fla_model import FlaGLALM
+
+__all__ = ["Decoder", "make_linear", "packed_linear_available"]
+
+try:  # helper "dec"'s kernels (TEAM.md interface 1); absent in older builds
+    from ..cpu_linear import PackedLinear as _PackedLinear
+except ImportError:  # pragma: no cover - depends on the build
+    _PackedLinear = None
+
+
+def packed_linear_available() -> bool:
+    return _PackedLinear is not None
+
+
+class _TorchLinear:
+    """y = x W^T (+ b) with torch's matmul, in the weight dtype (GPU, or CPU fallback)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight_t = weight.t()
+        self.bias = None if bias is None else bias.to(weight.dtype)
+        self.out_features = weight.shape[0]
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        wt = self.weight_t
+        xin = x if x.dtype == wt.dtype else x.to(wt.dtype)
+        if out is None or out.dtype != wt.dtype:
+            y = torch.addmm(self.bias, xin, wt) if self.bias is not None else xin @ wt
+            if out is None:
+                return y
+            return out.copy_(y)
+        if self.bias is not None:
+            return torch.addmm(self.bias, xin, wt, out=out)
+        return torch.mm(xin, wt, out=out)
+
+
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, packed=None):
+    """A decode-step linear for weight [out, in]: PackedLinear on the CPU when available
+    (packed=None: auto; True: required; False: torch)."""
+    use_packed = (weight.device.type == "cpu" and _PackedLinear is not None
+                  if packed is None else packed)
+    if use_packed:
+        if _PackedLinear is None:
+            raise RuntimeError("packed=True needs gla_ext.cpu_linear.PackedLinear, which this "
+                               "build does not have")
+        return _PackedLinear(weight.contiguous(),
+                             None if bias is None else bias.float().contiguous())
+    return _TorchLinear(weight, bias)
+
+
+class _BlockLinears:
+    def __init__(self, blk, s, packed):
+        mats = [blk.wq, blk.wk, blk.wv] + ([blk.wg] if s.use_output_gate else []) + [blk.wgk0]
+        self.split = [m.shape[0] for m in mats]
+        self.in_proj = make_linear(torch.cat(mats, 0), packed=packed)
+        self.gk_up = make_linear(blk.wgk1, blk.bgk, packed=packed)
+        self.o_proj = make_linear(blk.wo, packed=packed)
+        self.gate_up = make_linear(torch.cat([blk.w_gate, blk.w_up], 0), packed=packed)
+        self.down = make_linear(blk.w_down, packed=packed)
+        self.attn_norm, self.mlp_norm, self.g_norm = blk.attn_norm, blk.mlp_norm, blk.g_norm
+
+
+class Decoder:
+    """Steps an FlaGLALM one token at a time from states [B, num_kv_heads, K, V]."""
+
+    def __init__(self, lm: FlaGLALM, packed=None):
+        self.lm, self.s = lm, lm.settings
+        self.blocks = [_BlockLinears(blk, self.s, packed) for blk in lm.blocks]
+        self.head = make_linear(lm.head_weight(), packed=packed)
+        self.act = lm.activation_dtype
+        self._batch = None
+
+    def kv_states(self, head_states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Prefill states [B, H, K, V] -> decode states [B, H_kv, K, V] (the heads of a
+        group hold the same state: keep the first of each group)."""
+        g = self.s.kv_groups
+        return [st[:, ::g].contiguous() if g > 1 else st.contiguous() for st in head_states]
+
+    def head_states(self, kv_states: list[torch.Tensor]) -> list[torch.Tensor]:
+        g = self.s.kv_groups
+        return [st.repeat_interleave(g, dim=1) if g > 1 else st for st in kv_states]
+
+    def _buffers(self, B: int):
+        if self._batch == B:
+            return
+        s, dev, act = self.s, self.lm.device, self.act
+        d = s.hidden_size
+        def buf(*shape):
+            return torch.empty(*shape, dtype=act, device=dev)
+        self.x, self.h = buf(B, d), buf(B, d)
+        self.proj = buf(B, sum(self.blocks[0].split))
+        self.gk = buf(B, s.num_kv_heads * s.head_k_dim)
+        self.attn_out, self.mlp_out = buf(B, d), buf(B, d)
+        self.gu = buf(B, 2 * s.intermediate_size)
+        self.logits = torch.empty(B, s.vocab_size, dtype=torch.float32, device=dev)
+        self._batch = B
+
+    def _norm(self, x, w, out):
+        # out = x / sqrt(mean(x^2) + eps) * w (float32 math)
+        ms = x.float().square().mean(-1, keepdim=True).add_(self.s.norm_eps).rsqrt_()
+        if w is None:
+            return torch.mul(x, ms, out=out)
+        return torch.mul(x, ms, out=out).mul_(w)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, states: list[torch.Tensor]) -> torch.Tensor:
+        """tokens [B] int64 -> logits [B, vocab] float32 (a buffer reused by the next call);
+        advances every state in place."""
+        s = self.s
+        B = tokens.shape[0]
+        self._buffers(B)
+        H, Hkv, G = s.num_heads, s.num_kv_heads, s.kv_groups
+        K, V, eps = s.head_k_dim, s.head_v_dim, s.norm_eps
+        x, h = self.x, self.h
+        if self.lm.embed.dtype == x.dtype:
+            torch.index_select(self.lm.embed, 0, tokens, out=x)
+        else:
+            x.copy_(self.lm.embed.index_select(0, tokens))
+        for lin, S in zip(self.blocks, states):
+            self._norm(x, lin.attn_norm, h)
+            lin.in_proj(h, out=self.proj)
+            parts = torch.split(self.proj, lin.split, dim=1)
+            q, k, v = parts[0], parts[1], parts[2]
+            lin.gk_up(parts[-1], out=self.gk)
+            # forget gate in float32, as in the prefill
+            gk = F.logsigmoid(self.gk.float()).div_(s.gate_logit_normalizer)
+            if s.clamp_min is not None:
+                gk.clamp_min_(s.clamp_min)
+            # S = diag(exp(gk)) S + k^T v ; o = scale * q S   (per kv head, GQA groups share S)
+            S.mul_(gk.exp_().view(B, Hkv, K, 1))
+            S.addcmul_(k.float().view(B, Hkv, K, 1), v.float().view(B, Hkv, 1, V))
+            o = torch.matmul(q.float().view(B, Hkv, G, K), S).view(B, H, V).mul_(self.lm.scale)
+            o = o * torch.rsqrt(o.square().mean(-1, keepdim=True).add_(eps))
+            if lin.g_norm is not None:
+                o = o * lin.g_norm
+            o = o.view(B, H * V)
+            if s.use_output_gate:
+                o = o * F.silu(parts[3].float())
+            lin.o_proj(o.to(self.act), out=self.attn_out)
+            x.add_(self.attn_out)
+            self._norm(x, lin.mlp_norm, h)
+            lin.gate_up(h, out=self.gu)
+            gate, up = self.gu.chunk(2, dim=1)
+            lin.down(F.silu(gate).mul_(up), out=self.mlp_out)
+            x.add_(self.mlp_out)
+        self._norm(x, self.lm.norm, h)
+        if self.logits.dtype == self.act:
+            self.head(h, out=self.logits)
+        else:
+            self.logits.copy_(self.head(h))
+        return self.logits
