@@ -67,13 +67,12 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, packed=N
 
 
 class _BlockLinears:
-    def __init__(self, blk, s, packed):
-        mats = [blk.wq, blk.wk, blk.wv] + ([blk.wg] if s.use_output_gate else []) + [blk.wgk0]
-        self.split = [m.shape[0] for m in mats]
-        self.in_proj = make_linear(torch.cat(mats, 0), packed=packed)
+    def __init__(self, blk, packed):
+        self.split = blk.in_split
+        self.in_proj = make_linear(blk.w_in, packed=packed)
         self.gk_up = make_linear(blk.wgk1, blk.bgk, packed=packed)
         self.o_proj = make_linear(blk.wo, packed=packed)
-        self.gate_up = make_linear(torch.cat([blk.w_gate, blk.w_up], 0), packed=packed)
+        self.gate_up = make_linear(blk.w_gate_up, packed=packed)
         self.down = make_linear(blk.w_down, packed=packed)
         self.attn_norm, self.mlp_norm, self.g_norm = blk.attn_norm, blk.mlp_norm, blk.g_norm
 
@@ -83,7 +82,7 @@ class Decoder:
 
     def __init__(self, lm: FlaGLALM, packed=None):
         self.lm, self.s = lm, lm.settings
-        self.blocks = [_BlockLinears(blk, self.s, packed) for blk in lm.blocks]
+        self.blocks = [_BlockLinears(blk, packed) for blk in lm.blocks]
         self.head = make_linear(lm.head_weight(), packed=packed)
         self.act = lm.activation_dtype
         self._batch = None

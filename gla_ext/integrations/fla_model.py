@@ -46,17 +46,25 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> 
 
 
 class _Block(nn.Module):
-    """Holds one block's tensors as buffers (inference only: nothing here is trained)."""
+    """One block's tensors as buffers (inference only: nothing here is trained). The
+    projections that read the same input are stored concatenated, one matrix product each:
+    w_in = [Wq; Wk; Wv; (Wg); Wgk0] (split sizes in in_split), w_gate_up = [W_gate; W_up]."""
 
-    def __init__(self, lw, matrix_dtype):
+    def __init__(self, lw, matrix_dtype, use_output_gate: bool):
         super().__init__()
-        for name, t in lw.items():
-            if t is None:
-                self.register_buffer(name, None)
-            elif t.dim() == 1:    # norms and the gate bias: float32, they are tiny
-                self.register_buffer(name, t.detach().to(torch.float32).clone())
-            else:
-                self.register_buffer(name, t.detach().to(matrix_dtype).clone())
+        def mat(t):
+            return t.detach().to(matrix_dtype)
+        def vec(t):   # norms and the gate bias: float32, they are tiny
+            return None if t is None else t.detach().to(torch.float32).clone()
+        parts = [lw["wq"], lw["wk"], lw["wv"]] + ([lw["wg"]] if use_output_gate else []) \
+            + [lw["wgk0"]]
+        self.in_split = [t.shape[0] for t in parts]
+        self.register_buffer("w_in", torch.cat([mat(t) for t in parts], 0))
+        self.register_buffer("w_gate_up", torch.cat([mat(lw["w_gate"]), mat(lw["w_up"])], 0))
+        for name in ("wgk1", "wo", "w_down"):
+            self.register_buffer(name, mat(lw[name]).clone())
+        for name in ("bgk", "attn_norm", "mlp_norm", "g_norm"):
+            self.register_buffer(name, vec(lw[name]))
 
 
 class FlaGLALM(nn.Module):
@@ -70,7 +78,8 @@ class FlaGLALM(nn.Module):
         self.tied = s.tie_word_embeddings
         self.register_buffer("lm_head", None if self.tied
                              else weights.lm_head.detach().to(dtype).clone())
-        self.blocks = nn.ModuleList(_Block(lw, dtype) for lw in weights.layers)
+        self.blocks = nn.ModuleList(_Block(lw, dtype, s.use_output_gate)
+                                    for lw in weights.layers)
         self.scale = s.head_k_dim ** -0.5
 
     # -- helpers ------------------------------------------------------------------------
@@ -107,10 +116,11 @@ class FlaGLALM(nn.Module):
     def _attention(self, blk: _Block, h: torch.Tensor, state, backend: str):
         s = self.settings
         B, T, _ = h.shape
-        q = _linear(h, blk.wq).view(B, T, s.num_heads, s.head_k_dim)
-        k = self._expand_kv(_linear(h, blk.wk).view(B, T, s.num_kv_heads, s.head_k_dim))
-        v = self._expand_kv(_linear(h, blk.wv).view(B, T, s.num_kv_heads, s.head_v_dim))
-        gk = _linear(_linear(h, blk.wgk0), blk.wgk1, blk.bgk).float()
+        parts = torch.split(_linear(h, blk.w_in), blk.in_split, dim=-1)
+        q = parts[0].reshape(B, T, s.num_heads, s.head_k_dim)
+        k = self._expand_kv(parts[1].reshape(B, T, s.num_kv_heads, s.head_k_dim))
+        v = self._expand_kv(parts[2].reshape(B, T, s.num_kv_heads, s.head_v_dim))
+        gk = _linear(parts[-1], blk.wgk1, blk.bgk).float()
         gk = F.logsigmoid(gk) / s.gate_logit_normalizer
         if s.clamp_min is not None:
             gk = gk.clamp_min(s.clamp_min)
@@ -120,11 +130,12 @@ class FlaGLALM(nn.Module):
         o = rms_norm(o, blk.g_norm, s.norm_eps)
         o = o.reshape(B, T, s.num_heads * s.head_v_dim)
         if s.use_output_gate:
-            o = o * F.silu(_linear(h, blk.wg))
+            o = o * F.silu(parts[3])
         return _linear(o, blk.wo), new_state
 
     def _mlp(self, blk: _Block, h: torch.Tensor) -> torch.Tensor:
-        return _linear(F.silu(_linear(h, blk.w_gate)) * _linear(h, blk.w_up), blk.w_down)
+        gate, up = _linear(h, blk.w_gate_up).chunk(2, dim=-1)
+        return _linear(F.silu(gate) * up, blk.w_down)
 
     def hidden_states(self, input_ids: torch.Tensor, states=None, backend: str = "auto"):
         """(final-normed hidden states [B, T, hidden], new states list)."""
