@@ -28,7 +28,9 @@ except Exception as exc:  # pragma: no cover - the CI installs fla
 
 pytestmark = pytest.mark.skipif(FLA_ERROR is not None, reason=f"fla not importable: {FLA_ERROR}")
 
+import gla_ext  # noqa: E402
 from gla_ext.integrations import fla as gla_fla  # noqa: E402
+from gla_ext.integrations.fla_decode import Decoder, packed_linear_available  # noqa: E402
 from gla_ext.integrations.fla_config import parse_config  # noqa: E402
 from gla_ext.integrations.fla_cpu_reference import fla_reference_ops  # noqa: E402
 
@@ -143,10 +145,14 @@ def test_decode_steps_equal_full_forward():
     full = lm(ids)
     logits, states = lm.prefill(ids[:, :10])
     assert rel_err(logits, full[:, 9]) < 1e-5
+    torch_states = [st.clone() for st in states]
     dec = lm.decoder()
+    assert packed_linear_available() == (gla_ext._ext.loaded())
+    torch_dec = Decoder(lm.model, packed=False)   # the torch-matmul step (the GPU's path)
     for t in range(10, 30):
         step = dec.step(ids[:, t], states)
         assert rel_err(step, full[:, t]) < 1e-5, t
+        assert rel_err(torch_dec.step(ids[:, t], torch_states), full[:, t]) < 1e-5, t
 
 
 def test_sharded_safetensors(tmp_path):

@@ -21,9 +21,13 @@ from .fla_model import FlaGLALM
 
 __all__ = ["Decoder", "make_linear", "packed_linear_available"]
 
-try:  # helper "dec"'s kernels (TEAM.md interface 1); absent in older builds
+from .. import _ext
+
+try:  # gla_ext's own GEMV kernels (gla_ext.cpu_linear); they need the compiled extension
     from ..cpu_linear import PackedLinear as _PackedLinear
 except ImportError:  # pragma: no cover - depends on the build
+    _PackedLinear = None
+if not _ext.loaded():
     _PackedLinear = None
 
 
