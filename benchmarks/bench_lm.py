@@ -8,7 +8,7 @@ from other processes hits both alike):
   prefill    lm(input_ids) on 512 tokens (all 512 logits), float32 and bfloat16 weights:
              tokens/s and the fraction of the float32 matmul roofline, i.e.
              2 * matmul parameters * 512 FLOPs at the rate torch reaches on a 2048^3 GEMM
-             in this run (matmul parameters: every matrix a token multiplies, lm_head
+             in this run (timed next to each prefill repeat; median) (matmul parameters: every matrix a token multiplies, lm_head
              included, the embedding table excluded: a lookup)
   decode     one Decoder.step per token at batch 1 and 8 (what generate runs per token),
              float32 and bfloat16 weights, against the weight-read bound: one pass reading
@@ -63,7 +63,7 @@ def median(xs):
 
 
 def matmul_rate(reps: int) -> float:
-    """float32 FLOP/s torch reaches on a 2048^3 GEMM (best of reps)."""
+    """float32 FLOP/s torch reaches on a 2048^3 GEMM (best of reps, after a warm-up)."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     a @ b
     return 2 * 2048 ** 3 / min(timed(lambda: a @ b) for _ in range(reps))
@@ -102,23 +102,39 @@ def matmul_params(lm) -> int:
     return n + lm.model.head_weight().numel()
 
 
-def bench_decode(lm, batch: int, steps: int, rounds: int):
-    """(median step s, median read-pass s, min step s) with steps and passes interleaved."""
-    dec = lm.decoder()
-    ids = torch.randint(0, CONFIG["vocab_size"], (batch, 16))
-    _, states = lm.prefill(ids)
-    tok = ids[:, -1]
-    views = weight_buffers(dec)
-    for _ in range(3):
-        dec.step(tok, states)
-    read_pass(views)
-    step_t, read_t = [], []
-    for _ in range(rounds):
-        for _ in range(steps):
-            step_t.append(timed(lambda: dec.step(tok, states)))
-        read_t.append(read_pass(views))
-    nbytes = sum(v.numel() * 4 for v in views)
-    return median(step_t), median(read_t), min(step_t), nbytes
+class OursDecode:
+    """One of our decode setups (dtype, batch): a prefilled state and its weight buffers."""
+
+    def __init__(self, lm, batch: int):
+        self.dec = lm.decoder()
+        ids = torch.randint(0, CONFIG["vocab_size"], (batch, 16))
+        _, self.states = lm.prefill(ids)
+        self.tok = ids[:, -1]
+        self.views = weight_buffers(self.dec)
+        self.nbytes = sum(v.numel() * 4 for v in self.views)
+        for _ in range(3):
+            self.step()
+        read_pass(self.views)
+
+    def step(self):
+        self.dec.step(self.tok, self.states)
+
+
+class FlaDecode:
+    """fla's cached decode (prefill 16 tokens, then model(token, past_key_values=cache))."""
+
+    def __init__(self, model, batch: int):
+        from gla_ext.integrations.fla_cpu_reference import fla_reference_ops
+        self.model, self.ops = model, fla_reference_ops
+        ids = torch.randint(0, CONFIG["vocab_size"], (batch, 16))
+        with self.ops(), torch.no_grad():
+            self.out = model(ids, use_cache=True)
+        self.step()
+
+    def step(self):
+        with self.ops(), torch.no_grad():
+            tok = self.out.logits[:, -1:].argmax(-1)
+            self.out = self.model(tok, past_key_values=self.out.past_key_values, use_cache=True)
 
 
 def fla_model():
@@ -131,22 +147,6 @@ def fla_prefill(model, ids) -> float:
     from gla_ext.integrations.fla_cpu_reference import fla_reference_ops
     with fla_reference_ops(), torch.no_grad():
         return timed(lambda: model(ids))
-
-
-def fla_decode_loop(model, batch: int, steps: int) -> float:
-    """fla's cached decode: seconds per token (after a 16-token prefill)."""
-    from gla_ext.integrations.fla_cpu_reference import fla_reference_ops
-    ids = torch.randint(0, CONFIG["vocab_size"], (batch, 16))
-    with fla_reference_ops(), torch.no_grad():
-        out = model(ids, use_cache=True)
-        tok = out.logits[:, -1:].argmax(-1)
-        times = []
-        for _ in range(steps + 1):
-            t0 = now()
-            out = model(tok, past_key_values=out.past_key_values, use_cache=True)
-            tok = out.logits[:, -1:].argmax(-1)
-            times.append(now() - t0)
-    return median(times[1:])
 
 
 def fla_generate(model, new_tokens: int) -> float:
@@ -180,51 +180,82 @@ def main() -> int:
         print(f"fla not importable ({exc}): install fla-core/flash-linear-attention 0.6.0")
         return 1
     torch.manual_seed(1)
-    rate = matmul_rate(5 if quick else 10)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
-          f"float32 matmul {rate / 1e9:.1f} GFLOP/s; PackedLinear: {packed_linear_available()}; "
-          f"{torch.get_num_threads()} threads")
+          f"PackedLinear: {packed_linear_available()}; {torch.get_num_threads()} threads")
 
     rows, results = [], {}
     ids = torch.randint(0, CONFIG["vocab_size"], (1, PREFILL_T))
-    for dtype in (torch.float32, torch.bfloat16):
-        name = str(dtype).replace("torch.", "")
-        lm = gla_fla.load(model, dtype=dtype)
-        P = matmul_params(lm)
+    lms = {name: gla_fla.load(model, dtype=dt)
+           for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    with_fla = not args.no_fla
+
+    # Prefill: every variant and the roofline GEMM once per round, rounds repeated.
+    for lm in lms.values():
         lm(ids)   # warm-up
-        pre = median([timed(lambda: lm(ids)) for _ in range(prefill_reps)])
-        roof = 2 * P * PREFILL_T / rate
+    pre_t = {name: [] for name in lms}
+    fla_pre_t, rates = [], []
+    for _ in range(prefill_reps):
+        rates.append(matmul_rate(1))
+        for name, lm in lms.items():
+            pre_t[name].append(timed(lambda: lm(ids)))
+        if with_fla:
+            fla_pre_t.append(fla_prefill(model, ids))
+    rate = median(rates)
+    P = matmul_params(lms["float32"])
+    roof = 2 * P * PREFILL_T / rate
+    for name in lms:
+        pre = median(pre_t[name])
         rows.append({"what": "prefill", "impl": "gla_ext", "dtype": name, "batch": 1,
-                     "tokens": PREFILL_T, "seconds": pre, "tokens_per_s": PREFILL_T / pre,
-                     "roofline_fraction": roof / pre, "matmul_params": P})
-        results[("prefill", name)] = pre
+                     "tokens": PREFILL_T, "seconds": pre, "seconds_min": min(pre_t[name]),
+                     "tokens_per_s": PREFILL_T / pre, "roofline_fraction": roof / pre,
+                     "matmul_params": P, "matmul_flops": rate})
         print(f"prefill {name:8} {PREFILL_T} tokens {pre:.3f} s = {PREFILL_T / pre:7.1f} tok/s, "
               f"{roof / pre:.0%} of the float32 matmul roofline ({roof:.3f} s)")
-        for batch in (1, 8):
-            step, read, best, nbytes = bench_decode(lm, batch, steps, rounds)
-            rows.append({"what": "decode", "impl": "gla_ext", "dtype": name, "batch": batch,
-                         "step_s": step, "step_min_s": best, "weight_read_s": read,
-                         "weight_bytes": nbytes, "tokens_per_s": batch / step,
-                         "vs_weight_read": step / read})
-            results[("decode", name, batch)] = (step, read)
-            print(f"decode  {name:8} batch {batch}: {step * 1e3:7.2f} ms/step (min "
-                  f"{best * 1e3:.2f}), {batch / step:7.1f} tok/s, weight read {read * 1e3:.2f} ms "
-                  f"({nbytes / 1e6:.0f} MB) -> {step / read:.2f}x the bound")
-        del lm
-
-    if not args.no_fla:
-        fla_pre = fla_prefill(model, ids)
+    if with_fla:
+        fla_pre = median(fla_pre_t)
         rows.append({"what": "prefill", "impl": "fla (reference ops)", "dtype": "float32",
                      "batch": 1, "tokens": PREFILL_T, "seconds": fla_pre,
-                     "tokens_per_s": PREFILL_T / fla_pre})
+                     "seconds_min": min(fla_pre_t), "tokens_per_s": PREFILL_T / fla_pre})
         print(f"fla prefill {PREFILL_T} tokens {fla_pre:.2f} s")
-        for batch in ((1,) if quick else (1, 8)):
-            s = fla_decode_loop(model, batch, 4 if quick else 8)
+
+    # Decode: per batch, rounds of [our fp32 steps, fp32 read pass, bf16 steps, bf16 read
+    # pass, fla steps], so load from other processes hits every variant alike.
+    for batch in (1, 8):
+        ours = {name: OursDecode(lm, batch) for name, lm in lms.items()}
+        fla_dec = FlaDecode(model, batch) if with_fla else None
+        step_t = {name: [] for name in ours}
+        read_t = {name: [] for name in ours}
+        fla_t = []
+        for _ in range(rounds):
+            for name, o in ours.items():
+                for _ in range(steps):
+                    step_t[name].append(timed(o.step))
+                read_t[name].append(read_pass(o.views))
+            if fla_dec is not None:
+                for _ in range(max(2, steps // 3)):
+                    fla_t.append(timed(fla_dec.step))
+        for name, o in ours.items():
+            st, rd = median(step_t[name]), median(read_t[name])
+            best, rbest = min(step_t[name]), min(read_t[name])
+            rows.append({"what": "decode", "impl": "gla_ext", "dtype": name, "batch": batch,
+                         "step_s": st, "step_min_s": best, "weight_read_s": rd,
+                         "weight_read_min_s": rbest, "min_vs_weight_read": best / rbest,
+                         "weight_bytes": o.nbytes, "tokens_per_s": batch / st,
+                         "vs_weight_read": st / rd})
+            results[("decode", name, batch)] = (st, rd)
+            print(f"decode  {name:8} batch {batch}: {st * 1e3:7.2f} ms/step (min "
+                  f"{best * 1e3:.2f}), {batch / st:7.1f} tok/s, weight read {rd * 1e3:.2f} ms "
+                  f"({o.nbytes / 1e6:.0f} MB) -> {st / rd:.2f}x the bound")
+        if fla_t:
+            fs = median(fla_t)
             rows.append({"what": "decode", "impl": "fla cached loop (reference ops)",
-                         "dtype": "float32", "batch": batch, "step_s": s,
-                         "tokens_per_s": batch / s})
-            results[("fla_decode", batch)] = s
-            print(f"fla decode batch {batch}: {s * 1e3:.1f} ms/token (cached loop)")
+                         "dtype": "float32", "batch": batch, "step_s": fs,
+                         "step_min_s": min(fla_t), "tokens_per_s": batch / fs})
+            results[("fla_decode", batch)] = fs
+            print(f"fla decode batch {batch}: {fs * 1e3:.1f} ms/token (cached loop)")
+        del ours, fla_dec
+
+    if with_fla:
         g = fla_generate(model, 8 if quick else 32)
         rows.append({"what": "decode", "impl": "fla generate via transformers (reference ops; "
                      "cache dropped, see docstring)", "dtype": "float32", "batch": 1,
@@ -245,6 +276,15 @@ def main() -> int:
          pre32["roofline_fraction"] >= 0.5),
         ("decode b8 / b1 (fp32) <= 1.5", s32b8 / s32, s32b8 / s32 <= 1.5),
     ]
+    best = {(r["dtype"], r["batch"]): r for r in rows
+            if r["what"] == "decode" and r["impl"] == "gla_ext"}
+    targets += [
+        ("  same, best steps: b1 fp32 / best read", best[("float32", 1)]["min_vs_weight_read"], None),
+        ("  same, best steps: bf16 / fp32 (b1)",
+         best[("bfloat16", 1)]["step_min_s"] / best[("float32", 1)]["step_min_s"], None),
+        ("  same, best steps: b8 / b1 (fp32)",
+         best[("float32", 8)]["step_min_s"] / best[("float32", 1)]["step_min_s"], None),
+    ]
     fla_pre_rows = [r for r in rows if r["what"] == "prefill" and r["impl"].startswith("fla")]
     if fla_pre_rows:
         targets.append(("fla prefill / ours (fp32)",
@@ -262,7 +302,9 @@ def main() -> int:
         if "roofline_fraction" in r:
             note = f"{r['roofline_fraction']:.0%} of fp32 matmul roofline"
         if "vs_weight_read" in r:
-            note = f"{r['vs_weight_read']:.2f}x weight read ({r['weight_read_s'] * 1e3:.2f} ms)"
+            note = (f"{r['vs_weight_read']:.2f}x weight read ({r['weight_read_s'] * 1e3:.2f} ms); "
+                    f"best of each: {r['step_min_s'] * 1e3:.2f} ms, "
+                    f"{r['min_vs_weight_read']:.2f}x")
         lines.append(f"{r['what']:8} {r['impl'][:48]:48} {r['dtype']:8} {r['batch']:2d} | "
                      f"{ms:9.2f} {r['tokens_per_s']:8.1f} | {note}")
     lines.append("")
