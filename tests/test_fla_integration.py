@@ -199,8 +199,12 @@ def test_bfloat16_weights(tmp_path):
     full32 = lm32(ids)
     assert rel_err(lm16(ids), full32) < 3e-2
     _, states = lm32.prefill(ids[:, :12])    # float32 states: the step's own error only
+    gpu_like_states = [st.clone() for st in states]
+    # the GPU's step (torch matmuls, bf16 activations), run here on the CPU
+    gpu_like = Decoder(lm16.model, packed=False, activation_dtype=torch.bfloat16)
     for t in range(12, 20):
         assert rel_err(lm16.decoder().step(ids[:, t], states), full32[:, t]) < 1e-2, t
+        assert rel_err(gpu_like.step(ids[:, t], gpu_like_states), full32[:, t]) < 3e-2, t
 
 
 def test_progress_bar(capsys):

@@ -103,11 +103,16 @@ class _BlockLinears:
 class Decoder:
     """Steps an FlaGLALM one token at a time from states [B, num_kv_heads, K, V]."""
 
-    def __init__(self, lm: FlaGLALM, packed=None):
+    def __init__(self, lm: FlaGLALM, packed=None, activation_dtype=None):
+        """packed: see make_linear. activation_dtype: default the model's (float32 on the
+        CPU, the weight dtype on a GPU); the state and the attention core stay float32."""
         self.lm, self.s = lm, lm.settings
+        self.act = lm.activation_dtype if activation_dtype is None else activation_dtype
         self.blocks = [_BlockLinears(blk, packed) for blk in lm.blocks]
+        for b in self.blocks:   # the block norms run in the activation dtype
+            b.attn_norm, b.mlp_norm = b.attn_norm.to(self.act), b.mlp_norm.to(self.act)
+        self.final_norm = lm.norm.to(self.act)
         self.head = make_linear(lm.head_weight(), packed=packed)
-        self.act = lm.activation_dtype
         self._batch = None
 
     def kv_states(self, head_states: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -169,14 +174,15 @@ class Decoder:
             o = F.rms_norm(o, (V,), lin.g_norm, o_eps).view(B, H * V)
             if s.use_output_gate:
                 o = o * F.silu(parts[3].float())
-            lin.o_proj(o.to(self.act), out=self.attn_out)
+            o = o.to(self.act)
+            lin.o_proj(o, out=self.attn_out)
             x.add_(self.attn_out)
             h = F.rms_norm(x, (d,), lin.mlp_norm, eps)
             lin.gate_up(h, out=self.gu)
             gate, up = self.gu.chunk(2, dim=1)
             lin.down(F.silu(gate).mul_(up), out=self.mlp_out)
             x.add_(self.mlp_out)
-        h = F.rms_norm(x, (d,), self.lm.norm, eps)
+        h = F.rms_norm(x, (d,), self.final_norm, eps)
         if self.logits.dtype == self.act:
             self.head(h, out=self.logits)
         else:
