@@ -155,6 +155,17 @@ def test_decode_steps_equal_full_forward():
         assert rel_err(torch_dec.step(ids[:, t], torch_states), full[:, t]) < 1e-5, t
 
 
+def test_output_norm_without_weight(tmp_path):
+    """elementwise_affine=False: fla's per-head output norm has no weight."""
+    model = _fla_model(num_heads=2, elementwise_affine=False)
+    assert not any("g_norm" in n for n, _ in model.named_parameters())
+    directory = _save(model, str(tmp_path))
+    ids = torch.randint(0, VOCAB, (2, 12))
+    lm = gla_fla.load(directory)
+    assert rel_err(lm(ids), _fla_logits(model, ids)) < 1e-4
+    assert torch.equal(lm.generate(ids[:, :4], max_new_tokens=8), _fla_greedy(model, ids[:, :4], 8))
+
+
 def test_sharded_safetensors(tmp_path):
     model = _fla_model(num_heads=2)
     directory = _save(model, str(tmp_path), True, max_shard_size="100KB")
