@@ -42,7 +42,8 @@ CONFIGS = [
     ("gqa_clamp_untied", dict(num_heads=4, num_kv_heads=2, clamp_min=-0.1), True),
     ("mqa_tied_expand_k1", dict(num_heads=4, num_kv_heads=1, expand_k=1.0,
                                 tie_word_embeddings=True), False),
-    ("ratio2_no_output_gate", dict(num_heads=2, hidden_ratio=2, use_output_gate=False), True),
+    ("ratio2_no_output_gate_tied", dict(num_heads=2, hidden_ratio=2, use_output_gate=False,
+                                        tie_word_embeddings=True), True),
     ("intermediate_unfused", dict(num_heads=4, intermediate_size=80, fuse_norm=False,
                                   expand_v=0.5, fuse_swiglu=False), False),
 ]
@@ -207,6 +208,10 @@ def test_bfloat16_weights(tmp_path):
     lm32, lm16 = gla_fla.load(directory), gla_fla.load(directory, dtype=torch.bfloat16)
     assert lm16.dtype == torch.bfloat16
     ids = torch.randint(0, VOCAB, (2, 20))
+    # a checkpoint stored in bf16 loads as bf16 by default: the same model as lm16
+    stored16 = _save(model.to(torch.bfloat16), str(tmp_path / "bf16"))
+    lm_stored = gla_fla.load(stored16)
+    assert lm_stored.dtype == torch.bfloat16 and torch.equal(lm_stored(ids), lm16(ids))
     full32 = lm32(ids)
     assert rel_err(lm16(ids), full32) < 3e-2
     _, states = lm32.prefill(ids[:, :12])    # float32 states: the step's own error only
