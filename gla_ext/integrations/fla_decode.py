@@ -9,7 +9,8 @@ concatenated into one matrix, so a step makes five products per block plus the l
 
 The recurrent state is kept per key/value head ([B, num_kv_heads, K, V] float32): the
 query heads of one GQA group share k, v and gk, so they share the state too and each step
-updates it once per group (o = scale * q S for the group's queries in one batched product).
+updates it once per group (o = q S for the group's queries in one batched product; the scale
+is folded into the per-head RMSNorm, which it would otherwise only rescale).
 Buffers are allocated once per batch size; a step allocates only small temporaries.
 """
 from __future__ import annotations
@@ -17,11 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import _ext
 from .fla_model import FlaGLALM
 
 __all__ = ["Decoder", "make_linear", "packed_linear_available"]
-
-from .. import _ext
 
 try:  # gla_ext's own GEMV kernels (gla_ext.cpu_linear); they need the compiled extension
     from ..cpu_linear import PackedLinear as _PackedLinear
