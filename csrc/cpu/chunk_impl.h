@@ -706,14 +706,23 @@ void fwd_task_t(const GlaParams& p, idx n, idx h, idx v0, idx v1, idx C, void* w
   const auto* k = static_cast<const scalar_t*>(p.k);
   const auto* v = static_cast<const scalar_t*>(p.v);
   const auto* g = static_cast<const T*>(p.g);
-  const T* h0 = p.h0 ? static_cast<const T*>(p.h0) + L.state(n, h) : nullptr;
+  // state rows by pool index and K/V strides (gla.h: h0_row, ht_row, state_*_stride)
+  const idx in_row = h0_row(p, n), sk = state_k_stride(p), sv = state_v_stride(p);
+  if (in_row < 0) {  // padding row: o stays zero, no pool row read or written
+    T* zero = static_cast<T*>(p.ht) + L.state(n, h);
+    if (!p.inplace_final)
+      for (idx i = 0; i < K; ++i)
+        for (idx j = v0; j < v1; ++j) zero[i * sk + j * sv] = T(0);
+    return;
+  }
+  T* ht = static_cast<T*>(p.ht) + L.state(ht_row(p, n), h);
+  const T* h0 = p.h0 ? static_cast<const T*>(p.h0) + L.state(in_row, h) : nullptr;
   auto* o = static_cast<scalar_t*>(p.o);
-  T* ht = static_cast<T*>(p.ht) + L.state(n, h);
   const T scale = static_cast<T>(p.scale);
 
   for (idx i = 0; i < Kp; ++i)
     for (idx j = 0; j < Vp; ++j)
-      b.S[i * Vp + j] = (h0 && i < K && j < vw) ? h0[i * V + v0 + j] : T(0);
+      b.S[i * Vp + j] = (h0 && i < K && j < vw) ? h0[i * sk + (v0 + j) * sv] : T(0);
 
   idx row, start, stop;
   sequence_bounds(p, n, &row, &start, &stop);
@@ -767,7 +776,7 @@ void fwd_task_t(const GlaParams& p, idx n, idx h, idx v0, idx v1, idx C, void* w
     for (idx t = 0; t < c; ++t) put_row(b.o + t * Vp, vw, o + L.v(row, c0 + t, h) + v0);
   }
   for (idx i = 0; i < K; ++i)
-    for (idx j = 0; j < vw; ++j) ht[i * V + v0 + j] = b.S[i * Vp + j];
+    for (idx j = 0; j < vw; ++j) ht[i * sk + (v0 + j) * sv] = b.S[i * Vp + j];
 }
 
 // ---- backward ---------------------------------------------------------------------------
