@@ -10,6 +10,8 @@ constructors trust their arguments.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,10 +53,12 @@ class GatedLinearAttention(nn.Module):
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.num_heads, self.head_dim))   # [B, T, H*D] -> [B, T, H, D]
 
-    def forward(self, x, state=None, return_state=False, mask=None, state_indices=None,
-                cu_seqlens=None):
+    def forward(self, x, state=None, return_state=False, mask=None, cp_group=None,
+                state_indices=None, cu_seqlens=None):
         """x [B, T, hidden] -> [B, T, hidden]; with return_state, (out, new_state [B, H, D, D]).
 
+        cp_group: x is this rank's slice of the sequence (context parallelism, see
+        gla_ext.distributed); the recurrence runs through chunk_gla_cp over that group.
         Pool mode (gla_ext.StatePool, inference only): with state_indices, `state` is a pool
         [P, H, D, D] float32 and sequence n starts from, and is written back in place to,
         pool[state_indices[n]]; cu_seqlens [N+1] packs N sequences along T of a B = 1 input.
@@ -69,6 +73,9 @@ class GatedLinearAttention(nn.Module):
             g = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
         # One step (decode) goes to the recurrent kernel; sequences to the chunked one.
         op = fused_recurrent_gla if x.shape[1] == 1 else chunk_gla
+        if cp_group is not None:
+            from .distributed import chunk_gla_cp
+            op = functools.partial(chunk_gla_cp, group=cp_group)
         pool = {} if state_indices is None else dict(state_indices=state_indices,
                                                      inplace_final_state=True)
         if cu_seqlens is not None:
@@ -109,11 +116,12 @@ class GLABlock(nn.Module):
         self.ffn = GatedFFN(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, state=None, return_state=False, mask=None, state_indices=None,
-                cu_seqlens=None):
+    def forward(self, x, state=None, return_state=False, mask=None, cp_group=None,
+                state_indices=None, cu_seqlens=None):
         """x [B, T, hidden] -> [B, T, hidden]; with return_state, (out, new_state).
         state_indices / cu_seqlens: pool mode of GatedLinearAttention.forward."""
-        h = self.attn(self.attn_norm(x), state, return_state, mask, state_indices, cu_seqlens)
+        h = self.attn(self.attn_norm(x), state, return_state, mask, cp_group=cp_group,
+                      state_indices=state_indices, cu_seqlens=cu_seqlens)
         if return_state:
             h, state = h
         x = x + self.dropout(h)

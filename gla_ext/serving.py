@@ -152,7 +152,7 @@ class StatePool:
                 cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
             h = model.input_proj(packed)
             for block, pool in zip(model.blocks, self.states):
-                h = block(h, pool, False, None, index, cu)
+                h = block(h, pool, state_indices=index, cu_seqlens=cu)
             return model.norm(h[0, cu[1:] - 1])
 
     def cuda_graph_step(self, n: int, warmup: int = 2) -> "PoolCUDAGraphStep":
@@ -165,7 +165,7 @@ class StatePool:
         model = self.model
         h = model.input_proj(x_t)
         for block, pool in zip(model.blocks, self.states):
-            h = block(h, pool, False, None, index)
+            h = block(h, pool, state_indices=index)
         return model.norm(h[:, -1])
 
     # ---- checks: everything is validated before a pool row is touched ----
