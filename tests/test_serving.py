@@ -303,3 +303,9 @@ def test_cuda_graph_pool_step_matches_eager_pool_step():
         for s in slots:
             for p, q in zip(pool.get(s), eager.get(s)):
                 assert rel_err(p, q) <= 1e-3 or torch.equal(p, q)
+
+
+def test_cuda_graph_step_refuses_a_cpu_model():
+    pool = small_model().state_pool(2)
+    with pytest.raises(RuntimeError, match="CUDA|cuda"):
+        pool.cuda_graph_step(1)
