@@ -44,9 +44,15 @@ def assert_state_close(pool, slot, state):
 
 # ---- the pool equals the model run stream by stream ----
 
-@pytest.mark.parametrize("embed_dim", [11, 24])      # input projection, and Identity
-def test_prefill_with_lengths_then_steps_match_per_stream(embed_dim):
-    model = small_model(embed_dim=embed_dim)
+@pytest.mark.parametrize("options", [
+    dict(embed_dim=11),
+    dict(embed_dim=24),                                   # no input projection (Identity)
+    dict(embed_dim=11, gate_low_rank_dim=4, use_output_gate=False, use_norm=False),
+    dict(embed_dim=11, backend="reference"),              # the ops' reference pool path
+])
+def test_prefill_with_lengths_then_steps_match_per_stream(options):
+    model = small_model(**options)
+    embed_dim = options["embed_dim"]
     pool = model.state_pool(6)
     slots = [pool.open() for _ in range(4)]
     n, T = 4, 13
