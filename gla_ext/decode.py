@@ -2,16 +2,22 @@
 
 This is an internal fast path of the same math as the generic step (not a backend): the
 compiled gla_ext._C.CpuDecoder holds packed copies of the weights ([Wq; Wk; Wv; Wr; Wg] and
-[W1; W3] concatenated per layer) plus preallocated buffers per batch size, and runs every
-layer per token with four GEMMs and fused loops for the rest (see csrc/cpu/decode.cpp).
+[W1; W3] per layer, in panels for gla_ext's own SIMD matrix-vector kernels, no vendor BLAS)
+plus preallocated buffers per batch size, and runs every layer per token with one product
+per matrix and vectorized loops for the rest (see csrc/cpu/decode.cpp). Weights stay in the
+model's dtype: a model converted with model.to(torch.bfloat16) (or float16) streams half the
+bytes; activations, accumulation and the state are float32, x_t and y_t have the model's dtype.
 
 try_step(model, x_t, state) returns (y_t, new_state), or None when the generic path must run:
   - the extension is not built, or ENABLED is False;
   - the model's backend is not "auto" or "cpu";
-  - x_t, a state or a parameter is not a float32 CPU tensor (or is a tensor subclass), or
-    torch.compile / functorch transforms are active;
+  - the parameters are not all float32, all bfloat16 or all float16 CPU tensors (or one is a
+    tensor subclass), x_t has another dtype, a state is not float32, or torch.compile /
+    functorch transforms are active;
   - autograd is needed: grad mode is on and a parameter, x_t or a state requires grad;
   - dropout is active (a block's Dropout in training mode with p > 0).
+try_step_pool(model, x_t, pool_states, slots) does the same step for rows of a state pool,
+in place (see its docstring).
 
 The packed copies are cached per model (weakly: they go away with the model) and rebuilt
 when a parameter changes: an in-place write (its version counter), new data or a new
@@ -19,7 +25,8 @@ dtype/device (its data pointer), or a parameter or submodule assigned anywhere (
 registration hooks; then the model's parameters are compared one by one). Not seen: writes
 through `param.data` (a separate version counter), direct edits of `module._parameters`, and
 changed module attributes (eps, gate_logit_normalizer), which are read when packing; call
-clear_cache(model) after those.
+clear_cache(model) after those. The kernels' instruction set is chosen when packing
+(GLA_EXT_CPU_ISA=generic|avx2|avx512 forces one; clear_cache to repack).
 """
 from __future__ import annotations
 

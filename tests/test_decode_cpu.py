@@ -375,6 +375,7 @@ def test_pool_step_advances_named_rows_like_the_dense_step(dtype):
     model = small_model(gate_low_rank_dim=4).to(dtype)
     pool = make_pool(model, 7)
     before = [p.clone() for p in pool]
+    versions = [p._version for p in pool]
     slots = torch.tensor([4, -1, 0, 6, -3])
     valid = slots >= 0
     x = torch.randn(5, 1, model.embed_dim).to(dtype)
@@ -385,6 +386,7 @@ def test_pool_step_advances_named_rows_like_the_dense_step(dtype):
     assert y.shape == (5, model.hidden_size) and y.dtype == dtype
     assert torch.equal(y[valid], y_dense)               # same kernels, same rows: bitwise
     assert not y[~valid].any()                         # padding rows give zeros
+    assert all(p._version > v for p, v in zip(pool, versions))   # written in place
     untouched = [1, 2, 3, 5]
     for p, b, s in zip(pool, before, s_dense):
         assert torch.equal(p[slots[valid]], s)

@@ -655,6 +655,8 @@ at::Tensor CpuDecoder::step_pool(const at::Tensor& x, const std::vector<at::Tens
     run(B, ws, xp, ws.y.data());
     rows_from_float(ws.y.data(), rows.data(), B, d_, y);
   }
+  for (const auto& s : pools)  // written in place, like an in-place op (inference tensors
+    if (!s.is_inference()) s.unsafeGetTensorImpl()->bump_version();  // have no counter)
   return y;
 }
 

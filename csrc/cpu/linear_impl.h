@@ -19,6 +19,9 @@ typedef float vf __attribute__((vector_size(GLA_VEC_BYTES)));
 #ifndef GLA_LINEAR_PREFETCH
 #define GLA_LINEAR_PREFETCH 2048
 #endif
+#ifndef GLA_LINEAR_PF_LOCALITY
+#define GLA_LINEAR_PF_LOCALITY 3
+#endif
 constexpr idx kPrefetchBytes = GLA_LINEAR_PREFETCH;
 
 inline vf vload(const float* p) {
@@ -103,7 +106,7 @@ inline void tile(const typename WP::T* __restrict wp, idx in, const float* __res
     for (int q = 0; q < NP; ++q) {
       const char* pf = reinterpret_cast<const char*>(wp + (q * in + k + kAhead) * NR);
 #pragma GCC unroll 2
-      for (idx line = 0; line < kRowBytes; line += 64) __builtin_prefetch(pf + line, 0, 3);
+      for (idx line = 0; line < kRowBytes; line += 64) __builtin_prefetch(pf + line, 0, GLA_LINEAR_PF_LOCALITY);
       WP::load(wp + (q * in + k) * NR, w[q][0], w[q][1]);
     }
 #pragma GCC unroll 8
