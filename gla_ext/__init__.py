@@ -6,8 +6,9 @@ from .options import OptionError
 from .model import GLA, build
 from .layers import build_gla_block, build_gla_layer
 from .sizing import output_size, param_count, recommended_defaults
+from .serving import StatePool
 
 __version__ = "0.1.0"
 __all__ = ["chunk_gla", "fused_recurrent_gla", "reference", "extension_loaded",
            "GLA", "build", "build_gla_block", "build_gla_layer", "output_size", "param_count",
-           "recommended_defaults", "OptionError"]
+           "recommended_defaults", "OptionError", "StatePool"]

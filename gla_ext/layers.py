@@ -53,11 +53,15 @@ class GatedLinearAttention(nn.Module):
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.num_heads, self.head_dim))   # [B, T, H*D] -> [B, T, H, D]
 
-    def forward(self, x, state=None, return_state=False, mask=None, cp_group=None):
+    def forward(self, x, state=None, return_state=False, mask=None, cp_group=None,
+                state_indices=None, cu_seqlens=None):
         """x [B, T, hidden] -> [B, T, hidden]; with return_state, (out, new_state [B, H, D, D]).
 
         cp_group: x is this rank's slice of the sequence (context parallelism, see
         gla_ext.distributed); the recurrence runs through chunk_gla_cp over that group.
+        Pool mode (gla_ext.StatePool, inference only): with state_indices, `state` is a pool
+        [P, H, D, D] float32 and sequence n starts from, and is written back in place to,
+        pool[state_indices[n]]; cu_seqlens [N+1] packs N sequences along T of a B = 1 input.
         """
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         # Gates in float32 whatever the model dtype: they are summed over many steps.
@@ -72,8 +76,12 @@ class GatedLinearAttention(nn.Module):
         if cp_group is not None:
             from .distributed import chunk_gla_cp
             op = functools.partial(chunk_gla_cp, group=cp_group)
+        pool = {} if state_indices is None else dict(state_indices=state_indices,
+                                                     inplace_final_state=True)
+        if cu_seqlens is not None:
+            pool["cu_seqlens"] = cu_seqlens
         o, new_state = op(q, k, v, g, initial_state=state, output_final_state=return_state,
-                          backend=self.backend)
+                          backend=self.backend, **pool)
         if self.norm is not None:
             o = self.norm(o)
         if self.g_proj is not None:
@@ -108,9 +116,12 @@ class GLABlock(nn.Module):
         self.ffn = GatedFFN(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, state=None, return_state=False, mask=None, cp_group=None):
-        """x [B, T, hidden] -> [B, T, hidden]; with return_state, (out, new_state)."""
-        h = self.attn(self.attn_norm(x), state, return_state, mask, cp_group=cp_group)
+    def forward(self, x, state=None, return_state=False, mask=None, cp_group=None,
+                state_indices=None, cu_seqlens=None):
+        """x [B, T, hidden] -> [B, T, hidden]; with return_state, (out, new_state).
+        state_indices / cu_seqlens: pool mode of GatedLinearAttention.forward."""
+        h = self.attn(self.attn_norm(x), state, return_state, mask, cp_group=cp_group,
+                      state_indices=state_indices, cu_seqlens=cu_seqlens)
         if return_state:
             h, state = h
         x = x + self.dropout(h)

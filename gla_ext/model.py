@@ -7,6 +7,7 @@
     state = model.init_state(B)                  # streaming: one [B, H, D, D] float32 per layer
     y_t, state = model.step(x_t, state)          # x_t [B, embed_dim] -> [B, hidden_size]
     y, state = model(x, state=state, return_state=True)   # prefill, then step()
+    pool = model.state_pool(capacity)            # many streams: see gla_ext.serving.StatePool
 
 seq_len (default: window_size) is a shape hint, like window_size: inputs of any length
 are accepted whatever its value. It records the length the model is expected to see
@@ -167,6 +168,12 @@ class GLA(nn.Module):
         if state is None:
             state = self.init_state(x_t.shape[0], device=x_t.device)
         return self.forward(x_t, state=state, return_state=True)
+
+    def state_pool(self, capacity: int):
+        """A gla_ext.StatePool: slot-indexed recurrent states for up to `capacity` concurrent
+        streams on the model's device, advanced in place by pool.step / pool.prefill."""
+        from .serving import StatePool
+        return StatePool(self, capacity)
 
     def cuda_graph_step(self, batch_size: int, warmup: int = 2):
         """A CUDA-graph-captured step() for a fixed batch (eval mode, model on CUDA).
