@@ -691,52 +691,43 @@ template <typename T> void pad_block_rows(idx c, idx Kp, T* q, T* k, T* a) {
   }
 }
 
-// One (sequence n, head h, value columns [v0, v1)) task of the forward.
-template <typename scalar_t>
-void fwd_task_t(const GlaParams& p, idx n, idx h, idx v0, idx v1, idx C, void* ws) {
-  using T = acc_type_t<scalar_t>;
-  const Layout L(p);
-  const idx K = p.K, V = p.V, vw = v1 - v0;
-  const Dims d = make_dims<T>(C, K, vw);
+// Rows of one forward task: element pointers at the task's first token (already offset to the
+// head and the value tile) and the distances between successive tokens. The ops' tensors are
+// [B, T, H, K] (stride H*K); the fused prefill (prefill.cpp) points into its projection rows.
+template <typename scalar_t> struct FwdRows {
+  const scalar_t *q, *k, *v;
+  const acc_type_t<scalar_t>* g;
+  scalar_t* o;
+  idx s_qk, s_v, s_o;     // token strides of q/k/g, v, o (elements)
+  bool stream_out = true;  // streaming stores for o (off when the caller reads o right away)
+};
+
+// The chunk loop of one task over `count` tokens: S (b.S, Kp x Vp) in, S after the last token
+// out; o written for every token.
+template <typename scalar_t, typename T>
+void fwd_chunks(const FwdRows<scalar_t>& r, idx K, idx vw, idx count, idx C, T scale,
+                const Dims& d, FwdBufs<T>& b) {
   const idx Kp = d.Kp, Vp = d.Vp, ldA = d.ldA;
-  Carver w(reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(ws) + 63) & ~uintptr_t(63)));
-  FwdBufs<T> b(w, d);
-
-  const auto* q = static_cast<const scalar_t*>(p.q);
-  const auto* k = static_cast<const scalar_t*>(p.k);
-  const auto* v = static_cast<const scalar_t*>(p.v);
-  const auto* g = static_cast<const T*>(p.g);
-  const T* h0 = p.h0 ? static_cast<const T*>(p.h0) + L.state(n, h) : nullptr;
-  auto* o = static_cast<scalar_t*>(p.o);
-  T* ht = static_cast<T*>(p.ht) + L.state(n, h);
-  const T scale = static_cast<T>(p.scale);
-
-  for (idx i = 0; i < Kp; ++i)
-    for (idx j = 0; j < Vp; ++j)
-      b.S[i * Vp + j] = (h0 && i < K && j < vw) ? h0[i * V + v0 + j] : T(0);
-
-  idx row, start, stop;
-  sequence_bounds(p, n, &row, &start, &stop);
-  for (idx c0 = start; c0 < stop; c0 += C) {
-    const idx c = imin(C, stop - c0), nb = (c + kBlk - 1) / kBlk;
+  for (idx c0 = 0; c0 < count; c0 += C) {
+    const idx c = imin(C, count - c0), nb = (c + kBlk - 1) / kBlk;
     for (idx t = 0; t < c; ++t) {
-      const idx qo = L.qk(row, c0 + t, h), vo = L.v(row, c0 + t, h) + v0;
-      load_row(q + qo, K, Kp, b.q + t * Kp, scale);
-      load_row(k + qo, K, Kp, b.k + t * Kp, T(1));
-      load_row(g + qo, K, Kp, b.a + t * Kp, T(1));
+      const idx qo = (c0 + t) * r.s_qk, vo = (c0 + t) * r.s_v;
+      load_row(r.q + qo, K, Kp, b.q + t * Kp, scale);
+      load_row(r.k + qo, K, Kp, b.k + t * Kp, T(1));
+      load_row(r.g + qo, K, Kp, b.a + t * Kp, T(1));
       exp_inplace(b.a + t * Kp, Kp);
-      load_row(v + vo, vw, Vp, b.v + t * Vp, T(1));
+      load_row(r.v + vo, vw, Vp, b.v + t * Vp, T(1));
     }
     pad_block_rows(c, Kp, b.q, b.k, b.a);
     RowPrefetch pf;
-    if (c0 + C < stop) {
-      const idx qo = L.qk(row, c0 + C, h), vo = L.v(row, c0 + C, h) + v0;
-      const idx qs = p.H * K * sizeof(scalar_t), vs = p.H * V * sizeof(scalar_t);
-      pf.add(q + qo, qs, K * sizeof(scalar_t));
-      pf.add(k + qo, qs, K * sizeof(scalar_t));
-      pf.add(g + qo, p.H * K * sizeof(T), K * sizeof(T));
-      pf.add(v + vo, vs, vw * sizeof(scalar_t));
-      pf.start(imin(C, stop - c0 - C), 16);
+    if (c0 + C < count) {
+      const idx qo = (c0 + C) * r.s_qk, vo = (c0 + C) * r.s_v;
+      const idx qs = r.s_qk * sizeof(scalar_t), vs = r.s_v * sizeof(scalar_t);
+      pf.add(r.q + qo, qs, K * sizeof(scalar_t));
+      pf.add(r.k + qo, qs, K * sizeof(scalar_t));
+      pf.add(r.g + qo, r.s_qk * sizeof(T), K * sizeof(T));
+      pf.add(r.v + vo, vs, vw * sizeof(scalar_t));
+      pf.start(imin(C, count - c0 - C), 16);
     }
     gates_forward(c, Kp, b.q, b.a, b.pq, b.dblk, b.dpre, b.qi, b.qe);
     pf.step();
@@ -764,8 +755,43 @@ void fwd_task_t(const GlaParams& p, idx n, idx h, idx v0, idx v1, idx C, void* w
     // state: S1 = e^{b_last} S0 + (k * e^{b_last - b})^T v
     gemm(Kp, Vp, c, b.kf, 1, Kp, b.v, Vp, b.S, Vp, true, b.dpre + nb * Kp);
     while (pf.done < pf.rows) pf.step();
-    for (idx t = 0; t < c; ++t) put_row(b.o + t * Vp, vw, o + L.v(row, c0 + t, h) + v0);
+    if (r.stream_out)
+      for (idx t = 0; t < c; ++t) put_row(b.o + t * Vp, vw, r.o + (c0 + t) * r.s_o);
+    else
+      for (idx t = 0; t < c; ++t) store_row(b.o + t * Vp, vw, r.o + (c0 + t) * r.s_o);
   }
+}
+
+// One (sequence n, head h, value columns [v0, v1)) task of the forward.
+template <typename scalar_t>
+void fwd_task_t(const GlaParams& p, idx n, idx h, idx v0, idx v1, idx C, void* ws) {
+  using T = acc_type_t<scalar_t>;
+  const Layout L(p);
+  const idx K = p.K, V = p.V, vw = v1 - v0;
+  const Dims d = make_dims<T>(C, K, vw);
+  const idx Kp = d.Kp, Vp = d.Vp;
+  Carver w(reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(ws) + 63) & ~uintptr_t(63)));
+  FwdBufs<T> b(w, d);
+
+  const auto* q = static_cast<const scalar_t*>(p.q);
+  const auto* k = static_cast<const scalar_t*>(p.k);
+  const auto* v = static_cast<const scalar_t*>(p.v);
+  const auto* g = static_cast<const T*>(p.g);
+  const T* h0 = p.h0 ? static_cast<const T*>(p.h0) + L.state(n, h) : nullptr;
+  auto* o = static_cast<scalar_t*>(p.o);
+  T* ht = static_cast<T*>(p.ht) + L.state(n, h);
+  const T scale = static_cast<T>(p.scale);
+
+  for (idx i = 0; i < Kp; ++i)
+    for (idx j = 0; j < Vp; ++j)
+      b.S[i * Vp + j] = (h0 && i < K && j < vw) ? h0[i * V + v0 + j] : T(0);
+
+  idx row, start, stop;
+  sequence_bounds(p, n, &row, &start, &stop);
+  const FwdRows<scalar_t> rows{q + L.qk(row, start, h), k + L.qk(row, start, h),
+                               v + L.v(row, start, h) + v0, g + L.qk(row, start, h),
+                               o + L.v(row, start, h) + v0, p.H * K, p.H * V, p.H * V};
+  fwd_chunks(rows, K, vw, stop - start, C, scale, d, b);
   for (idx i = 0; i < K; ++i)
     for (idx j = 0; j < vw; ++j) ht[i * V + v0 + j] = b.S[i * Vp + j];
 }
