@@ -12,6 +12,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -77,8 +78,10 @@ struct IsaFns {
   int64_t (*panel)();
   size_t (*ws)(int64_t, int64_t);
   void (*run)(const PrefillPlan&, int, int);
+  int64_t (*phases)(int64_t);
 };
-#define GLA_PREFILL_FNS(ns) IsaFns{&ns::panel_width, &ns::attention_workspace_bytes, &ns::run_thread}
+#define GLA_PREFILL_FNS(ns) \
+  IsaFns { &ns::panel_width, &ns::attention_workspace_bytes, &ns::run_thread, &ns::prefill_phases }
 
 IsaFns isa_fns(int isa) {
 #if GLA_PREFILL_MULTI_ISA
@@ -361,9 +364,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> CpuPrefill::forward(
   pl.h = bufs[0]; pl.xn = bufs[1]; pl.proj = bufs[2]; pl.o = bufs[3]; pl.u = bufs[4];
   pl.act = bufs[5];
   pl.ws = ws.data();
+  std::vector<std::atomic<int64_t>> counters(fns.phases(nl));
+  for (auto& c : counters) c.store(0, std::memory_order_relaxed);
+  pl.counters = counters.data();
+  PrefillBarrier barrier;
+  pl.barrier = &barrier;
 
 #pragma omp parallel num_threads(nt)
   {
+#pragma omp single
+    barrier.threads = omp_get_num_threads();  // (the single's implicit barrier publishes it)
     FlushDenormals ftz;
     fns.run(pl, omp_get_thread_num(), omp_get_num_threads());
   }

@@ -172,100 +172,111 @@ inline void attention_task(const PrefillPlan& pl, const PrefillLayerPtrs& L, idx
   }
 }
 
+// Work inside each phase is handed out dynamically (an atomic counter per phase): on a shared
+// machine a thread that is preempted does not hold up its share of the phase, the others
+// take it.
 inline void run_thread(const PrefillPlan& pl, int tid, int nt) {
-  const idx M = pl.B * pl.T, dp = pl.dp, d = pl.d;
-  idx r0, r1;
-  split(M, tid, nt, &r0, &r1);
+  (void)tid;
+  (void)nt;
+  const idx M = pl.B * pl.T, dp = pl.dp, d = pl.d, Pp = pl.Pp;
+  constexpr idx kRowBlock = 16;
+  const idx row_blocks = (M + kRowBlock - 1) / kRowBlock;
+  idx phase = 0;
+  auto dynamic = [&](idx n, auto&& fn) {
+    std::atomic<int64_t>& next = pl.counters[phase++];
+    for (idx i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) fn(i);
+  };
+  auto rows_of = [&](idx blk, auto&& fn) {
+    for (idx r = blk * kRowBlock; r < imin(M, (blk + 1) * kRowBlock); ++r) fn(r);
+  };
   auto col = [](idx p) { return p * kPanel; };
 
   // input projection (or copy), padding columns zero
   if (pl.in_w) {
-    idx p0, p1;
-    split(dp / kPanel, tid, nt, &p0, &p1);
-    gemm_panels(M, pl.E, pl.x, pl.E, pl.in_w, p0, p1, pl.h, dp, false, col);
-    for (idx r = 0; r < M; ++r)
-      for (idx c = p0 * kPanel; c < p1 * kPanel; c += kW)
-        vstore(pl.h + r * dp + c, vload(pl.h + r * dp + c) + vload(pl.in_b + c));
+    dynamic(dp / kPanel, [&](idx p) {
+      gemm_panels(M, pl.E, pl.x, pl.E, pl.in_w, p, p + 1, pl.h, dp, false, col);
+      for (idx r = 0; r < M; ++r)
+        for (idx c = p * kPanel; c < (p + 1) * kPanel; c += kW)
+          vstore(pl.h + r * dp + c, vload(pl.h + r * dp + c) + vload(pl.in_b + c));
+    });
   } else {
-    for (idx r = r0; r < r1; ++r) {
-      std::memcpy(pl.h + r * dp, pl.x + r * pl.E, sizeof(float) * d);
-      for (idx c = d; c < dp; ++c) pl.h[r * dp + c] = 0.f;
-    }
+    dynamic(row_blocks, [&](idx blk) {
+      rows_of(blk, [&](idx r) {
+        std::memcpy(pl.h + r * dp, pl.x + r * pl.E, sizeof(float) * d);
+        for (idx c = d; c < dp; ++c) pl.h[r * dp + c] = 0.f;
+      });
+    });
   }
-#pragma omp barrier
+  pl.barrier->wait();
   for (idx l = 0; l < pl.nl; ++l) {
     const PrefillLayerPtrs& L = pl.layers[l];
-    for (idx r = r0; r < r1; ++r)
-      layer_norm_row(pl.h + r * dp, pl.xn + r * dp, L.ln1_w, L.ln1_b, d, dp, pl.eps);
-#pragma omp barrier
-    {
-      idx p0, p1;
-      split(pl.Pp / kPanel, tid, nt, &p0, &p1);
-      gemm_panels(M, d, pl.xn, dp, L.proj, p0, p1, pl.proj, pl.Pp, false, col);
-      // gate columns of these panels: g = logsigmoid(logit + b) / normalizer
-      const idx g0 = std::max(p0 * kPanel, pl.off_gate);
-      const idx g1 = std::min(p1 * kPanel, pl.off_gate + pl.a);
+    dynamic(row_blocks, [&](idx blk) {
+      rows_of(blk, [&](idx r) {
+        layer_norm_row(pl.h + r * dp, pl.xn + r * dp, L.ln1_w, L.ln1_b, d, dp, pl.eps);
+      });
+    });
+    pl.barrier->wait();
+    dynamic(Pp / kPanel, [&](idx p) {
+      gemm_panels(M, d, pl.xn, dp, L.proj, p, p + 1, pl.proj, Pp, false, col);
+      // gate columns of this panel: g = logsigmoid(logit + b) / normalizer
+      const idx g0 = std::max(p * kPanel, pl.off_gate);
+      const idx g1 = std::min((p + 1) * kPanel, pl.off_gate + pl.a);
       if (g0 < g1) {
         const float inv = pl.inv_normalizer;
         const float* gb = L.gate_b + (g0 - pl.off_gate);
         for (idx r = 0; r < M; ++r)
-          map_span(pl.proj + r * pl.Pp + g0, g1 - g0,
+          map_span(pl.proj + r * Pp + g0, g1 - g0,
                    [&](VF v, idx i) { return vlogsigmoid(v + vload(gb + i)) * inv; });
       }
-    }
-#pragma omp barrier
-    {
-      idx t0, t1;
-      split(pl.B * pl.H, tid, nt, &t0, &t1);
-      for (idx task = t0; task < t1; ++task)
-        attention_task(pl, L, l, task / pl.H, task % pl.H, pl.ws[tid]);
-    }
-#pragma omp barrier
-    {
-      idx p0, p1;
-      split(dp / kPanel, tid, nt, &p0, &p1);
-      gemm_panels(M, pl.a, pl.o, pl.a, L.wo, p0, p1, pl.h, dp, true, col);
-    }
-#pragma omp barrier
-    for (idx r = r0; r < r1; ++r)
-      layer_norm_row(pl.h + r * dp, pl.xn + r * dp, L.ln2_w, L.ln2_b, d, dp, pl.eps);
-#pragma omp barrier
-    {
-      // panel pairs (W1 panel j, W3 panel j) -> act panel j
-      idx j0, j1;
-      split(pl.fp / kPanel, tid, nt, &j0, &j1);
+    });
+    pl.barrier->wait();
+    dynamic(pl.B * pl.H, [&](idx task) {
+      attention_task(pl, L, l, task / pl.H, task % pl.H, pl.ws[omp_get_thread_num()]);
+    });
+    pl.barrier->wait();
+    dynamic(dp / kPanel, [&](idx p) {
+      gemm_panels(M, pl.a, pl.o, pl.a, L.wo, p, p + 1, pl.h, dp, true, col);
+    });
+    pl.barrier->wait();
+    dynamic(row_blocks, [&](idx blk) {
+      rows_of(blk, [&](idx r) {
+        layer_norm_row(pl.h + r * dp, pl.xn + r * dp, L.ln2_w, L.ln2_b, d, dp, pl.eps);
+      });
+    });
+    pl.barrier->wait();
+    // panel pairs (W1 panel j, W3 panel j) -> act panel j
+    dynamic(pl.fp / kPanel, [&](idx j) {
       const idx ldu = 2 * pl.fp;
-      gemm_panels(M, d, pl.xn, dp, L.w13, 2 * j0, 2 * j1, pl.u, ldu, false, col);
-      for (idx r = 0; r < M; ++r)
-        for (idx j = j0; j < j1; ++j) {
-          const float* u1 = pl.u + r * ldu + 2 * j * kPanel;
-          float* act = pl.act + r * pl.fp + j * kPanel;
-          for (idx c = 0; c < kPanel; c += kW)
-            vstore(act + c, vsilu(vload(u1 + c)) * vload(u1 + kPanel + c));
-        }
-    }
-#pragma omp barrier
-    {
-      idx p0, p1;
-      split(dp / kPanel, tid, nt, &p0, &p1);
-      gemm_panels(M, pl.f, pl.act, pl.fp, L.w2, p0, p1, pl.h, dp, true, col);
-    }
-#pragma omp barrier
+      gemm_panels(M, d, pl.xn, dp, L.w13, 2 * j, 2 * j + 2, pl.u, ldu, false, col);
+      for (idx r = 0; r < M; ++r) {
+        const float* u1 = pl.u + r * ldu + 2 * j * kPanel;
+        float* act = pl.act + r * pl.fp + j * kPanel;
+        for (idx c = 0; c < kPanel; c += kW)
+          vstore(act + c, vsilu(vload(u1 + c)) * vload(u1 + kPanel + c));
+      }
+    });
+    pl.barrier->wait();
+    dynamic(dp / kPanel, [&](idx p) {
+      gemm_panels(M, pl.f, pl.act, pl.fp, L.w2, p, p + 1, pl.h, dp, true, col);
+    });
+    pl.barrier->wait();
   }
+  // final LayerNorm into y (through xn's rows, free now)
   if (pl.all_positions) {
-    for (idx r = r0; r < r1; ++r) {
-      float* dst = pl.xn + r * dp;  // xn is free now
-      layer_norm_row(pl.h + r * dp, dst, pl.norm_w, pl.norm_b, d, dp, pl.eps);
-      std::memcpy(pl.y + r * d, dst, sizeof(float) * d);
-    }
+    dynamic(row_blocks, [&](idx blk) {
+      rows_of(blk, [&](idx r) {
+        layer_norm_row(pl.h + r * dp, pl.xn + r * dp, pl.norm_w, pl.norm_b, d, dp, pl.eps);
+        std::memcpy(pl.y + r * d, pl.xn + r * dp, sizeof(float) * d);
+      });
+    });
   } else {
-    idx b0, b1;
-    split(pl.B, tid, nt, &b0, &b1);
-    for (idx bi = b0; bi < b1; ++bi) {
+    dynamic(pl.B, [&](idx bi) {
       const idx r = bi * pl.T + pl.T - 1;
-      float* dst = pl.xn + r * dp;  // this row of xn is free now
-      layer_norm_row(pl.h + r * dp, dst, pl.norm_w, pl.norm_b, d, dp, pl.eps);
-      std::memcpy(pl.y + bi * d, dst, sizeof(float) * d);
-    }
+      layer_norm_row(pl.h + r * dp, pl.xn + r * dp, pl.norm_w, pl.norm_b, d, dp, pl.eps);
+      std::memcpy(pl.y + bi * d, pl.xn + r * dp, sizeof(float) * d);
+    });
   }
 }
+
+// Phases of run_thread (one counter each).
+inline idx prefill_phases(idx nl) { return 2 + 7 * nl; }

@@ -2,9 +2,36 @@
 // per-ISA body in prefill_impl.h runs it). Activations are float32 row-major, M = B*T rows.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <thread>
 
 namespace gla {
+
+// Barrier of the prefill's threads: spins briefly, then yields the CPU. On a busy machine a
+// waiting thread may share its core with the thread it waits for; an OpenMP barrier would
+// spin there for its whole spin count instead of letting that thread run.
+struct PrefillBarrier {
+  std::atomic<int> arrived{0}, generation{0};
+  int threads = 1;
+  void wait() {
+    const int gen = generation.load(std::memory_order_acquire);
+    if (arrived.fetch_add(1, std::memory_order_acq_rel) == threads - 1) {
+      arrived.store(0, std::memory_order_relaxed);
+      generation.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spin = 0; generation.load(std::memory_order_acquire) == gen; ++spin) {
+      if (spin < 2000) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+};
 
 struct PrefillLayerPtrs {
   // packed weight panels: proj [Pp/NP][d][NP], wo [dp/NP][a][NP], w13 (W1 panel j, W3 panel j
@@ -28,7 +55,9 @@ struct PrefillPlan {
   float* y;                          // [B, d], or [M, d] with all_positions
   bool all_positions;
   float *h, *xn, *proj, *o, *u, *act;  // [M, dp] [M, dp] [M, Pp] [M, a] [M, 2 fp] [M, fp]
-  char* const* ws;                   // per thread: chunk-kernel scratch
+  char* const* ws;                   // per thread (omp_get_thread_num): chunk-kernel scratch
+  std::atomic<int64_t>* counters;    // one per phase, zero at the start: dynamic work split
+  PrefillBarrier* barrier;           // threads = the team's size
 };
 
 }  // namespace gla
