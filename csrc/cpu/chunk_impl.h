@@ -422,6 +422,29 @@ inline void transpose16(const float* src, idx lds, idx rows, float* dst, idx ldd
 }
 #endif
 
+#if defined(__x86_64__) && GLA_VEC_BYTES == 32
+// 8 x 8 float tile: dst[j*ldd + i] = src[i*lds + j]; rows i >= rows read as zero.
+inline void transpose8(const float* src, idx lds, idx rows, float* dst, idx ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_loadu_ps(src + i * lds) : _mm256_setzero_ps();
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  // r[4g + m]: in each 128-bit half h, column 4h + m of rows 4g .. 4g+3
+  for (int m = 0; m < 4; ++m) {
+    _mm256_storeu_ps(dst + m * ldd, _mm256_permute2f128_ps(r[m], r[4 + m], 0x20));
+    _mm256_storeu_ps(dst + (4 + m) * ldd, _mm256_permute2f128_ps(r[m], r[4 + m], 0x31));
+  }
+}
+#endif
+
 // dst[j*ldd + i] = src[i*lds + j] for i < rows_pad, j < cols, reading rows i >= rows as zero
 // (rows_pad and cols multiples of 16 when the vector tile is used).
 template <typename T>
@@ -432,6 +455,15 @@ void transpose(const T* src, idx lds, idx rows, idx rows_pad, idx cols, T* dst, 
       for (idx i0 = 0; i0 < rows_pad; i0 += 16)
         for (idx j0 = 0; j0 < cols; j0 += 16)
           transpose16(src + i0 * lds + j0, lds, rows - i0, dst + j0 * ldd + i0, ldd);
+      return;
+    }
+  }
+#elif defined(__x86_64__) && GLA_VEC_BYTES == 32
+  if constexpr (sizeof(T) == 4) {
+    if (rows_pad % 8 == 0 && cols % 8 == 0) {
+      for (idx i0 = 0; i0 < rows_pad; i0 += 8)
+        for (idx j0 = 0; j0 < cols; j0 += 8)
+          transpose8(src + i0 * lds + j0, lds, rows - i0, dst + j0 * ldd + i0, ldd);
       return;
     }
   }
@@ -666,11 +698,61 @@ inline void diag_scores_row16(idx Kp, const float* q, const float* k, const floa
 }
 #endif
 
+#if defined(__x86_64__) && GLA_VEC_BYTES == 32
+// AVX2, float: the row form of the AVX-512 kernel above with 8-key vectors. The 16 partial
+// vectors of a row would need all 16 registers, so rows s < 8 take two passes over the keys
+// (t < 8, parking u in ubuf, then t >= 8), each with at most 8 accumulators.
+inline __m256 hsum8(const __m256* v) {
+  const __m256 h01 = _mm256_hadd_ps(v[0], v[1]), h23 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 h45 = _mm256_hadd_ps(v[4], v[5]), h67 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+// P[t - T0] += q_t * u for t in [T0, T1), u *= a_t before each t > first.
+template <int T0, int T1, bool kFirstMul>
+inline __m256 diag_chain8(idx Kp, idx i, const float* q, const float* a, __m256 u, __m256* P) {
+#pragma GCC unroll 16
+  for (int t = T0; t < T1; ++t) {
+    if (kFirstMul || t > T0) u = _mm256_mul_ps(u, _mm256_loadu_ps(a + t * Kp + i));
+    P[t - T0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + t * Kp + i), u, P[t - T0]);
+  }
+  return u;
+}
+
+template <int S>
+inline void diag_scores_row8(idx Kp, const float* q, const float* k, const float* a, float* at,
+                             idx ldA, float* ubuf) {
+  __m256 lo[8], hi[8];
+#pragma GCC unroll 8
+  for (int t = 0; t < 8; ++t) lo[t] = hi[t] = _mm256_setzero_ps();
+  if constexpr (S < 8) {
+    for (idx i = 0; i < Kp; i += 8) {
+      const __m256 u = diag_chain8<S, 8, false>(Kp, i, q, a, _mm256_loadu_ps(k + S * Kp + i), lo + S);
+      _mm256_storeu_ps(ubuf + i, u);
+    }
+    for (idx i = 0; i < Kp; i += 8)
+      diag_chain8<8, 16, true>(Kp, i, q, a, _mm256_loadu_ps(ubuf + i), hi);
+  } else {
+    for (idx i = 0; i < Kp; i += 8)
+      diag_chain8<S, 16, false>(Kp, i, q, a, _mm256_loadu_ps(k + S * Kp + i), hi + (S - 8));
+  }
+  _mm256_storeu_ps(at + S * ldA, hsum8(lo));
+  _mm256_storeu_ps(at + S * ldA + 8, hsum8(hi));
+  if constexpr (S < 15) diag_scores_row8<S + 1>(Kp, q, k, a, at, ldA, ubuf);
+}
+#endif
+
 template <typename T>
 void diag_scores(idx Kp, const T* q, const T* k, const T* a, T* at, idx ldA, T* ubuf) {
 #if defined(__x86_64__) && GLA_VEC_BYTES == 64
   if constexpr (sizeof(T) == 4) {
     diag_scores_row16<0>(Kp, q, k, a, at, ldA);
+    return;
+  }
+#elif defined(__x86_64__) && GLA_VEC_BYTES == 32
+  if constexpr (sizeof(T) == 4) {
+    diag_scores_row8<0>(Kp, q, k, a, at, ldA, ubuf);
     return;
   }
 #endif
