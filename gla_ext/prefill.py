@@ -9,8 +9,10 @@ generic path's per-op overhead and thread wake-ups dominate.
 try_forward(model, x, state, return_state, return_sequence) returns what GLA.forward would,
 or None when the generic path must run. Same eligibility as gla_ext.decode.try_step:
   - the extension is not built, or ENABLED is False; the model's backend is not auto/cpu;
-  - x, a state or a parameter is not a float32 CPU tensor (or is a tensor subclass), or
-    torch.compile / functorch transforms are active;
+  - x or a parameter is not a CPU tensor of one dtype (float32, or bfloat16 / float16 weights:
+    then x has that dtype too, the math runs in float32 and y comes back in that dtype), a
+    state is not a float32 CPU tensor, a tensor is a subclass, or torch.compile / functorch
+    transforms are active;
   - autograd is needed (grad mode on and x, a state or a parameter requires grad);
   - dropout is active (a block's Dropout in training mode with p > 0);
   - the model is not the structure the fused code implements (low-rank gate, swapped
@@ -34,6 +36,9 @@ __all__ = ["ENABLED", "try_forward", "clear_cache", "is_cached"]
 ENABLED = True
 
 _READY, _STALE = 0, 1
+# Parameter dtypes the fused path takes (bfloat16 / float16 weights are widened to float32
+# once, when packing; the math runs in float32 and y is returned in the parameters' dtype).
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _generation = 0          # bumped when any module registers a parameter or submodule
 _hooks_installed = False
@@ -138,8 +143,9 @@ def _build(model):
     _install_hooks()
     generation = _generation
     collected, settings = _collect(model), _settings(model)
-    if collected is None or settings is None or not all(
-            type(p) in (torch.Tensor, nn.Parameter) and p.dtype == torch.float32
+    dtype = model.norm.weight.dtype
+    if collected is None or settings is None or dtype not in _DTYPES or not all(
+            type(p) in (torch.Tensor, nn.Parameter) and p.dtype == dtype
             and p.device.type == "cpu" and not p.is_inference() for p in collected[2]):
         _cache.pop(model, None)
         return None
@@ -172,8 +178,10 @@ def try_forward(model, x, state, return_state, return_sequence):
         return None
     if model.config.backend not in ("auto", "cpu"):
         return None
-    if type(x) is not torch.Tensor or x.dtype != torch.float32 or x.device.type != "cpu":
+    if type(x) is not torch.Tensor or x.dtype not in _DTYPES or x.device.type != "cpu":
         return None
+    if x.dtype != model.norm.weight.dtype:
+        return None     # mixed dtypes: the generic path decides what that means
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return None
     grad = torch.is_grad_enabled()

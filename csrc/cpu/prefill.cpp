@@ -106,7 +106,7 @@ void pack_panels(const float* W, int64_t n, int64_t K, int64_t np, float* dst) {
 }
 
 at::Tensor packed(const at::Tensor& W, int64_t np) {
-  const at::Tensor w = W.contiguous();
+  const at::Tensor w = W.to(at::kFloat).contiguous();
   const int64_t n = w.size(0), K = w.size(1);
   at::Tensor out = at::empty({round_up(n, np) * K}, w.options());
   pack_panels(w.data_ptr<float>(), n, K, np, out.data_ptr<float>());
@@ -114,7 +114,7 @@ at::Tensor packed(const at::Tensor& W, int64_t np) {
 }
 
 at::Tensor padded(const at::Tensor& v, int64_t n) {
-  at::Tensor out = at::zeros({n}, v.options());
+  at::Tensor out = at::zeros({n}, v.options().dtype(at::kFloat));
   out.narrow(0, 0, v.numel()).copy_(v);
   return out;
 }
@@ -124,11 +124,15 @@ at::Tensor required(const std::optional<at::Tensor>& t, const char* name, int64_
   return *t;
 }
 
+bool weight_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
 void check_param(const at::Tensor& t, const char* name, int64_t layer,
-                 std::initializer_list<int64_t> shape) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), kOp, ": ", name,
-              " of layer ", layer, " must be a float32 CPU tensor, got ", t.scalar_type(), " on ",
-              t.device());
+                 std::initializer_list<int64_t> shape, at::ScalarType dtype) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.device().is_cpu(), kOp, ": ", name, " of layer ",
+              layer, " must be a ", dtype, " CPU tensor like the other parameters, got ",
+              t.scalar_type(), " on ", t.device());
   TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), kOp, ": ", name, " of layer ", layer,
               " must have shape ", at::IntArrayRef(shape), ", got ", t.sizes());
 }
@@ -169,19 +173,22 @@ CpuPrefill::CpuPrefill(const std::vector<std::optional<at::Tensor>>& globals,
   };
   const at::Tensor norm_w = required(globals[kPfNormW], "final norm weight", -1);
   d_ = norm_w.size(0);
-  check_param(norm_w, "final norm weight", -1, {d_});
+  dtype_ = norm_w.scalar_type();
+  TORCH_CHECK(weight_dtype(dtype_), kOp, ": parameters must be float32, bfloat16 or float16, got ",
+              dtype_);
+  check_param(norm_w, "final norm weight", -1, {d_}, dtype_);
   norm_w_ = watch(norm_w);
   const at::Tensor norm_b = required(globals[kPfNormB], "final norm bias", -1);
-  check_param(norm_b, "final norm bias", -1, {d_});
+  check_param(norm_b, "final norm bias", -1, {d_}, dtype_);
   norm_b_ = watch(norm_b);
   E_ = d_;
   if (globals[kPfInW] && globals[kPfInW]->defined()) {
     const at::Tensor& w = *globals[kPfInW];
     E_ = w.size(1);
-    check_param(w, "input projection weight", -1, {d_, E_});
+    check_param(w, "input projection weight", -1, {d_, E_}, dtype_);
     in_w_ = watch(w);
     const at::Tensor b = required(globals[kPfInB], "input projection bias", -1);
-    check_param(b, "input projection bias", -1, {d_});
+    check_param(b, "input projection bias", -1, {d_}, dtype_);
     in_b_ = watch(b);
   }
   const auto& first = layers[0];
@@ -202,7 +209,7 @@ CpuPrefill::CpuPrefill(const std::vector<std::optional<at::Tensor>>& globals,
                 ": every layer must use the same options (layer ", l, " differs)");
     auto get = [&](int slot, const char* name, std::initializer_list<int64_t> shape) {
       at::Tensor t = required(p[slot], name, l);
-      check_param(t, name, l, shape);
+      check_param(t, name, l, shape, dtype_);
       return watch(t);
     };
     Src s;
@@ -229,7 +236,7 @@ int64_t CpuPrefill::status(bool grad_enabled) const {
   bool needs_grad = false;
   for (size_t i = 0; i < watched_.size(); ++i) {
     const at::Tensor& t = watched_[i];
-    if (t.scalar_type() != at::kFloat || !t.device().is_cpu() || t.is_inference() ||
+    if (t.scalar_type() != dtype_ || !t.device().is_cpu() || t.is_inference() ||
         t._version() != versions_[i] || t.data_ptr() != pointers_[i])
       return kStale;
     needs_grad = needs_grad || t.requires_grad();
@@ -250,15 +257,16 @@ void CpuPrefill::pack(int isa) {
     std::vector<at::Tensor> rows = {s.wq, s.wk, s.wv};
     if (use_gate_) rows.push_back(s.wr);
     rows.push_back(s.wg);
-    k.proj = packed(at::cat(rows, 0), np);
+    k.proj = packed(at::cat(rows, 0), np);  // (packed() converts to float32)
     k.gate_b = padded(s.gate_b, a_ + 16);
     if (use_norm_) k.rms_w = padded(s.rms_w, D_ + 16);
     k.wo = packed(s.wo, np);
     k.ln2_w = padded(s.ln2_w, dp);
     k.ln2_b = padded(s.ln2_b, dp);
     // W1 panel j, then W3 panel j: one thread computes both halves of act's panel j
-    const at::Tensor w1 = at::cat({s.w1, at::zeros({fp - f_, d_}, s.w1.options())}, 0);
-    const at::Tensor w3 = at::cat({s.w3, at::zeros({fp - f_, d_}, s.w3.options())}, 0);
+    const auto f32 = s.w1.options().dtype(at::kFloat);
+    const at::Tensor w1 = at::cat({s.w1.to(at::kFloat), at::zeros({fp - f_, d_}, f32)}, 0);
+    const at::Tensor w3 = at::cat({s.w3.to(at::kFloat), at::zeros({fp - f_, d_}, f32)}, 0);
     k.w13 = packed(at::stack({w1.view({fp / np, np, d_}), w3.view({fp / np, np, d_})}, 1)
                        .reshape({2 * fp, d_}),
                    np);
@@ -279,8 +287,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> CpuPrefill::forward(
     const at::Tensor& x_in, const std::vector<at::Tensor>& states, bool return_state,
     bool all_positions) {
   std::lock_guard<std::mutex> lock(mutex_);
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(), kOp,
-              ": x must be a float32 CPU tensor, got ", x_in.scalar_type(), " on ", x_in.device());
+  TORCH_CHECK(x_in.scalar_type() == dtype_ && x_in.device().is_cpu(), kOp, ": x must be a ",
+              dtype_, " CPU tensor (the parameters' dtype), got ", x_in.scalar_type(), " on ",
+              x_in.device());
   TORCH_CHECK(x_in.dim() == 3 && x_in.size(2) == E_ && x_in.size(0) >= 1 && x_in.size(1) >= 1,
               kOp, ": x must be [batch, seq_len, ", E_, "], got ", x_in.sizes());
   const int64_t B = x_in.size(0), T = x_in.size(1), M = B * T, nl = num_layers();
@@ -292,6 +301,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> CpuPrefill::forward(
                 kOp, ": each state must be a float32 CPU tensor [", B, ", ", H_, ", ", D_, ", ",
                 D_, "], got ", s.scalar_type(), " ", s.sizes());
 
+  // computed in float32 whatever the parameters' dtype (states are float32 anyway); y gets
+  // the parameters' dtype at the end, like the generic path's output
   const auto opts = at::TensorOptions().dtype(at::kFloat);
   at::Tensor y = all_positions ? at::empty({B, T, d_}, opts) : at::empty({B, d_}, opts);
   std::vector<at::Tensor> new_states;
@@ -305,7 +316,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> CpuPrefill::forward(
   const int64_t np = np_, dp = round_up(d_, np), fp = round_up(f_, np), Pp = round_up(P_, np);
   const int64_t C = T <= 64 ? round_up(T, 16) : 64;
 
-  const at::Tensor x = x_in.contiguous();
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
   std::vector<at::Tensor> h0_keep;
   std::vector<const float*> h0;
   std::vector<float*> ht;
@@ -376,6 +387,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> CpuPrefill::forward(
     barrier.threads = omp_get_num_threads();  // (the single's implicit barrier publishes it)
     FlushDenormals ftz;
     fns.run(pl, omp_get_thread_num(), omp_get_num_threads());
+  }
+  if (dtype_ != at::kFloat) {
+    at::AutoDispatchBelowAutograd below;
+    y = y.to(dtype_);
   }
   return {y, new_states};
 }

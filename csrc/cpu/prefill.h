@@ -46,7 +46,7 @@ class GLA_PREFILL_HIDDEN CpuPrefill {
   enum Status : int64_t { kReady = 0, kStale = 1, kNeedsAutograd = 2 };
   int64_t status(bool grad_enabled) const;
 
-  // x [B, T, embed_dim] float32; states: num_layers tensors [B, H, D, D] float32 (read only)
+  // x [B, T, embed_dim] in the parameters' dtype; states: num_layers tensors [B, H, D, D] float32 (read only)
   // or empty (zeros). Returns (y, new states): y [B, hidden] (last position) or
   // [B, T, hidden] (all_positions); new states only when return_state (else empty).
   std::tuple<at::Tensor, std::vector<at::Tensor>> forward(const at::Tensor& x,
@@ -68,6 +68,7 @@ class GLA_PREFILL_HIDDEN CpuPrefill {
   at::Tensor in_w_, in_b_, norm_w_, norm_b_;
   int64_t E_ = 0, d_ = 0, H_ = 0, D_ = 0, a_ = 0, f_ = 0, P_ = 0, off_r_ = -1, off_gate_ = 0;
   bool use_norm_ = false, use_gate_ = false;
+  at::ScalarType dtype_ = at::kFloat;  // the parameters' (float32, bfloat16 or float16)
   float normalizer_ = 1.f, eps_ = 1e-5f, scale_ = 1.f;
 
   int packed_isa_ = -1;
