@@ -11,7 +11,10 @@ Two matmul rates are measured: torch.mm as installed (MKL picks its widest code,
 an AVX-512 CPU) and torch.mm with MKL held to AVX2 (MKL_ENABLE_INSTRUCTIONS=AVX2, in a child
 process, since MKL reads it once). On an AVX2-only CPU (e.g. AMD Zen 2/3) both are the same
 thing; on an AVX-512 machine the second is the like-for-like bound of the AVX2 path.
---save writes bench_cpu_chunk.json / .md under benchmarks/results.
+--cpu-time (with --threads 1) times with the thread's CPU clock instead of the wall clock: on a
+machine shared with other jobs it leaves out the time the thread waited for a core.
+--save writes bench_cpu_chunk.json / .md (with --cpu-time: bench_cpu_chunk_cputime) under
+benchmarks/results.
 """
 import argparse
 import os
@@ -26,6 +29,7 @@ import gla_ext._C  # noqa: F401  (registers torch.ops.gla_ext)
 from gla_ext.reference import chunk_gla_reference
 
 MM_N = 2048
+clock = time.perf_counter
 
 
 def best_time(fn, reps=5, warmup=1):
@@ -33,9 +37,9 @@ def best_time(fn, reps=5, warmup=1):
         fn()
     best = float("inf")
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return best
 
 
@@ -46,18 +50,19 @@ def interleaved_best(fns, reps):
     best = [float("inf")] * len(fns)
     for _ in range(reps):
         for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
+            best[i] = min(best[i], clock() - t0)
     return best
 
 
 def mm_rate_child(mkl_isa, threads, reps=10):
     """Best-of-reps torch.mm float32 rate in a child process with MKL_ENABLE_INSTRUCTIONS."""
+    c = "time.thread_time" if clock is time.thread_time else "time.perf_counter"
     code = (f"import torch,time\ntorch.set_num_threads({threads})\nn={MM_N}\n"
             "a,b=torch.randn(n,n),torch.randn(n,n)\ntorch.mm(a,b)\nbest=9.0\n"
-            f"for _ in range({reps}):\n t=time.perf_counter();torch.mm(a,b);"
-            "best=min(best,time.perf_counter()-t)\nprint(2*n**3/best)")
+            f"for _ in range({reps}):\n t={c}();torch.mm(a,b);"
+            f"best=min(best,{c}()-t)\nprint(2*n**3/best)")
     env = dict(os.environ, MKL_ENABLE_INSTRUCTIONS=mkl_isa)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -72,7 +77,13 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--save", action="store_true")
+    ap.add_argument("--cpu-time", action="store_true", help="thread CPU clock (needs --threads 1)")
     a = ap.parse_args()
+    global clock
+    if a.cpu_time:
+        if a.threads != 1:
+            ap.error("--cpu-time needs --threads 1 (the work must run on the calling thread)")
+        clock = time.thread_time
     torch.set_num_threads(a.threads)
     B, T, H, K, V, C = a.B, a.T, a.H, a.K, a.V, a.chunk
     q, k = torch.randn(B, T, H, K), torch.randn(B, T, H, K)
@@ -102,7 +113,8 @@ def main():
     times = interleaved_best(fns, a.reps)
     mm_avx2 = max(mm_avx2_before, mm_rate_child("AVX2", a.threads))
     mm = 2 * MM_N ** 3 / times[0]
-    lines = [f"threads {a.threads}  B={B} T={T} H={H} K={K} V={V} chunk={C}",
+    lines = [f"threads {a.threads}  B={B} T={T} H={H} K={K} V={V} chunk={C}  "
+             f"clock {'thread CPU time' if a.cpu_time else 'wall'}",
              f"torch.mm float32 ({MM_N}^3), as installed: {mm / 1e9:.1f} GFLOP/s; "
              f"MKL held to AVX2: {mm_avx2 / 1e9:.1f} GFLOP/s"]
     rows = []
@@ -119,6 +131,23 @@ def main():
     t_rfwd = best_time(lambda: ops.recurrent_fwd(q, k, v, g, h0, None, scale, False), a.reps)
     lines.append(f"recurrent_fwd  {t_rfwd * 1e3:8.2f} ms  (chunk [{a.isa[0]}] is "
                  f"{t_rfwd / t_fwd:.1f}x faster)")
+    # peers of the forward (issue 10 asks for these ratios): causal SDPA on the same q/k/v,
+    # fla-core's naive_recurrent_gla (when importable); best of 3
+    with torch.no_grad():
+        qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+        t_sdpa = best_time(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True), 3)
+        peers = {"sdpa_causal": t_sdpa}
+        try:
+            from fla.ops.gla.naive import naive_recurrent_gla
+            peers["fla_naive_recurrent_gla"] = best_time(
+                lambda: naive_recurrent_gla(q, k, v, g, initial_state=h0), 3)
+        except Exception as exc:  # noqa: BLE001 - say why the peer is missing
+            lines.append(f"fla-core not importable ({type(exc).__name__}): no fla ratio")
+    for name, t in peers.items():
+        ratios = ", ".join(f"[{r['isa']}] {t / r['fwd_s']:.1f}x" for r in rows)
+        lines.append(f"{name:24} {t * 1e3:8.2f} ms  (chunk fwd is {ratios} faster)")
+        for r in rows:
+            r[f"x_{name}"] = t / r["fwd_s"]
     if not a.no_reference:
         leaves = [x.clone() for x in (q, k, v, g, h0)]
 
@@ -132,10 +161,11 @@ def main():
     if a.save:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from common import save_results
-        path = save_results("bench_cpu_chunk", rows, "\n".join(lines),
+        path = save_results("bench_cpu_chunk" + ("_cputime" if a.cpu_time else ""), rows, "\n".join(lines),
                             {"mm_flops": mm, "mm_flops_mkl_avx2": mm_avx2,
                              "shape": [B, T, H, K, V], "chunk": C, "threads": a.threads,
-                             "flops_formula": "B*H*(2*T*64*K + 2*T*64*V + 4*T*K*V)"})
+                             "flops_formula": "B*H*(2*T*64*K + 2*T*64*V + 4*T*K*V)",
+                             "peers_s": peers})
         print(f"saved {path}")
 
 
