@@ -165,7 +165,10 @@ def main():
                             {"mm_flops": mm, "mm_flops_mkl_avx2": mm_avx2,
                              "shape": [B, T, H, K, V], "chunk": C, "threads": a.threads,
                              "flops_formula": "B*H*(2*T*64*K + 2*T*64*V + 4*T*K*V)",
-                             "peers_s": peers})
+                             "peers_s": peers,
+                             "cpu_isa_auto": torch.backends.cpu.get_cpu_capability(),
+                             "note": "the kernels pick their code by instruction set only "
+                                     "(GLA_EXT_CPU_ISA forces one), never by CPU vendor"})
         print(f"saved {path}")
 
 
