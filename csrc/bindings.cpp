@@ -14,6 +14,7 @@
 
 #include "gla.h"
 #include "cpu/decode.h"
+#include "cpu/linear_bindings.h"
 #include "cpu/prefill.h"
 
 namespace {
@@ -332,6 +333,7 @@ TORCH_LIBRARY_IMPL(gla_ext, CUDA, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gla_ext compiled kernels; the ops live under torch.ops.gla_ext";
+  gla::bind_cpu_linear(m);  // gla_ext._C.PackedLinear, linear_isa (csrc/cpu/linear_bindings.cpp)
   // Whole-model CPU decode step used by GLA.step (built and cached by gla_ext/decode.py).
   pybind11::class_<gla::CpuDecoder, std::shared_ptr<gla::CpuDecoder>>(m, "CpuDecoder")
       .def(pybind11::init<const std::vector<std::optional<Tensor>>&,
@@ -345,6 +347,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("step", &gla::CpuDecoder::step, pybind11::arg("x"), pybind11::arg("states"),
            pybind11::call_guard<pybind11::gil_scoped_release>(),
            "x [B, E] or [B, 1, E], states: list of [B, H, D, D] (or []) -> (y, new_states)")
+      .def("step_pool", &gla::CpuDecoder::step_pool, pybind11::arg("x"), pybind11::arg("pools"),
+           pybind11::arg("slots"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+           "x [n, E] or [n, 1, E], pools: list of [P, H, D, D], slots [n] -> y; pools advanced "
+           "in place (negative slot = padding row: zero output, no state touched)")
+      .def("threads_for", &gla::CpuDecoder::threads_for, pybind11::arg("batch"))
+      .def_readwrite("thread_limit", &gla::CpuDecoder::thread_limit,
+                     "0 = measured threading policy, n > 0 = at most n threads per step")
+      .def_property_readonly("isa", &gla::CpuDecoder::isa)
+      .def_property_readonly("weight_bytes", &gla::CpuDecoder::weight_bytes)
       .def_property_readonly("num_layers", &gla::CpuDecoder::num_layers)
       .def_property_readonly("num_workspaces", &gla::CpuDecoder::num_workspaces);
   // Whole-model CPU prefill used by GLA.forward (built and cached by gla_ext/prefill.py).
