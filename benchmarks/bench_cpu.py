@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -164,18 +165,23 @@ def main() -> int:
         print(f"fla-core not importable ({FLA_ERROR}): no fla column")
     torch.manual_seed(0)
     rate = matmul_rate()
-    print(f"float32 torch.mm rate: {rate / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads")
+    print(f"float32 torch.mm rate: {rate / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads, "
+          f"GLA_EXT_CPU_ISA={os.environ.get('GLA_EXT_CPU_ISA', 'auto')}")
     if args.quick:
         shapes = [(1, 1024, 4, 64), (1, 4096, 4, 64)]
     else:
         shapes = [(B, T, 4, D) for D in (64, 128) for B in (1, 8) for T in (256, 1024, 4096)]
-    rows, lines = [], [f"float32 torch.mm rate {rate / 1e9:.1f} GFLOP/s"]
+    rows, lines = [], [f"float32 torch.mm rate {rate / 1e9:.1f} GFLOP/s, "
+                       f"GLA_EXT_CPU_ISA={os.environ.get('GLA_EXT_CPU_ISA', 'auto')}"]
     bench_ops(shapes, rate, rows, lines)
     bench_decode(rows, lines)
-    name = "bench_cpu" + ("_quick" if args.quick else "")
+    # GLA_EXT_CPU_ISA=avx2 (e.g. on an AVX-512 machine) gets its own results file
+    isa = os.environ.get("GLA_EXT_CPU_ISA", "")
+    name = "bench_cpu" + ("_quick" if args.quick else "") + (f"_{isa}" if isa else "")
     path = save_results(name, rows, "\n".join(lines),
                         {"matmul_flops": rate, "fla": FLA_ERROR or "fla-core naive_recurrent_gla",
-                         "chunk_flops_formula": "B*H*(4*T*C*D + 4*T*D*D), C=64"},
+                         "chunk_flops_formula": "B*H*(4*T*C*D + 4*T*D*D), C=64",
+                         "cpu_isa": isa or "auto (the CPU's best)"},
                         out_dir=args.out)
     print(f"saved {path}")
     plot(rows, path.replace(".json", ".png"))

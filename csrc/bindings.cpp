@@ -16,6 +16,7 @@
 #include "gla.h"
 #include "cpu/decode.h"
 #include "cpu/linear_bindings.h"
+#include "cpu/prefill.h"
 
 namespace {
 
@@ -569,6 +570,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("weight_bytes", &gla::CpuDecoder::weight_bytes)
       .def_property_readonly("num_layers", &gla::CpuDecoder::num_layers)
       .def_property_readonly("num_workspaces", &gla::CpuDecoder::num_workspaces);
+  // Whole-model CPU prefill used by GLA.forward (built and cached by gla_ext/prefill.py).
+  pybind11::class_<gla::CpuPrefill, std::shared_ptr<gla::CpuPrefill>>(m, "CpuPrefill")
+      .def(pybind11::init<const std::vector<std::optional<Tensor>>&,
+                          const std::vector<std::vector<std::optional<Tensor>>>&, int64_t,
+                          int64_t, double, double, double>(),
+           pybind11::arg("globals"), pybind11::arg("layers"), pybind11::arg("num_heads"),
+           pybind11::arg("head_dim"), pybind11::arg("gate_normalizer"), pybind11::arg("eps"),
+           pybind11::arg("scale"))
+      .def("status", &gla::CpuPrefill::status, pybind11::arg("grad_enabled"),
+           "0 ready, 1 stale (parameters changed since packing), 2 autograd needed")
+      .def("forward", &gla::CpuPrefill::forward, pybind11::arg("x"), pybind11::arg("states"),
+           pybind11::arg("return_state"), pybind11::arg("all_positions"),
+           pybind11::call_guard<pybind11::gil_scoped_release>(),
+           "x [B, T, E], states: list of [B, H, D, D] (or []) -> (y, new_states)")
+      .def_property_readonly("num_layers", &gla::CpuPrefill::num_layers);
 #ifdef GLA_WITH_CUDA
   m.def("cuda_chunk_max_k", [](int64_t device) {
         c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import decode as _decode
+from . import prefill as _prefill
 from . import sizing
 from ._checks import _is_tracing
 from .layers import GLABlock, build_gla_block, build_gla_layer
@@ -79,6 +80,10 @@ class GLA(nn.Module):
             return self._forward_cp(x, cp_group, lengths, state, return_state, return_sequence)
         B, T = self._check_input(x)
         self._check_state(state, B)
+        if lengths is None:   # fused C++ prefill on the CPU when it can run (gla_ext.prefill)
+            fast = _prefill.try_forward(self, x, state, return_state, return_sequence)
+            if fast is not None:
+                return fast
         mask = None
         if lengths is not None:
             lengths = self._check_lengths(lengths, B, T, x.device)

@@ -154,6 +154,7 @@ def test_instruction_sets(isa, monkeypatch):
     check(2, 100, 2, 60, 100, normalizer=0.1, special="mixed")
     check(1, 70, 2, 32, 48, dtype=torch.float64, normalizer=1.0)
     check(1, 70, 2, 32, 48, dtype=torch.bfloat16, normalizer=1.0, with_h0=False)
+    check(1, 200, 4, 64, 64, normalizer=16.0)   # the benchmark's shape class, several chunks
 
 
 def test_no_tokens():
@@ -174,8 +175,10 @@ def test_no_tokens():
     assert torch.equal(grads[4], torch.zeros_like(h0))
 
 
-def test_gates_exact_at_the_extremes():
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_gates_exact_at_the_extremes(isa, monkeypatch):
     # g = 0 everywhere is plain linear attention; g = -inf everywhere keeps only k_t v_t
+    monkeypatch.setenv("GLA_EXT_CPU_ISA", isa)
     B, T, H, K, V = 1, 100, 1, 16, 16
     q, k, v = torch.randn(B, T, H, K), torch.randn(B, T, H, K), torch.randn(B, T, H, V)
     h0 = torch.randn(B, H, K, V)

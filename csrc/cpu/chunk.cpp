@@ -31,6 +31,7 @@
 #endif
 
 #include "cpu_common.h"
+#include "cpu_isa.h"
 #include "gla.h"
 
 // Vector types wider than the baseline ABI only pass between inlined helpers here.
@@ -72,6 +73,24 @@ namespace chunk_avx512 {
 #define GLA_CHUNK_MULTI_ISA 0
 #endif
 
+CpuIsa pick_cpu_isa() {
+  const char* env = std::getenv("GLA_EXT_CPU_ISA");
+  const std::string want = env ? env : "";
+#if GLA_CHUNK_MULTI_ISA
+  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq");
+  if (want == "generic") return CpuIsa::kGeneric;
+  if (want == "avx2" && has_avx2) return CpuIsa::kAvx2;
+  if (has_avx512) return CpuIsa::kAvx512;
+  if (has_avx2) return CpuIsa::kAvx2;
+#endif
+  (void)want;
+  return CpuIsa::kGeneric;
+}
+
 namespace {
 
 using idx = int64_t;
@@ -87,21 +106,13 @@ struct ChunkKernels {
   ChunkKernels { &ns::fwd_workspace_bytes, &ns::fwd_task, &ns::bwd_workspace_bytes, &ns::bwd_task }
 
 ChunkKernels pick_kernels() {
-  const char* env = std::getenv("GLA_EXT_CPU_ISA");
-  const std::string want = env ? env : "";
+  switch (pick_cpu_isa()) {
 #if GLA_CHUNK_MULTI_ISA
-  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512dq");
-  if (want == "generic") return GLA_KERNELS(chunk_generic);
-  if (want == "avx2" && has_avx2) return GLA_KERNELS(chunk_avx2);
-  if (has_avx512) return GLA_KERNELS(chunk_avx512);
-  if (has_avx2) return GLA_KERNELS(chunk_avx2);
+    case CpuIsa::kAvx512: return GLA_KERNELS(chunk_avx512);
+    case CpuIsa::kAvx2: return GLA_KERNELS(chunk_avx2);
 #endif
-  (void)want;
-  return GLA_KERNELS(chunk_generic);
+    default: return GLA_KERNELS(chunk_generic);
+  }
 }
 
 // Scope of one thread's share of a kernel: denormals flushed to zero meanwhile (x86 MXCSR

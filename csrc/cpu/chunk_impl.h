@@ -426,6 +426,29 @@ inline void transpose16(const float* src, idx lds, idx rows, float* dst, idx ldd
 }
 #endif
 
+#if defined(__x86_64__) && GLA_VEC_BYTES == 32
+// 8 x 8 float tile: dst[j*ldd + i] = src[i*lds + j]; rows i >= rows read as zero.
+inline void transpose8(const float* src, idx lds, idx rows, float* dst, idx ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_loadu_ps(src + i * lds) : _mm256_setzero_ps();
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  // r[4g + m]: in each 128-bit half h, column 4h + m of rows 4g .. 4g+3
+  for (int m = 0; m < 4; ++m) {
+    _mm256_storeu_ps(dst + m * ldd, _mm256_permute2f128_ps(r[m], r[4 + m], 0x20));
+    _mm256_storeu_ps(dst + (4 + m) * ldd, _mm256_permute2f128_ps(r[m], r[4 + m], 0x31));
+  }
+}
+#endif
+
 // dst[j*ldd + i] = src[i*lds + j] for i < rows_pad, j < cols, reading rows i >= rows as zero
 // (rows_pad and cols multiples of 16 when the vector tile is used).
 template <typename T>
@@ -436,6 +459,15 @@ void transpose(const T* src, idx lds, idx rows, idx rows_pad, idx cols, T* dst, 
       for (idx i0 = 0; i0 < rows_pad; i0 += 16)
         for (idx j0 = 0; j0 < cols; j0 += 16)
           transpose16(src + i0 * lds + j0, lds, rows - i0, dst + j0 * ldd + i0, ldd);
+      return;
+    }
+  }
+#elif defined(__x86_64__) && GLA_VEC_BYTES == 32
+  if constexpr (sizeof(T) == 4) {
+    if (rows_pad % 8 == 0 && cols % 8 == 0) {
+      for (idx i0 = 0; i0 < rows_pad; i0 += 8)
+        for (idx j0 = 0; j0 < cols; j0 += 8)
+          transpose8(src + i0 * lds + j0, lds, rows - i0, dst + j0 * ldd + i0, ldd);
       return;
     }
   }
@@ -670,11 +702,61 @@ inline void diag_scores_row16(idx Kp, const float* q, const float* k, const floa
 }
 #endif
 
+#if defined(__x86_64__) && GLA_VEC_BYTES == 32
+// AVX2, float: the row form of the AVX-512 kernel above with 8-key vectors. The 16 partial
+// vectors of a row would need all 16 registers, so rows s < 8 take two passes over the keys
+// (t < 8, parking u in ubuf, then t >= 8), each with at most 8 accumulators.
+inline __m256 hsum8(const __m256* v) {
+  const __m256 h01 = _mm256_hadd_ps(v[0], v[1]), h23 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 h45 = _mm256_hadd_ps(v[4], v[5]), h67 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+// P[t - T0] += q_t * u for t in [T0, T1), u *= a_t before each t > first.
+template <int T0, int T1, bool kFirstMul>
+inline __m256 diag_chain8(idx Kp, idx i, const float* q, const float* a, __m256 u, __m256* P) {
+#pragma GCC unroll 16
+  for (int t = T0; t < T1; ++t) {
+    if (kFirstMul || t > T0) u = _mm256_mul_ps(u, _mm256_loadu_ps(a + t * Kp + i));
+    P[t - T0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + t * Kp + i), u, P[t - T0]);
+  }
+  return u;
+}
+
+template <int S>
+inline void diag_scores_row8(idx Kp, const float* q, const float* k, const float* a, float* at,
+                             idx ldA, float* ubuf) {
+  __m256 lo[8], hi[8];
+#pragma GCC unroll 8
+  for (int t = 0; t < 8; ++t) lo[t] = hi[t] = _mm256_setzero_ps();
+  if constexpr (S < 8) {
+    for (idx i = 0; i < Kp; i += 8) {
+      const __m256 u = diag_chain8<S, 8, false>(Kp, i, q, a, _mm256_loadu_ps(k + S * Kp + i), lo + S);
+      _mm256_storeu_ps(ubuf + i, u);
+    }
+    for (idx i = 0; i < Kp; i += 8)
+      diag_chain8<8, 16, true>(Kp, i, q, a, _mm256_loadu_ps(ubuf + i), hi);
+  } else {
+    for (idx i = 0; i < Kp; i += 8)
+      diag_chain8<S, 16, false>(Kp, i, q, a, _mm256_loadu_ps(k + S * Kp + i), hi + (S - 8));
+  }
+  _mm256_storeu_ps(at + S * ldA, hsum8(lo));
+  _mm256_storeu_ps(at + S * ldA + 8, hsum8(hi));
+  if constexpr (S < 15) diag_scores_row8<S + 1>(Kp, q, k, a, at, ldA, ubuf);
+}
+#endif
+
 template <typename T>
 void diag_scores(idx Kp, const T* q, const T* k, const T* a, T* at, idx ldA, T* ubuf) {
 #if defined(__x86_64__) && GLA_VEC_BYTES == 64
   if constexpr (sizeof(T) == 4) {
     diag_scores_row16<0>(Kp, q, k, a, at, ldA);
+    return;
+  }
+#elif defined(__x86_64__) && GLA_VEC_BYTES == 32
+  if constexpr (sizeof(T) == 4) {
+    diag_scores_row8<0>(Kp, q, k, a, at, ldA, ubuf);
     return;
   }
 #endif
@@ -695,61 +777,43 @@ template <typename T> void pad_block_rows(idx c, idx Kp, T* q, T* k, T* a) {
   }
 }
 
-// One (sequence n, head h, value columns [v0, v1)) task of the forward.
-template <typename scalar_t>
-void fwd_task_t(const GlaParams& p, idx n, idx h, idx v0, idx v1, idx C, void* ws) {
-  using T = acc_type_t<scalar_t>;
-  const Layout L(p);
-  const idx K = p.K, V = p.V, vw = v1 - v0;
-  const Dims d = make_dims<T>(C, K, vw);
+// Rows of one forward task: element pointers at the task's first token (already offset to the
+// head and the value tile) and the distances between successive tokens. The ops' tensors are
+// [B, T, H, K] (stride H*K); the fused prefill (prefill.cpp) points into its projection rows.
+template <typename scalar_t> struct FwdRows {
+  const scalar_t *q, *k, *v;
+  const acc_type_t<scalar_t>* g;
+  scalar_t* o;
+  idx s_qk, s_v, s_o;     // token strides of q/k/g, v, o (elements)
+  bool stream_out = true;  // streaming stores for o (off when the caller reads o right away)
+};
+
+// The chunk loop of one task over `count` tokens: S (b.S, Kp x Vp) in, S after the last token
+// out; o written for every token.
+template <typename scalar_t, typename T>
+void fwd_chunks(const FwdRows<scalar_t>& r, idx K, idx vw, idx count, idx C, T scale,
+                const Dims& d, FwdBufs<T>& b) {
   const idx Kp = d.Kp, Vp = d.Vp, ldA = d.ldA;
-  Carver w(reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(ws) + 63) & ~uintptr_t(63)));
-  FwdBufs<T> b(w, d);
-
-  const auto* q = static_cast<const scalar_t*>(p.q);
-  const auto* k = static_cast<const scalar_t*>(p.k);
-  const auto* v = static_cast<const scalar_t*>(p.v);
-  const auto* g = static_cast<const T*>(p.g);
-  // state rows by pool index and K/V strides (gla.h: h0_row, ht_row, state_*_stride)
-  const idx in_row = h0_row(p, n), sk = state_k_stride(p), sv = state_v_stride(p);
-  if (in_row < 0) {  // padding row: o stays zero, no pool row read or written
-    T* zero = static_cast<T*>(p.ht) + L.state(n, h);
-    if (!p.inplace_final)
-      for (idx i = 0; i < K; ++i)
-        for (idx j = v0; j < v1; ++j) zero[i * sk + j * sv] = T(0);
-    return;
-  }
-  T* ht = static_cast<T*>(p.ht) + L.state(ht_row(p, n), h);
-  const T* h0 = p.h0 ? static_cast<const T*>(p.h0) + L.state(in_row, h) : nullptr;
-  auto* o = static_cast<scalar_t*>(p.o);
-  const T scale = static_cast<T>(p.scale);
-
-  for (idx i = 0; i < Kp; ++i)
-    for (idx j = 0; j < Vp; ++j)
-      b.S[i * Vp + j] = (h0 && i < K && j < vw) ? h0[i * sk + (v0 + j) * sv] : T(0);
-
-  idx row, start, stop;
-  sequence_bounds(p, n, &row, &start, &stop);
-  for (idx c0 = start; c0 < stop; c0 += C) {
-    const idx c = imin(C, stop - c0), nb = (c + kBlk - 1) / kBlk;
+  for (idx c0 = 0; c0 < count; c0 += C) {
+    const idx c = imin(C, count - c0), nb = (c + kBlk - 1) / kBlk;
     for (idx t = 0; t < c; ++t) {
-      const idx qo = L.qk(row, c0 + t, h), vo = L.v(row, c0 + t, h) + v0;
-      load_row(q + qo, K, Kp, b.q + t * Kp, scale);
-      load_row(k + qo, K, Kp, b.k + t * Kp, T(1));
-      load_row(g + qo, K, Kp, b.a + t * Kp, T(1));
+      const idx qo = (c0 + t) * r.s_qk, vo = (c0 + t) * r.s_v;
+      load_row(r.q + qo, K, Kp, b.q + t * Kp, scale);
+      load_row(r.k + qo, K, Kp, b.k + t * Kp, T(1));
+      load_row(r.g + qo, K, Kp, b.a + t * Kp, T(1));
       exp_inplace(b.a + t * Kp, Kp);
-      load_row(v + vo, vw, Vp, b.v + t * Vp, T(1));
+      load_row(r.v + vo, vw, Vp, b.v + t * Vp, T(1));
     }
     pad_block_rows(c, Kp, b.q, b.k, b.a);
     RowPrefetch pf;
-    if (c0 + C < stop) {
-      const idx qo = L.qk(row, c0 + C, h), vo = L.v(row, c0 + C, h) + v0;
-      const idx qs = p.H * K * sizeof(scalar_t), vs = p.H * V * sizeof(scalar_t);
-      pf.add(q + qo, qs, K * sizeof(scalar_t));
-      pf.add(k + qo, qs, K * sizeof(scalar_t));
-      pf.add(g + qo, p.H * K * sizeof(T), K * sizeof(T));
-      pf.add(v + vo, vs, vw * sizeof(scalar_t));
-      pf.start(imin(C, stop - c0 - C), 16);
+    if (c0 + C < count) {
+      const idx qo = (c0 + C) * r.s_qk, vo = (c0 + C) * r.s_v;
+      const idx qs = r.s_qk * sizeof(scalar_t), vs = r.s_v * sizeof(scalar_t);
+      pf.add(r.q + qo, qs, K * sizeof(scalar_t));
+      pf.add(r.k + qo, qs, K * sizeof(scalar_t));
+      pf.add(r.g + qo, r.s_qk * sizeof(T), K * sizeof(T));
+      pf.add(r.v + vo, vs, vw * sizeof(scalar_t));
+      pf.start(imin(C, count - c0 - C), 16);
     }
     gates_forward(c, Kp, b.q, b.a, b.pq, b.dblk, b.dpre, b.qi, b.qe);
     pf.step();
@@ -777,8 +841,52 @@ void fwd_task_t(const GlaParams& p, idx n, idx h, idx v0, idx v1, idx C, void* w
     // state: S1 = e^{b_last} S0 + (k * e^{b_last - b})^T v
     gemm(Kp, Vp, c, b.kf, 1, Kp, b.v, Vp, b.S, Vp, true, b.dpre + nb * Kp);
     while (pf.done < pf.rows) pf.step();
-    for (idx t = 0; t < c; ++t) put_row(b.o + t * Vp, vw, o + L.v(row, c0 + t, h) + v0);
+    if (r.stream_out)
+      for (idx t = 0; t < c; ++t) put_row(b.o + t * Vp, vw, r.o + (c0 + t) * r.s_o);
+    else
+      for (idx t = 0; t < c; ++t) store_row(b.o + t * Vp, vw, r.o + (c0 + t) * r.s_o);
   }
+}
+
+// One (sequence n, head h, value columns [v0, v1)) task of the forward.
+template <typename scalar_t>
+void fwd_task_t(const GlaParams& p, idx n, idx h, idx v0, idx v1, idx C, void* ws) {
+  using T = acc_type_t<scalar_t>;
+  const Layout L(p);
+  const idx K = p.K, V = p.V, vw = v1 - v0;
+  const Dims d = make_dims<T>(C, K, vw);
+  const idx Kp = d.Kp, Vp = d.Vp;
+  Carver w(reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(ws) + 63) & ~uintptr_t(63)));
+  FwdBufs<T> b(w, d);
+
+  const auto* q = static_cast<const scalar_t*>(p.q);
+  const auto* k = static_cast<const scalar_t*>(p.k);
+  const auto* v = static_cast<const scalar_t*>(p.v);
+  const auto* g = static_cast<const T*>(p.g);
+  // state rows by pool index and K/V strides (gla.h: h0_row, ht_row, state_*_stride)
+  const idx in_row = h0_row(p, n), sk = state_k_stride(p), sv = state_v_stride(p);
+  if (in_row < 0) {  // padding row: o stays zero, no pool row read or written
+    T* zero = static_cast<T*>(p.ht) + L.state(n, h);
+    if (!p.inplace_final)
+      for (idx i = 0; i < K; ++i)
+        for (idx j = v0; j < v1; ++j) zero[i * sk + j * sv] = T(0);
+    return;
+  }
+  T* ht = static_cast<T*>(p.ht) + L.state(ht_row(p, n), h);
+  const T* h0 = p.h0 ? static_cast<const T*>(p.h0) + L.state(in_row, h) : nullptr;
+  auto* o = static_cast<scalar_t*>(p.o);
+  const T scale = static_cast<T>(p.scale);
+
+  for (idx i = 0; i < Kp; ++i)
+    for (idx j = 0; j < Vp; ++j)
+      b.S[i * Vp + j] = (h0 && i < K && j < vw) ? h0[i * sk + (v0 + j) * sv] : T(0);
+
+  idx row, start, stop;
+  sequence_bounds(p, n, &row, &start, &stop);
+  const FwdRows<scalar_t> rows{q + L.qk(row, start, h), k + L.qk(row, start, h),
+                               v + L.v(row, start, h) + v0, g + L.qk(row, start, h),
+                               o + L.v(row, start, h) + v0, p.H * K, p.H * V, p.H * V};
+  fwd_chunks(rows, K, vw, stop - start, C, scale, d, b);
   for (idx i = 0; i < K; ++i)
     for (idx j = 0; j < vw; ++j) ht[i * sk + (v0 + j) * sv] = b.S[i * Vp + j];
 }

@@ -1,0 +1,89 @@
+// Fused CPU prefill (issue 10): the whole GLA model forward over a short window in one C++
+// call and one OpenMP parallel region (prefill_impl.h has the per-thread body). Exposed to
+// Python as gla_ext._C.CpuPrefill; gla_ext/prefill.py decides when GLA.forward uses it.
+// Like CpuDecoder it keeps packed copies of the weights and watches the parameters they were
+// made from (version counter, data pointer) so status() can say when they are stale.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#if defined(__GNUC__)
+#define GLA_PREFILL_HIDDEN __attribute__((visibility("hidden")))
+#else
+#define GLA_PREFILL_HIDDEN
+#endif
+
+namespace gla {
+
+// Slots of one layer's parameter list, as passed by gla_ext/prefill.py (None = absent).
+enum PrefillSlot : int {
+  kPfLn1W, kPfLn1B,      // attn_norm (LayerNorm) weight, bias     [d]
+  kPfWq, kPfWk, kPfWv,   // q/k/v projections                      [a, d]
+  kPfWr,                 // output-gate projection g_proj, or None [a, d]
+  kPfWg, kPfGateB,       // full gate projection weight [a, d] and bias [a]
+  kPfRmsW,               // per-head RMSNorm weight, or None       [D]
+  kPfWo,                 // output projection                      [d, a]
+  kPfLn2W, kPfLn2B,      // ffn_norm weight, bias                  [d]
+  kPfW1, kPfW3, kPfW2,   // SwiGLU: w1, w3 [f, d], w2 [d, f]
+  kPfNumSlots
+};
+// Model-level list: input projection weight and bias (None when embed_dim == hidden_size),
+// final LayerNorm weight and bias.
+enum PrefillGlobalSlot : int { kPfInW, kPfInB, kPfNormW, kPfNormB, kPfNumGlobalSlots };
+
+class GLA_PREFILL_HIDDEN CpuPrefill {
+ public:
+  CpuPrefill(const std::vector<std::optional<at::Tensor>>& globals,
+             const std::vector<std::vector<std::optional<at::Tensor>>>& layers, int64_t num_heads,
+             int64_t head_dim, double gate_normalizer, double eps, double scale);
+
+  enum Status : int64_t { kReady = 0, kStale = 1, kNeedsAutograd = 2 };
+  int64_t status(bool grad_enabled) const;
+
+  // x [B, T, embed_dim] in the parameters' dtype; states: num_layers tensors [B, H, D, D] float32 (read only)
+  // or empty (zeros). Returns (y, new states): y [B, hidden] (last position) or
+  // [B, T, hidden] (all_positions); new states only when return_state (else empty).
+  std::tuple<at::Tensor, std::vector<at::Tensor>> forward(const at::Tensor& x,
+                                                          const std::vector<at::Tensor>& states,
+                                                          bool return_state, bool all_positions);
+
+  int64_t num_layers() const { return static_cast<int64_t>(src_.size()); }
+
+ private:
+  struct Src {  // the parameters of one layer, detached (what packing reads)
+    at::Tensor ln1_w, ln1_b, wq, wk, wv, wr, wg, gate_b, rms_w, wo, ln2_w, ln2_b, w1, w3, w2;
+  };
+  struct Packed {  // per layer, for the ISA it was packed for
+    at::Tensor ln1_w, ln1_b, proj, gate_b, rms_w, wo, ln2_w, ln2_b, w13, w2;
+  };
+  void pack(int isa);
+
+  std::vector<Src> src_;
+  at::Tensor in_w_, in_b_, norm_w_, norm_b_;
+  int64_t E_ = 0, d_ = 0, H_ = 0, D_ = 0, a_ = 0, f_ = 0, P_ = 0, off_r_ = -1, off_gate_ = 0;
+  bool use_norm_ = false, use_gate_ = false;
+  at::ScalarType dtype_ = at::kFloat;  // the parameters' (float32, bfloat16 or float16)
+  float normalizer_ = 1.f, eps_ = 1e-5f, scale_ = 1.f;
+
+  int packed_isa_ = -1;
+  int64_t np_ = 0;  // panel width of the packing
+  std::vector<Packed> packed_;
+  at::Tensor p_in_w_, p_in_b_, p_norm_w_, p_norm_b_;
+
+  std::vector<at::Tensor> watched_;
+  std::vector<int64_t> versions_;
+  std::vector<const void*> pointers_;
+  std::vector<at::Tensor> aliases_;
+
+  std::vector<at::Tensor> scratch_;  // activations, grown as needed
+  std::vector<std::vector<char>> thread_ws_;
+  std::mutex mutex_;
+};
+
+}  // namespace gla

@@ -1,0 +1,213 @@
+"""Fused CPU prefill: GLA.forward runs the whole model over a window in one C++ call when it can.
+
+An internal fast path of the same math as the generic forward (not a backend): the compiled
+gla_ext._C.CpuPrefill holds packed copies of the weights and runs every layer over all
+B*T positions in one parallel region, with the chunked kernel's loop for the attention core
+(see csrc/cpu/prefill_impl.h). It pays most for short windows (window_size 60), where the
+generic path's per-op overhead and thread wake-ups dominate.
+
+try_forward(model, x, state, return_state, return_sequence) returns what GLA.forward would,
+or None when the generic path must run. Same eligibility as gla_ext.decode.try_step:
+  - the extension is not built, or ENABLED is False; the model's backend is not auto/cpu;
+  - x or a parameter is not a CPU tensor of one dtype (float32, or bfloat16 / float16 weights:
+    then x has that dtype too, the math runs in float32 and y comes back in that dtype), a
+    state is not a float32 CPU tensor, a tensor is a subclass, or torch.compile / functorch
+    transforms are active;
+  - autograd is needed (grad mode on and x, a state or a parameter requires grad);
+  - dropout is active (a block's Dropout in training mode with p > 0);
+  - the model is not the structure the fused code implements (low-rank gate, swapped
+    submodules, differing eps or normalizers between layers).
+Packed copies are cached per model (weakly) and rebuilt when a parameter changes (version
+counter or data pointer) or a parameter or submodule is registered anywhere; after writes
+through `param.data` call clear_cache(model).
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from . import _ext
+
+__all__ = ["ENABLED", "try_forward", "clear_cache", "is_cached"]
+
+# Set to False to make GLA.forward always take the generic path (tests compare the two).
+ENABLED = True
+
+_READY, _STALE = 0, 1
+# Parameter dtypes the fused path takes (bfloat16 / float16 weights are widened to float32
+# once, when packing; the math runs in float32 and y is returned in the parameters' dtype).
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_generation = 0          # bumped when any module registers a parameter or submodule
+_hooks_installed = False
+
+
+def _bump(*_args):
+    global _generation
+    _generation += 1
+
+
+def _install_hooks():
+    global _hooks_installed
+    if not _hooks_installed:
+        nn.modules.module.register_module_parameter_registration_hook(_bump)
+        nn.modules.module.register_module_module_registration_hook(_bump)
+        _hooks_installed = True
+
+
+class _Entry:
+    __slots__ = ("prefill", "params", "dropouts", "generation")
+
+    def __init__(self, prefill, params, dropouts, generation):
+        self.prefill, self.params, self.dropouts, self.generation = (
+            prefill, params, dropouts, generation)
+
+
+_cache: "weakref.WeakKeyDictionary[nn.Module, _Entry]" = weakref.WeakKeyDictionary()
+
+
+def clear_cache(model=None) -> None:
+    """Drops the packed weights of `model` (of every model when None)."""
+    if model is None:
+        _cache.clear()
+    else:
+        _cache.pop(model, None)
+
+
+def is_cached(model) -> bool:
+    """True when `model` has packed prefill weights (its last forward could take the fast path)."""
+    return model in _cache
+
+
+def _layer_tensors(block):
+    """One GLABlock's parameters in the slot order of csrc/cpu/prefill.h, or None (low-rank gate)."""
+    attn, ffn = block.attn, block.ffn
+    if not isinstance(attn.gk_proj, nn.Linear) or attn.gk_proj.bias is None:
+        return None
+    return [block.attn_norm.weight, block.attn_norm.bias,
+            attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+            None if attn.g_proj is None else attn.g_proj.weight,
+            attn.gk_proj.weight, attn.gk_proj.bias,
+            None if attn.norm is None else attn.norm.weight,
+            attn.o_proj.weight,
+            block.ffn_norm.weight, block.ffn_norm.bias,
+            ffn.w1.weight, ffn.w3.weight, ffn.w2.weight]
+
+
+def _collect(model):
+    """(globals, layers, flat parameter tuple), or None if the structure is not the fused one."""
+    proj = model.input_proj
+    if isinstance(proj, nn.Identity):
+        glob = [None, None]
+    elif isinstance(proj, nn.Linear) and proj.bias is not None:
+        glob = [proj.weight, proj.bias]
+    else:
+        return None
+    glob += [model.norm.weight, model.norm.bias]
+    layers = []
+    try:
+        for block in model.blocks:
+            t = _layer_tensors(block)
+            if t is None:
+                return None
+            layers.append(t)
+    except AttributeError:
+        return None
+    flat = tuple(t for t in glob + [t for layer in layers for t in layer] if t is not None)
+    return glob, layers, flat
+
+
+def _settings(model):
+    """(num_heads, head_dim, gate normalizer, eps) shared by every layer, or None."""
+    c = model.config
+    eps = {model.norm.eps}
+    normalizers = set()
+    for block in model.blocks:
+        attn = block.attn
+        if (attn.num_heads, attn.head_dim) != (c.num_heads, c.head_dim):
+            return None
+        if attn.backend not in ("auto", "cpu"):
+            return None
+        normalizers.add(float(attn.gate_logit_normalizer))
+        eps |= {block.attn_norm.eps, block.ffn_norm.eps}
+        if attn.norm is not None:
+            eps.add(attn.norm.eps)
+    if len(eps) != 1 or len(normalizers) != 1 or None in eps:
+        return None
+    return c.num_heads, c.head_dim, normalizers.pop(), float(eps.pop())
+
+
+def _build(model):
+    _install_hooks()
+    generation = _generation
+    collected, settings = _collect(model), _settings(model)
+    dtype = model.norm.weight.dtype
+    if collected is None or settings is None or dtype not in _DTYPES or not all(
+            type(p) in (torch.Tensor, nn.Parameter) and p.dtype == dtype
+            and p.device.type == "cpu" and not p.is_inference() for p in collected[2]):
+        _cache.pop(model, None)
+        return None
+    glob, layers, flat = collected
+    heads, head_dim, normalizer, eps = settings
+    prefill = _ext._C.CpuPrefill(glob, layers, heads, head_dim, normalizer, eps, head_dim ** -0.5)
+    entry = _Entry(prefill, flat, tuple(b.dropout for b in model.blocks), generation)
+    _cache[model] = entry
+    return entry
+
+
+def _entry(model):
+    entry = _cache.get(model)
+    if entry is None:
+        return _build(model)
+    if entry.generation != _generation:
+        collected = _collect(model)
+        if collected is None or len(collected[2]) != len(entry.params) or any(
+                a is not b for a, b in zip(collected[2], entry.params)):
+            return _build(model)
+        entry.dropouts = tuple(b.dropout for b in model.blocks)
+        entry.generation = _generation
+    return entry
+
+
+def try_forward(model, x, state, return_state, return_sequence):
+    """GLA.forward's result from the fused C++ prefill, or None (see the module docstring).
+    Inputs are already checked by GLA.forward; lengths (padding masks) take the generic path."""
+    if not ENABLED or _ext._C is None or not hasattr(_ext._C, "CpuPrefill"):
+        return None
+    if model.config.backend not in ("auto", "cpu"):
+        return None
+    if type(x) is not torch.Tensor or x.dtype not in _DTYPES or x.device.type != "cpu":
+        return None
+    if x.dtype != model.norm.weight.dtype:
+        return None     # mixed dtypes: the generic path decides what that means
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return None
+    grad = torch.is_grad_enabled()
+    if grad and x.requires_grad:
+        return None
+    if state is not None:
+        for s in state:
+            if (type(s) is not torch.Tensor or s.dtype != torch.float32
+                    or s.device.type != "cpu" or (grad and s.requires_grad)):
+                return None
+    if grad and model not in _cache and next(model.parameters()).requires_grad:
+        return None     # training-style use: no packed copy of the weights for nothing
+    entry = _entry(model)
+    if entry is None:
+        return None
+    for d in entry.dropouts:
+        if d.training and d.p > 0:
+            return None
+    status = entry.prefill.status(grad)
+    if status == _STALE:
+        entry = _build(model)
+        if entry is None:
+            return None
+        status = entry.prefill.status(grad)
+    if status != _READY:
+        return None
+    y, new_state = entry.prefill.forward(x, [] if state is None else list(state),
+                                         bool(return_state), bool(return_sequence))
+    return (y, new_state) if return_state else y
