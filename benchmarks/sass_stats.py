@@ -268,6 +268,8 @@ COLD = [
 # source line, function of the constants -> trips per warp). Chunk loops use NCHUNK.
 TRIP_RULES = [
     ("while (hi - lo > 1)", lambda c: 0),                # cu_seqlens chunk lookup: not taken
+    # shfl.sync in code ptxas cannot prove converged: a retry loop that runs once
+    ("__nvvm_shfl_bfly_sync", lambda c: 1),
     ("for (int i = tid; i < ROWS * COLS; i += NTHREADS)", lambda c: 0),  # scalar load_tile
     ("for (int i = tid; i < KT * kScanV; i += kScanThreads)", lambda c: 0),  # scalar save
     ("for (int64_t c0 = start; c0 < end; c0 += kC)", lambda c: c["NCHUNK"]),
@@ -340,6 +342,7 @@ def load_tile_symbols(chain, c):
 
 def evaluate(expr, env):
     expr = expr.replace("static_cast<int>", "").strip()
+    expr = re.sub(r"(\w+) % (\w+)", r"(\1 % \2)", expr)
     names = set(re.findall(r"[A-Za-z_]\w*", expr))
     if names - set(env):
         raise KeyError(f"unknown {sorted(names - set(env))} in {expr!r}")
@@ -374,8 +377,7 @@ def loop_trips(fn, loop, c):
             return None, text
         trips = []
         for w in range(env["NWARPS"]):
-            s0 = 32 * w if start.strip() == "tid" else (w if start.strip() == "warp" else
-                                                         evaluate(start, env))
+            s0 = evaluate(start, dict(env, tid=32 * w, warp=w, lane=0))
             trips.append(max(0, math.ceil((lim - s0) / stp)))
         t = sum(trips) / len(trips)
     except (KeyError, SyntaxError, TypeError, AttributeError):
