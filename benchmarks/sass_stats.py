@@ -220,7 +220,7 @@ def describe(mangled):
 def kernel_constants(name, ints, bools, file):
     """Constants the trip counts use, and how many blocks one (chunk, head) takes."""
     c = {"kC": KC, "kBV": 64, "kTileV": 64, "kScanV": 64, "kScanK": 64, "kRows": KC // 2,
-         "kGroup": 16, "NCHUNK": 1}
+         "kGroup": 16, "NCHUNK": 1, "kGateSegs": 4, "kGateRows": 16}
     if name == "gla_chunk_fwd_kernel":
         KT, split = ints[0], bools[0]
         c.update(KT=KT, K=KT, V=KT, NTHREADS=128, NWARPS=4, kThreads=128, kWarps=4,
@@ -229,7 +229,9 @@ def kernel_constants(name, ints, bools, file):
         c["blocks_per_chunk_head"] = 1 if split else math.ceil(KT / 64)
         c["walks_chunks"] = not split
     elif name in ("gla_chunk_state_scan_kernel", "gla_chunk_state_scans_kernel"):
-        c.update(KT=64, NTHREADS=128, NWARPS=4, kScanThreads=128, kNT=8, kPerRow=8)
+        warps = scan_warps()
+        c.update(KT=64, NTHREADS=32 * warps, NWARPS=warps, kScanThreads=32 * warps, kNT=8,
+                 kPerRow=8, kScanV=SCAN_V(warps), kScanSegRows=16)
         c["kind"] = "scan" if name == "gla_chunk_state_scan_kernel" else "scans"
         c["walks_chunks"] = True
     elif name == "gla_chunk_bwd_kernel":
@@ -248,10 +250,24 @@ def kernel_constants(name, ints, bools, file):
     return c
 
 
+def scan_warps():
+    """kScanWarps of csrc/cuda/chunk_scan.cuh (4 before the one-block-per-V rewrite)."""
+    with open(os.path.join(ROOT, "csrc", "cuda", "chunk_scan.cuh")) as f:
+        m = re.search(r"constexpr int kScanWarps = (\d+);", f.read())
+    return int(m.group(1)) if m else 4
+
+
+def SCAN_V(warps):
+    """kScanV: 64 columns per block before the rewrite, then 16 per warp."""
+    text = " ".join(src_line(os.path.join(ROOT, "csrc", "cuda", "chunk_scan.cuh"), i)
+                    for i in range(1, 60))
+    return 16 * warps if "kScanV = 16 * kScanWarps" in text else 64
+
+
 def scan_blocks(c, K, V):
     """Blocks per (chunk, head) of the scans: one per 64 x 64 tile of the state; the
     two-scan kernel's count covers both halves (forward + gradient)."""
-    return math.ceil(K / 64) * math.ceil(V / 64)
+    return math.ceil(K / 64) * math.ceil(V / c["kScanV"])
 
 
 # Source lines (text contained in the line) whose code the benchmark shapes never run.
@@ -263,6 +279,9 @@ COLD = [
     "*reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);",  # zero16: rows past a
                                                    # sequence's end (full chunks: never)
     "dst[static_cast<int64_t>(k0 + kl) * V + v0 + vl] = sOut",  # V % 8 != 0 state stores
+    "gnext[r] = r < rows ? *gp : 0.0f;",           # scan: gates of a sequence's last chunk
+    "for (int i = tid; i < ROWS * COLS; i += NTHREADS) {",       # scalar load_tile (set-up)
+    "for (int i = tid; i < KT * kScanV; i += kScanThreads) {",   # scan's scalar state save
 ]
 # Loops whose trip count is not a plain `for` over kernel constants: (text in the loop's
 # source line, function of the constants -> trips per warp). Chunk loops use NCHUNK.
@@ -275,6 +294,8 @@ TRIP_RULES = [
     ("for (int64_t c0 = start; c0 < end; c0 += kC)", lambda c: c["NCHUNK"]),
     ("for (int64_t ci = 0; ci < nchunks; ++ci)", lambda c: c["NCHUNK"]),
     ("for (int64_t base = 0; base < a.N; base += kOffsetThreads)", lambda c: 1),
+    ("for (int kl = kl0; kl < KT; kl += kScanThreads / kPerRow)",   # scan's state save
+     lambda c: c["KT"] / (c["kScanThreads"] / (c["kScanV"] // 8))),
     ("for (int v0 = v_first; v0 < v_end; v0 += kBV)",
      lambda c: math.ceil(c["V"] / 64) if c["kind"] == "fwd_split" else 1),
     # backward: warp-dependent bounds, averaged over the warps' row blocks rb = 0..3
@@ -291,6 +312,8 @@ FRACTION_RULES = [
     # diagonal blocks: the upper row half of each 16-token block does j < 2 of 4
     ("if (j >= nj) break;", lambda c: 0.75),
     # split forward: V tiles after the first reload v
+    # the scan variant with scalar loads / stores (misaligned or odd-sized inputs)
+    ("state_scan<T, kGrad, false>(a, key_tile);", lambda c: 0.0),
     ("if (v0 != v_first) {  // the first V tile came with q, k, g",
      lambda c: 1 - 1 / math.ceil(c["V"] / 64)),
 ]

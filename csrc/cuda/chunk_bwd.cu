@@ -684,7 +684,8 @@ constexpr const char* kOp = "chunk_bwd_cuda";
 template <typename T, int KT>
 const char* launch_all(const ChunkArgs& args, const BwdGrid& grid, cudaStream_t stream) {
   if (grid.scan_only)  // no tokens: only dh0 (= dht, or 0) to write
-    return launch_chunk_kernel(gla_chunk_state_scan_kernel<T, true>,
+    return launch_chunk_kernel(scan_vec(args) ? gla_chunk_state_scan_kernel<T, true, true>
+                                              : gla_chunk_state_scan_kernel<T, true, false>,
                                dim3(grid.scan_x, grid.scan_y, grid.scan_z), kScanThreads,
                                ScanLayout::kBytes, stream, args, kOp,
                                "gla_chunk_state_scan_kernel (gradients)");
@@ -694,7 +695,8 @@ const char* launch_all(const ChunkArgs& args, const BwdGrid& grid, cudaStream_t 
                                             "gla_chunk_offsets_kernel"))
       return e;
   }
-  if (const char* e = launch_chunk_kernel(gla_chunk_state_scans_kernel<T>,
+  if (const char* e = launch_chunk_kernel(scan_vec(args) ? gla_chunk_state_scans_kernel<T, true>
+                                                         : gla_chunk_state_scans_kernel<T, false>,
                                           dim3(grid.scan_x, grid.scan_y, 2 * grid.scan_z),
                                           kScanThreads, ScanLayout::kBytes, stream, args, kOp,
                                           "gla_chunk_state_scans_kernel"))

@@ -292,6 +292,18 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row_
 }
 #endif  // GLA_CHUNK_EMULATE
 
+// __byte_perm(x, y, sel): byte i of the result is byte (sel >> 4i) & 7 of y:x.
+__device__ __forceinline__ uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t sel) {
+#ifndef GLA_CHUNK_EMULATE
+  return __byte_perm(x, y, sel);
+#else
+  const uint64_t yx = (static_cast<uint64_t>(y) << 32) | x;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) r |= ((yx >> (8 * ((sel >> (4 * i)) & 7))) & 0xffu) << (8 * i);
+  return r;
+#endif
+}
+
 __device__ __forceinline__ void zero16(void* dst) {
   *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
 }
@@ -376,15 +388,25 @@ __device__ __forceinline__ void load_tile(X* dst, const X* src, int64_t base, in
                                           int len, int col0, int width, bool vec, int tid) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(X));  // elements per 16-byte vector
   if (vec) {
+    // Each thread keeps one column of vectors and walks rows kStep apart: its addresses are
+    // fixed offsets from one source pointer (no division or 64-bit multiply per copy).
     constexpr int kPerRow = COLS / kVec;
-    for (int i = tid; i < ROWS * kPerRow; i += NTHREADS) {
-      const int t = i / kPerRow, cc = (i % kPerRow) * kVec;
-      X* const d = dst + t * STRIDE + cc;
-      if (t < len && col0 + cc < width) {
-        cp_async16(d, src + base + t * tok_stride + col0 + cc);
+    static_assert(COLS % kVec == 0 && NTHREADS % kPerRow == 0 &&
+                      ROWS % (NTHREADS / kPerRow) == 0,
+                  "tile shape must split evenly over the threads");
+    constexpr int kStep = NTHREADS / kPerRow;
+    const int t0 = tid / kPerRow, cc = (tid % kPerRow) * kVec;
+    const bool col_ok = col0 + cc < width;
+    const X* s = src + base + t0 * tok_stride + col0 + cc;
+    X* const d = dst + t0 * STRIDE + cc;
+#pragma unroll
+    for (int m = 0; m < ROWS / kStep; ++m) {
+      if (col_ok && t0 + m * kStep < len) {
+        cp_async16(d + m * kStep * STRIDE, s);
       } else {
-        zero16(d);
+        zero16(d + m * kStep * STRIDE);
       }
+      s += kStep * tok_stride;
     }
   } else {
     for (int i = tid; i < ROWS * COLS; i += NTHREADS) {
@@ -399,39 +421,48 @@ __device__ __forceinline__ void load_tile(X* dst, const X* src, int64_t base, in
 // In place down each key column of sB (kC rows, KT columns, row stride STRIDE):
 // b_t = sum_{s <= t} max(g_s, kGateFloor) * log2(e). Rows past the chunk's end hold g = 0,
 // so they repeat the last real b (row kC - 1 is b_last). The order of the additions is fixed
-// (two segments of 32 rows, the second then adds the first's total) whatever the thread
-// count, so every kernel gets bitwise the same b. sTot: gate_scratch_floats<KT>() floats.
-// Ends with __syncthreads().
+// whatever the thread count, so every kernel gets bitwise the same b: kGateSegs segments of
+// kGateRows rows, each a running sum from 0 (gate_step), then segment q adds
+// gate_prefix(q) of the segments' totals. The state scan (chunk_scan.cuh) computes the same
+// sums in registers. sTot: gate_scratch_floats<KT>() floats. Ends with __syncthreads().
+constexpr int kGateSegs = 4;
+constexpr int kGateRows = kC / kGateSegs;
+
 template <int KT>
 constexpr int gate_scratch_floats() {
-  return 2 * KT;
+  return kGateSegs * KT;
+}
+
+__device__ __forceinline__ float gate_step(float run, float g) {
+  return run + fmaxf(g, kGateFloor) * kLog2e;
+}
+
+// Sum of the totals of segments 0..q-1, always as ((t0 + t1) + t2).
+__device__ __forceinline__ float gate_prefix(int q, float t0, float t1, float t2) {
+  return q == 0 ? 0.0f : (q == 1 ? t0 : (q == 2 ? t0 + t1 : (t0 + t1) + t2));
 }
 
 template <int KT, int STRIDE, int NTHREADS>
 __device__ __forceinline__ void gate_cumsum(float* sB, float* sTot, int tid) {
-  constexpr int kRows = kC / 2;  // rows per segment
-  constexpr int kGroup = 16;     // rows loaded ahead of the dependent adds
-  for (int w = tid; w < 2 * KT; w += NTHREADS) {
+  for (int w = tid; w < kGateSegs * KT; w += NTHREADS) {
     const int col = w % KT, seg = w / KT;
-    float* const bcol = sB + (seg * kRows) * STRIDE + col;
+    float* const bcol = sB + (seg * kGateRows) * STRIDE + col;
+    float x[kGateRows];
+#pragma unroll
+    for (int r = 0; r < kGateRows; ++r) x[r] = bcol[r * STRIDE];  // loads ahead of the adds
     float run = 0.0f;
 #pragma unroll
-    for (int r0 = 0; r0 < kRows; r0 += kGroup) {
-      float x[kGroup];
-#pragma unroll
-      for (int r = 0; r < kGroup; ++r) x[r] = bcol[(r0 + r) * STRIDE];
-#pragma unroll
-      for (int r = 0; r < kGroup; ++r) {
-        run += fmaxf(x[r], kGateFloor) * kLog2e;
-        bcol[(r0 + r) * STRIDE] = run;
-      }
+    for (int r = 0; r < kGateRows; ++r) {
+      run = gate_step(run, x[r]);
+      bcol[r * STRIDE] = run;
     }
     sTot[w] = run;
   }
   __syncthreads();
-  for (int i = tid; i < KT * kRows; i += NTHREADS) {  // second segment += first's total
-    const int col = i % KT, r = kRows + i / KT;
-    sB[r * STRIDE + col] += sTot[col];
+  for (int i = tid; i < KT * (kC - kGateRows); i += NTHREADS) {  // segments 1.. += prefix
+    const int col = i % KT, r = kGateRows + i / KT;
+    const int seg = r / kGateRows;
+    sB[r * STRIDE + col] += gate_prefix(seg, sTot[col], sTot[KT + col], sTot[2 * KT + col]);
   }
   __syncthreads();
 }

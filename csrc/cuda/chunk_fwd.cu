@@ -401,7 +401,9 @@ const char* launch_all(const ChunkArgs& args, const FwdGrid& grid, cudaStream_t 
       return e;
   }
   if (const char* e = launch_chunk_kernel(
-          gla_chunk_state_scan_kernel<T, false>, dim3(grid.scan_x, grid.scan_y, grid.scan_z),
+          scan_vec(args) ? gla_chunk_state_scan_kernel<T, false, true>
+                         : gla_chunk_state_scan_kernel<T, false, false>,
+          dim3(grid.scan_x, grid.scan_y, grid.scan_z),
           kScanThreads, ScanLayout::kBytes, stream, args, kOp, "gla_chunk_state_scan_kernel"))
     return e;
   return launch_chunk_kernel(gla_chunk_fwd_kernel<T, KT, true>,
