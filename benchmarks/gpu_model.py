@@ -41,12 +41,21 @@ DECODE_BH = [32, 256, 1024]
 
 
 def find(stats, kernel, ints=None, bools=None, dtype="bf16"):
-    for r in stats["rows"]:
-        if r["kernel"] == kernel and r["dtype"] == dtype and \
-                (ints is None or r["template"]["ints"] == ints) and \
-                (bools is None or r["template"]["bools"] == bools):
-            return r
-    raise KeyError(f"{kernel} {dtype} {ints} {bools} not in the stats")
+    """The row of one instantiation; bools may be a prefix (the scans' all-vector variant,
+    a trailing True, is preferred: it is what aligned inputs run)."""
+    match = [r for r in stats["rows"] if r["kernel"] == kernel and r["dtype"] == dtype and
+             (ints is None or r["template"]["ints"] == ints) and
+             (bools is None or r["template"]["bools"][:len(bools)] == bools)]
+    if not match:
+        raise KeyError(f"{kernel} {dtype} {ints} {bools} not in the stats")
+    exact = [r for r in match if bools is None or len(r["template"]["bools"]) == len(bools)]
+    vec = [r for r in match if r["template"]["bools"][len(bools or []):] == [True]]
+    return (exact or vec or match)[0]
+
+
+def scan_cols(row):
+    """V columns one scan block covers: 16 per warp (64 with 4 warps before, 128 after)."""
+    return 16 * row["threads"] // 32
 
 
 def kernel_time(name, row, blocks, per_warp, bytes_moved, A, per_warp_scale=1.0):
@@ -95,9 +104,10 @@ def forward(stats, B, T, H, K, A, esz=2):
     split = fused_blocks < 2 * A["sms"] and cpr >= 2
     res = {"path": "split" if split else "fused"}
     scan = find(stats, "gla_chunk_state_scan_kernel", [], [False])
-    scan_blocks = B * H * kt * vt
-    # each 64 x 64 scan block reads its 64 key dims of k, g and 64 columns of v
-    scan_bytes = tok * (vt * (K * esz + 4 * K) + kt * V * esz) + state + final
+    svt = math.ceil(V / scan_cols(scan))
+    scan_blocks = B * H * kt * svt
+    # each scan block reads its 64 key dims of k, g and its V columns of v
+    scan_bytes = tok * (svt * (K * esz + 4 * K) + kt * V * esz) + state + final
     sp = find(stats, "gla_chunk_fwd_kernel", [KT], [True])
     split_kernels = [
         kernel_time("state_scan", scan, scan_blocks, per_block(scan, cpr), scan_bytes, A),
@@ -126,8 +136,9 @@ def backward(stats, B, T, H, K, A, esz=2):
     tok = B * T * H
     state = chunks * H * K * V * esz
     scans = find(stats, "gla_chunk_state_scans_kernel", [], [])
-    scans_blocks = 2 * B * H * kt * vt
-    scans_bytes = tok * 2 * (vt * (K * esz + 4 * K) + kt * V * esz) + 2 * state + \
+    svt = math.ceil(V / scan_cols(scans))
+    scans_blocks = 2 * B * H * kt * svt
+    scans_bytes = tok * 2 * (svt * (K * esz + 4 * K) + kt * V * esz) + 2 * state + \
         2 * B * H * K * V * 4
     bw = find(stats, "gla_chunk_bwd_kernel", [KT], [])
     bw_bytes = tok * (2 * K * esz + 4 * K + 2 * V * esz) + 2 * state + \

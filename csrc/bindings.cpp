@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #ifdef GLA_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -90,15 +91,62 @@ gla::GlaParams make_params(const char* op, const Tensor& q, const Tensor& k, con
   return p;
 }
 
+// State pools and V-first states (the *_fwd_state ops): checks initial_state (a dense
+// [N, H, K|V, V|K] state, or with state_indices a pool [P, H, ...]) and wires it into p.
+void attach_state(gla::GlaParams& p, const char* op, const Tensor& q, const OptTensor& h0,
+                  const OptTensor& state_indices, bool inplace, bool v_first) {
+  const auto acc = acc_type(q.scalar_type());
+  const int64_t a = v_first ? p.V : p.K, b = v_first ? p.K : p.V;
+  p.state_v_first = v_first;
+  TORCH_CHECK(!inplace || state_indices, op, ": inplace_final_state needs state_indices");
+  if (state_indices) {
+    const Tensor& idx = *state_indices;
+    check_tensor(idx, "state_indices", op, at::kLong, q, 1);
+    TORCH_CHECK(idx.numel() == p.N, op, ": state_indices must have N=", p.N,
+                " entries (one per sequence), got ", idx.numel());
+    TORCH_CHECK(h0.has_value(), op, ": state_indices needs initial_state (the pool)");
+    check_tensor(*h0, "initial_state (the pool)", op, acc, q, 4);
+    TORCH_CHECK(h0->size(1) == p.H && h0->size(2) == a && h0->size(3) == b, op,
+                ": the pool (initial_state) must be [P, ", p.H, ", ", a, ", ", b, "], got ",
+                h0->sizes());
+    p.P = h0->size(0);
+    p.state_idx = idx.data_ptr<int64_t>();
+    p.inplace_final = inplace;
+  } else if (h0) {
+    check_tensor(*h0, "initial_state", op, acc, q, 4);
+    check_shape(*h0, "initial_state", op, {p.N, p.H, a, b});
+  }
+  if (h0) p.h0 = h0->data_ptr();
+}
+
+// The CPU kernels read state_indices on the host: every live index < P, none twice.
+void check_indices_cpu(const gla::GlaParams& p, const char* op) {
+  if (!p.state_idx) return;
+  std::vector<bool> used(p.P, false);
+  for (int64_t n = 0; n < p.N; ++n) {
+    const int64_t r = p.state_idx[n];
+    TORCH_CHECK(r < p.P, op, ": state_indices must be < P=", p.P, ", got ", r);
+    if (r < 0) continue;
+    TORCH_CHECK(!used[r], op, ": state_indices names pool row ", r, " twice");
+    used[r] = true;
+  }
+}
+
 struct FwdOut {
   Tensor o, ht;
 };
 
+// o is zeroed where no kernel writes it: tokens past cu_seqlens[-1] and padding rows.
 FwdOut alloc_fwd(gla::GlaParams& p, const Tensor& q, const Tensor& v) {
-  FwdOut out{at::empty({p.B, p.T, p.H, p.V}, v.options()),
-             at::empty({p.N, p.H, p.K, p.V}, q.options().dtype(acc_type(q.scalar_type())))};
+  const std::vector<int64_t> o_shape{p.B, p.T, p.H, p.V};
+  const bool gaps = p.cu_seqlens || p.state_idx;
+  const auto state_opts = q.options().dtype(acc_type(q.scalar_type()));
+  FwdOut out{gaps ? at::zeros(o_shape, v.options()) : at::empty(o_shape, v.options()),
+             p.inplace_final ? at::empty({0}, state_opts)
+             : p.state_v_first ? at::empty({p.N, p.H, p.V, p.K}, state_opts)
+                               : at::empty({p.N, p.H, p.K, p.V}, state_opts)};
   p.o = out.o.data_ptr();
-  p.ht = out.ht.data_ptr();
+  p.ht = p.inplace_final ? const_cast<void*>(p.h0) : out.ht.data_ptr();
   return out;
 }
 
@@ -114,7 +162,9 @@ BwdOut alloc_bwd(const char* op, gla::GlaParams& p, const Tensor& q, const Tenso
     check_shape(*dht, "grad of final_state", op, {p.N, p.H, p.K, p.V});
     p.dht = dht->data_ptr();
   }
-  BwdOut out{at::empty_like(q), at::empty_like(q), at::empty_like(v), at::empty_like(g),
+  // tokens past cu_seqlens[-1] get zero gradients: no kernel writes them
+  auto grad_like = [&](const Tensor& x) { return p.cu_seqlens ? at::zeros_like(x) : at::empty_like(x); };
+  BwdOut out{grad_like(q), grad_like(q), grad_like(v), grad_like(g),
              at::empty({p.N, p.H, p.K, p.V}, g.options())};
   p.dq = std::get<0>(out).data_ptr();
   p.dk = std::get<1>(out).data_ptr();
@@ -130,7 +180,7 @@ void check_offsets_cpu(const gla::GlaParams& p, const char* op) {
   TORCH_CHECK(p.cu_seqlens[0] == 0, op, ": cu_seqlens must start at 0");
   for (int64_t n = 0; n < p.N; ++n)
     TORCH_CHECK(p.cu_seqlens[n + 1] >= p.cu_seqlens[n], op, ": cu_seqlens must be non-decreasing");
-  TORCH_CHECK(p.cu_seqlens[p.N] == p.T, op, ": cu_seqlens must end at T=", p.T);
+  TORCH_CHECK(p.cu_seqlens[p.N] <= p.T, op, ": cu_seqlens must end at T=", p.T, " or before");
 }
 
 // ---- CPU ------------------------------------------------------------------------------
@@ -161,6 +211,44 @@ BwdOut run_bwd_cpu(const char* op, void (*kernel)(const gla::GlaParams&), const 
   auto out = alloc_bwd(op, p, q, v, g, dout, dht);
   kernel(p);
   return out;
+}
+
+// Forward with state pools / V-first states (forward only; ht is empty when in place).
+std::tuple<Tensor, Tensor> run_fwd_state_cpu(const char* op, void (*kernel)(const gla::GlaParams&),
+                                             const Tensor& q, const Tensor& k, const Tensor& v,
+                                             const Tensor& g, const OptTensor& h0,
+                                             const OptTensor& state_indices,
+                                             const OptTensor& cu_seqlens, double scale,
+                                             bool reverse, int64_t chunk_size, bool inplace,
+                                             bool v_first) {
+  auto p = make_params(op, q, k, v, g, std::nullopt, cu_seqlens, scale);
+  check_offsets_cpu(p, op);
+  attach_state(p, op, q, h0, state_indices, inplace, v_first);
+  check_indices_cpu(p, op);
+  p.reverse = reverse;
+  p.chunk_size = chunk_size;
+  auto out = alloc_fwd(p, q, v);
+  kernel(p);
+  return {out.o, out.ht};
+}
+
+std::tuple<Tensor, Tensor> recurrent_fwd_state_cpu(const Tensor& q, const Tensor& k,
+                                                   const Tensor& v, const Tensor& g,
+                                                   const OptTensor& h0,
+                                                   const OptTensor& state_indices,
+                                                   const OptTensor& cu_seqlens, double scale,
+                                                   bool reverse, bool inplace, bool v_first) {
+  return run_fwd_state_cpu("gla_ext.recurrent_fwd_state (CPU)", gla::recurrent_fwd_cpu, q, k, v,
+                           g, h0, state_indices, cu_seqlens, scale, reverse, 0, inplace, v_first);
+}
+
+std::tuple<Tensor, Tensor> chunk_fwd_state_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                               const Tensor& g, const OptTensor& h0,
+                                               const OptTensor& state_indices,
+                                               const OptTensor& cu_seqlens, double scale,
+                                               int64_t chunk_size, bool inplace, bool v_first) {
+  return run_fwd_state_cpu("gla_ext.chunk_fwd_state (CPU)", gla::chunk_fwd_cpu, q, k, v, g, h0,
+                           state_indices, cu_seqlens, scale, false, chunk_size, inplace, v_first);
 }
 
 std::tuple<Tensor, Tensor> recurrent_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -254,6 +342,47 @@ BwdOut recurrent_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, con
   return out;
 }
 
+// Forward with state pools / V-first states on CUDA. Pool indices are checked on the host by
+// the Python wrapper (reading them here would synchronise); the kernels treat any index
+// outside [0, P) as a padding row, so a bad one cannot write outside the pool.
+std::tuple<Tensor, Tensor> recurrent_fwd_state_cuda(const Tensor& q, const Tensor& k,
+                                                    const Tensor& v, const Tensor& g,
+                                                    const OptTensor& h0,
+                                                    const OptTensor& state_indices,
+                                                    const OptTensor& cu_seqlens, double scale,
+                                                    bool reverse, bool inplace, bool v_first) {
+  const char* op = "gla_ext.recurrent_fwd_state (CUDA)";
+  c10::cuda::CUDAGuard guard(q.device());
+  auto p = recurrent_cuda_params(op, q, k, v, g, std::nullopt, cu_seqlens, scale, reverse);
+  attach_state(p, op, q, h0, state_indices, inplace, v_first);
+  auto out = alloc_fwd(p, q, v);
+  check_cuda(gla::recurrent_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op);
+  return {out.o, out.ht};
+}
+
+std::tuple<Tensor, Tensor> chunk_fwd_state_cuda(const Tensor& q, const Tensor& k,
+                                                const Tensor& v, const Tensor& g,
+                                                const OptTensor& h0,
+                                                const OptTensor& state_indices,
+                                                const OptTensor& cu_seqlens, double scale,
+                                                int64_t /*chunk_size*/, bool inplace,
+                                                bool v_first) {
+  if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16)
+    return recurrent_fwd_state_cuda(q, k, v, g, h0, state_indices, cu_seqlens, scale, false,
+                                    inplace, v_first);
+  const char* op = "gla_ext.chunk_fwd_state (CUDA)";
+  c10::cuda::CUDAGuard guard(q.device());
+  auto p = chunk_cuda_params(op, q, k, v, g, std::nullopt, cu_seqlens, scale);
+  attach_state(p, op, q, h0, state_indices, inplace, v_first);
+  auto out = alloc_fwd(p, q, v);
+  const int64_t floats = gla::chunk_fwd_cuda_workspace_floats(p);
+  TORCH_CHECK(floats >= 0, op, ": GLA_EXT_CHUNK_FWD must be fused, split or auto, got '",
+              std::getenv("GLA_EXT_CHUNK_FWD"), "'");
+  Tensor workspace = attach_workspace(p, floats, q);
+  check_cuda(gla::chunk_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op);
+  return {out.o, out.ht};
+}
+
 // chunk_gla forward on CUDA: bf16/fp16 run the tensor-core chunked kernels (K <= 128; the
 // Python wrapper splits wider K; fused or split, see chunk_fwd.cu); float32 runs the fused
 // recurrent kernel (same math).
@@ -307,6 +436,16 @@ TORCH_LIBRARY(gla_ext, m) {
   m.def(
       "chunk_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? h0, Tensor? cu_seqlens, "
       "float scale, int chunk_size) -> (Tensor, Tensor)");
+  // State pools / V-first states, forward only (DESIGN.md "Serving: state pools"): h0 is a
+  // dense state, or with state_indices a pool that inplace=True updates in place.
+  m.def(
+      "recurrent_fwd_state(Tensor q, Tensor k, Tensor v, Tensor g, Tensor(a!)? h0, "
+      "Tensor? state_indices, Tensor? cu_seqlens, float scale, bool reverse, bool inplace, "
+      "bool v_first) -> (Tensor, Tensor)");
+  m.def(
+      "chunk_fwd_state(Tensor q, Tensor k, Tensor v, Tensor g, Tensor(a!)? h0, "
+      "Tensor? state_indices, Tensor? cu_seqlens, float scale, int chunk_size, bool inplace, "
+      "bool v_first) -> (Tensor, Tensor)");
   m.def(
       "chunk_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor dout, Tensor? dht, "
       "Tensor? h0, Tensor? cu_seqlens, float scale, int chunk_size) "
@@ -318,6 +457,8 @@ TORCH_LIBRARY_IMPL(gla_ext, CPU, m) {
   m.impl("recurrent_bwd", &recurrent_bwd_cpu);
   m.impl("chunk_fwd", &chunk_fwd_cpu);
   m.impl("chunk_bwd", &chunk_bwd_cpu);
+  m.impl("recurrent_fwd_state", &recurrent_fwd_state_cpu);
+  m.impl("chunk_fwd_state", &chunk_fwd_state_cpu);
 }
 
 #ifdef GLA_WITH_CUDA
@@ -326,6 +467,8 @@ TORCH_LIBRARY_IMPL(gla_ext, CUDA, m) {
   m.impl("recurrent_bwd", &recurrent_bwd_cuda);
   m.impl("chunk_fwd", &chunk_fwd_cuda);
   m.impl("chunk_bwd", &chunk_bwd_cuda);
+  m.impl("recurrent_fwd_state", &recurrent_fwd_state_cuda);
+  m.impl("chunk_fwd_state", &chunk_fwd_state_cuda);
 }
 #endif
 

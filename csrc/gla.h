@@ -43,6 +43,18 @@ struct GlaParams {
   void* dg = nullptr;
   void* dh0 = nullptr;        // always written by backward kernels
 
+  // State pools (DESIGN.md "Serving: state pools"); forward kernels only.
+  //   state_idx [N]: sequence n reads its initial state from h0 row state_idx[n] (null: row n);
+  //     an index < 0 is a padding row: its o stays as the caller zeroed it, and no state row
+  //     is read or written for it (ht row n is zeroed unless inplace_final).
+  //   inplace_final: ht == h0 (the pool); the final state goes to row state_idx[n].
+  //   state_v_first: h0 / ht rows are [H, V, K] instead of [H, K, V] (fla >= 0.5, vLLM).
+  // Host pointer for CPU, device pointer for CUDA.
+  const int64_t* state_idx = nullptr;
+  int64_t P = 0;             // rows of the pool h0 when state_idx is set
+  bool inplace_final = false;
+  bool state_v_first = false;
+
   // scratch owned by the caller (CUDA recurrent and chunked backward, split chunked forward),
   // sized by the *_workspace_floats helpers
   float* workspace = nullptr;
@@ -60,6 +72,32 @@ inline void sequence_bounds(const GlaParams& p, int64_t n, int64_t* row, int64_t
     *start = 0;
     *end = p.T;
   }
+}
+
+#if defined(__CUDACC__)
+#define GLA_HOST_DEVICE __host__ __device__
+#else
+#define GLA_HOST_DEVICE
+#endif
+
+// The h0 row sequence n starts from (-1 or below: a padding row, nothing read or written).
+// Indices >= P (checked before the call; this guard keeps a captured graph from writing
+// outside the pool) count as padding too.
+GLA_HOST_DEVICE inline int64_t h0_row(const GlaParams& p, int64_t n) {
+  if (!p.state_idx) return n;
+  const int64_t r = p.state_idx[n];
+  return r < p.P ? r : -1;
+}
+// The ht row sequence n's final state goes to (the pool row when inplace_final).
+GLA_HOST_DEVICE inline int64_t ht_row(const GlaParams& p, int64_t n) {
+  return p.inplace_final ? h0_row(p, n) : n;
+}
+// Element strides of the K and V dims of a state row ([H, K, V], or [H, V, K] when V-first).
+GLA_HOST_DEVICE inline int64_t state_k_stride(const GlaParams& p) {
+  return p.state_v_first ? 1 : p.V;
+}
+GLA_HOST_DEVICE inline int64_t state_v_stride(const GlaParams& p) {
+  return p.state_v_first ? p.K : 1;
 }
 
 // ---- CPU (csrc/cpu) ------------------------------------------------------------------

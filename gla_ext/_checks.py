@@ -18,7 +18,9 @@ def _require_tensor(x, name: str):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 
 
-def check_inputs(op: str, q, k, v, g, initial_state, cu_seqlens, g_name: str = "g") -> int:
+def check_inputs(op: str, q, k, v, g, initial_state, cu_seqlens, g_name: str = "g",
+                 state_indices=None, inplace_final_state: bool = False,
+                 state_v_first: bool = False) -> int:
     """Validates the ops' inputs; returns N, the number of sequences."""
     for x, name in ((q, "q"), (k, "k"), (v, "v"), (g, g_name)):
         _require_tensor(x, f"{op}: {name}")
@@ -47,11 +49,18 @@ def check_inputs(op: str, q, k, v, g, initial_state, cu_seqlens, g_name: str = "
         raise ValueError(f"{op}: K and V must be at least 1, got K={K}, V={v.shape[3]}")
     N = B if cu_seqlens is None else _check_cu_seqlens(op, cu_seqlens, q)
     V = v.shape[3]
-    if initial_state is not None:
+    if inplace_final_state and state_indices is None:
+        raise ValueError(f"{op}: inplace_final_state=True needs state_indices (the pool rows "
+                         "to update)")
+    layout, last2 = ("[.., H, V, K]", (V, K)) if state_v_first else ("[.., H, K, V]", (K, V))
+    if state_indices is not None:
+        _check_pool(op, initial_state, state_indices, q, N, H, last2, layout)
+    elif initial_state is not None:
         _require_tensor(initial_state, f"{op}: initial_state")
-        if tuple(initial_state.shape) != (N, H, K, V):
-            raise ValueError(f"{op}: initial_state must have shape [N, H, K, V] = "
-                             f"[{N}, {H}, {K}, {V}], got {tuple(initial_state.shape)}")
+        if tuple(initial_state.shape) != (N, H) + last2:
+            names = "[N, H, V, K]" if state_v_first else "[N, H, K, V]"
+            raise ValueError(f"{op}: initial_state must have shape {names} = "
+                             f"{list((N, H) + last2)}, got {tuple(initial_state.shape)}")
         if initial_state.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{op}: initial_state must be floating (float32), "
                              f"got {initial_state.dtype}")
@@ -59,6 +68,48 @@ def check_inputs(op: str, q, k, v, g, initial_state, cu_seqlens, g_name: str = "
             raise ValueError(f"{op}: initial_state is on {initial_state.device} but q is on "
                              f"{q.device}")
     return N
+
+
+def _check_pool(op, pool, idx, q, N, H, last2, layout):
+    """state_indices [N] into a pool [P, H, K, V] (or V-first) of the accumulation dtype."""
+    _require_tensor(idx, f"{op}: state_indices")
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{op}: state_indices must be int32 or int64, got {idx.dtype}")
+    if idx.dim() != 1 or idx.numel() != N:
+        raise ValueError(f"{op}: state_indices must be 1-D [N] with N={N} (one per sequence), "
+                         f"got shape {tuple(idx.shape)}")
+    if idx.device != q.device:
+        raise ValueError(f"{op}: state_indices is on {idx.device} but q is on {q.device}")
+    if pool is None:
+        raise ValueError(f"{op}: state_indices needs initial_state: the pool [P, H, K, V] "
+                         "float32 its entries index")
+    _require_tensor(pool, f"{op}: initial_state")
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if pool.dim() != 4 or tuple(pool.shape[1:]) != (H,) + last2:
+        raise ValueError(f"{op}: with state_indices, initial_state must be a pool [P, H, K, V] "
+                         f"{layout} with H, K, V = {H}, {last2} ; got shape "
+                         f"{tuple(pool.shape)}")
+    if pool.dtype != acc:
+        raise ValueError(f"{op}: the state pool (initial_state) must be {acc}, got {pool.dtype}")
+    if pool.device != q.device:
+        raise ValueError(f"{op}: the state pool (initial_state) is on {pool.device} but q is on "
+                         f"{q.device}")
+    if not pool.is_contiguous():
+        raise ValueError(f"{op}: the state pool (initial_state) must be contiguous (its rows "
+                         "are read and written in place)")
+    if not _is_tracing():
+        slots = idx.tolist()
+        P = pool.shape[0]
+        bad = [s for s in slots if s >= P]
+        if bad:
+            raise ValueError(f"{op}: state_indices must be < P={P} (the pool's rows), got {bad}")
+        live = [s for s in slots if s >= 0]
+        if len(set(live)) != len(live):
+            seen, twice = set(), set()
+            for s in live:
+                (twice if s in seen else seen).add(s)
+            raise ValueError(f"{op}: state_indices names pool rows {sorted(twice)} more than "
+                             "once (each live row may appear once)")
 
 
 def _check_cu_seqlens(op: str, cu, q) -> int:
@@ -80,6 +131,6 @@ def _check_cu_seqlens(op: str, cu, q) -> int:
             raise ValueError(f"{op}: cu_seqlens must start at 0, got {offsets[0]}")
         if any(b < a for a, b in zip(offsets, offsets[1:])):
             raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got {offsets}")
-        if offsets[-1] != T:
-            raise ValueError(f"{op}: cu_seqlens must end at T={T}, got {offsets[-1]}")
+        if offsets[-1] > T:  # less than T is a padded batch: the tail belongs to no sequence
+            raise ValueError(f"{op}: cu_seqlens must end at T={T} or before, got {offsets[-1]}")
     return cu.numel() - 1

@@ -30,20 +30,26 @@ class CUDAGraphStep:
             raise RuntimeError("cuda_graph_step: call model.eval() first (dropout would be "
                                "frozen into the graph)")
         self.model = model
-        self.x = torch.zeros(batch_size, model.embed_dim, device=param.device, dtype=param.dtype)
-        self.state = model.init_state(batch_size, device=param.device)
-        # Warm up on a side stream (lazy initialisation must not happen during capture).
-        side = torch.cuda.Stream(device=param.device)
-        side.wait_stream(torch.cuda.current_stream(param.device))
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(warmup):
-                model.step(self.x, self.state)
-        torch.cuda.current_stream(param.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self.graph):
-            self.y, new_state = model.step(self.x, self.state)
-            for buf, new in zip(self.state, new_state):
-                buf.copy_(new)
+        self.device = param.device
+        # Everything below runs with the model's device current and captures on a stream of
+        # its own on that device: torch.cuda.graph's default capture stream is made on the
+        # *current* device, so a model on cuda:1 with cuda:0 current captured an empty graph.
+        with torch.cuda.device(self.device):
+            self.stream = torch.cuda.Stream(device=self.device)
+            self.x = torch.zeros(batch_size, model.embed_dim, device=self.device,
+                                 dtype=param.dtype)
+            self.state = model.init_state(batch_size, device=self.device)
+            # Warm up on the capture stream (lazy initialisation must not happen in capture).
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream), torch.no_grad():
+                for _ in range(warmup):
+                    model.step(self.x, self.state)
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(self.graph, stream=self.stream):
+                self.y, new_state = model.step(self.x, self.state)
+                for buf, new in zip(self.state, new_state):
+                    buf.copy_(new)
 
     def reset(self, state=None):
         """Zero the recurrent state, or load `state` (a list like model.init_state's) into it."""
@@ -60,6 +66,9 @@ class CUDAGraphStep:
         if tuple(x_t.shape) != tuple(self.x.shape):
             raise ValueError(f"cuda_graph_step: x_t must be {list(self.x.shape)} "
                              f"[batch, embed_dim] (the captured shape), got {tuple(x_t.shape)}")
-        self.x.copy_(x_t)
-        self.graph.replay()
+        # replayed on the model's device, in order with its current stream (where the input
+        # copy below runs and where the caller reads the output)
+        with torch.cuda.device(self.device):
+            self.x.copy_(x_t)
+            self.graph.replay()
         return self.y

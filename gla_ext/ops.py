@@ -105,43 +105,156 @@ def _run_kernel(fwd_op, q, k, v, g, h0, cu, scale, extra, max_k=None):
     return o, torch.cat(finals, dim=2)
 
 
+def _has_cuda_state_kernels() -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("gla_ext::recurrent_fwd_state",
+                                                              "CUDA")
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _live_rows(state_indices):
+    """[N] bool: which sequences have a pool row (index >= 0)."""
+    return state_indices >= 0
+
+
+def _token_mask(live, cu_seqlens, B, T):
+    """[B, T, 1, 1] bool: tokens of live sequences (padding rows and a padded tail are False).
+    Device-side only (no host read), so it also works under capture."""
+    if cu_seqlens is None:
+        return live.view(B, 1, 1, 1).expand(B, T, 1, 1)
+    cu = cu_seqlens.to(torch.int64)
+    seq = torch.searchsorted(cu[1:], torch.arange(T, device=cu.device), right=True)
+    live_ext = torch.cat([live, live.new_zeros(1)])   # index N: past cu_seqlens[-1]
+    return live_ext[seq].view(1, T, 1, 1)
+
+
+def _dense(fwd_op, chosen, kernel_name, q, k, v, g, initial_state, cu_seqlens, scale, extra,
+           state_indices, state_v_first):
+    """The differentiable path: pool rows gathered (only the N named ones), V-first states
+    transposed in the wrapper, then the dense op. Returns (o, final [N, H, K, V] K-first)."""
+    h0 = initial_state
+    live = None
+    if state_indices is not None:
+        idx = state_indices.to(torch.int64)
+        live = _live_rows(idx)
+        h0 = initial_state.index_select(0, idx.clamp(min=0))
+        h0 = torch.where(live.view(-1, 1, 1, 1), h0, torch.zeros((), dtype=h0.dtype,
+                                                                   device=h0.device))
+    if state_v_first and h0 is not None:
+        h0 = h0.transpose(-1, -2)
+    q, k, v, g, h0, cu = _prepare(q, k, v, g, h0, cu_seqlens)
+    max_k = _cuda_max_k(kernel_name, q.dtype, q.device) if chosen == "cuda" else None
+    o, ht = _run_kernel(fwd_op, q, k, v, g, h0, cu, scale, extra, max_k)
+    if live is not None:
+        B, T = q.shape[:2]
+        o = torch.where(_token_mask(live, cu, B, T), o, torch.zeros((), dtype=o.dtype,
+                                                                      device=o.device))
+        ht = torch.where(live.view(-1, 1, 1, 1), ht, torch.zeros((), dtype=ht.dtype,
+                                                                   device=ht.device))
+    return o, ht
+
+
+def _state_kernel(kernel_name, chosen, q, k, v, g, initial_state, cu_seqlens, scale, extra,
+                  state_indices, inplace, state_v_first):
+    """Forward-only kernels that read (and with inplace write) pool rows through the index
+    pointer and take V-first states by strides. None when K is too wide for one CUDA pass."""
+    K = q.shape[-1]
+    if chosen == "cuda":
+        if not _has_cuda_state_kernels():
+            return None
+        if kernel_name == "chunk" and K > _cuda_max_k("chunk", q.dtype, q.device):
+            kernel_name, extra = "recurrent", False   # same math, one pass up to K=256
+        if K > _CUDA_RECURRENT_MAX_K:
+            return None
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    h0 = initial_state
+    if h0 is not None and state_indices is None:
+        h0 = h0.to(acc).contiguous()          # a dense [N, ..] state, not a pool
+    idx = None if state_indices is None else state_indices.to(torch.int64).contiguous()
+    cu = None if cu_seqlens is None else cu_seqlens.to(torch.int64).contiguous()
+    fwd = getattr(torch.ops.gla_ext, f"{kernel_name}_fwd_state")
+    return fwd(q.contiguous(), k.contiguous(), v.contiguous(), g.to(acc).contiguous(), h0, idx,
+               cu, scale, extra, bool(inplace), bool(state_v_first))
+
+
 def _gla(op_name, kernel_name, q, k, v, g, scale, initial_state, output_final_state,
-         cu_seqlens, backend, extra, g_name, reverse):
-    check_inputs(op_name, q, k, v, g, initial_state, cu_seqlens, g_name)
+         cu_seqlens, backend, extra, g_name, reverse, state_indices=None,
+         inplace_final_state=False, state_v_first=False):
+    check_inputs(op_name, q, k, v, g, initial_state, cu_seqlens, g_name, state_indices,
+                 inplace_final_state, state_v_first)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     scale = float(scale)
     chosen = resolve_backend(backend, q.device, q.dtype, op_name)
+    needs_grad = _needs_grad(q, k, v, g, initial_state)
+    if inplace_final_state and needs_grad:
+        raise RuntimeError(f"{op_name}: inplace_final_state=True is inference only, but grad "
+                           "mode is on and an input requires grad; run it under "
+                           "torch.no_grad() / torch.inference_mode(), or detach the inputs")
     if chosen == "reference":
+        pool_kwargs = dict(state_indices=state_indices, inplace_final_state=inplace_final_state,
+                           state_v_first=state_v_first)
         if kernel_name == "chunk":
-            o, ht = reference.chunk_gla_reference(q, k, v, g, scale, initial_state,
-                                                  output_final_state, cu_seqlens)
-        else:
-            o, ht = reference.naive_recurrent_gla(q, k, v, g, scale, initial_state,
-                                                  output_final_state, reverse, cu_seqlens)
-        return o, ht
+            return reference.chunk_gla_reference(q, k, v, g, scale, initial_state,
+                                                 output_final_state, cu_seqlens, **pool_kwargs)
+        return reference.naive_recurrent_gla(q, k, v, g, scale, initial_state,
+                                             output_final_state, reverse, cu_seqlens,
+                                             **pool_kwargs)
     fwd_op = getattr(torch.ops.gla_ext, f"{kernel_name}_fwd")
-    q, k, v, g, h0, cu = _prepare(q, k, v, g, initial_state, cu_seqlens)
-    max_k = _cuda_max_k(kernel_name, q.dtype, q.device) if chosen == "cuda" else None
-    o, ht = _run_kernel(fwd_op, q, k, v, g, h0, cu, scale, extra, max_k)
+    if state_indices is None and not state_v_first:
+        q, k, v, g, h0, cu = _prepare(q, k, v, g, initial_state, cu_seqlens)
+        max_k = _cuda_max_k(kernel_name, q.dtype, q.device) if chosen == "cuda" else None
+        o, ht = _run_kernel(fwd_op, q, k, v, g, h0, cu, scale, extra, max_k)
+        return o, (ht if output_final_state else None)
+    if not needs_grad:
+        out = _state_kernel(kernel_name, chosen, q, k, v, g, initial_state, cu_seqlens, scale,
+                            extra, state_indices, inplace_final_state, state_v_first)
+        if out is not None:
+            o, ht = out
+            return o, (ht if output_final_state and not inplace_final_state else None)
+    o, ht = _dense(fwd_op, chosen, kernel_name, q, k, v, g, initial_state, cu_seqlens, scale,
+                   extra, state_indices, state_v_first)
+    if state_v_first:
+        ht = ht.transpose(-1, -2).contiguous()
+    if inplace_final_state:
+        # only reached for K too wide for one CUDA pass: write back the named rows alone
+        idx = state_indices.to(torch.int64)
+        live = _live_rows(idx)
+        with torch.no_grad():
+            initial_state.index_copy_(0, idx[live], ht[live].to(initial_state.dtype))
+        return o, None
     return o, (ht if output_final_state else None)
 
 
 def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False,
-              cu_seqlens=None, backend="auto"):
+              cu_seqlens=None, backend="auto", state_indices=None, inplace_final_state=False,
+              state_v_first=False):
     """Chunked GLA (prefill / training). Returns (o [B, T, H, V], final_state [N, H, K, V] or None).
 
-    g is the log-space forget gate (<= 0), one value per key dimension.
+    g is the log-space forget gate (<= 0), one value per key dimension. State pools
+    (DESIGN.md "Serving: state pools"): with state_indices [N], initial_state is a pool
+    [P, H, K, V] and sequence n starts from pool[state_indices[n]] (< 0: padding row, zero
+    outputs, no state read or written); inplace_final_state=True writes the final states back
+    into those rows and returns (o, None); state_v_first=True: states are [.., H, V, K].
     """
     return _gla("chunk_gla", "chunk", q, k, v, g, scale, initial_state, output_final_state,
-                cu_seqlens, backend, _DEFAULT_CHUNK, "g", False)
+                cu_seqlens, backend, _DEFAULT_CHUNK, "g", False, state_indices,
+                inplace_final_state, state_v_first)
 
 
 def fused_recurrent_gla(q, k, v, gk, scale=None, initial_state=None, output_final_state=False,
-                        reverse=False, cu_seqlens=None, backend="auto"):
+                        reverse=False, cu_seqlens=None, backend="auto", state_indices=None,
+                        inplace_final_state=False, state_v_first=False):
     """Token-by-token GLA (decode / short inputs); reverse=True runs from the last token back.
 
-    Returns (o [B, T, H, V], final_state [N, H, K, V] or None).
+    Returns (o [B, T, H, V], final_state [N, H, K, V] or None). state_indices,
+    inplace_final_state and state_v_first as for chunk_gla.
     """
     return _gla("fused_recurrent_gla", "recurrent", q, k, v, gk, scale, initial_state,
-                output_final_state, cu_seqlens, backend, bool(reverse), "gk", bool(reverse))
+                output_final_state, cu_seqlens, backend, bool(reverse), "gk", bool(reverse),
+                state_indices, inplace_final_state, state_v_first)

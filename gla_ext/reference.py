@@ -27,25 +27,52 @@ def segments(cu_seqlens, B: int, T: int):
     return [(0, offsets[n], offsets[n + 1]) for n in range(len(offsets) - 1)]
 
 
-def _run_sequences(step_fn, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
-    """Apply step_fn(q, k, v, g, h0) -> (o, hT) to each sequence ([T, H, *] slices)."""
+def _run_sequences(step_fn, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
+                   state_indices=None, inplace_final_state=False, state_v_first=False):
+    """Apply step_fn(q, k, v, g, h0) -> (o, hT) to each sequence ([T, H, *] slices).
+
+    With state_indices, initial_state is a pool and sequence n starts from
+    pool[state_indices[n]] (index < 0: padding, o = 0, no state read or written); with
+    inplace_final_state its final state is written back into that pool row. state_v_first:
+    states are [.., H, V, K]. Tokens past cu_seqlens[-1] belong to no sequence (o = 0).
+    """
     B, T, H, K = q.shape
     V = v.shape[-1]
     acc = _acc_dtype(q)
     if scale is None:
         scale = K ** -0.5
     pieces = segments(cu_seqlens, B, T)
+    slots = None if state_indices is None else [int(x) for x in state_indices.tolist()]
     outs = [[] for _ in range(B)]
     finals = []
     for n, (b, start, end) in enumerate(pieces):
-        h0 = (initial_state[n].to(acc) if initial_state is not None
-              else q.new_zeros(H, K, V, dtype=acc))
+        slot = n if slots is None else slots[n]
+        if slot < 0:  # padding row: zero outputs, zero (returned) final state
+            outs[b].append(q.new_zeros(end - start, H, V, dtype=acc))
+            finals.append(q.new_zeros(H, K, V, dtype=acc))
+            continue
+        if initial_state is None:
+            h0 = q.new_zeros(H, K, V, dtype=acc)
+        else:
+            h0 = initial_state[slot].to(acc)
+            if state_v_first:
+                h0 = h0.transpose(-1, -2)
         o, hT = step_fn(q[b, start:end].to(acc), k[b, start:end].to(acc),
                         v[b, start:end].to(acc), g[b, start:end].to(acc), h0, scale)
         outs[b].append(o)
         finals.append(hT)
+    if cu_seqlens is not None and pieces[-1][2] < T:  # padded tail of the packed row
+        outs[0].append(q.new_zeros(T - pieces[-1][2], H, V, dtype=acc))
     o = torch.stack([torch.cat(rows, 0) if rows else q.new_zeros(0, H, V, dtype=acc)
                      for rows in outs], 0).to(v.dtype)
+    if state_v_first:
+        finals = [f.transpose(-1, -2) for f in finals]
+    if inplace_final_state:
+        with torch.no_grad():
+            for slot, f in zip(slots, finals):
+                if slot >= 0:
+                    initial_state[slot].copy_(f)
+        return o, None
     final = torch.stack(finals, 0) if output_final_state else None
     return o, final
 
@@ -64,11 +91,13 @@ def _recurrent_one(q, k, v, g, h0, scale, reverse=False):
 
 
 def naive_recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False,
-                        reverse=False, cu_seqlens=None):
+                        reverse=False, cu_seqlens=None, state_indices=None,
+                        inplace_final_state=False, state_v_first=False):
     """Token-by-token recurrence. Returns (o, final_state or None)."""
     def step(q_, k_, v_, g_, h0, s):
         return _recurrent_one(q_, k_, v_, g_, h0, s, reverse)
-    return _run_sequences(step, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    return _run_sequences(step, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
+                          state_indices, inplace_final_state, state_v_first)
 
 
 def _segsum(g):
@@ -112,8 +141,10 @@ def _chunked_one(q, k, v, g, h0, scale, chunk_size):
 
 
 def chunk_gla_reference(q, k, v, g, scale=None, initial_state=None, output_final_state=False,
-                        cu_seqlens=None, chunk_size=16):
+                        cu_seqlens=None, chunk_size=16, state_indices=None,
+                        inplace_final_state=False, state_v_first=False):
     """Chunked (parallel within chunks) GLA in log space. Returns (o, final_state or None)."""
     def step(q_, k_, v_, g_, h0, s):
         return _chunked_one(q_, k_, v_, g_, h0, s, chunk_size)
-    return _run_sequences(step, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    return _run_sequences(step, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
+                          state_indices, inplace_final_state, state_v_first)

@@ -53,7 +53,7 @@ def test_bad_input_raises_and_leaves_inputs_untouched(op, case, message):
     elif case == "cu_order":
         kwargs["cu_seqlens"] = torch.tensor([0, 6, 4, 10])
     elif case == "cu_end":
-        kwargs["cu_seqlens"] = torch.tensor([0, 5, 9])
+        kwargs["cu_seqlens"] = torch.tensor([0, 5, 11])
     elif case == "cu_batch":
         q, k, v, g, h0 = _inputs(B=2)
         kwargs["cu_seqlens"] = torch.tensor([0, 5, 10])

@@ -205,6 +205,7 @@ inline typename ExpVec<L>::d exp_lanes(typename ExpVec<L>::d x) {
   vd y = poly * two_n;
   y = x < -708.3964185322641 ? vd{} : y;
   y = x > 709.782712893384 ? vd{} + __builtin_inf() : y;
+  y = x != x ? x : y;  // NaN stays NaN (a NaN gate propagates, as in the reference)
   return y;
 }
 
@@ -235,6 +236,7 @@ template <int L> inline typename VecT<float, L>::type exp_float_lanes(typename V
   vf y = p * two_n;
   y = x < -87.33654475f ? vf{} : y;
   y = x > 88.72283905f ? vf{} + __builtin_inff() : y;
+  y = x != x ? x : y;  // NaN stays NaN (a NaN gate propagates, as in the reference)
   return y;
 }
 
@@ -246,7 +248,9 @@ inline void exp_inplace(float* y, idx n) {
   // +inf above it), so no clamps or blends beyond the input clamp that keeps r finite.
   const __m512 lo = _mm512_set1_ps(-104.0f), hi = _mm512_set1_ps(89.0f);
   for (idx i = 0; i < n; i += 16) {
-    const __m512 x = _mm512_min_ps(_mm512_max_ps(_mm512_loadu_ps(y + i), lo), hi);
+    // operand order keeps NaN (max/min return their second operand when one is NaN), so a
+    // NaN gate propagates as in the reference instead of becoming a full forget
+    const __m512 x = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_loadu_ps(y + i)));
     const __m512 nf = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(0.693147180559945309f), x);
@@ -706,14 +710,23 @@ void fwd_task_t(const GlaParams& p, idx n, idx h, idx v0, idx v1, idx C, void* w
   const auto* k = static_cast<const scalar_t*>(p.k);
   const auto* v = static_cast<const scalar_t*>(p.v);
   const auto* g = static_cast<const T*>(p.g);
-  const T* h0 = p.h0 ? static_cast<const T*>(p.h0) + L.state(n, h) : nullptr;
+  // state rows by pool index and K/V strides (gla.h: h0_row, ht_row, state_*_stride)
+  const idx in_row = h0_row(p, n), sk = state_k_stride(p), sv = state_v_stride(p);
+  if (in_row < 0) {  // padding row: o stays zero, no pool row read or written
+    T* zero = static_cast<T*>(p.ht) + L.state(n, h);
+    if (!p.inplace_final)
+      for (idx i = 0; i < K; ++i)
+        for (idx j = v0; j < v1; ++j) zero[i * sk + j * sv] = T(0);
+    return;
+  }
+  T* ht = static_cast<T*>(p.ht) + L.state(ht_row(p, n), h);
+  const T* h0 = p.h0 ? static_cast<const T*>(p.h0) + L.state(in_row, h) : nullptr;
   auto* o = static_cast<scalar_t*>(p.o);
-  T* ht = static_cast<T*>(p.ht) + L.state(n, h);
   const T scale = static_cast<T>(p.scale);
 
   for (idx i = 0; i < Kp; ++i)
     for (idx j = 0; j < Vp; ++j)
-      b.S[i * Vp + j] = (h0 && i < K && j < vw) ? h0[i * V + v0 + j] : T(0);
+      b.S[i * Vp + j] = (h0 && i < K && j < vw) ? h0[i * sk + (v0 + j) * sv] : T(0);
 
   idx row, start, stop;
   sequence_bounds(p, n, &row, &start, &stop);
@@ -767,7 +780,7 @@ void fwd_task_t(const GlaParams& p, idx n, idx h, idx v0, idx v1, idx C, void* w
     for (idx t = 0; t < c; ++t) put_row(b.o + t * Vp, vw, o + L.v(row, c0 + t, h) + v0);
   }
   for (idx i = 0; i < K; ++i)
-    for (idx j = 0; j < vw; ++j) ht[i * V + v0 + j] = b.S[i * Vp + j];
+    for (idx j = 0; j < vw; ++j) ht[i * sk + (v0 + j) * sv] = b.S[i * Vp + j];
 }
 
 // ---- backward ---------------------------------------------------------------------------

@@ -29,12 +29,27 @@ void recurrent_fwd_impl(const GlaParams& p) {
   const acc_t scale = static_cast<acc_t>(p.scale);
   const int64_t K = p.K, V = p.V;
 
+  // K-first dense states are carried in place of ht; a pool row or a V-first layout uses a
+  // private K x V buffer, loaded from and stored to the state row by strides.
+  const bool direct = !p.state_idx && !p.state_v_first && !p.inplace_final;
+  const int64_t sk = state_k_stride(p), sv = state_v_stride(p);
   at::parallel_for(0, p.N * p.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qa(K), ka(K), decay(K), va(V), oa(V);
+    std::vector<acc_t> qa(K), ka(K), decay(K), va(V), oa(V), own(direct ? 0 : K * V);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / p.H, h = task % p.H;
-      acc_t* S = ht + L.state(n, h);  // the running state is written in place of ht
-      init_state(S, h0 ? h0 + L.state(n, h) : nullptr, K * V);
+      const int64_t in_row = h0_row(p, n), out_row = ht_row(p, n);
+      if (in_row < 0) {  // padding row: o stays zero, the pool is not touched
+        if (!p.inplace_final) std::fill(ht + L.state(n, h), ht + L.state(n, h) + K * V, acc_t(0));
+        continue;
+      }
+      acc_t* S = direct ? ht + L.state(n, h) : own.data();
+      if (direct) {
+        init_state(S, h0 ? h0 + L.state(n, h) : nullptr, K * V);
+      } else {
+        const acc_t* src = h0 ? h0 + L.state(in_row, h) : nullptr;
+        for (int64_t i = 0; i < K; ++i)
+          for (int64_t j = 0; j < V; ++j) S[i * V + j] = src ? src[i * sk + j * sv] : acc_t(0);
+      }
       int64_t row, start, stop;
       sequence_bounds(p, n, &row, &start, &stop);
       for (int64_t step = 0; step < stop - start; ++step) {
@@ -58,6 +73,11 @@ void recurrent_fwd_impl(const GlaParams& p) {
           }
         }
         for (int64_t j = 0; j < V; ++j) o[v_off + j] = static_cast<scalar_t>(oa[j]);
+      }
+      if (!direct) {
+        acc_t* dst = ht + L.state(out_row, h);
+        for (int64_t i = 0; i < K; ++i)
+          for (int64_t j = 0; j < V; ++j) dst[i * sk + j * sv] = S[i * V + j];
       }
     }
   });

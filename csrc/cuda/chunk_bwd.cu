@@ -717,14 +717,13 @@ int64_t chunk_bwd_cuda_workspace_floats(const GlaParams& p) {
 
 #ifndef GLA_CHUNK_EMULATE
 int64_t chunk_cuda_max_k() {
-  int device = 0, optin = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-          cudaSuccess) {
+  int device = 0;
+  DeviceInfo info;
+  if (current_device_info(&device, &info) != cudaSuccess) {  // cached per device
     (void)cudaGetLastError();
     return 64;  // chunk_fwd_cuda / chunk_bwd_cuda report the device error itself
   }
-  return optin >= BwdLayout<128>::kBytes ? 128 : 64;
+  return info.smem_optin >= BwdLayout<128>::kBytes ? 128 : 64;
 }
 
 const char* chunk_bwd_cuda(const GlaParams& p, void* stream_ptr) {

@@ -17,6 +17,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include "device_cache.cuh"
 #endif
 
 #include <cstdint>
@@ -72,7 +74,30 @@ struct ChunkArgs {
   int N, H, K, V;
   float scale;
   int flags;
+  // state pools, forward only (see GlaParams in gla.h): h0 row of sequence n is
+  // state_idx[n] (null: n; outside [0, P): padding row), the final state goes to that row
+  // when inplace_final (ht == h0), states are [H, V, K] when state_v_first.
+  const int64_t* state_idx;
+  int64_t P;
+  int inplace_final;
+  int state_v_first;
 };
+
+// ---- state rows (pools, V-first) -----------------------------------------------------
+// h0 row of sequence n; -1 for a padding row (no state read or written, o left zero).
+__device__ __forceinline__ int64_t h0_state_row(const ChunkArgs& a, int64_t n) {
+  if (a.state_idx == nullptr) return n;
+  const int64_t r = a.state_idx[n];
+  return r < a.P ? r : -1;
+}
+__device__ __forceinline__ int64_t ht_state_row(const ChunkArgs& a, int64_t n) {
+  return a.inplace_final ? h0_state_row(a, n) : n;
+}
+// for_state_slice's K-first offset kd * V + vc inside one (row, head) state, in the layout of
+// h0 / ht (V-first: vc * K + kd). Runs once per element at state load / store only.
+__device__ __forceinline__ int64_t state_layout_off(const ChunkArgs& a, int64_t off) {
+  return a.state_v_first ? (off % a.V) * a.K + off / a.V : off;
+}
 
 // ---- chunk bookkeeping ---------------------------------------------------------------
 // Sequence n is batch row n, or tokens [cu[n], cu[n+1]) of row 0 with cu_seqlens. Chunks
@@ -433,13 +458,18 @@ constexpr int gate_scratch_floats() {
   return kGateSegs * KT;
 }
 
-__device__ __forceinline__ float gate_step(float run, float g) {
-  return run + fmaxf(g, kGateFloor) * kLog2e;
-}
-
 // Sum of the totals of segments 0..q-1, always as ((t0 + t1) + t2).
 __device__ __forceinline__ float gate_prefix(int q, float t0, float t1, float t2) {
   return q == 0 ? 0.0f : (q == 1 ? t0 : (q == 2 ? t0 + t1 : (t0 + t1) + t2));
+}
+
+// max(g, kGateFloor) that keeps NaN (fmaxf would turn a NaN gate into a full forget; the
+// reference and the other kernels propagate it).
+__device__ __forceinline__ float gate_floor(float g) { return g < kGateFloor ? kGateFloor : g; }
+
+// One step of a segment's running sum (every kernel sums the gates with this).
+__device__ __forceinline__ float gate_step(float run, float g) {
+  return run + gate_floor(g) * kLog2e;
 }
 
 template <int KT, int STRIDE, int NTHREADS>
@@ -763,6 +793,10 @@ inline ChunkArgs common_args(const GlaParams& p) {
   a.g = static_cast<const float*>(p.g);
   a.h0 = static_cast<const float*>(p.h0);
   a.cu_seqlens = p.cu_seqlens;
+  a.state_idx = p.state_idx;
+  a.P = p.P;
+  a.inplace_final = p.inplace_final ? 1 : 0;
+  a.state_v_first = p.state_v_first ? 1 : 0;
   a.T = p.T;
   a.chunks_per_row = (p.T + kC - 1) / kC;
   a.ws_chunks = max_chunks(p);
@@ -787,8 +821,7 @@ inline const char* launch_chunk_kernel(ChunkKernel kernel, dim3 grid, int thread
                                        cudaStream_t stream, const ChunkArgs& args,
                                        const char* op, const char* name) {
   static thread_local char message[320];
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = raise_smem_once(reinterpret_cast<const void*>(kernel), smem);
   if (err != cudaSuccess) {
     (void)cudaGetLastError();  // clear it, so it is not reported again by a later check
     std::snprintf(message, sizeof(message), "%s: %s: cannot reserve %d bytes of shared memory: %s",
@@ -808,13 +841,13 @@ inline const char* launch_chunk_kernel(ChunkKernel kernel, dim3 grid, int thread
 // Checks the current device can run the chunk kernels (sm_80+); *sm_count gets its SM count.
 inline const char* check_device(const char* op, int* sm_count) {
   static thread_local char message[320];
-  int device = 0, major = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(sm_count, cudaDevAttrMultiProcessorCount, device);
+  int device = 0;
+  DeviceInfo info;
+  const cudaError_t err = current_device_info(&device, &info);  // cached per device
+  const int major = info.major;
+  *sm_count = info.sm_count;
   if (err != cudaSuccess) {
+    (void)cudaGetLastError();
     std::snprintf(message, sizeof(message), "%s: cannot query the device: %s", op,
                   cudaGetErrorString(err));
     return message;

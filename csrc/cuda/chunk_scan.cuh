@@ -91,12 +91,28 @@ __device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
   float s[kNT][4];
   const int vc_lo = v0 + 16 * warp + g8;
   const int64_t state_base = (n * H + h) * static_cast<int64_t>(K) * V;
+  // forward scan: h0 from pool row state_idx[n], final state to ht row n or (in place) that
+  // pool row; a padding row reads and writes no state (its o stays zero)
+  int64_t init_base = state_base, last_base = state_base;
+  if constexpr (!kGrad) {
+    const int64_t in_row = h0_state_row(a, n);
+    if (in_row < 0) {
+      if (a.ht != nullptr && !a.inplace_final)
+        for_state_slice(s, k0, vc_lo, K, V, lane, [&](float&, int64_t off) {
+          a.ht[state_base + state_layout_off(a, off)] = 0.0f;
+        });
+      return;
+    }
+    init_base = (in_row * H + h) * static_cast<int64_t>(K) * V;
+    last_base = (ht_state_row(a, n) * H + h) * static_cast<int64_t>(K) * V;
+  }
   const float* const init = kGrad ? a.dht : a.h0;
   for (int nt = 0; nt < kNT; ++nt)
     for (int r = 0; r < 4; ++r) s[nt][r] = 0.0f;
   if (init != nullptr)
-    for_state_slice(s, k0, vc_lo, K, V, lane,
-                    [&](float& x, int64_t off) { x = init[state_base + off]; });
+    for_state_slice(s, k0, vc_lo, K, V, lane, [&](float& x, int64_t off) {
+      x = init[init_base + state_layout_off(a, off)];
+    });
 
   const uint16_t* const x = static_cast<const uint16_t*>(kGrad ? a.q : a.k);
   const uint16_t* const y = static_cast<const uint16_t*>(kGrad ? a.dout : a.v);
@@ -290,7 +306,7 @@ __device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
   float* const last = kGrad ? a.dh0 : a.ht;
   if (last != nullptr)
     for_state_slice(s, k0, vc_lo, K, V, lane,
-                    [&](float& x, int64_t off) { last[state_base + off] = x; });
+                    [&](float& x, int64_t off) { last[last_base + state_layout_off(a, off)] = x; });
 }
 
 // Whether the scans run their all-vector variant for these arguments (the launchers and

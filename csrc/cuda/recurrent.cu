@@ -18,9 +18,14 @@
 //
 // dq and dk need every column, so the backward kernel writes its per-tile partial sums to
 // the float32 workspace and a second kernel adds the tiles, writes dq/dk and computes dg.
+//
+// GLA_RECURRENT_EMULATE: tests/cuda_emu/recurrent_emu.cpp compiles the kernels on the CPU
+// (emu.h supplies the CUDA types and warp primitives); the launchers are left out.
+#ifndef GLA_RECURRENT_EMULATE
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 #include <cstdio>
@@ -62,17 +67,37 @@ __device__ __forceinline__ Seq make_seq(const int64_t* __restrict__ cu, int64_t 
                                         bool reverse) {
   Seq s;
   if (cu) {
+    // Offsets clamped to [0, T] as in the chunk kernels: malformed ones (the Python wrapper
+    // rejects them; direct op calls and CUDA-graph capture skip that check) must neither run
+    // a loop backwards nor leave the row.
+    int64_t start = cu[n], end = cu[n + 1];
+    start = start < 0 ? 0 : (start > T ? T : start);
+    end = end < start ? start : (end > T ? T : end);
     s.row = 0;
-    s.start = cu[n];
-    s.len = cu[n + 1] - s.start;
+    s.start = start;
+    s.len = end - start;
   } else {
     s.row = n;
     s.start = 0;
     s.len = T;
   }
-  if (s.len < 0) s.len = 0;  // malformed offsets must not run a loop backwards
   s.reverse = reverse;
   return s;
+}
+
+// Where a sequence's state rows live (forward): h0 row state_idx[n] of a pool (or row n),
+// final state to the same pool row in place (or ht row n); K-first or V-first by strides.
+struct StateRows {
+  const int64_t* idx;  // null: identity
+  int64_t P;           // pool rows (indices >= P count as padding: no access outside)
+  int64_t k_stride, v_stride;
+  bool inplace;
+};
+
+__device__ __forceinline__ int64_t pool_row(const StateRows& r, int64_t n) {
+  if (r.idx == nullptr) return n;
+  const int64_t x = r.idx[n];
+  return x < r.P ? x : -1;
 }
 
 // ---- warp butterfly: R row sums over the 32 lanes -------------------------------------
@@ -135,9 +160,10 @@ struct Stage {
 template <typename T, typename G>
 __global__ void __launch_bounds__(G::kThreads, G::kFwdMinBlocks)
 recurrent_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                     const float* __restrict__ g, const float* __restrict__ h0,
-                     const int64_t* __restrict__ cu, T* __restrict__ o, float* __restrict__ ht,
-                     int64_t Tlen, int64_t H, int K, int V, int NT, float scale, bool reverse) {
+                     const float* __restrict__ g, const float* h0,  // h0 == ht: in place
+                     const int64_t* __restrict__ cu, T* __restrict__ o, float* ht,
+                     int64_t Tlen, int64_t H, int K, int V, int NT, float scale, bool reverse,
+                     const StateRows rows) {
   constexpr int R = G::R, NW = G::NW, KMAX = G::kMaxK;
   __shared__ Stage<KMAX> st;
   __shared__ float red[2][NW][32];
@@ -148,15 +174,27 @@ recurrent_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
   const int j = tile * kTileV + lane;
   const bool col_ok = j < V;
   const int i0 = warp * R;
+  const int64_t in_row = pool_row(rows, n);
+  const int64_t jv = static_cast<int64_t>(j) * rows.v_stride;
+  if (in_row < 0) {  // padding row (uniform per block): o stays zero, the pool untouched
+    if (!rows.inplace)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int i = i0 + r;
+        if (col_ok && i < K) ht[nh * K * V + i * rows.k_stride + jv] = 0.f;
+      }
+    return;
+  }
   const Seq seq = make_seq(cu, Tlen, n, reverse);
   const int64_t HK = H * K, HV = H * V;
-  const int64_t state_off = nh * K * V;
+  const int64_t h0_off = (in_row * H + h) * K * V;
+  const int64_t ht_off = ((rows.inplace ? in_row : n) * H + h) * K * V;
 
   float S[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int i = i0 + r;
-    S[r] = (h0 && col_ok && i < K) ? h0[state_off + static_cast<int64_t>(i) * V + j] : 0.f;
+    S[r] = (h0 && col_ok && i < K) ? h0[h0_off + i * rows.k_stride + jv] : 0.f;
   }
 
   // Registers holding the next token's inputs (prefetched one step ahead).
@@ -225,7 +263,7 @@ recurrent_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int i = i0 + r;
-    if (col_ok && i < K) ht[state_off + static_cast<int64_t>(i) * V + j] = S[r];
+    if (col_ok && i < K) ht[ht_off + i * rows.k_stride + jv] = S[r];
   }
 }
 
@@ -454,6 +492,7 @@ recurrent_bwd_finalize_kernel(const T* __restrict__ q, const T* __restrict__ k,
 // =====================================================================================
 thread_local char g_message[256];
 
+#ifndef GLA_RECURRENT_EMULATE
 const char* launch_error(const char* kernel) {
   const cudaError_t err = cudaGetLastError();
   if (err == cudaSuccess) return nullptr;
@@ -461,6 +500,8 @@ const char* launch_error(const char* kernel) {
                 cudaGetErrorString(err));
   return g_message;
 }
+
+#endif  // GLA_RECURRENT_EMULATE
 
 int64_t num_v_tiles(const GlaParams& p) { return (p.V + kTileV - 1) / kTileV; }
 
@@ -479,6 +520,12 @@ const char* check_params(const GlaParams& p, const char* op) {
   return g_message;
 }
 
+// The forward kernel's view of p's state rows (pool index, in place, K/V strides).
+StateRows state_rows(const GlaParams& p) {
+  return StateRows{p.state_idx, p.P, state_k_stride(p), state_v_stride(p), p.inplace_final};
+}
+
+#ifndef GLA_RECURRENT_EMULATE
 template <typename T, typename G>
 const char* launch_fwd(const GlaParams& p, cudaStream_t stream) {
   const int NT = static_cast<int>(num_v_tiles(p));
@@ -488,7 +535,7 @@ const char* launch_fwd(const GlaParams& p, cudaStream_t stream) {
       static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v),
       static_cast<const float*>(p.g), static_cast<const float*>(p.h0), p.cu_seqlens,
       static_cast<T*>(p.o), static_cast<float*>(p.ht), p.T, p.H, static_cast<int>(p.K),
-      static_cast<int>(p.V), NT, static_cast<float>(p.scale), p.reverse);
+      static_cast<int>(p.V), NT, static_cast<float>(p.scale), p.reverse, state_rows(p));
   return launch_error("recurrent_fwd_kernel");
 }
 
@@ -524,10 +571,14 @@ const char* launch_bwd(const GlaParams& p, cudaStream_t stream) {
   return launch_error("recurrent_bwd_finalize_kernel");
 }
 
+#endif  // GLA_RECURRENT_EMULATE
+
 // Three block shapes: K <= 64 (4 warps x 16 rows), K <= 128 (8 x 16), K <= 256 (8 x 32).
 using Geo64 = Geometry<16, 4>;
 using Geo128 = Geometry<16, 8>;
 using Geo256 = Geometry<32, 8>;
+
+#ifndef GLA_RECURRENT_EMULATE
 
 template <bool kBackward, typename T>
 const char* dispatch_k(const GlaParams& p, cudaStream_t stream) {
@@ -548,6 +599,8 @@ const char* dispatch(const GlaParams& p, cudaStream_t stream) {
   }
 }
 
+#endif  // GLA_RECURRENT_EMULATE
+
 static_assert(Geo256::kMaxK == kCudaRecurrentMaxK, "largest block shape must cover kCudaRecurrentMaxK");
 
 }  // namespace
@@ -559,6 +612,7 @@ int64_t recurrent_bwd_cuda_workspace_floats(const GlaParams& p) {
   return NT * (2 * p.B * p.T * p.H * p.K + p.N * p.H * p.K);
 }
 
+#ifndef GLA_RECURRENT_EMULATE
 const char* recurrent_fwd_cuda(const GlaParams& p, void* stream) {
   if (const char* err = check_params(p, "recurrent_fwd_cuda")) return err;
   return dispatch<false>(p, static_cast<cudaStream_t>(stream));
@@ -570,5 +624,6 @@ const char* recurrent_bwd_cuda(const GlaParams& p, void* stream) {
     return "recurrent_bwd_cuda: workspace is null";
   return dispatch<true>(p, static_cast<cudaStream_t>(stream));
 }
+#endif  // GLA_RECURRENT_EMULATE
 
 }  // namespace gla
