@@ -507,6 +507,16 @@ __device__ __forceinline__ void gate_cumsum(float* sB, float* sTot, int tid) {
 //   diagonal 16 x 16 blocks: see diag_block_scores.
 // Entries above the diagonal are written as 0. No barrier at the end.
 
+// x0, x1 rounded to the input dtype (hi) and what that rounding left (lo), so hi + lo
+// carries about twice the bits for the tensor cores.
+template <typename E>
+__device__ __forceinline__ void split_pack(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+  hi = E::pack2(x0, x1);
+  float h0, h1;
+  E::unpack2(hi, h0, h1);
+  lo = E::pack2(x0 - h0, x1 - h1);
+}
+
 // Inserts a bit at position lv into i: the i-th number (0..7) of 0..15 whose bit lv is `set`.
 __device__ __forceinline__ int insert_bit(int i, int lv, int set) {
   const int low = (1 << lv) - 1;
@@ -522,7 +532,9 @@ __device__ __forceinline__ int insert_bit(int i, int lv, int set) {
 // column factors are 1). A rows 0..7 take raw q of the tokens s = r (factor 1) of the same
 // columns, so the same mma gives the diagonal entries A[s][s] for those; A[15][15] (the only
 // token that is no level's r) is a plain dot product. 56 exp2 per key dim and block instead
-// of one per (t, s) pair; every entry comes from exactly one level.
+// of one per (t, s) pair; every entry comes from exactly one level. The gated operands go in
+// as two terms of the input dtype (split_pack: two or three mma per level), so the diagonal
+// keeps about the accuracy of its former float32 per-pair products.
 template <typename T, int KT, typename L>
 __device__ __forceinline__ void diag_block_scores(const uint16_t* sQ, const uint16_t* sK,
                                                   const float* sB, uint16_t* sA, float scale,
@@ -546,7 +558,8 @@ __device__ __forceinline__ void diag_block_scores(const uint16_t* sQ, const uint
     for (int kb = 0; kb < KT; kb += 16) {
       uint32_t af[4];
       ldsm_x4(af, sQ + (base + tok_a) * L::kQKStride + kb + lm_col);
-      uint32_t bf[2];
+      uint32_t al[4] = {0u, 0u, 0u, 0u};  // rounding remainders of the gated rows
+      uint32_t bf[2], bl[2] = {0u, 0u};
 #pragma unroll
       for (int hk = 0; hk < 2; ++hk) {  // key dims kb + 2c (+8 for hk = 1)
         const int kd = kb + 2 * c4 + 8 * hk;
@@ -554,7 +567,8 @@ __device__ __forceinline__ void diag_block_scores(const uint16_t* sQ, const uint
         const float2 br = *reinterpret_cast<const float2*>(sB + (base + rf) * L::kBStride + kd);
         float x0, x1;
         E::unpack2(af[1 + 2 * hk], x0, x1);
-        af[1 + 2 * hk] = E::pack2(x0 * exp2f(bt.x - br.x), x1 * exp2f(bt.y - br.y));
+        split_pack<E>(x0 * exp2f(bt.x - br.x), x1 * exp2f(bt.y - br.y), af[1 + 2 * hk],
+                      al[1 + 2 * hk]);
         uint32_t kw = *reinterpret_cast<const uint32_t*>(sK + (base + sc) * L::kQKStride + kd);
         if (lv > 0) {
           const float2 bs =
@@ -562,11 +576,15 @@ __device__ __forceinline__ void diag_block_scores(const uint16_t* sQ, const uint
           const float2 bq =
               *reinterpret_cast<const float2*>(sB + (base + rc) * L::kBStride + kd);
           E::unpack2(kw, x0, x1);
-          kw = E::pack2(x0 * exp2f(bq.x - bs.x), x1 * exp2f(bq.y - bs.y));
+          split_pack<E>(x0 * exp2f(bq.x - bs.x), x1 * exp2f(bq.y - bs.y), kw, bl[hk]);
         }
         bf[hk] = kw;
       }
+      // (a + a') (b + b') without a' b': the gated operands keep ~16 bits, as the float32
+      // products of the per-pair form did (the raw q, k are exact in the input dtype)
       E::mma(acc, af, bf[0], bf[1]);
+      E::mma(acc, al, bf[0], bf[1]);
+      if (lv > 0) E::mma(acc, af, bl[0], bl[1]);
     }
     // acc: (A row g (+8 for r >= 2), column 2c + (r & 1)); keep the entries this level owns
 #pragma unroll
