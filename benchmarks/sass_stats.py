@@ -312,6 +312,10 @@ FRACTION_RULES = [
     # diagonal blocks: the upper row half of each 16-token block does j < 2 of 4
     ("if (j >= nj) break;", lambda c: 0.75),
     # split forward: V tiles after the first reload v
+    # off-diagonal scores: unit j takes the row blocks i > j of 1..3 (6 of 9 copies run)
+    ("if (bi <= bj) continue;", lambda c: 2 / 3),
+    # output stores of a partial chunk / odd V (full chunks take the unchecked stores)
+    ("} else {  // a partial chunk, odd V or V columns past the end", lambda c: 0.0),
     # the scan variant with scalar loads / stores (misaligned or odd-sized inputs)
     ("state_scan<T, kGrad, false>(a, key_tile);", lambda c: 0.0),
     ("if (v0 != v_first) {  // the first V tile came with q, k, g",
@@ -407,13 +411,16 @@ def loop_trips(fn, loop, c):
         return None, text
     inner = [lp for lp in fn["loops"] if lp is not loop and loop["first"] <= lp["first"]
              and lp["last"] <= loop["last"]]
-    if inner:  # an unrolled body holds its inner loops once per copy
+    u = unroll_factor(fn, loop, stp)
+    if inner:
+        # An unrolled body holds its inner loops once per copy, but so does a body with an
+        # unrolled source loop around a rolled one (the score levels): the induction step
+        # decides when it divides the copies, else the body counts as one copy.
         heads = {}
         for lp in inner:
             heads[lp["chain"][0]] = heads.get(lp["chain"][0], 0) + 1
-        u = min(heads.values())
-    else:
-        u = unroll_factor(fn, loop, stp)
+        copies = min(heads.values())
+        u = u if u is not None and copies % u == 0 else 1
     if u is None:  # no induction found in the SASS: trust the pragma, if any
         um = re.match(r"#pragma unroll (\d+)", src_line(path, line - 1).strip())
         u = int(um.group(1)) if um else 1

@@ -489,10 +489,12 @@ __device__ __forceinline__ void gate_cumsum(float* sB, float* sTot, int tid) {
     sTot[w] = run;
   }
   __syncthreads();
-  for (int i = tid; i < KT * (kC - kGateRows); i += NTHREADS) {  // segments 1.. += prefix
-    const int col = i % KT, r = kGateRows + i / KT;
-    const int seg = r / kGateRows;
-    sB[r * STRIDE + col] += gate_prefix(seg, sTot[col], sTot[KT + col], sTot[2 * KT + col]);
+  for (int w = KT + tid; w < kGateSegs * KT; w += NTHREADS) {  // segments 1.. += prefix
+    const int col = w % KT, seg = w / KT;
+    const float pre = gate_prefix(seg, sTot[col], sTot[KT + col], sTot[2 * KT + col]);
+    float* const bcol = sB + (seg * kGateRows) * STRIDE + col;
+#pragma unroll
+    for (int r = 0; r < kGateRows; ++r) bcol[r * STRIDE] += pre;
   }
   __syncthreads();
 }

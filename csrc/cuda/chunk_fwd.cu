@@ -288,22 +288,35 @@ __global__ void __launch_bounds__(kThreads, KT <= 64 ? 3 : 2)
         // write o: rows 16i + g (+8), V columns v0 + 16w + 8nh + 2c (+1)
         T* const out = static_cast<T*>(a.o);
         const bool vec_o = (a.flags & kVecO) != 0;
+        if (vec_o && len == kC && v0 + 16 * warp + 16 <= V) {  // the usual case: no tests
+          uint16_t* const dst0 = reinterpret_cast<uint16_t*>(out) + v_base + g8 * v_tok +
+                                 v0 + 16 * warp + 2 * c4;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
+          for (int i = 0; i < 4; ++i)
 #pragma unroll
-          for (int nh = 0; nh < 2; ++nh) {
-            const int vc = v0 + 16 * warp + 8 * nh + 2 * c4;
+            for (int nh = 0; nh < 2; ++nh)
 #pragma unroll
-            for (int hr = 0; hr < 2; ++hr) {
-              const int t = 16 * i + g8 + 8 * hr;
-              if (t >= len || vc >= V) continue;
-              const float x0 = o[i][nh][2 * hr], x1 = o[i][nh][2 * hr + 1];
-              uint16_t* const dst = reinterpret_cast<uint16_t*>(out) + v_base + t * v_tok + vc;
-              if (vec_o) {  // V even, so vc even < V implies vc + 1 < V
-                *reinterpret_cast<uint32_t*>(dst) = E::pack2(x0, x1);
-              } else {
-                dst[0] = E::from_float(x0);
-                if (vc + 1 < V) dst[1] = E::from_float(x1);
+              for (int hr = 0; hr < 2; ++hr)
+                *reinterpret_cast<uint32_t*>(dst0 + (16 * i + 8 * hr) * v_tok + 8 * nh) =
+                    E::pack2(o[i][nh][2 * hr], o[i][nh][2 * hr + 1]);
+        } else {  // a partial chunk, odd V or V columns past the end
+  #pragma unroll
+          for (int i = 0; i < 4; ++i) {
+  #pragma unroll
+            for (int nh = 0; nh < 2; ++nh) {
+              const int vc = v0 + 16 * warp + 8 * nh + 2 * c4;
+  #pragma unroll
+              for (int hr = 0; hr < 2; ++hr) {
+                const int t = 16 * i + g8 + 8 * hr;
+                if (t >= len || vc >= V) continue;
+                const float x0 = o[i][nh][2 * hr], x1 = o[i][nh][2 * hr + 1];
+                uint16_t* const dst = reinterpret_cast<uint16_t*>(out) + v_base + t * v_tok + vc;
+                if (vec_o) {  // V even, so vc even < V implies vc + 1 < V
+                  *reinterpret_cast<uint32_t*>(dst) = E::pack2(x0, x1);
+                } else {
+                  dst[0] = E::from_float(x0);
+                  if (vc + 1 < V) dst[1] = E::from_float(x1);
+                }
               }
             }
           }
