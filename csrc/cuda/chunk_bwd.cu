@@ -16,7 +16,7 @@
 // So dg needs nothing from other chunks and no cancellation builds up along the sequence.
 //
 // Two launches (three with cu_seqlens: gla_chunk_offsets_kernel first numbers the chunks):
-//   1. state scans (chunk_scan.cuh), per (sequence, head, 64 V columns, 64 key dims), both in
+//   1. state scans (chunk_scan.cuh), per (sequence, head, 128 V columns, 64 key dims), both in
 //      one grid: forward, walking the chunks in order and storing S0 of every chunk (input
 //      dtype) into the workspace (the forward's state recurrence without the outputs); gradient,
 //      walking backwards with q and dO: dS_start = exp2(b_last) * dS_end +

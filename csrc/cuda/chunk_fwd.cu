@@ -24,7 +24,8 @@
 //        off-diagonal pairs (row block i > column block j) on tensor cores, with the gates
 //        folded into both factors relative to r = last token of block j:
 //        q_t * exp2(b_t - b_r) and k_s * exp2(b_r - b_s), both exponents <= 0;
-//        diagonal 16 x 16 blocks on CUDA cores in float32, one exp2(b_t - b_s) per element.
+//        diagonal 16 x 16 blocks on tensor cores too, by dyadic levels of 8, 4, 2, 1 tokens
+//        (chunk_common.cuh: diag_block_scores), every exponent <= 0.
 //   4. In place: q <- q * exp2(b) * scale, k <- k * exp2(b_last - b) (input dtype).
 //   5. Warp w owns V columns [16w, 16w + 16) of the tile and keeps S^T for them in mma
 //      accumulators (float32, never rounded between chunks). It computes

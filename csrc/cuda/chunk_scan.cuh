@@ -1,4 +1,4 @@
-// The state scan shared by the chunked kernels: per (sequence, head, 64 V columns, 64 key
+// The state scan shared by the chunked kernels: per (sequence, head, 128 V columns, 64 key
 // dims), walk the sequence's chunks (state in float32 registers) and store the state each
 // chunk starts from (forward; used by the split forward and by the backward) or the gradient
 // arriving on each chunk's end state (backward), rounded to the input dtype: that is how
