@@ -15,6 +15,7 @@
 
 #include "gla.h"
 #include "cpu/decode.h"
+#include "cpu/linear_bindings.h"
 
 namespace {
 
@@ -232,23 +233,43 @@ std::tuple<Tensor, Tensor> run_fwd_state_cpu(const char* op, void (*kernel)(cons
   return {out.o, out.ht};
 }
 
+// *_fwd_state: h0 dense or a pool read through state_indices, dense final states returned.
+// *_fwd_inplace: final states written into the pool rows state_indices names; returns o.
 std::tuple<Tensor, Tensor> recurrent_fwd_state_cpu(const Tensor& q, const Tensor& k,
                                                    const Tensor& v, const Tensor& g,
                                                    const OptTensor& h0,
                                                    const OptTensor& state_indices,
                                                    const OptTensor& cu_seqlens, double scale,
-                                                   bool reverse, bool inplace, bool v_first) {
+                                                   bool reverse, bool v_first) {
   return run_fwd_state_cpu("gla_ext.recurrent_fwd_state (CPU)", gla::recurrent_fwd_cpu, q, k, v,
-                           g, h0, state_indices, cu_seqlens, scale, reverse, 0, inplace, v_first);
+                           g, h0, state_indices, cu_seqlens, scale, reverse, 0, false, v_first);
+}
+
+Tensor recurrent_fwd_inplace_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                 const Tensor& g, const Tensor& pool, const Tensor& state_indices,
+                                 const OptTensor& cu_seqlens, double scale, bool reverse,
+                                 bool v_first) {
+  return std::get<0>(run_fwd_state_cpu("gla_ext.recurrent_fwd_inplace (CPU)",
+                                       gla::recurrent_fwd_cpu, q, k, v, g, pool, state_indices,
+                                       cu_seqlens, scale, reverse, 0, true, v_first));
 }
 
 std::tuple<Tensor, Tensor> chunk_fwd_state_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                                const Tensor& g, const OptTensor& h0,
                                                const OptTensor& state_indices,
                                                const OptTensor& cu_seqlens, double scale,
-                                               int64_t chunk_size, bool inplace, bool v_first) {
+                                               int64_t chunk_size, bool v_first) {
   return run_fwd_state_cpu("gla_ext.chunk_fwd_state (CPU)", gla::chunk_fwd_cpu, q, k, v, g, h0,
-                           state_indices, cu_seqlens, scale, false, chunk_size, inplace, v_first);
+                           state_indices, cu_seqlens, scale, false, chunk_size, false, v_first);
+}
+
+Tensor chunk_fwd_inplace_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                             const Tensor& pool, const Tensor& state_indices,
+                             const OptTensor& cu_seqlens, double scale, int64_t chunk_size,
+                             bool v_first) {
+  return std::get<0>(run_fwd_state_cpu("gla_ext.chunk_fwd_inplace (CPU)", gla::chunk_fwd_cpu, q,
+                                       k, v, g, pool, state_indices, cu_seqlens, scale, false,
+                                       chunk_size, true, v_first));
 }
 
 std::tuple<Tensor, Tensor> recurrent_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -345,13 +366,14 @@ BwdOut recurrent_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, con
 // Forward with state pools / V-first states on CUDA. Pool indices are checked on the host by
 // the Python wrapper (reading them here would synchronise); the kernels treat any index
 // outside [0, P) as a padding row, so a bad one cannot write outside the pool.
-std::tuple<Tensor, Tensor> recurrent_fwd_state_cuda(const Tensor& q, const Tensor& k,
-                                                    const Tensor& v, const Tensor& g,
-                                                    const OptTensor& h0,
-                                                    const OptTensor& state_indices,
-                                                    const OptTensor& cu_seqlens, double scale,
-                                                    bool reverse, bool inplace, bool v_first) {
-  const char* op = "gla_ext.recurrent_fwd_state (CUDA)";
+std::tuple<Tensor, Tensor> recurrent_fwd_pool_cuda(const Tensor& q, const Tensor& k,
+                                                   const Tensor& v, const Tensor& g,
+                                                   const OptTensor& h0,
+                                                   const OptTensor& state_indices,
+                                                   const OptTensor& cu_seqlens, double scale,
+                                                   bool reverse, bool inplace, bool v_first) {
+  const char* op = inplace ? "gla_ext.recurrent_fwd_inplace (CUDA)"
+                           : "gla_ext.recurrent_fwd_state (CUDA)";
   c10::cuda::CUDAGuard guard(q.device());
   auto p = recurrent_cuda_params(op, q, k, v, g, std::nullopt, cu_seqlens, scale, reverse);
   attach_state(p, op, q, h0, state_indices, inplace, v_first);
@@ -360,17 +382,17 @@ std::tuple<Tensor, Tensor> recurrent_fwd_state_cuda(const Tensor& q, const Tenso
   return {out.o, out.ht};
 }
 
-std::tuple<Tensor, Tensor> chunk_fwd_state_cuda(const Tensor& q, const Tensor& k,
-                                                const Tensor& v, const Tensor& g,
-                                                const OptTensor& h0,
-                                                const OptTensor& state_indices,
-                                                const OptTensor& cu_seqlens, double scale,
-                                                int64_t /*chunk_size*/, bool inplace,
-                                                bool v_first) {
+std::tuple<Tensor, Tensor> chunk_fwd_pool_cuda(const Tensor& q, const Tensor& k,
+                                               const Tensor& v, const Tensor& g,
+                                               const OptTensor& h0,
+                                               const OptTensor& state_indices,
+                                               const OptTensor& cu_seqlens, double scale,
+                                               bool inplace, bool v_first) {
   if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16)
-    return recurrent_fwd_state_cuda(q, k, v, g, h0, state_indices, cu_seqlens, scale, false,
-                                    inplace, v_first);
-  const char* op = "gla_ext.chunk_fwd_state (CUDA)";
+    return recurrent_fwd_pool_cuda(q, k, v, g, h0, state_indices, cu_seqlens, scale, false,
+                                   inplace, v_first);
+  const char* op = inplace ? "gla_ext.chunk_fwd_inplace (CUDA)"
+                           : "gla_ext.chunk_fwd_state (CUDA)";
   c10::cuda::CUDAGuard guard(q.device());
   auto p = chunk_cuda_params(op, q, k, v, g, std::nullopt, cu_seqlens, scale);
   attach_state(p, op, q, h0, state_indices, inplace, v_first);
@@ -381,6 +403,41 @@ std::tuple<Tensor, Tensor> chunk_fwd_state_cuda(const Tensor& q, const Tensor& k
   Tensor workspace = attach_workspace(p, floats, q);
   check_cuda(gla::chunk_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op);
   return {out.o, out.ht};
+}
+
+std::tuple<Tensor, Tensor> recurrent_fwd_state_cuda(const Tensor& q, const Tensor& k,
+                                                    const Tensor& v, const Tensor& g,
+                                                    const OptTensor& h0,
+                                                    const OptTensor& state_indices,
+                                                    const OptTensor& cu_seqlens, double scale,
+                                                    bool reverse, bool v_first) {
+  return recurrent_fwd_pool_cuda(q, k, v, g, h0, state_indices, cu_seqlens, scale, reverse,
+                                 false, v_first);
+}
+
+Tensor recurrent_fwd_inplace_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                                  const Tensor& g, const Tensor& pool,
+                                  const Tensor& state_indices, const OptTensor& cu_seqlens,
+                                  double scale, bool reverse, bool v_first) {
+  return std::get<0>(recurrent_fwd_pool_cuda(q, k, v, g, pool, state_indices, cu_seqlens, scale,
+                                             reverse, true, v_first));
+}
+
+std::tuple<Tensor, Tensor> chunk_fwd_state_cuda(const Tensor& q, const Tensor& k,
+                                                const Tensor& v, const Tensor& g,
+                                                const OptTensor& h0,
+                                                const OptTensor& state_indices,
+                                                const OptTensor& cu_seqlens, double scale,
+                                                int64_t /*chunk_size*/, bool v_first) {
+  return chunk_fwd_pool_cuda(q, k, v, g, h0, state_indices, cu_seqlens, scale, false, v_first);
+}
+
+Tensor chunk_fwd_inplace_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                              const Tensor& g, const Tensor& pool, const Tensor& state_indices,
+                              const OptTensor& cu_seqlens, double scale,
+                              int64_t /*chunk_size*/, bool v_first) {
+  return std::get<0>(chunk_fwd_pool_cuda(q, k, v, g, pool, state_indices, cu_seqlens, scale,
+                                         true, v_first));
 }
 
 // chunk_gla forward on CUDA: bf16/fp16 run the tensor-core chunked kernels (K <= 128; the
@@ -436,16 +493,25 @@ TORCH_LIBRARY(gla_ext, m) {
   m.def(
       "chunk_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? h0, Tensor? cu_seqlens, "
       "float scale, int chunk_size) -> (Tensor, Tensor)");
-  // State pools / V-first states, forward only (DESIGN.md "Serving: state pools"): h0 is a
-  // dense state, or with state_indices a pool that inplace=True updates in place.
+  // State pools / V-first states, forward only (DESIGN.md "Serving: state pools"):
+  // *_fwd_state reads h0 (dense, or a pool through state_indices) and returns dense final
+  // states; *_fwd_inplace writes the final states into the pool rows and returns o.
   m.def(
-      "recurrent_fwd_state(Tensor q, Tensor k, Tensor v, Tensor g, Tensor(a!)? h0, "
-      "Tensor? state_indices, Tensor? cu_seqlens, float scale, bool reverse, bool inplace, "
-      "bool v_first) -> (Tensor, Tensor)");
+      "recurrent_fwd_state(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? h0, "
+      "Tensor? state_indices, Tensor? cu_seqlens, float scale, bool reverse, bool v_first) "
+      "-> (Tensor, Tensor)");
   m.def(
-      "chunk_fwd_state(Tensor q, Tensor k, Tensor v, Tensor g, Tensor(a!)? h0, "
-      "Tensor? state_indices, Tensor? cu_seqlens, float scale, int chunk_size, bool inplace, "
-      "bool v_first) -> (Tensor, Tensor)");
+      "recurrent_fwd_inplace(Tensor q, Tensor k, Tensor v, Tensor g, Tensor(a!) pool, "
+      "Tensor state_indices, Tensor? cu_seqlens, float scale, bool reverse, bool v_first) "
+      "-> Tensor");
+  m.def(
+      "chunk_fwd_state(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? h0, "
+      "Tensor? state_indices, Tensor? cu_seqlens, float scale, int chunk_size, bool v_first) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "chunk_fwd_inplace(Tensor q, Tensor k, Tensor v, Tensor g, Tensor(a!) pool, "
+      "Tensor state_indices, Tensor? cu_seqlens, float scale, int chunk_size, bool v_first) "
+      "-> Tensor");
   m.def(
       "chunk_bwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor dout, Tensor? dht, "
       "Tensor? h0, Tensor? cu_seqlens, float scale, int chunk_size) "
@@ -458,7 +524,9 @@ TORCH_LIBRARY_IMPL(gla_ext, CPU, m) {
   m.impl("chunk_fwd", &chunk_fwd_cpu);
   m.impl("chunk_bwd", &chunk_bwd_cpu);
   m.impl("recurrent_fwd_state", &recurrent_fwd_state_cpu);
+  m.impl("recurrent_fwd_inplace", &recurrent_fwd_inplace_cpu);
   m.impl("chunk_fwd_state", &chunk_fwd_state_cpu);
+  m.impl("chunk_fwd_inplace", &chunk_fwd_inplace_cpu);
 }
 
 #ifdef GLA_WITH_CUDA
@@ -468,12 +536,15 @@ TORCH_LIBRARY_IMPL(gla_ext, CUDA, m) {
   m.impl("chunk_fwd", &chunk_fwd_cuda);
   m.impl("chunk_bwd", &chunk_bwd_cuda);
   m.impl("recurrent_fwd_state", &recurrent_fwd_state_cuda);
+  m.impl("recurrent_fwd_inplace", &recurrent_fwd_inplace_cuda);
   m.impl("chunk_fwd_state", &chunk_fwd_state_cuda);
+  m.impl("chunk_fwd_inplace", &chunk_fwd_inplace_cuda);
 }
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gla_ext compiled kernels; the ops live under torch.ops.gla_ext";
+  gla::bind_cpu_linear(m);  // gla_ext._C.PackedLinear, linear_isa (csrc/cpu/linear_bindings.cpp)
   // Whole-model CPU decode step used by GLA.step (built and cached by gla_ext/decode.py).
   pybind11::class_<gla::CpuDecoder, std::shared_ptr<gla::CpuDecoder>>(m, "CpuDecoder")
       .def(pybind11::init<const std::vector<std::optional<Tensor>>&,
@@ -487,6 +558,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("step", &gla::CpuDecoder::step, pybind11::arg("x"), pybind11::arg("states"),
            pybind11::call_guard<pybind11::gil_scoped_release>(),
            "x [B, E] or [B, 1, E], states: list of [B, H, D, D] (or []) -> (y, new_states)")
+      .def("step_pool", &gla::CpuDecoder::step_pool, pybind11::arg("x"), pybind11::arg("pools"),
+           pybind11::arg("slots"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+           "x [n, E] or [n, 1, E], pools: list of [P, H, D, D], slots [n] -> y; pools advanced "
+           "in place (negative slot = padding row: zero output, no state touched)")
+      .def("threads_for", &gla::CpuDecoder::threads_for, pybind11::arg("batch"))
+      .def_readwrite("thread_limit", &gla::CpuDecoder::thread_limit,
+                     "0 = measured threading policy, n > 0 = at most n threads per step")
+      .def_property_readonly("isa", &gla::CpuDecoder::isa)
+      .def_property_readonly("weight_bytes", &gla::CpuDecoder::weight_bytes)
       .def_property_readonly("num_layers", &gla::CpuDecoder::num_layers)
       .def_property_readonly("num_workspaces", &gla::CpuDecoder::num_workspaces);
 #ifdef GLA_WITH_CUDA

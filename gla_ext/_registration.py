@@ -28,14 +28,17 @@ def _fake_fwd(q, k, v, g, h0, cu_seqlens, scale, extra):
             q.new_empty(_num_seqs(q, cu_seqlens), H, K, V, dtype=_acc(q.dtype)))
 
 
-def _fake_fwd_state(q, k, v, g, h0, state_indices, cu_seqlens, scale, extra, inplace, v_first):
+def _fake_fwd_state(q, k, v, g, h0, state_indices, cu_seqlens, scale, extra, v_first):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    if inplace:
-        return v.new_empty(B, T, H, V), q.new_empty(0, dtype=_acc(q.dtype))
     last = (V, K) if v_first else (K, V)
     return (v.new_empty(B, T, H, V),
             q.new_empty(_num_seqs(q, cu_seqlens), H, *last, dtype=_acc(q.dtype)))
+
+
+def _fake_fwd_inplace(q, k, v, g, pool, state_indices, cu_seqlens, scale, extra, v_first):
+    B, T, H, K = q.shape
+    return v.new_empty(B, T, H, v.shape[-1])
 
 
 def _fake_bwd(q, k, v, g, dout, dht, h0, cu_seqlens, scale, extra):
@@ -77,6 +80,7 @@ def register() -> bool:
         torch.library.register_fake(f"gla_ext::{name}_bwd")(_fake_bwd)
         # forward only (pools, in-place updates): no autograd formula
         torch.library.register_fake(f"gla_ext::{name}_fwd_state")(_fake_fwd_state)
+        torch.library.register_fake(f"gla_ext::{name}_fwd_inplace")(_fake_fwd_inplace)
         torch.library.register_autograd(f"gla_ext::{name}_fwd",
                                         _make_backward(getattr(ops, f"{name}_bwd")),
                                         setup_context=_setup_context)

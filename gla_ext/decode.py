@@ -2,16 +2,22 @@
 
 This is an internal fast path of the same math as the generic step (not a backend): the
 compiled gla_ext._C.CpuDecoder holds packed copies of the weights ([Wq; Wk; Wv; Wr; Wg] and
-[W1; W3] concatenated per layer) plus preallocated buffers per batch size, and runs every
-layer per token with four GEMMs and fused loops for the rest (see csrc/cpu/decode.cpp).
+[W1; W3] per layer, in panels for gla_ext's own SIMD matrix-vector kernels, no vendor BLAS)
+plus preallocated buffers per batch size, and runs every layer per token with one product
+per matrix and vectorized loops for the rest (see csrc/cpu/decode.cpp). Weights stay in the
+model's dtype: a model converted with model.to(torch.bfloat16) (or float16) streams half the
+bytes; activations, accumulation and the state are float32, x_t and y_t have the model's dtype.
 
 try_step(model, x_t, state) returns (y_t, new_state), or None when the generic path must run:
   - the extension is not built, or ENABLED is False;
   - the model's backend is not "auto" or "cpu";
-  - x_t, a state or a parameter is not a float32 CPU tensor (or is a tensor subclass), or
-    torch.compile / functorch transforms are active;
+  - the parameters are not all float32, all bfloat16 or all float16 CPU tensors (or one is a
+    tensor subclass), x_t has another dtype, a state is not float32, or torch.compile /
+    functorch transforms are active;
   - autograd is needed: grad mode is on and a parameter, x_t or a state requires grad;
   - dropout is active (a block's Dropout in training mode with p > 0).
+try_step_pool(model, x_t, pool_states, slots) does the same step for rows of a state pool,
+in place (see its docstring).
 
 The packed copies are cached per model (weakly: they go away with the model) and rebuilt
 when a parameter changes: an in-place write (its version counter), new data or a new
@@ -19,7 +25,8 @@ dtype/device (its data pointer), or a parameter or submodule assigned anywhere (
 registration hooks; then the model's parameters are compared one by one). Not seen: writes
 through `param.data` (a separate version counter), direct edits of `module._parameters`, and
 changed module attributes (eps, gate_logit_normalizer), which are read when packing; call
-clear_cache(model) after those.
+clear_cache(model) after those. The kernels' instruction set is chosen when packing
+(GLA_EXT_CPU_ISA=generic|avx2|avx512 forces one; clear_cache to repack).
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ from torch import nn
 
 from . import _ext
 
-__all__ = ["ENABLED", "try_step", "clear_cache", "is_cached"]
+__all__ = ["ENABLED", "try_step", "try_step_pool", "clear_cache", "is_cached", "decoder"]
 
 # Set to False to make GLA.step always take the generic path (tests compare the two).
 ENABLED = True
@@ -57,11 +64,11 @@ def _install_hooks():
 
 
 class _Entry:
-    __slots__ = ("decoder", "params", "dropouts", "generation")
+    __slots__ = ("decoder", "params", "dropouts", "generation", "dtype")
 
-    def __init__(self, decoder, params, dropouts, generation):
+    def __init__(self, decoder, params, dropouts, generation, dtype):
         self.decoder, self.params, self.dropouts = decoder, params, dropouts
-        self.generation = generation
+        self.generation, self.dtype = generation, dtype
 
 
 _cache: "weakref.WeakKeyDictionary[nn.Module, _Entry]" = weakref.WeakKeyDictionary()
@@ -78,6 +85,12 @@ def clear_cache(model=None) -> None:
 def is_cached(model) -> bool:
     """True when `model` has packed weights (its last step could take the fast path)."""
     return model in _cache
+
+
+def decoder(model):
+    """The packed gla_ext._C.CpuDecoder of `model` (built if needed), or None when the fused
+    step cannot run it. For benchmarks and diagnostics (isa, weight_bytes, thread_limit)."""
+    return None if _ext._C is None else getattr(_entry(model), "decoder", None)
 
 
 def _layer_tensors(block):
@@ -139,9 +152,19 @@ def _settings(model):
     return c.num_heads, c.head_dim, normalizers.pop(), float(eps.pop())
 
 
-def _eligible(flat) -> bool:
-    return all(type(p) in (torch.Tensor, nn.Parameter) and p.dtype == torch.float32
-               and p.device.type == "cpu" and not p.is_inference() for p in flat)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _eligible(flat):
+    """The parameters' common dtype when the fused step can pack them, else None."""
+    dtype = flat[0].dtype
+    if dtype not in _DTYPES:
+        return None
+    for p in flat:
+        if (type(p) not in (torch.Tensor, nn.Parameter) or p.dtype != dtype
+                or p.device.type != "cpu" or p.is_inference()):
+            return None
+    return dtype
 
 
 def _build(model):
@@ -150,7 +173,8 @@ def _build(model):
     generation = _generation
     collected = _collect(model)
     settings = _settings(model)
-    if collected is None or settings is None or not _eligible(collected[2]):
+    dtype = None if collected is None else _eligible(collected[2])
+    if settings is None or dtype is None:
         _cache.pop(model, None)
         return None
     glob, layers, flat = collected
@@ -158,7 +182,7 @@ def _build(model):
     decoder = _ext._C.CpuDecoder(glob, layers, heads, head_dim, normalizer, eps,
                                  head_dim ** -0.5)
     dropouts = tuple(b.dropout for b in model.blocks)
-    entry = _Entry(decoder, flat, dropouts, generation)
+    entry = _Entry(decoder, flat, dropouts, generation, dtype)
     _cache[model] = entry
     return entry
 
@@ -178,30 +202,22 @@ def _entry(model):
     return entry
 
 
-def try_step(model, x_t, state):
-    """(y_t, new_state) from the fused C++ step, or None when GLA.step must take the generic
-    path (see the module docstring). x_t is [B, 1, embed_dim]; state a list or None. Input
-    errors raise the same messages as the generic path."""
+def _ready_entry(model, x_t, grad):
+    """The cache entry whose decoder can run this step now, or None (generic path)."""
     if not ENABLED or _ext._C is None or model.config.backend not in ("auto", "cpu"):
         return None
-    if type(x_t) is not torch.Tensor or x_t.dtype != torch.float32 or x_t.device.type != "cpu":
+    if type(x_t) is not torch.Tensor or x_t.device.type != "cpu" or (grad and x_t.requires_grad):
         return None
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return None
-    grad = torch.is_grad_enabled()
-    if grad and x_t.requires_grad:
-        return None
-    if state is not None:
-        if not isinstance(state, (list, tuple)):
-            return None     # the generic path reports it
-        for s in state:
-            if (type(s) is not torch.Tensor or s.dtype != torch.float32
-                    or s.device.type != "cpu" or (grad and s.requires_grad)):
-                return None
-    if grad and model not in _cache and next(model.parameters()).requires_grad:
-        return None     # training-style use: do not pack a copy of the weights for nothing
-    entry = _entry(model)
-    if entry is None:
+    entry = _cache.get(model)
+    if entry is None or entry.generation != _generation:
+        if entry is None and grad and next(model.parameters()).requires_grad:
+            return None     # training-style use: do not pack a copy of the weights for nothing
+        entry = _entry(model)
+        if entry is None:
+            return None
+    if x_t.dtype != entry.dtype:
         return None
     for d in entry.dropouts:
         if d.training and d.p > 0:
@@ -209,12 +225,65 @@ def try_step(model, x_t, state):
     status = entry.decoder.status(grad)
     if status == _STALE:
         entry = _build(model)
-        if entry is None:
+        if entry is None or x_t.dtype != entry.dtype:
             return None
         status = entry.decoder.status(grad)
-    if status != _READY:
+    return entry if status == _READY else None
+
+
+def _plain_f32(t, grad):
+    return (type(t) is torch.Tensor and t.dtype == torch.float32 and t.device.type == "cpu"
+            and not (grad and t.requires_grad))
+
+
+def try_step(model, x_t, state):
+    """(y_t, new_state) from the fused C++ step, or None when GLA.step must take the generic
+    path (see the module docstring). x_t is [B, 1, embed_dim] in the parameters' dtype; state
+    a list of float32 tensors or None. Input errors raise the same messages as the generic
+    path."""
+    grad = torch.is_grad_enabled()
+    entry = _ready_entry(model, x_t, grad)
+    if entry is None:
         return None
-    B = x_t.shape[0]
+    if state is None:
+        states = []
+    elif isinstance(state, (list, tuple)):
+        for s in state:
+            if not _plain_f32(s, grad):
+                return None
+        states = state if type(state) is list else list(state)
+    else:
+        return None     # the generic path reports it
+    try:
+        return entry.decoder.step(x_t, states)
+    except (RuntimeError, ValueError):
+        # The generic path's checks give the messages users know; else the decoder's.
+        model._check_input(x_t)
+        model._check_state(state, x_t.shape[0])
+        raise
+
+
+def try_step_pool(model, x_t, pool_states, slots):
+    """One fused step for the rows of a state pool, in place (TEAM interface 2).
+
+    x_t [n, 1, embed_dim] (or [n, embed_dim]) in the parameters' dtype; pool_states: one
+    contiguous float32 [P, H, D, D] tensor per layer; slots: int32/int64 [n], a negative slot
+    marks a padding row (its output row is zero, no state is read or written). Row i advances
+    pool_states[l][slots[i]] of every layer l in place; returns y_t [n, hidden_size], or None
+    when the fused path cannot run (the conditions of try_step, or a pool that is not a
+    contiguous float32 CPU tensor); then the caller takes the generic path. A slot >= P or
+    the same slot twice raises ValueError.
+    """
+    grad = torch.is_grad_enabled()
+    entry = _ready_entry(model, x_t, grad)
+    if entry is None or not isinstance(pool_states, (list, tuple)):
+        return None
+    for s in pool_states:
+        if not _plain_f32(s, grad) or not s.is_contiguous() or (grad and s.requires_grad):
+            return None
+    if type(slots) is not torch.Tensor or slots.device.type != "cpu":
+        return None
+    if x_t.dim() == 2:
+        x_t = x_t.unsqueeze(1)
     model._check_input(x_t)
-    model._check_state(state, B)
-    return entry.decoder.step(x_t, [] if state is None else list(state))
+    return entry.decoder.step_pool(x_t, list(pool_states), slots)

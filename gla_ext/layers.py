@@ -10,6 +10,8 @@ constructors trust their arguments.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,8 +53,12 @@ class GatedLinearAttention(nn.Module):
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.num_heads, self.head_dim))   # [B, T, H*D] -> [B, T, H, D]
 
-    def forward(self, x, state=None, return_state=False, mask=None):
-        """x [B, T, hidden] -> [B, T, hidden]; with return_state, (out, new_state [B, H, D, D])."""
+    def forward(self, x, state=None, return_state=False, mask=None, cp_group=None):
+        """x [B, T, hidden] -> [B, T, hidden]; with return_state, (out, new_state [B, H, D, D]).
+
+        cp_group: x is this rank's slice of the sequence (context parallelism, see
+        gla_ext.distributed); the recurrence runs through chunk_gla_cp over that group.
+        """
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         # Gates in float32 whatever the model dtype: they are summed over many steps.
         g = self._heads(F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer)
@@ -63,6 +69,9 @@ class GatedLinearAttention(nn.Module):
             g = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
         # One step (decode) goes to the recurrent kernel; sequences to the chunked one.
         op = fused_recurrent_gla if x.shape[1] == 1 else chunk_gla
+        if cp_group is not None:
+            from .distributed import chunk_gla_cp
+            op = functools.partial(chunk_gla_cp, group=cp_group)
         o, new_state = op(q, k, v, g, initial_state=state, output_final_state=return_state,
                           backend=self.backend)
         if self.norm is not None:
@@ -99,9 +108,9 @@ class GLABlock(nn.Module):
         self.ffn = GatedFFN(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, state=None, return_state=False, mask=None):
+    def forward(self, x, state=None, return_state=False, mask=None, cp_group=None):
         """x [B, T, hidden] -> [B, T, hidden]; with return_state, (out, new_state)."""
-        h = self.attn(self.attn_norm(x), state, return_state, mask)
+        h = self.attn(self.attn_norm(x), state, return_state, mask, cp_group=cp_group)
         if return_state:
             h, state = h
         x = x + self.dropout(h)

@@ -61,14 +61,21 @@ class GLA(nn.Module):
     recommended_defaults = staticmethod(sizing.recommended_defaults)
 
     # ---- running ----
-    def forward(self, x, lengths=None, state=None, return_state=False, return_sequence=False):
+    def forward(self, x, lengths=None, state=None, return_state=False, return_sequence=False,
+                cp_group=None):
         """x [B, T, embed_dim] -> [B, hidden_size] (last position, or last valid one per row).
 
         lengths: int tensor [B], valid positions per row of a right-padded batch (1..T).
         state: from init_state() or a previous call; return_state=True also returns the
         new state. return_sequence=True returns every position, [B, T, hidden_size]
         (padded positions are zero).
+        cp_group: context parallelism (gla_ext.distributed): x is this rank's slice along T
+        of the same B sequences (T may be 0), every GLA layer runs through chunk_gla_cp over
+        the group, and the result is this rank's slice of the outputs. Needs
+        return_sequence=True; lengths, state and return_state are not supported with it.
         """
+        if cp_group is not None:
+            return self._forward_cp(x, cp_group, lengths, state, return_state, return_sequence)
         B, T = self._check_input(x)
         self._check_state(state, B)
         mask = None
@@ -96,6 +103,33 @@ class GLA(nn.Module):
             y = self.norm(h[torch.arange(B, device=h.device), lengths - 1])
         return (y, new_state) if return_state else y
 
+    def _forward_cp(self, x, cp_group, lengths, state, return_state, return_sequence):
+        """forward() on this rank's slice; argument errors raise on every rank of cp_group."""
+        from .distributed import check_cp_call
+        error = None
+        try:
+            if not return_sequence:
+                raise ValueError("cp_group needs return_sequence=True: each rank returns its "
+                                 "slice of the outputs (the last position is on the last rank)")
+            for name, value in (("lengths", lengths), ("state", state)):
+                if value is not None:
+                    raise ValueError(f"{name}= is not supported with cp_group (each rank holds "
+                                     "a slice of full-length sequences)")
+            if return_state:
+                raise ValueError("return_state=True is not supported with cp_group")
+            empty = isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] == 0
+            # an empty slice (T = 0) is legal here: check it as if it had one position
+            self._check_input(x.new_zeros(x.shape[0], 1, x.shape[2]) if empty else x)
+        except (ValueError, TypeError) as e:
+            error = e
+        device = x.device if isinstance(x, torch.Tensor) else None
+        B = x.shape[0] if error is None else 0
+        check_cp_call("GLA.forward", cp_group, device, error, dict(batch=B))
+        h = self.input_proj(x)
+        for block in self.blocks:
+            h = block(h, cp_group=cp_group)
+        return self.norm(h)
+
     def init_state(self, batch: int, device=None) -> list:
         """Zero recurrent state: a list with one [batch, num_heads, head_dim, head_dim] float32 per layer."""
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
@@ -113,7 +147,8 @@ class GLA(nn.Module):
         outputs of forward(x, return_sequence=True) (in eval mode). The given state is
         never modified; the new state is made of fresh tensors.
 
-        Fast path: on the CPU (backend "auto" or "cpu", float32, compiled extension built),
+        Fast path: on the CPU (backend "auto" or "cpu", float32 / bfloat16 / float16
+        parameters with x_t of the same dtype and float32 states, compiled extension built),
         when autograd is not needed (torch.no_grad() / inference_mode, or nothing requires
         grad) and dropout is off (eval mode), the whole step runs as one fused C++ call
         (gla_ext.decode): the same math, several times faster for small batches. It keeps

@@ -105,12 +105,18 @@ def _run_kernel(fwd_op, q, k, v, g, h0, cu, scale, extra, max_k=None):
     return o, torch.cat(finals, dim=2)
 
 
+_CUDA_STATE_KERNELS = None   # whether this build registered CUDA kernels for the pool ops
+
+
 def _has_cuda_state_kernels() -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("gla_ext::recurrent_fwd_state",
-                                                              "CUDA")
-    except (RuntimeError, AttributeError):
-        return False
+    global _CUDA_STATE_KERNELS
+    if _CUDA_STATE_KERNELS is None:
+        try:
+            _CUDA_STATE_KERNELS = bool(torch._C._dispatch_has_kernel_for_dispatch_key(
+                "gla_ext::recurrent_fwd_inplace", "CUDA"))
+        except (RuntimeError, AttributeError):
+            _CUDA_STATE_KERNELS = False
+    return _CUDA_STATE_KERNELS
 
 
 def _needs_grad(*tensors) -> bool:
@@ -177,9 +183,11 @@ def _state_kernel(kernel_name, chosen, q, k, v, g, initial_state, cu_seqlens, sc
         h0 = h0.to(acc).contiguous()          # a dense [N, ..] state, not a pool
     idx = None if state_indices is None else state_indices.to(torch.int64).contiguous()
     cu = None if cu_seqlens is None else cu_seqlens.to(torch.int64).contiguous()
-    fwd = getattr(torch.ops.gla_ext, f"{kernel_name}_fwd_state")
-    return fwd(q.contiguous(), k.contiguous(), v.contiguous(), g.to(acc).contiguous(), h0, idx,
-               cu, scale, extra, bool(inplace), bool(state_v_first))
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), g.to(acc).contiguous(), h0, idx,
+            cu, scale, extra, bool(state_v_first))
+    if inplace:
+        return getattr(torch.ops.gla_ext, f"{kernel_name}_fwd_inplace")(*args), None
+    return getattr(torch.ops.gla_ext, f"{kernel_name}_fwd_state")(*args)
 
 
 def _gla(op_name, kernel_name, q, k, v, g, scale, initial_state, output_final_state,

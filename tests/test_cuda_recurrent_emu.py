@@ -167,6 +167,15 @@ def test_out_of_range_offsets_and_indices_stay_inside(emulator, tmp_path):
     o, after = _split(blob, [((1, 10, 1, 32), torch.float32), ((3, 1, 64, 32), torch.float32)])
     assert torch.equal(after[0], pool[0]), "index 9 >= P wrote a row"
     assert torch.isfinite(o).all() and torch.isfinite(after).all(), report
+    # the backward clamps the same offsets (recurrent_clamp_kernel) and stays inside too
+    # (one order only: sequences 0 and 2 overlap, so their token writes race, as on a GPU)
+    h0, dht = torch.randn(3, 1, 64, 32), torch.randn(3, 1, 64, 32)
+    blob, report = _run(emulator, tmp_path, [q, k, v, g, h0, torch.randn(1, 10, 1, 32), dht],
+                        mode="bwd", order="fwd", dtype="f32", B=1, T=10, H=1, K=64, V=32,
+                        h0=1, dht=1, cu="0,6,3,25")
+    dh0 = _split(blob, [((1, 10, 1, 64), torch.float32)] * 2 + [((1, 10, 1, 32), torch.float32),
+                        ((1, 10, 1, 64), torch.float32), ((3, 1, 64, 32), torch.float32)])[-1]
+    assert torch.isfinite(dh0).all(), report
 
 
 def test_nan_gate_propagates(emulator, tmp_path):

@@ -1,4 +1,5 @@
 """The fused CPU decode step (gla_ext.decode, issue 3) against the generic GLA.step path."""
+import copy
 import gc
 import weakref
 
@@ -258,3 +259,155 @@ def test_replaced_dropout_is_seen():
         assert dec.try_step(model, x, None) is not None          # p = 0: same math
         model.blocks[1].dropout = nn.Dropout(0.5)                 # now active in training mode
         assert dec.try_step(model, x, None) is None
+
+
+# ---- issue 10: own kernels for every ISA, 16-bit weights, state pools, threads ----
+
+ISAS = ["generic", "avx2", "avx512"]
+
+
+def reference_model(model):
+    """A float64 copy of model (same, possibly rounded, weights) on the pure-PyTorch ops."""
+    ref = copy.deepcopy(model).double()
+    for block in ref.blocks:
+        block.attn.backend = "reference"
+    return ref
+
+
+def stream(model, x, dtype=None):
+    """Outputs [B, T, hidden] and final state of the fused step fed token by token."""
+    state, ys = None, []
+    for t in range(x.shape[1]):
+        y, state = fused_step(model, x[:, t], state)
+        ys.append(y)
+    return torch.stack(ys, 1), state
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_isa_matches_generic_and_float64(isa, monkeypatch):
+    model = small_model(num_heads=3, head_dim=16, hidden_size=40, gate_low_rank_dim=3)
+    monkeypatch.setenv("GLA_EXT_CPU_ISA", isa)
+    dec.clear_cache(model)
+    decoder = dec.decoder(model)
+    monkeypatch.delenv("GLA_EXT_CPU_ISA")
+    if decoder.isa != isa:
+        pytest.skip(f"this CPU has no {isa} (got {decoder.isa})")
+    x = torch.randn(3, 8, model.embed_dim)
+    with torch.no_grad():
+        ys, state = stream(model, x)
+        ref, ref_state = reference_model(model)(x.double(), return_sequence=True,
+                                                return_state=True)
+        s_gen, gen = None, []
+        for t in range(x.shape[1]):
+            y, s_gen = generic_step(model, x[:, t], s_gen)
+            gen.append(y)
+    assert dec.decoder(model) is decoder          # the same packed copy ran every step
+    assert rel_err(ys, ref) < 1e-5 and rel_err(torch.stack(gen, 1), ref) < 1e-5
+    assert all(rel_err(s, r) < 1e-5 for s, r in zip(state, ref_state))
+
+
+@pytest.mark.parametrize("dtype,tol,tokens", [(torch.bfloat16, 1e-2, 200), (torch.float16, 5e-3, 50)])
+def test_16bit_model_takes_the_fused_step(dtype, tol, tokens):
+    """model.to(bfloat16): bf16 weights, float32 accumulation and state, bf16 in and out."""
+    model = GLA.build(embed_dim=31, hidden_size=64, num_layers=2, num_heads=2, head_dim=32,
+                      dropout=0.0).eval().to(dtype)
+    x = torch.randn(2, tokens, model.embed_dim).to(dtype)
+    with torch.no_grad():
+        ys, state = stream(model, x)
+        y_step, _ = model.step(x[:, 0])           # GLA.step takes it too
+        ref, ref_state = reference_model(model)(x.double(), return_sequence=True,
+                                                return_state=True)
+    assert dec.decoder(model).isa and dec.is_cached(model)
+    assert ys.dtype == dtype and y_step.dtype == dtype
+    assert all(s.dtype == torch.float32 for s in state)
+    assert torch.isfinite(ys.float()).all()
+    assert rel_err(ys, ref) < tol
+    assert all(rel_err(s, r) < tol for s, r in zip(state, ref_state))
+    assert dec.try_step(model, x[:, :1].float(), None) is None   # x in another dtype: generic
+
+
+def test_returned_states_never_share_storage_while_alive():
+    model = small_model()
+    x = torch.randn(2, model.embed_dim)
+    with torch.no_grad():
+        _, s1 = fused_step(model, x, None)
+        keep = [t.clone() for t in s1]
+        _, s2 = fused_step(model, x, s1)
+        _, s3 = fused_step(model, x, s2)
+        del s2
+        _, s4 = fused_step(model, x, s3)
+        _, s5 = fused_step(model, x, s4)
+    ptrs = [t.data_ptr() for s in (s1, s3, s4, s5) for t in s]
+    assert len(set(ptrs)) == len(ptrs)
+    assert all(torch.equal(a, b) for a, b in zip(s1, keep))
+
+
+def test_threads_split_the_step_with_identical_results():
+    model = GLA.build(embed_dim=50, hidden_size=96, num_layers=2, num_heads=3, head_dim=32).eval()
+    decoder = dec.decoder(model)
+    threads = torch.get_num_threads()
+    x = torch.randn(5, model.embed_dim)
+    state = [torch.randn_like(s) for s in model.init_state(5)]
+    try:
+        torch.set_num_threads(max(2, threads))
+        with torch.no_grad():
+            decoder.thread_limit = 1
+            y1, s1 = fused_step(model, x, state)
+            decoder.thread_limit = 2
+            assert decoder.threads_for(5) == 2
+            y2, s2 = fused_step(model, x, state)
+    finally:
+        decoder.thread_limit = 0
+        torch.set_num_threads(threads)
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(s1, s2))
+
+
+# ---- state pools (TEAM interface 2) ----
+
+def make_pool(model, capacity):
+    c = model.config
+    return [torch.randn(capacity, c.num_heads, c.head_dim, c.head_dim)
+            for _ in range(c.num_layers)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pool_step_advances_named_rows_like_the_dense_step(dtype):
+    model = small_model(gate_low_rank_dim=4).to(dtype)
+    pool = make_pool(model, 7)
+    before = [p.clone() for p in pool]
+    versions = [p._version for p in pool]
+    slots = torch.tensor([4, -1, 0, 6, -3])
+    valid = slots >= 0
+    x = torch.randn(5, 1, model.embed_dim).to(dtype)
+    with torch.no_grad():
+        y_dense, s_dense = fused_step(model, x[valid, 0],
+                                      [p[slots[valid]] for p in before])
+        y = dec.try_step_pool(model, x, pool, slots)
+    assert y.shape == (5, model.hidden_size) and y.dtype == dtype
+    assert torch.equal(y[valid], y_dense)               # same kernels, same rows: bitwise
+    assert not y[~valid].any()                         # padding rows give zeros
+    assert all(p._version > v for p, v in zip(pool, versions))   # written in place
+    untouched = [1, 2, 3, 5]
+    for p, b, s in zip(pool, before, s_dense):
+        assert torch.equal(p[slots[valid]], s)
+        assert torch.equal(p[untouched], b[untouched])
+
+
+def test_pool_step_int32_slots_all_padding_and_errors():
+    model = small_model()
+    pool = make_pool(model, 3)
+    before = [p.clone() for p in pool]
+    x = torch.randn(2, model.embed_dim)
+    with torch.no_grad():
+        y = dec.try_step_pool(model, x, pool, torch.tensor([-1, -1], dtype=torch.int32))
+        assert y.shape == (2, model.hidden_size) and not y.any()
+        assert all(torch.equal(p, b) for p, b in zip(pool, before))
+        y = dec.try_step_pool(model, x, pool, torch.tensor([2, 0], dtype=torch.int32))
+        assert y is not None and not torch.equal(pool[0][2], before[0][2])
+        with pytest.raises(ValueError, match="out of range"):
+            dec.try_step_pool(model, x, pool, torch.tensor([3, 0]))
+        with pytest.raises(ValueError, match="twice"):
+            dec.try_step_pool(model, x, pool, torch.tensor([1, 1]))
+        strided = [torch.randn(3, 2, 16, 16).transpose(-1, -2) for _ in range(2)]
+        assert dec.try_step_pool(model, x, strided, torch.tensor([0, 1])) is None
+        assert dec.try_step_pool(small_model().train(), x, pool, torch.tensor([0, 1])) is None

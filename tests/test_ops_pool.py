@@ -294,3 +294,19 @@ def test_cuda_bf16_chunk_kernels_update_the_pool(monkeypatch, path, v_first):
         if s >= 0:
             assert rel_err(after[s], ht_ref[n]) <= tol
     assert torch.equal(work[[1, 3, 5]], before[[1, 3, 5]])
+
+
+def test_inplace_pool_op_under_torch_compile():
+    """The in-place op is a mutating custom op with a fake kernel: torch.compile traces it and
+    the pool is updated exactly as in eager mode."""
+    q, k, v, g, pool, slots, _ = _case(False, "cpu")
+    eager_pool, compiled_pool = pool.clone(), pool.clone()
+
+    def step(p):
+        return fused_recurrent_gla(q, k, v, g, initial_state=p, state_indices=slots,
+                                   inplace_final_state=True)[0]
+    with torch.no_grad():
+        o_eager = step(eager_pool)
+        o_compiled = torch.compile(step)(compiled_pool)
+    assert torch.equal(o_eager, o_compiled) and torch.equal(eager_pool, compiled_pool)
+    assert not torch.equal(eager_pool, pool)

@@ -1,15 +1,18 @@
 // Whole-model decode step on the CPU (issue 3): one C++ call runs GLA.step for every layer.
-// Unlike the kernels declared in gla.h this uses torch tensors (GEMMs go through at::mm_out
-// into preallocated buffers), so it has its own header; bindings.cpp exposes it to Python as
+// Unlike the kernels declared in gla.h this takes torch tensors (its matrix products run on
+// the packed kernels of linear.h), so it has its own header; bindings.cpp exposes it to Python as
 // gla_ext._C.CpuDecoder and gla_ext/decode.py decides when GLA.step uses it.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include "linear.h"
+
 #include <cstdint>
 #include <map>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -42,9 +45,17 @@ enum DecodeSlot : int {
 enum DecodeGlobalSlot : int { kInW, kInB, kNormW, kNormB, kNumGlobalSlots };
 
 // Holds packed copies of the weights of one model and runs its decode step.
-//   q/k/v/(r)/(gate or its low-rank first half) are concatenated into one [P, d] matrix and
-//   w1/w3 into one [2f, d], so a layer costs four GEMMs; everything between the GEMMs (norms,
-//   gates, the state update fused with the output, RMSNorm, swish gate, SwiGLU) is plain loops.
+//   Every matrix product goes through our own kernels (linear.h, no vendor BLAS): q/k/v/(r)/
+//   (gate or its low-rank first half) are one packed [P, d] matrix, w1/w3 one [2f, d] matrix
+//   interleaved per panel (a panel holds matching rows of both, so SwiGLU is applied by the
+//   thread that computed them). Weights stay in the model's dtype (float32, bfloat16 or
+//   float16); activations, accumulation and states are float32. Everything between the
+//   products (norms, gates, the state update fused with the output, RMSNorm, swish gate,
+//   SwiGLU) is vectorized per ISA (decode_core_impl.h).
+//   Threading: a step runs single-threaded, or as ONE OpenMP parallel region in which each
+//   thread owns a fixed slice of every matrix's panels and of the (row, head) tasks, with a
+//   barrier between dependent stages (no thread wake-up per product). threads_for() says how
+//   many threads a batch size gets: measured at run time, per batch size (see decode.cpp).
 // The parameters the copies were made from are kept, with their version counters and data
 // pointers, so status() can tell when the copies are stale.
 class GLA_DECODE_HIDDEN CpuDecoder {
@@ -59,31 +70,65 @@ class GLA_DECODE_HIDDEN CpuDecoder {
   // requires grad. Otherwise kReady.
   int64_t status(bool grad_enabled) const;
 
-  // x [B, embed_dim] or [B, 1, embed_dim] float32; states: num_layers tensors [B, H, D, D]
-  // float32 (read only), or an empty list for zero states. Returns (y [B, hidden], new states).
+  // x [B, embed_dim] or [B, 1, embed_dim] in the weights' dtype; states: num_layers tensors
+  // [B, H, D, D] float32 (read only), or an empty list for zero states. Returns (y [B, hidden]
+  // in the weights' dtype, new float32 states).
   std::tuple<at::Tensor, std::vector<at::Tensor>> step(const at::Tensor& x,
                                                        const std::vector<at::Tensor>& states);
 
+  // State-pool step: x [n, embed_dim] or [n, 1, embed_dim]; pools: num_layers contiguous
+  // float32 tensors [P, H, D, D]; slots int32/int64 [n]. Row i advances pool[slots[i]] of
+  // every layer in place; a negative slot is a padding row (zero output, no state read or
+  // written). Returns y [n, hidden].
+  at::Tensor step_pool(const at::Tensor& x, const std::vector<at::Tensor>& pools,
+                       const at::Tensor& slots);
+
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
   int64_t num_workspaces() const { return static_cast<int64_t>(workspaces_.size()); }
+  std::string isa() const;
+  at::ScalarType weight_dtype() const { return wdtype_; }
+  int64_t weight_bytes() const;  // packed matrix bytes one step streams
+  // Threads the next step of batch B runs on (<= at::get_num_threads()). thread_limit: 0 =
+  // the measured policy (decode.cpp), n > 0 = at most n (tests and benchmarks compare).
+  int64_t threads_for(int64_t B) const;
+  int64_t thread_limit = 0;
 
  private:
   struct Layer {
-    at::Tensor ln1_w, ln1_b, proj_t, gate_b, gate2_t, rms_w, wo_t, ln2_w, ln2_b, w13_t, w2_t;
+    std::vector<float> ln1_w, ln1_b, rms_w, ln2_w, ln2_b;
+    PackedMatrix proj, gate2, wo, w13, w2;
   };
-  struct Workspace {  // per batch size; [B, n] float32 buffers
-    at::Tensor h, xn, proj, z, gate, o, u, act;
+  struct Workspace {  // per batch size: float32 [B, n] buffers (xn and scratch per thread)
+    std::vector<float> x, h, xn, proj, gate, o, u, act, scratch, y;
+    std::vector<const float*> old_states;
+    std::vector<float*> new_states;
+    std::vector<c10::Storage> spare;  // state storages handed out before (reused once free)
+    // Threading policy (threads_for): step times of one thread and of all threads, measured
+    // on this batch size's first steps; `chosen` = the winner (0 while measuring).
+    std::vector<double> probe_one, probe_all;
+    int64_t chosen = 0, steps_since_choice = 0;
   };
+  void record_step_time(Workspace& ws, int T, double seconds);
+  at::Tensor fresh_state(Workspace& ws, int64_t B);
   Workspace& workspace(int64_t B);
-  void attention_core(const Layer& L, const Workspace& ws, int64_t B, const float* old_state,
-                      float* new_state) const;
+  void check_x(const at::Tensor& x) const;
+  const float* load_x(const at::Tensor& x, Workspace& ws, const int64_t* rows, int64_t B) const;
+  // The whole step for B rows of ws.x (or of x_ptr): states through ws.old_states /
+  // ws.new_states ([layer * B + row], old may be null = zero state), result in y (float32,
+  // ldy = hidden).
+  void run(int64_t B, Workspace& ws, const float* x, float* y);
+  void run_thread(int64_t B, Workspace& ws, const float* x, float* y, int t, int T);
 
   std::vector<Layer> layers_;
-  at::Tensor in_w_t_, in_b_, norm_w_, norm_b_;
-  int64_t E_ = 0, d_ = 0, H_ = 0, D_ = 0, a_ = 0, f_ = 0, rank_ = 0, P_ = 0;
+  PackedMatrix in_proj_;
+  std::vector<float> norm_w_, norm_b_;
+  at::ScalarType wdtype_ = at::kFloat;
+  int64_t E_ = 0, d_ = 0, H_ = 0, D_ = 0, a_ = 0, f_ = 0, f_pad_ = 0, rank_ = 0, P_ = 0;
   int64_t off_r_ = -1, off_gate_ = 0;  // column offsets inside the packed projection
+  int64_t half_ = 0;                   // w1/w3 rows per panel (half a panel)
   bool use_norm_ = false, use_gate_ = false;
   float normalizer_ = 1.f, eps_ = 1e-5f, scale_ = 1.f;
+  const struct DecodeCoreKernels* core_ = nullptr;
 
   std::vector<at::Tensor> watched_;
   std::vector<int64_t> versions_;

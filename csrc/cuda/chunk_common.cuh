@@ -80,7 +80,7 @@ struct ChunkArgs {
   const int64_t* state_idx;
   int64_t P;
   int inplace_final;
-  int state_v_first;
+  int64_t state_k_stride, state_v_stride;  // element strides of h0 / ht: (V, 1) or (1, K)
 };
 
 // ---- state rows (pools, V-first) -----------------------------------------------------
@@ -93,10 +93,10 @@ __device__ __forceinline__ int64_t h0_state_row(const ChunkArgs& a, int64_t n) {
 __device__ __forceinline__ int64_t ht_state_row(const ChunkArgs& a, int64_t n) {
   return a.inplace_final ? h0_state_row(a, n) : n;
 }
-// for_state_slice's K-first offset kd * V + vc inside one (row, head) state, in the layout of
-// h0 / ht (V-first: vc * K + kd). Runs once per element at state load / store only.
-__device__ __forceinline__ int64_t state_layout_off(const ChunkArgs& a, int64_t off) {
-  return a.state_v_first ? (off % a.V) * a.K + off / a.V : off;
+// Offset of element (kd, vc) inside one (row, head) state of h0 / ht, by strides (K-first or
+// V-first; the workspace states and the gradients are always K-first).
+__device__ __forceinline__ int64_t state_elem(const ChunkArgs& a, int kd, int vc) {
+  return kd * a.state_k_stride + vc * a.state_v_stride;
 }
 
 // ---- chunk bookkeeping ---------------------------------------------------------------
@@ -728,6 +728,22 @@ __device__ __forceinline__ void for_state_slice(float (&s)[NT][4], int k0, int v
   }
 }
 
+// The same walk, calling f(s[nt][r], kd, vc) (for h0 / ht, whose layout goes by strides).
+template <int NT, typename F>
+__device__ __forceinline__ void for_state_elems(float (&s)[NT][4], int k0, int vc_lo, int K,
+                                                int V, int lane, F&& f) {
+  const int c4 = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int kd = k0 + 8 * nt + 2 * c4 + (r & 1);
+      const int vc = vc_lo + (r >> 1) * 8;
+      if (kd < K && vc < V) f(s[nt][r], kd, vc);
+    }
+  }
+}
+
 // ---- chunk state update ----------------------------------------------------------------
 // One warp's slice of S^T <- S^T * exp2(b_last) + Y^T @ X, the state carried across chunks.
 // s: m16n8 accumulators (float32) of S^T for 16 columns of Y (rows) by KT key dims: s[nt]
@@ -816,7 +832,8 @@ inline ChunkArgs common_args(const GlaParams& p) {
   a.state_idx = p.state_idx;
   a.P = p.P;
   a.inplace_final = p.inplace_final ? 1 : 0;
-  a.state_v_first = p.state_v_first ? 1 : 0;
+  a.state_k_stride = state_k_stride(p);
+  a.state_v_stride = state_v_stride(p);
   a.T = p.T;
   a.chunks_per_row = (p.T + kC - 1) / kC;
   a.ws_chunks = max_chunks(p);

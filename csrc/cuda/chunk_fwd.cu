@@ -140,18 +140,15 @@ __global__ void __launch_bounds__(kThreads, KT <= 64 ? 3 : 2)
   // S^T for this warp's 16 V columns: s[nt] is the m16n8 accumulator tile with rows = V
   // columns v0 + 16*warp + {g, g+8} and columns = key dims 8*nt + 2c + {0, 1}.
   float s[kNT][4];
-  const int64_t in_row = h0_state_row(a, n);  // pool row (state_idx), -1: padding row
-  if (in_row < 0) {  // uniform per block: o stays zero, no pool row read or written
-    if (!kFromStates && !a.inplace_final) {
-      const int64_t zero_base = (n * H + h) * static_cast<int64_t>(K) * V;
-      for_state_slice(s, 0, v_first + 16 * warp + g8, K, V, lane, [&](float&, int64_t off) {
-        a.ht[zero_base + state_layout_off(a, off)] = 0.0f;
-      });
-    }
-    return;
-  }
-  const int64_t state_base = (in_row * H + h) * static_cast<int64_t>(K) * V;
-  const int64_t final_base = (ht_state_row(a, n) * H + h) * static_cast<int64_t>(K) * V;
+  // Pool row of the initial state (state_idx); a padding row (-1) runs no tokens (o stays
+  // zero), reads no state and writes zeros to ht row n (nothing in place). Written without an
+  // early exit, and with K-first addresses unchanged: both kept the register budget.
+  const int64_t in_row = h0_state_row(a, n);
+  const bool padding = in_row < 0;
+  if (padding) end = start;
+  const int64_t state_base = ((padding ? n : in_row) * H + h) * static_cast<int64_t>(K) * V;
+  const int64_t final_base =
+      ((padding ? n : ht_state_row(a, n)) * H + h) * static_cast<int64_t>(K) * V;
   const uint16_t* const saved =
       kFromStates ? a.states + (chunk * H + h) * static_cast<int64_t>(K) * V : nullptr;
   auto init_state = [&](int v0) {
@@ -161,9 +158,14 @@ __global__ void __launch_bounds__(kThreads, KT <= 64 ? 3 : 2)
     if constexpr (kFromStates) {  // stored rounded to T: the operand the fused path uses
       for_state_slice(s, 0, vc_lo, K, V, lane,
                       [&](float& x, int64_t off) { x = E::to_float(saved[off]); });
-    } else if (a.h0 != nullptr) {
-      for_state_slice(s, 0, vc_lo, K, V, lane,
-                      [&](float& x, int64_t off) { x = a.h0[state_base + state_layout_off(a, off)]; });
+    } else if (a.h0 != nullptr && !padding) {
+      if (a.state_v_stride == 1)  // K-first
+        for_state_slice(s, 0, vc_lo, K, V, lane,
+                        [&](float& x, int64_t off) { x = a.h0[state_base + off]; });
+      else
+        for_state_elems(s, 0, vc_lo, K, V, lane, [&](float& x, int kd, int vc) {
+          x = a.h0[state_base + state_elem(a, kd, vc)];
+        });
     }
   };
   if constexpr (!kFromStates) init_state(v_first);
@@ -332,9 +334,18 @@ __global__ void __launch_bounds__(kThreads, KT <= 64 ? 3 : 2)
     __syncthreads();  // every warp is done with this chunk's tiles before they are reloaded
   }
 
-  if constexpr (!kFromStates)  // final state (the split path's scan writes it)
-    for_state_slice(s, 0, v_first + 16 * warp + g8, K, V, lane,
-                    [&](float& x, int64_t off) { a.ht[final_base + state_layout_off(a, off)] = x; });
+  if constexpr (!kFromStates) {  // final state (the split path's scan writes it)
+    if (padding && a.inplace_final) return;
+    const int vc_lo = v_first + 16 * warp + g8;
+    if (a.state_v_stride == 1)  // K-first
+      for_state_slice(s, 0, vc_lo, K, V, lane, [&](float& x, int64_t off) {
+        a.ht[final_base + off] = padding ? 0.0f : x;
+      });
+    else
+      for_state_elems(s, 0, vc_lo, K, V, lane, [&](float& x, int kd, int vc) {
+        a.ht[final_base + state_elem(a, kd, vc)] = padding ? 0.0f : x;
+      });
+  }
 }
 
 // ---- launcher ------------------------------------------------------------------------

@@ -92,27 +92,34 @@ __device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
   const int vc_lo = v0 + 16 * warp + g8;
   const int64_t state_base = (n * H + h) * static_cast<int64_t>(K) * V;
   // forward scan: h0 from pool row state_idx[n], final state to ht row n or (in place) that
-  // pool row; a padding row reads and writes no state (its o stays zero)
+  // pool row. A padding row reads no state and writes zeros to ht row n (nothing in place);
+  // the chunk states it stores are never read (the split chunk kernel skips padding rows).
+  const float* init = kGrad ? a.dht : a.h0;
+  float* last = kGrad ? a.dh0 : a.ht;
   int64_t init_base = state_base, last_base = state_base;
+  bool zero_last = false;
   if constexpr (!kGrad) {
     const int64_t in_row = h0_state_row(a, n);
     if (in_row < 0) {
-      if (a.ht != nullptr && !a.inplace_final)
-        for_state_slice(s, k0, vc_lo, K, V, lane, [&](float&, int64_t off) {
-          a.ht[state_base + state_layout_off(a, off)] = 0.0f;
-        });
-      return;
+      init = nullptr;
+      zero_last = true;
+      if (a.inplace_final) last = nullptr;
+    } else {
+      init_base = (in_row * H + h) * static_cast<int64_t>(K) * V;
+      last_base = (ht_state_row(a, n) * H + h) * static_cast<int64_t>(K) * V;
     }
-    init_base = (in_row * H + h) * static_cast<int64_t>(K) * V;
-    last_base = (ht_state_row(a, n) * H + h) * static_cast<int64_t>(K) * V;
   }
-  const float* const init = kGrad ? a.dht : a.h0;
   for (int nt = 0; nt < kNT; ++nt)
     for (int r = 0; r < 4; ++r) s[nt][r] = 0.0f;
-  if (init != nullptr)
-    for_state_slice(s, k0, vc_lo, K, V, lane, [&](float& x, int64_t off) {
-      x = init[init_base + state_layout_off(a, off)];
-    });
+  // h0 by its strides; dht (kGrad) is always K-first: ChunkArgs strides are (V, 1) there
+  if (init != nullptr) {
+    if (a.state_v_stride == 1)
+      for_state_slice(s, k0, vc_lo, K, V, lane, [&](float& x, int64_t off) { x = init[init_base + off]; });
+    else
+      for_state_elems(s, k0, vc_lo, K, V, lane, [&](float& x, int kd, int vc) {
+        x = init[init_base + state_elem(a, kd, vc)];
+      });
+  }
 
   const uint16_t* const x = static_cast<const uint16_t*>(kGrad ? a.q : a.k);
   const uint16_t* const y = static_cast<const uint16_t*>(kGrad ? a.dout : a.v);
@@ -303,10 +310,16 @@ __device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
   }
 
   // what is left: dh0 (gradient scan), or the final state when asked for (forward scan)
-  float* const last = kGrad ? a.dh0 : a.ht;
-  if (last != nullptr)
-    for_state_slice(s, k0, vc_lo, K, V, lane,
-                    [&](float& x, int64_t off) { last[last_base + state_layout_off(a, off)] = x; });
+  if (last != nullptr) {
+    if (a.state_v_stride == 1)
+      for_state_slice(s, k0, vc_lo, K, V, lane, [&](float& x, int64_t off) {
+        last[last_base + off] = zero_last ? 0.0f : x;
+      });
+    else
+      for_state_elems(s, k0, vc_lo, K, V, lane, [&](float& x, int kd, int vc) {
+        last[last_base + state_elem(a, kd, vc)] = zero_last ? 0.0f : x;
+      });
+  }
 }
 
 // Whether the scans run their all-vector variant for these arguments (the launchers and

@@ -63,16 +63,24 @@ struct Seq {
   }
 };
 
+// Sequence n's tokens [start, end) with the cu_seqlens offsets clamped to [0, T] as in the
+// chunk kernels: malformed ones (the Python wrapper rejects them; direct op calls and
+// CUDA-graph capture skip that check) must neither run a loop backwards nor leave the row.
+__device__ __forceinline__ void clamped_bounds(const int64_t* __restrict__ cu, int64_t T,
+                                               int64_t n, int64_t* start, int64_t* end) {
+  int64_t s = cu[n], e = cu[n + 1];
+  s = s < 0 ? 0 : (s > T ? T : s);
+  e = e < s ? s : (e > T ? T : e);
+  *start = s;
+  *end = e;
+}
+
 __device__ __forceinline__ Seq make_seq(const int64_t* __restrict__ cu, int64_t T, int64_t n,
                                         bool reverse) {
   Seq s;
   if (cu) {
-    // Offsets clamped to [0, T] as in the chunk kernels: malformed ones (the Python wrapper
-    // rejects them; direct op calls and CUDA-graph capture skip that check) must neither run
-    // a loop backwards nor leave the row.
-    int64_t start = cu[n], end = cu[n + 1];
-    start = start < 0 ? 0 : (start > T ? T : start);
-    end = end < start ? start : (end > T ? T : end);
+    int64_t start, end;
+    clamped_bounds(cu, T, n, &start, &end);
     s.row = 0;
     s.start = start;
     s.len = end - start;
@@ -83,6 +91,40 @@ __device__ __forceinline__ Seq make_seq(const int64_t* __restrict__ cu, int64_t 
   }
   s.reverse = reverse;
   return s;
+}
+
+// The backward kernels read offsets clamped to [0, T] beforehand (recurrent_clamp_kernel),
+// with the unclamped code of before: clamping inside the big backward kernel tipped ptxas
+// into a 64-register budget with spills (K <= 128). Offsets within [0, T] and a length of at
+// least 0 keep every access inside the row, also for decreasing (malformed) offsets.
+__device__ __forceinline__ Seq seq_from_clamped(const int64_t* __restrict__ cu, int64_t T,
+                                                int64_t n, bool reverse) {
+  Seq s;
+  if (cu) {
+    s.row = 0;
+    s.start = cu[n];
+    s.len = cu[n + 1] - s.start;
+  } else {
+    s.row = n;
+    s.start = 0;
+    s.len = T;
+  }
+  if (s.len < 0) s.len = 0;
+  s.reverse = reverse;
+  return s;
+}
+
+constexpr int kClampThreads = 256;
+
+// out[i] = cu[i] clamped to [0, T], i = 0..N (one thread per offset).
+__global__ void __launch_bounds__(kClampThreads)
+recurrent_clamp_kernel(const int64_t* __restrict__ cu, int64_t count, int64_t T,
+                       int64_t* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kClampThreads + threadIdx.x;
+  if (i < count) {
+    const int64_t x = cu[i];
+    out[i] = x < 0 ? 0 : (x > T ? T : x);
+  }
 }
 
 // Where a sequence's state rows live (forward): h0 row state_idx[n] of a pool (or row n),
@@ -290,7 +332,7 @@ recurrent_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
   const int j = tile * kTileV + lane;
   const bool col_ok = j < V;
   const int i0 = warp * R;
-  const Seq seq = make_seq(cu, Tlen, n, reverse);
+  const Seq seq = seq_from_clamped(cu, Tlen, n, reverse);
   const int64_t HK = H * K, HV = H * V;
   const int64_t state_off = nh * K * V;
   // After warp_row_sums, this lane holds row i_sum; lanes with lane % LPR == 0 write it.
@@ -465,7 +507,7 @@ recurrent_bwd_finalize_kernel(const T* __restrict__ q, const T* __restrict__ k,
   if (idx >= total) return;  // no barriers in this kernel
   const int i = static_cast<int>(idx % K);
   const int64_t nh = idx / K, n = nh / H, h = nh % H;
-  const Seq seq = make_seq(cu, Tlen, n, reverse);
+  const Seq seq = seq_from_clamped(cu, Tlen, n, reverse);
 
   float hdh = 0.f;
   if (has_dht)
@@ -504,6 +546,15 @@ const char* launch_error(const char* kernel) {
 #endif  // GLA_RECURRENT_EMULATE
 
 int64_t num_v_tiles(const GlaParams& p) { return (p.V + kTileV - 1) / kTileV; }
+
+// The backward's workspace starts with the clamped offsets (with cu_seqlens: N + 1 int64,
+// padded to 16 bytes), then the float partials.
+int64_t clamped_offsets_floats(const GlaParams& p) {
+  return p.cu_seqlens ? (2 * (p.N + 1) + 3) / 4 * 4 : 0;
+}
+int64_t* clamped_offsets_in_workspace(const GlaParams& p) {
+  return p.cu_seqlens ? reinterpret_cast<int64_t*>(p.workspace) : nullptr;
+}
 
 // Checks shared by forward and backward; nullptr when the parameters are usable.
 const char* check_params(const GlaParams& p, const char* op) {
@@ -544,7 +595,14 @@ const char* launch_bwd(const GlaParams& p, cudaStream_t stream) {
   const int NT = static_cast<int>(num_v_tiles(p));
   const int64_t qk_total = p.B * p.T * p.H * p.K;
   const int64_t nhk_total = p.N * p.H * p.K;
-  float* ws_dq = p.workspace;
+  int64_t* clamped = clamped_offsets_in_workspace(p);
+  if (clamped != nullptr) {
+    const int64_t count = p.N + 1;
+    recurrent_clamp_kernel<<<static_cast<unsigned>((count + kClampThreads - 1) / kClampThreads),
+                             kClampThreads, 0, stream>>>(p.cu_seqlens, count, p.T, clamped);
+    if (const char* err = launch_error("recurrent_clamp_kernel")) return err;
+  }
+  float* ws_dq = p.workspace + clamped_offsets_floats(p);
   float* ws_dk = ws_dq + NT * qk_total;
   float* ws_hdh = ws_dk + NT * qk_total;
   const unsigned blocks = static_cast<unsigned>(p.N * p.H * NT);
@@ -552,7 +610,7 @@ const char* launch_bwd(const GlaParams& p, cudaStream_t stream) {
     recurrent_bwd_kernel<T, G><<<blocks, G::kThreads, 0, stream>>>(
         static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v),
         static_cast<const float*>(p.g), static_cast<const float*>(p.h0),
-        static_cast<const T*>(p.dout), static_cast<const float*>(p.dht), p.cu_seqlens,
+        static_cast<const T*>(p.dout), static_cast<const float*>(p.dht), clamped,
         static_cast<T*>(p.dv), static_cast<float*>(p.dh0), ws_dq, ws_dk, ws_hdh, p.T, p.H,
         static_cast<int>(p.K), static_cast<int>(p.V), NT, qk_total, nhk_total,
         static_cast<float>(p.scale), p.reverse);
@@ -564,7 +622,7 @@ const char* launch_bwd(const GlaParams& p, cudaStream_t stream) {
   if (fblocks > int64_t{0x7fffffff}) return "recurrent_bwd_finalize_kernel: grid too large";
   recurrent_bwd_finalize_kernel<T><<<static_cast<unsigned>(fblocks), kFinalizeThreads, 0,
                                      stream>>>(
-      static_cast<const T*>(p.q), static_cast<const T*>(p.k), p.cu_seqlens, ws_dq, ws_dk,
+      static_cast<const T*>(p.q), static_cast<const T*>(p.k), clamped, ws_dq, ws_dk,
       ws_hdh, p.dht != nullptr, static_cast<T*>(p.dq), static_cast<T*>(p.dk),
       static_cast<float*>(p.dg), p.T, p.H, static_cast<int>(p.K), total, NT, qk_total,
       nhk_total, p.reverse);
@@ -605,11 +663,12 @@ static_assert(Geo256::kMaxK == kCudaRecurrentMaxK, "largest block shape must cov
 
 }  // namespace
 
-// Workspace (float32): [NT][B*T*H*K] dq partials, [NT][B*T*H*K] dk partials,
+// Workspace (float32): the clamped offsets (with cu_seqlens), [NT][B*T*H*K] dq partials,
+// [NT][B*T*H*K] dk partials,
 // [NT][N*H*K] rowsum(ht*dht) partials, NT = ceil(V / 32) tiles of V.
 int64_t recurrent_bwd_cuda_workspace_floats(const GlaParams& p) {
   const int64_t NT = num_v_tiles(p);
-  return NT * (2 * p.B * p.T * p.H * p.K + p.N * p.H * p.K);
+  return clamped_offsets_floats(p) + NT * (2 * p.B * p.T * p.H * p.K + p.N * p.H * p.K);
 }
 
 #ifndef GLA_RECURRENT_EMULATE

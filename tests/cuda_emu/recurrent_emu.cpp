@@ -63,7 +63,15 @@ template <typename T, typename G>
 void run_bwd(const gla::GlaParams& p, bool reverse_order) {
   const int NT = static_cast<int>(gla::num_v_tiles(p));
   const int64_t qk_total = p.B * p.T * p.H * p.K, nhk_total = p.N * p.H * p.K;
-  float* ws_dq = p.workspace;
+  int64_t* clamped = gla::clamped_offsets_in_workspace(p);
+  emu::st().reverse = reverse_order;
+  if (clamped != nullptr) {
+    const int64_t count = p.N + 1;
+    for (int64_t b = 0; b * gla::kClampThreads < count; ++b)
+      emu::run_block({static_cast<unsigned>(b), 0, 0}, gla::kClampThreads,
+                     [&] { gla::recurrent_clamp_kernel(p.cu_seqlens, count, p.T, clamped); });
+  }
+  float* ws_dq = p.workspace + gla::clamped_offsets_floats(p);
   float* ws_dk = ws_dq + NT * qk_total;
   float* ws_hdh = ws_dk + NT * qk_total;
   const int64_t blocks = p.N * p.H * NT;
@@ -74,7 +82,7 @@ void run_bwd(const gla::GlaParams& p, bool reverse_order) {
       gla::recurrent_bwd_kernel<T, G>(
           static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v),
           static_cast<const float*>(p.g), static_cast<const float*>(p.h0),
-          static_cast<const T*>(p.dout), static_cast<const float*>(p.dht), p.cu_seqlens,
+          static_cast<const T*>(p.dout), static_cast<const float*>(p.dht), clamped,
           static_cast<T*>(p.dv), static_cast<float*>(p.dh0), ws_dq, ws_dk, ws_hdh, p.T, p.H,
           static_cast<int>(p.K), static_cast<int>(p.V), NT, qk_total, nhk_total,
           static_cast<float>(p.scale), p.reverse);
@@ -86,7 +94,7 @@ void run_bwd(const gla::GlaParams& p, bool reverse_order) {
     const unsigned b = static_cast<unsigned>(reverse_order ? fblocks - 1 - bi : bi);
     emu::run_block({b, 0, 0}, gla::kFinalizeThreads, [&] {
       gla::recurrent_bwd_finalize_kernel<T>(
-          static_cast<const T*>(p.q), static_cast<const T*>(p.k), p.cu_seqlens, ws_dq, ws_dk,
+          static_cast<const T*>(p.q), static_cast<const T*>(p.k), clamped, ws_dq, ws_dk,
           ws_hdh, p.dht != nullptr, static_cast<T*>(p.dq), static_cast<T*>(p.dk),
           static_cast<float*>(p.dg), p.T, p.H, static_cast<int>(p.K), total, NT, qk_total,
           nhk_total, p.reverse);

@@ -1,0 +1,125 @@
+// gla_ext._C.PackedLinear: a torch-facing wrapper of PackedMatrix (linear.h). Checks the
+// tensors, packs once, and runs y = x W^T (+ b) with the panels split across threads only
+// when there is enough work per thread to pay for waking them.
+#include "linear_bindings.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "linear.h"
+
+namespace gla {
+namespace {
+
+const char* kOp = "gla_ext PackedLinear";
+
+// Multiply-adds below which one call (or one thread's share) is not worth a thread wake-up.
+constexpr int64_t kMinMacsPerThread = int64_t(1) << 18;
+
+LinearWeight weight_type(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return LinearWeight::kFloat32;
+    case at::kBFloat16: return LinearWeight::kBFloat16;
+    case at::kHalf: return LinearWeight::kFloat16;
+    default:
+      TORCH_CHECK_VALUE(false, kOp, ": weight must be float32, bfloat16 or float16, got ", t);
+  }
+}
+
+class TorchPackedLinear {
+ public:
+  TorchPackedLinear(const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+    TORCH_CHECK_VALUE(weight.dim() == 2, kOp, ": weight must be 2-D [out, in], got shape ",
+                      weight.sizes());
+    TORCH_CHECK_VALUE(weight.device().is_cpu(), kOp, ": weight must be a CPU tensor, got ",
+                      weight.device());
+    dtype_ = weight.scalar_type();
+    const LinearWeight type = weight_type(dtype_);
+    const at::Tensor w = weight.detach().contiguous();
+    at::Tensor b;
+    if (bias && bias->defined()) {
+      TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == w.size(0) &&
+                            bias->device().is_cpu() && bias->is_floating_point(),
+                        kOp, ": bias must be a floating CPU tensor [", w.size(0), "], got ",
+                        bias->scalar_type(), " ", bias->sizes(), " on ", bias->device());
+      b = bias->detach().to(at::kFloat).contiguous();
+    }
+    m_ = PackedMatrix(w.data_ptr(), type, w.size(0), w.size(1), w.size(1),
+                      b.defined() ? b.data_ptr<float>() : nullptr);
+  }
+
+  at::Tensor forward(const at::Tensor& x, const std::optional<at::Tensor>& out) const {
+    const int64_t in = m_.in_features(), nout = m_.out_features();
+    TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == in, kOp, ": x must be [n, ", in,
+                      "], got shape ", x.sizes());
+    TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.is_contiguous(),
+                      kOp, ": x must be a contiguous float32 CPU tensor, got ", x.scalar_type(),
+                      " on ", x.device(), x.is_contiguous() ? "" : " (not contiguous)");
+    const int64_t n = x.size(0);
+    at::Tensor y;
+    if (out && out->defined()) {
+      y = *out;
+      TORCH_CHECK_VALUE(y.dim() == 2 && y.size(0) == n && y.size(1) == nout &&
+                            y.scalar_type() == at::kFloat && y.device().is_cpu() &&
+                            y.is_contiguous(),
+                        kOp, ": out must be a contiguous float32 CPU tensor [", n, ", ", nout,
+                        "], got ", y.scalar_type(), " ", y.sizes());
+      TORCH_CHECK_VALUE(!y.is_same(x) && (y.data_ptr() != x.data_ptr() || n == 0), kOp,
+                        ": out must not alias x");
+    } else {
+      y = at::empty({n, nout}, x.options());
+    }
+    if (n == 0 || nout == 0) return y;
+    const float* xp = x.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const int64_t panels = m_.num_panels();
+    const int64_t per_panel = std::max<int64_t>(1, n * std::max<int64_t>(in, 1) * m_.panel_width());
+    const int64_t grain = std::max<int64_t>(1, kMinMacsPerThread / per_panel);
+    const PackedMatrix& m = m_;
+    {
+      pybind11::gil_scoped_release no_gil;
+      at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+        m.apply(xp, in, n, yp, nout, false, p0, p1);
+      });
+    }
+    return y;
+  }
+
+  int64_t in_features() const { return m_.in_features(); }
+  int64_t out_features() const { return m_.out_features(); }
+  bool has_bias() const { return m_.has_bias(); }
+  std::string isa() const { return m_.isa(); }
+  int64_t weight_bytes() const { return static_cast<int64_t>(m_.weight_bytes()); }
+  int64_t panel_width() const { return m_.panel_width(); }
+  at::ScalarType dtype() const { return dtype_; }
+
+ private:
+  PackedMatrix m_;
+  at::ScalarType dtype_ = at::kFloat;
+};
+
+}  // namespace
+
+void bind_cpu_linear(pybind11::module_& m) {
+  pybind11::class_<TorchPackedLinear>(m, "PackedLinear")
+      .def(pybind11::init<const at::Tensor&, const std::optional<at::Tensor>&>(),
+           pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none())
+      .def("forward", &TorchPackedLinear::forward, pybind11::arg("x"),
+           pybind11::arg("out") = pybind11::none(),
+           "x [n, in] contiguous float32 -> [n, out] float32 (into out when given)")
+      .def_property_readonly("in_features", &TorchPackedLinear::in_features)
+      .def_property_readonly("out_features", &TorchPackedLinear::out_features)
+      .def_property_readonly("has_bias", &TorchPackedLinear::has_bias)
+      .def_property_readonly("isa", &TorchPackedLinear::isa)
+      .def_property_readonly("weight_bytes", &TorchPackedLinear::weight_bytes)
+      .def_property_readonly("panel_width", &TorchPackedLinear::panel_width)
+      .def_property_readonly("weight_dtype", [](const TorchPackedLinear& self) {
+        return std::string(c10::toString(self.dtype()));
+      });
+  m.def("linear_isa", []() { return std::string(linear_isa_now()); },
+        "instruction set a PackedLinear made now would use (GLA_EXT_CPU_ISA overrides)");
+}
+
+}  // namespace gla
