@@ -130,7 +130,7 @@ int64_t chunk_bwd_cuda_workspace_floats(const GlaParams& p);
 const char* chunk_bwd_cuda(const GlaParams& p, void* stream);
 // Shared memory per block of the K=128 chunked backward (checked in chunk_bwd.cu). GPUs with
 // less per-block opt-in shared memory (sm_86/sm_89: 99 KB) take K in slices of 64.
-constexpr int64_t kCudaChunkBwdSmemBytesK128 = 155136;
+constexpr int64_t kCudaChunkBwdSmemBytesK128 = 156160;
 // Widest K slice the chunk kernels take on the current device: 128 or 64 (see above).
 int64_t chunk_cuda_max_k();
 

@@ -16,7 +16,7 @@
 // So dg needs nothing from other chunks and no cancellation builds up along the sequence.
 //
 // Two launches (three with cu_seqlens: gla_chunk_offsets_kernel first numbers the chunks):
-//   1. state scans (chunk_scan.cuh), per (sequence, head, 64 V columns, 64 key dims), both in
+//   1. state scans (chunk_scan.cuh), per (sequence, head, 128 V columns, 64 key dims), both in
 //      one grid: forward, walking the chunks in order and storing S0 of every chunk (input
 //      dtype) into the workspace (the forward's state recurrence without the outputs); gradient,
 //      walking backwards with q and dO: dS_start = exp2(b_last) * dS_end +
@@ -684,7 +684,8 @@ constexpr const char* kOp = "chunk_bwd_cuda";
 template <typename T, int KT>
 const char* launch_all(const ChunkArgs& args, const BwdGrid& grid, cudaStream_t stream) {
   if (grid.scan_only)  // no tokens: only dh0 (= dht, or 0) to write
-    return launch_chunk_kernel(gla_chunk_state_scan_kernel<T, true>,
+    return launch_chunk_kernel(scan_vec(args) ? gla_chunk_state_scan_kernel<T, true, true>
+                                              : gla_chunk_state_scan_kernel<T, true, false>,
                                dim3(grid.scan_x, grid.scan_y, grid.scan_z), kScanThreads,
                                ScanLayout::kBytes, stream, args, kOp,
                                "gla_chunk_state_scan_kernel (gradients)");
@@ -694,7 +695,8 @@ const char* launch_all(const ChunkArgs& args, const BwdGrid& grid, cudaStream_t 
                                             "gla_chunk_offsets_kernel"))
       return e;
   }
-  if (const char* e = launch_chunk_kernel(gla_chunk_state_scans_kernel<T>,
+  if (const char* e = launch_chunk_kernel(scan_vec(args) ? gla_chunk_state_scans_kernel<T, true>
+                                                         : gla_chunk_state_scans_kernel<T, false>,
                                           dim3(grid.scan_x, grid.scan_y, 2 * grid.scan_z),
                                           kScanThreads, ScanLayout::kBytes, stream, args, kOp,
                                           "gla_chunk_state_scans_kernel"))

@@ -317,6 +317,18 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row_
 }
 #endif  // GLA_CHUNK_EMULATE
 
+// __byte_perm(x, y, sel): byte i of the result is byte (sel >> 4i) & 7 of y:x.
+__device__ __forceinline__ uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t sel) {
+#ifndef GLA_CHUNK_EMULATE
+  return __byte_perm(x, y, sel);
+#else
+  const uint64_t yx = (static_cast<uint64_t>(y) << 32) | x;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) r |= ((yx >> (8 * ((sel >> (4 * i)) & 7))) & 0xffu) << (8 * i);
+  return r;
+#endif
+}
+
 __device__ __forceinline__ void zero16(void* dst) {
   *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
 }
@@ -401,15 +413,25 @@ __device__ __forceinline__ void load_tile(X* dst, const X* src, int64_t base, in
                                           int len, int col0, int width, bool vec, int tid) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(X));  // elements per 16-byte vector
   if (vec) {
+    // Each thread keeps one column of vectors and walks rows kStep apart: its addresses are
+    // fixed offsets from one source pointer (no division or 64-bit multiply per copy).
     constexpr int kPerRow = COLS / kVec;
-    for (int i = tid; i < ROWS * kPerRow; i += NTHREADS) {
-      const int t = i / kPerRow, cc = (i % kPerRow) * kVec;
-      X* const d = dst + t * STRIDE + cc;
-      if (t < len && col0 + cc < width) {
-        cp_async16(d, src + base + t * tok_stride + col0 + cc);
+    static_assert(COLS % kVec == 0 && NTHREADS % kPerRow == 0 &&
+                      ROWS % (NTHREADS / kPerRow) == 0,
+                  "tile shape must split evenly over the threads");
+    constexpr int kStep = NTHREADS / kPerRow;
+    const int t0 = tid / kPerRow, cc = (tid % kPerRow) * kVec;
+    const bool col_ok = col0 + cc < width;
+    const X* s = src + base + t0 * tok_stride + col0 + cc;
+    X* const d = dst + t0 * STRIDE + cc;
+#pragma unroll
+    for (int m = 0; m < ROWS / kStep; ++m) {
+      if (col_ok && t0 + m * kStep < len) {
+        cp_async16(d + m * kStep * STRIDE, s);
       } else {
-        zero16(d);
+        zero16(d + m * kStep * STRIDE);
       }
+      s += kStep * tok_stride;
     }
   } else {
     for (int i = tid; i < ROWS * COLS; i += NTHREADS) {
@@ -424,150 +446,266 @@ __device__ __forceinline__ void load_tile(X* dst, const X* src, int64_t base, in
 // In place down each key column of sB (kC rows, KT columns, row stride STRIDE):
 // b_t = sum_{s <= t} max(g_s, kGateFloor) * log2(e). Rows past the chunk's end hold g = 0,
 // so they repeat the last real b (row kC - 1 is b_last). The order of the additions is fixed
-// (two segments of 32 rows, the second then adds the first's total) whatever the thread
-// count, so every kernel gets bitwise the same b. sTot: gate_scratch_floats<KT>() floats.
-// Ends with __syncthreads().
+// whatever the thread count, so every kernel gets bitwise the same b: kGateSegs segments of
+// kGateRows rows, each a running sum from 0 (gate_step), then segment q adds
+// gate_prefix(q) of the segments' totals. The state scan (chunk_scan.cuh) computes the same
+// sums in registers. sTot: gate_scratch_floats<KT>() floats. Ends with __syncthreads().
+constexpr int kGateSegs = 4;
+constexpr int kGateRows = kC / kGateSegs;
+
 template <int KT>
 constexpr int gate_scratch_floats() {
-  return 2 * KT;
+  return kGateSegs * KT;
+}
+
+// Sum of the totals of segments 0..q-1, always as ((t0 + t1) + t2).
+__device__ __forceinline__ float gate_prefix(int q, float t0, float t1, float t2) {
+  return q == 0 ? 0.0f : (q == 1 ? t0 : (q == 2 ? t0 + t1 : (t0 + t1) + t2));
 }
 
 // max(g, kGateFloor) that keeps NaN (fmaxf would turn a NaN gate into a full forget; the
 // reference and the other kernels propagate it).
 __device__ __forceinline__ float gate_floor(float g) { return g < kGateFloor ? kGateFloor : g; }
 
+// One step of a segment's running sum (every kernel sums the gates with this).
+__device__ __forceinline__ float gate_step(float run, float g) {
+  return run + gate_floor(g) * kLog2e;
+}
+
 template <int KT, int STRIDE, int NTHREADS>
 __device__ __forceinline__ void gate_cumsum(float* sB, float* sTot, int tid) {
-  constexpr int kRows = kC / 2;  // rows per segment
-  constexpr int kGroup = 16;     // rows loaded ahead of the dependent adds
-  for (int w = tid; w < 2 * KT; w += NTHREADS) {
+  for (int w = tid; w < kGateSegs * KT; w += NTHREADS) {
     const int col = w % KT, seg = w / KT;
-    float* const bcol = sB + (seg * kRows) * STRIDE + col;
+    float* const bcol = sB + (seg * kGateRows) * STRIDE + col;
+    float x[kGateRows];
+#pragma unroll
+    for (int r = 0; r < kGateRows; ++r) x[r] = bcol[r * STRIDE];  // loads ahead of the adds
     float run = 0.0f;
 #pragma unroll
-    for (int r0 = 0; r0 < kRows; r0 += kGroup) {
-      float x[kGroup];
-#pragma unroll
-      for (int r = 0; r < kGroup; ++r) x[r] = bcol[(r0 + r) * STRIDE];
-#pragma unroll
-      for (int r = 0; r < kGroup; ++r) {
-        run += gate_floor(x[r]) * kLog2e;
-        bcol[(r0 + r) * STRIDE] = run;
-      }
+    for (int r = 0; r < kGateRows; ++r) {
+      run = gate_step(run, x[r]);
+      bcol[r * STRIDE] = run;
     }
     sTot[w] = run;
   }
   __syncthreads();
-  for (int i = tid; i < KT * kRows; i += NTHREADS) {  // second segment += first's total
-    const int col = i % KT, r = kRows + i / KT;
-    sB[r * STRIDE + col] += sTot[col];
+  for (int w = KT + tid; w < kGateSegs * KT; w += NTHREADS) {  // segments 1.. += prefix
+    const int col = w % KT, seg = w / KT;
+    const float pre = gate_prefix(seg, sTot[col], sTot[KT + col], sTot[2 * KT + col]);
+    float* const bcol = sB + (seg * kGateRows) * STRIDE + col;
+#pragma unroll
+    for (int r = 0; r < kGateRows; ++r) bcol[r * STRIDE] += pre;
   }
   __syncthreads();
 }
 
 // ---- intra-chunk scores ----------------------------------------------------------------
 // sA (kC x kC, input dtype, row stride L::kAStride) <- A from raw q, k (sQ, sK, stride
-// L::kQKStride) and cumulative gates sB (stride L::kBStride), by sub-blocks of 16 tokens
-// (the paper's secondary chunking):
-//   off-diagonal pairs (row block i > column block j) on tensor cores, with the gates folded
-//   into both factors relative to r = last token of block j: q_t * exp2(b_t - b_r) and
-//   k_s * exp2(b_r - b_s), both exponents <= 0;
-//   diagonal 16 x 16 blocks on CUDA cores in float32, one exp2(b_t - b_s) per element
-//   (8 half-block units spread over the warps).
+// L::kQKStride) and cumulative gates sB (stride L::kBStride), all on tensor cores, by
+// sub-blocks of 16 tokens (the paper's secondary chunking):
+//   off-diagonal pairs (row block i > column block j): the gates are folded into both factors
+//   relative to r = last token of block j: q_t * exp2(b_t - b_r) and k_s * exp2(b_r - b_s),
+//   both exponents <= 0 (one unit per column block j, so the k side is made once per j);
+//   diagonal 16 x 16 blocks: see diag_block_scores.
 // Entries above the diagonal are written as 0. No barrier at the end.
+
+// x0, x1 rounded to the input dtype (hi) and what that rounding left (lo), so hi + lo
+// carries about twice the bits for the tensor cores.
+template <typename E>
+__device__ __forceinline__ void split_pack(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+  hi = E::pack2(x0, x1);
+  float h0, h1;
+  E::unpack2(hi, h0, h1);
+  lo = E::pack2(x0 - h0, x1 - h1);
+}
+
+// Inserts a bit at position lv into i: the i-th number (0..7) of 0..15 whose bit lv is `set`.
+__device__ __forceinline__ int insert_bit(int i, int lv, int set) {
+  const int low = (1 << lv) - 1;
+  return ((i & ~low) << 1) | (set << lv) | (i & low);
+}
+
+// One diagonal 16 x 16 block (tokens 16 blk + 0..15) by dyadic levels, one warp. At level
+// L = 2^lv (8, 4, 2, 1) the pairs (t, s) with s < t whose highest differing bit is lv (t has
+// it set, s clear, same higher bits) factor through r = s | (L - 1), the last token of s's
+// group of L, with t > r >= s: q_t * exp2(b_t - b_r) and k_s * exp2(b_r - b_s), both
+// exponents <= 0. A rows 8..15 are those 8 rows t of the level, B columns its 8 columns s:
+// one mma per 16 key dims, the exp2 only for the 8 + 8 tokens that take part (the level-1
+// column factors are 1). A rows 0..7 take raw q of the tokens s = r (factor 1) of the same
+// columns, so the same mma gives the diagonal entries A[s][s] for those; A[15][15] (the only
+// token that is no level's r) is a plain dot product. 56 exp2 per key dim and block instead
+// of one per (t, s) pair; every entry comes from exactly one level. The gated operands go in
+// as two terms of the input dtype (split_pack: two or three mma per level), so the diagonal
+// keeps about the accuracy of its former float32 per-pair products.
+template <typename T, int KT, typename L>
+__device__ __forceinline__ void diag_block_scores(const uint16_t* sQ, const uint16_t* sK,
+                                                  const float* sB, uint16_t* sA, float scale,
+                                                  int blk, int lane) {
+  using E = Elem<T>;
+  const int g8 = lane >> 2, c4 = lane & 3;
+  const int base = 16 * blk;
+  const int rho = (lane & 7) + ((lane >> 3) & 1) * 8;  // ldmatrix row of this lane
+  const int lm_col = (lane >> 4) * 8;
+#pragma unroll
+  for (int lv = 3; lv >= 0; --lv) {
+    const int lsz = 1 << lv;
+    const int nz = 8 >> lv;  // tokens s = r of this level's columns: s = 2L m + L - 1
+    const int tok_a = rho >= 8 ? insert_bit(rho - 8, lv, 1) : (rho % nz) * 2 * lsz + lsz - 1;
+    const int tf = insert_bit(g8, lv, 1);             // this lane's factor row (A row g + 8)
+    const int rf = (tf & ~(2 * lsz - 1)) | (lsz - 1);  // its reference token
+    const int sc = insert_bit(g8, lv, 0);             // this lane's B column
+    const int rc = sc | (lsz - 1);                    // its reference token
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 2
+    for (int kb = 0; kb < KT; kb += 16) {
+      uint32_t af[4];
+      ldsm_x4(af, sQ + (base + tok_a) * L::kQKStride + kb + lm_col);
+      uint32_t al[4] = {0u, 0u, 0u, 0u};  // rounding remainders of the gated rows
+      uint32_t bf[2], bl[2] = {0u, 0u};
+#pragma unroll
+      for (int hk = 0; hk < 2; ++hk) {  // key dims kb + 2c (+8 for hk = 1)
+        const int kd = kb + 2 * c4 + 8 * hk;
+        const float2 bt = *reinterpret_cast<const float2*>(sB + (base + tf) * L::kBStride + kd);
+        const float2 br = *reinterpret_cast<const float2*>(sB + (base + rf) * L::kBStride + kd);
+        float x0, x1;
+        E::unpack2(af[1 + 2 * hk], x0, x1);
+        split_pack<E>(x0 * exp2f(bt.x - br.x), x1 * exp2f(bt.y - br.y), af[1 + 2 * hk],
+                      al[1 + 2 * hk]);
+        uint32_t kw = *reinterpret_cast<const uint32_t*>(sK + (base + sc) * L::kQKStride + kd);
+        if (lv > 0) {
+          const float2 bs =
+              *reinterpret_cast<const float2*>(sB + (base + sc) * L::kBStride + kd);
+          const float2 bq =
+              *reinterpret_cast<const float2*>(sB + (base + rc) * L::kBStride + kd);
+          E::unpack2(kw, x0, x1);
+          split_pack<E>(x0 * exp2f(bq.x - bs.x), x1 * exp2f(bq.y - bs.y), kw, bl[hk]);
+        }
+        bf[hk] = kw;
+      }
+      // (a + a') (b + b') without a' b': the gated operands keep ~16 bits, as the float32
+      // products of the per-pair form did (the raw q, k are exact in the input dtype)
+      E::mma(acc, af, bf[0], bf[1]);
+      E::mma(acc, al, bf[0], bf[1]);
+      if (lv > 0) E::mma(acc, af, bl[0], bl[1]);
+    }
+    // acc: (A row g (+8 for r >= 2), column 2c + (r & 1)); keep the entries this level owns
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = g8 + 8 * (r >> 1);
+      const int s = insert_bit(2 * c4 + (r & 1), lv, 0);
+      int t;
+      bool own;
+      if (row >= 8) {
+        t = insert_bit(row - 8, lv, 1);
+        own = (t >> (lv + 1)) == (s >> (lv + 1));
+      } else {
+        t = row * 2 * lsz + lsz - 1;
+        own = row < nz && t == s;
+      }
+      if (own) sA[(base + t) * L::kAStride + base + s] = E::from_float(acc[r] * scale);
+    }
+  }
+  // A[15][15]: q_15 . k_15 (no decay), lanes over pairs of key dims, then a butterfly sum
+  {
+    const int t = base + 15;
+    float d = 0.0f;
+#pragma unroll
+    for (int kd = 2 * lane; kd < KT; kd += 64) {
+      float q0, q1, k0, k1;
+      E::unpack2(*reinterpret_cast<const uint32_t*>(sQ + t * L::kQKStride + kd), q0, q1);
+      E::unpack2(*reinterpret_cast<const uint32_t*>(sK + t * L::kQKStride + kd), k0, k1);
+      d = fmaf(q0, k0, d);
+      d = fmaf(q1, k1, d);
+    }
+    d += __shfl_xor_sync(0xffffffffu, d, 16);
+    d += __shfl_xor_sync(0xffffffffu, d, 8);
+    d += __shfl_xor_sync(0xffffffffu, d, 4);
+    d += __shfl_xor_sync(0xffffffffu, d, 2);
+    d += __shfl_xor_sync(0xffffffffu, d, 1);
+    if (lane == 0) sA[t * L::kAStride + t] = E::from_float(d * scale);
+  }
+  // zeros above the diagonal: lane -> row lane / 2, columns 8 (lane & 1) + 0..7
+  {
+    const int t = lane >> 1;
+#pragma unroll
+    for (int x = 0; x < 8; ++x) {
+      const int s = 8 * (lane & 1) + x;
+      if (s > t) sA[(base + t) * L::kAStride + base + s] = 0;
+    }
+  }
+}
+
 template <typename T, int KT, int NWARPS, typename L>
 __device__ __forceinline__ void chunk_scores(const uint16_t* sQ, const uint16_t* sK,
                                              const float* sB, uint16_t* sA, float scale,
                                              int warp, int lane) {
   using E = Elem<T>;
   const int g8 = lane >> 2, c4 = lane & 3;
-  // off-diagonal: 12 units = 6 pairs (i > j) x 2 halves of 8 columns
-  for (int u = warp; u < 12; u += NWARPS) {
-    const int p = u >> 1, half = u & 1;
-    const int bi = p < 1 ? 1 : (p < 3 ? 2 : 3);  // pairs (1,0) (2,0) (2,1) (3,0) (3,1) (3,2)
-    const int bj = p - bi * (bi - 1) / 2;
-    const int ref = 16 * bj + 15;                 // reference token: last of block j
-    const int t0 = 16 * bi + g8, t1 = t0 + 8;      // A rows of this lane
-    const int sc = 16 * bj + 8 * half + g8;        // B column (token s) of this lane
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll 4
+  // off-diagonal: one unit per column block j (0..2) takes every row block i > j, so the k
+  // side (relative to r = last token of block j) is made once per j and 16 key dims
+  for (int bj = warp; bj < 3; bj += NWARPS) {
+    const int ref = 16 * bj + 15;  // reference token: last of block j
+    float acc[3][2][4];            // [i - 1][8-column half]
+#pragma unroll
+    for (int i = 0; i < 3; ++i)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[i][hf][r] = 0.0f;
+#pragma unroll 2
     for (int kb = 0; kb < KT; kb += 16) {
-      uint32_t af[4];
-      uint32_t bf[2];
+      uint32_t bf[2][2];  // [half][key half]
 #pragma unroll
       for (int hk = 0; hk < 2; ++hk) {  // key dims kb + 2c (+8 for hk = 1)
         const int kd = kb + 2 * c4 + 8 * hk;
         const float2 br = *reinterpret_cast<const float2*>(sB + ref * L::kBStride + kd);
-        const float2 b0 = *reinterpret_cast<const float2*>(sB + t0 * L::kBStride + kd);
-        const float2 b1 = *reinterpret_cast<const float2*>(sB + t1 * L::kBStride + kd);
-        const float2 bs = *reinterpret_cast<const float2*>(sB + sc * L::kBStride + kd);
-        float x0, x1;
-        E::unpack2(*reinterpret_cast<const uint32_t*>(sQ + t0 * L::kQKStride + kd), x0, x1);
-        af[2 * hk] = E::pack2(x0 * exp2f(b0.x - br.x), x1 * exp2f(b0.y - br.y));
-        E::unpack2(*reinterpret_cast<const uint32_t*>(sQ + t1 * L::kQKStride + kd), x0, x1);
-        af[2 * hk + 1] = E::pack2(x0 * exp2f(b1.x - br.x), x1 * exp2f(b1.y - br.y));
-        E::unpack2(*reinterpret_cast<const uint32_t*>(sK + sc * L::kQKStride + kd), x0, x1);
-        bf[hk] = E::pack2(x0 * exp2f(br.x - bs.x), x1 * exp2f(br.y - bs.y));
-      }
-      E::mma(acc, af, bf[0], bf[1]);
-    }
-    const int col = 16 * bj + 8 * half + 2 * c4;
-    *reinterpret_cast<uint32_t*>(sA + t0 * L::kAStride + col) =
-        E::pack2(acc[0] * scale, acc[1] * scale);
-    *reinterpret_cast<uint32_t*>(sA + t1 * L::kAStride + col) =
-        E::pack2(acc[2] * scale, acc[3] * scale);
-  }
-  // diagonal 16 x 16 blocks in float32, by 8 units (block u % 4, row half u / 4): lane ->
-  // row t = 16 block + 8 half + lane / 4, columns s = 16 block + lane % 4 + 4j. Rows of the
-  // upper half never reach the block's columns 8..15 (s > t), so those units do j < 2 only
-  // and write zeros there: 192 instead of 256 exp2 per block and key.
-  for (int u = warp; u < 8; u += NWARPS) {
-    const int blk = u & 3, lower = u >> 2;
-    const int nj = lower ? 4 : 2;  // warp-uniform
-    const int t = 16 * blk + 8 * lower + (lane >> 2);
-    const int s_first = 16 * blk + (lane & 3);
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll 1
-    for (int kb = 0; kb < KT; kb += 8) {
-      float qf[8], bt[8];
-      {
-        const uint4 qv = *reinterpret_cast<const uint4*>(sQ + t * L::kQKStride + kb);
-        E::unpack2(qv.x, qf[0], qf[1]);
-        E::unpack2(qv.y, qf[2], qf[3]);
-        E::unpack2(qv.z, qf[4], qf[5]);
-        E::unpack2(qv.w, qf[6], qf[7]);
-        const float4 b0 = *reinterpret_cast<const float4*>(sB + t * L::kBStride + kb);
-        const float4 b1 = *reinterpret_cast<const float4*>(sB + t * L::kBStride + kb + 4);
-        bt[0] = b0.x; bt[1] = b0.y; bt[2] = b0.z; bt[3] = b0.w;
-        bt[4] = b1.x; bt[5] = b1.y; bt[6] = b1.z; bt[7] = b1.w;
-      }
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (j >= nj) break;
-        const int sj = s_first + 4 * j;
-        float kf[8], bs[8];
-        const uint4 kv = *reinterpret_cast<const uint4*>(sK + sj * L::kQKStride + kb);
-        E::unpack2(kv.x, kf[0], kf[1]);
-        E::unpack2(kv.y, kf[2], kf[3]);
-        E::unpack2(kv.z, kf[4], kf[5]);
-        E::unpack2(kv.w, kf[6], kf[7]);
-        const float4 b0 = *reinterpret_cast<const float4*>(sB + sj * L::kBStride + kb);
-        const float4 b1 = *reinterpret_cast<const float4*>(sB + sj * L::kBStride + kb + 4);
-        bs[0] = b0.x; bs[1] = b0.y; bs[2] = b0.z; bs[3] = b0.w;
-        bs[4] = b1.x; bs[5] = b1.y; bs[6] = b1.z; bs[7] = b1.w;
-#pragma unroll
-        for (int x = 0; x < 8; ++x) {
-          // s > t gives a positive exponent; clamp so the unused entries stay finite.
-          acc[j] = fmaf(qf[x] * kf[x], exp2f(fminf(bt[x] - bs[x], 0.0f)), acc[j]);
+        for (int hf = 0; hf < 2; ++hf) {  // B column (token s) of this lane
+          const int sc = 16 * bj + 8 * hf + g8;
+          const float2 bs = *reinterpret_cast<const float2*>(sB + sc * L::kBStride + kd);
+          float x0, x1;
+          E::unpack2(*reinterpret_cast<const uint32_t*>(sK + sc * L::kQKStride + kd), x0, x1);
+          bf[hf][hk] = E::pack2(x0 * exp2f(br.x - bs.x), x1 * exp2f(br.y - bs.y));
         }
       }
+#pragma unroll
+      for (int bi = 1; bi < 4; ++bi) {
+        if (bi <= bj) continue;  // warp-uniform
+        const int t0 = 16 * bi + g8, t1 = t0 + 8;  // A rows of this lane
+        uint32_t af[4];
+#pragma unroll
+        for (int hk = 0; hk < 2; ++hk) {
+          const int kd = kb + 2 * c4 + 8 * hk;
+          const float2 br = *reinterpret_cast<const float2*>(sB + ref * L::kBStride + kd);
+          const float2 b0 = *reinterpret_cast<const float2*>(sB + t0 * L::kBStride + kd);
+          const float2 b1 = *reinterpret_cast<const float2*>(sB + t1 * L::kBStride + kd);
+          float x0, x1;
+          E::unpack2(*reinterpret_cast<const uint32_t*>(sQ + t0 * L::kQKStride + kd), x0, x1);
+          af[2 * hk] = E::pack2(x0 * exp2f(b0.x - br.x), x1 * exp2f(b0.y - br.y));
+          E::unpack2(*reinterpret_cast<const uint32_t*>(sQ + t1 * L::kQKStride + kd), x0, x1);
+          af[2 * hk + 1] = E::pack2(x0 * exp2f(b1.x - br.x), x1 * exp2f(b1.y - br.y));
+        }
+        E::mma(acc[bi - 1][0], af, bf[0][0], bf[0][1]);
+        E::mma(acc[bi - 1][1], af, bf[1][0], bf[1][1]);
+      }
     }
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int sj = s_first + 4 * j;
-      sA[t * L::kAStride + sj] = E::from_float(j < nj && sj <= t ? acc[j] * scale : 0.0f);
+    for (int bi = 1; bi < 4; ++bi) {
+      if (bi <= bj) continue;
+      const int t0 = 16 * bi + g8, t1 = t0 + 8;
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int col = 16 * bj + 8 * hf + 2 * c4;
+        *reinterpret_cast<uint32_t*>(sA + t0 * L::kAStride + col) =
+            E::pack2(acc[bi - 1][hf][0] * scale, acc[bi - 1][hf][1] * scale);
+        *reinterpret_cast<uint32_t*>(sA + t1 * L::kAStride + col) =
+            E::pack2(acc[bi - 1][hf][2] * scale, acc[bi - 1][hf][3] * scale);
+      }
     }
   }
+  // diagonal blocks: one warp each (with 8 warps, the four that took no column block)
+  for (int blk = (warp + 4) % NWARPS; blk < 4; blk += NWARPS)
+    diag_block_scores<T, KT, L>(sQ, sK, sB, sA, scale, blk, lane);
 }
 
 // ---- a warp's slice of a state ---------------------------------------------------------

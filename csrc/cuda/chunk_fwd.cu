@@ -24,7 +24,8 @@
 //        off-diagonal pairs (row block i > column block j) on tensor cores, with the gates
 //        folded into both factors relative to r = last token of block j:
 //        q_t * exp2(b_t - b_r) and k_s * exp2(b_r - b_s), both exponents <= 0;
-//        diagonal 16 x 16 blocks on CUDA cores in float32, one exp2(b_t - b_s) per element.
+//        diagonal 16 x 16 blocks on tensor cores too, by dyadic levels of 8, 4, 2, 1 tokens
+//        (chunk_common.cuh: diag_block_scores), every exponent <= 0.
 //   4. In place: q <- q * exp2(b) * scale, k <- k * exp2(b_last - b) (input dtype).
 //   5. Warp w owns V columns [16w, 16w + 16) of the tile and keeps S^T for them in mma
 //      accumulators (float32, never rounded between chunks). It computes
@@ -90,8 +91,10 @@ static_assert(SmemLayout<128>::kBytes <= 99 * 1024, "shared memory over the 99 K
 //   sequence carrying the state in registers, and writes the final state.
 // kFromStates = true (split): grid x = workspace chunk (an upper bound), y = H; the block does
 //   one chunk, all V tiles, starting from the states the scan stored for it.
+// The minimum blocks per SM is what shared memory allows anyway (3 at K=64 given the
+// registers, 2 at K=128): without it ptxas capped registers low and spilled (sass_stats.py).
 template <typename T, int KT, bool kFromStates>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, KT <= 64 ? 3 : 2)
     gla_chunk_fwd_kernel(const ChunkArgs a) {
   using E = Elem<T>;
   using L = SmemLayout<KT>;
@@ -288,22 +291,35 @@ __global__ void __launch_bounds__(kThreads)
         // write o: rows 16i + g (+8), V columns v0 + 16w + 8nh + 2c (+1)
         T* const out = static_cast<T*>(a.o);
         const bool vec_o = (a.flags & kVecO) != 0;
+        if (vec_o && len == kC && v0 + 16 * warp + 16 <= V) {  // the usual case: no tests
+          uint16_t* const dst0 = reinterpret_cast<uint16_t*>(out) + v_base + g8 * v_tok +
+                                 v0 + 16 * warp + 2 * c4;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
+          for (int i = 0; i < 4; ++i)
 #pragma unroll
-          for (int nh = 0; nh < 2; ++nh) {
-            const int vc = v0 + 16 * warp + 8 * nh + 2 * c4;
+            for (int nh = 0; nh < 2; ++nh)
 #pragma unroll
-            for (int hr = 0; hr < 2; ++hr) {
-              const int t = 16 * i + g8 + 8 * hr;
-              if (t >= len || vc >= V) continue;
-              const float x0 = o[i][nh][2 * hr], x1 = o[i][nh][2 * hr + 1];
-              uint16_t* const dst = reinterpret_cast<uint16_t*>(out) + v_base + t * v_tok + vc;
-              if (vec_o) {  // V even, so vc even < V implies vc + 1 < V
-                *reinterpret_cast<uint32_t*>(dst) = E::pack2(x0, x1);
-              } else {
-                dst[0] = E::from_float(x0);
-                if (vc + 1 < V) dst[1] = E::from_float(x1);
+              for (int hr = 0; hr < 2; ++hr)
+                *reinterpret_cast<uint32_t*>(dst0 + (16 * i + 8 * hr) * v_tok + 8 * nh) =
+                    E::pack2(o[i][nh][2 * hr], o[i][nh][2 * hr + 1]);
+        } else {  // a partial chunk, odd V or V columns past the end
+  #pragma unroll
+          for (int i = 0; i < 4; ++i) {
+  #pragma unroll
+            for (int nh = 0; nh < 2; ++nh) {
+              const int vc = v0 + 16 * warp + 8 * nh + 2 * c4;
+  #pragma unroll
+              for (int hr = 0; hr < 2; ++hr) {
+                const int t = 16 * i + g8 + 8 * hr;
+                if (t >= len || vc >= V) continue;
+                const float x0 = o[i][nh][2 * hr], x1 = o[i][nh][2 * hr + 1];
+                uint16_t* const dst = reinterpret_cast<uint16_t*>(out) + v_base + t * v_tok + vc;
+                if (vec_o) {  // V even, so vc even < V implies vc + 1 < V
+                  *reinterpret_cast<uint32_t*>(dst) = E::pack2(x0, x1);
+                } else {
+                  dst[0] = E::from_float(x0);
+                  if (vc + 1 < V) dst[1] = E::from_float(x1);
+                }
               }
             }
           }
@@ -421,7 +437,9 @@ const char* launch_all(const ChunkArgs& args, const FwdGrid& grid, cudaStream_t 
       return e;
   }
   if (const char* e = launch_chunk_kernel(
-          gla_chunk_state_scan_kernel<T, false>, dim3(grid.scan_x, grid.scan_y, grid.scan_z),
+          scan_vec(args) ? gla_chunk_state_scan_kernel<T, false, true>
+                         : gla_chunk_state_scan_kernel<T, false, false>,
+          dim3(grid.scan_x, grid.scan_y, grid.scan_z),
           kScanThreads, ScanLayout::kBytes, stream, args, kOp, "gla_chunk_state_scan_kernel"))
     return e;
   return launch_chunk_kernel(gla_chunk_fwd_kernel<T, KT, true>,

@@ -1,10 +1,11 @@
-// The state scan shared by the chunked kernels: per (sequence, head, 64 V columns, 64 key
+// The state scan shared by the chunked kernels: per (sequence, head, 128 V columns, 64 key
 // dims), walk the sequence's chunks (state in float32 registers) and store the state each
 // chunk starts from (forward; used by the split forward and by the backward) or the gradient
 // arriving on each chunk's end state (backward), rounded to the input dtype: that is how
 // the tensor cores take them anyway, and it halves the workspace. Serial over chunks;
 // double-buffered with cp.async so the next chunk's tiles load while the current one is
-// computed.
+// computed. One block covers up to kScanV = 128 columns of V (all of V for the usual head
+// sizes), so the gates are summed and x~ made once per chunk and key tile.
 #pragma once
 
 #include "chunk_common.cuh"
@@ -12,30 +13,44 @@
 namespace gla {
 namespace {
 
-constexpr int kScanWarps = 4;             // warp w owns V columns [16w, 16w+16) of the tile
+constexpr int kScanWarps = 8;             // warp w owns V columns [16w, 16w+16) of the tile
 constexpr int kScanThreads = 32 * kScanWarps;
 constexpr int kScanK = 64;                // key dims per block
-constexpr int kScanV = 64;                // V columns per block
+constexpr int kScanV = 16 * kScanWarps;   // V columns per block (all of V up to 128)
+constexpr int kScanSegRows = kGateRows;   // rows of one cumulative-gate segment
 
-// Shared memory of the state scans: two stages, so the next chunk's tiles load (cp.async)
-// while the current one is computed.
+// Shared memory of the state scans: the key-side and value-side tiles in two stages, so the
+// next chunk's tiles load (cp.async) while the current one is computed. The gates never pass
+// through shared memory: thread (key dim, segment) loads its kScanSegRows gates into
+// registers (the next chunk's while this one is computed) and sums them there.
 struct ScanLayout {
   static constexpr int kXStride = kScanK + 8;   // gated key-side tile (k or q): 16-bit
-  static constexpr int kBStride = kScanK + 8;   // cumulative gates: float
   static constexpr int kYStride = kScanV + 8;   // value-side tile (v or dO): 16-bit
   static constexpr int kXOff = 0;
-  static constexpr int kBOff = kXOff + kC * kXStride * 2;
-  static constexpr int kYOff = kBOff + kC * kBStride * 4;
+  static constexpr int kYOff = kXOff + kC * kXStride * 2;
   static constexpr int kStageBytes = kYOff + kC * kYStride * 2;
-  static constexpr int kOutStride = kScanV + 8;  // the state being saved: [kScanK] rows 16-bit
+  // the state being saved, 16-bit, key dims in pairs: [kScanK / 2][kOutPairStride] words
+  static constexpr int kOutPairStride = kScanV + 8;  // == 8 (mod 32): conflict-free stores
   static constexpr int kOutOff = 2 * kStageBytes;
-  static constexpr int kTotOff = kOutOff + kScanK * kOutStride * 2;
-  static constexpr int kBytes = kTotOff + gate_scratch_floats<kScanK>() * 4;
-  static_assert(kBOff % 16 == 0 && kYOff % 16 == 0 && kStageBytes % 16 == 0 &&
-                    kTotOff % 16 == 0 && (kOutStride * 2) % 16 == 0,
+  static constexpr int kLastOff = kOutOff + (kScanK / 2) * kOutPairStride * 4;  // b_last float
+  static constexpr int kBytes = kLastOff + kScanK * 4;
+  static_assert(kYOff % 16 == 0 && kStageBytes % 16 == 0 && kOutOff % 16 == 0 &&
+                    kLastOff % 16 == 0 && (kOutPairStride * 4) % 16 == 0,
                 "alignment");
 };
 static_assert(ScanLayout::kBytes <= 99 * 1024, "the scans must fit sm_86/sm_89 (99 KB per block)");
+static_assert(kScanK * kGateSegs == kScanThreads, "one (key dim, gate segment) per thread");
+
+// Row kl, columns vl..vl+7 of the pair-interleaved staged state (ScanLayout::kOutPairStride)
+// as one 16-byte vector: the low or high halves of 8 words.
+__device__ __forceinline__ uint4 out_row8(const uint32_t* sOutW, int kl, int vl) {
+  const uint32_t* const w = sOutW + (kl >> 1) * ScanLayout::kOutPairStride + vl;
+  const uint4 a = *reinterpret_cast<const uint4*>(w);
+  const uint4 b = *reinterpret_cast<const uint4*>(w + 4);
+  const uint32_t sel = (kl & 1) ? 0x7632u : 0x5410u;  // high or low halves
+  return make_uint4(byte_perm(a.x, a.y, sel), byte_perm(a.z, a.w, sel),
+                    byte_perm(b.x, b.y, sel), byte_perm(b.z, b.w, sel));
+}
 
 // ---- the state scan kernel -------------------------------------------------------------
 // kGrad = false: x = k, y = v, walks forward from h0, stores S0 of each chunk (and the final
@@ -43,16 +58,19 @@ static_assert(ScanLayout::kBytes <= 99 * 1024, "the scans must fit sm_86/sm_89 (
 // kGrad = true:  x = q, y = dO, walks backward from dht, stores dS_end of each chunk, then dh0.
 // Both are S^T <- S^T * exp2(b_last) + y^T @ x~ with x~ = k * exp2(b_last - b) (forward) or
 // q * exp2(b) * scale (gradient). Rows of the state (key dims) are independent, so the grid
-// splits them too: x = N * H, y = V tiles of 64, z = key tiles of kScanK.
-template <typename T, bool kGrad>
+// splits them too: x = N * H, y = V tiles of kScanV, z = key tiles of kScanK.
+// kVec: every tile load and state store is a 16-byte vector (flags kVecQK, kVecV, kVecS; the
+// usual case), so the scalar paths are compiled out of the hot loop (ptxas had spilled for
+// their registers); scan_vec says which variant to launch.
+template <typename T, bool kGrad, bool kVec>
 __device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
   using E = Elem<T>;
   using L = ScanLayout;
   constexpr int KT = kScanK;
   constexpr int kNT = KT / 8;
   extern __shared__ __align__(16) unsigned char smem[];
-  float* const sTot = reinterpret_cast<float*>(smem + L::kTotOff);
   uint16_t* const sOut = reinterpret_cast<uint16_t*>(smem + L::kOutOff);
+  float* const sLast = reinterpret_cast<float*>(smem + L::kLastOff);
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31;
@@ -108,6 +126,13 @@ __device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
   uint16_t* const saved = kGrad ? a.dstates : a.states;
   const int64_t qk_tok = static_cast<int64_t>(H) * K;
   const int64_t v_tok = static_cast<int64_t>(H) * V;
+  const bool vec_x = kVec || (a.flags & kVecQK) != 0, vec_y = kVec || (a.flags & kVecV) != 0;
+
+  // this thread's gate column and segment: key dim k0 + gcol, rows [16 gseg, 16 gseg + 16);
+  // the four segments of a column are lanes gcol % 8 + 8 * {0, 1, 2, 3} of one warp
+  const int gcol = 8 * warp + (lane & 7), gseg = lane >> 3;
+  const bool gcol_ok = k0 + gcol < K;
+  const float* const gbase = a.g + (row * a.T * H + h) * static_cast<int64_t>(K) + k0 + gcol;
 
   // chunk number ci in walking order -> its first token and length
   auto chunk_of = [&](int64_t ci, int64_t* c0, int* len) {
@@ -116,7 +141,7 @@ __device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
     *len = static_cast<int>(end - *c0 < kC ? end - *c0 : kC);
     return c;
   };
-  // issues the loads of chunk ci into stage `stage` (one commit group)
+  // issues the tile loads of chunk ci into stage `stage` (one commit group)
   auto load_stage = [&](int64_t ci, int stage) {
     unsigned char* const base = smem + stage * L::kStageBytes;
     int64_t c0;
@@ -125,18 +150,32 @@ __device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
     const int64_t qk_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(K);
     const int64_t v_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(V);
     load_tile<KT, L::kXStride, kScanThreads>(reinterpret_cast<uint16_t*>(base + L::kXOff), x,
-                                               qk_base, qk_tok, len, k0, K,
-                                               (a.flags & kVecQK) != 0, tid);
-    load_tile<KT, L::kBStride, kScanThreads>(reinterpret_cast<float*>(base + L::kBOff), a.g,
-                                               qk_base, qk_tok, len, k0, K,
-                                               (a.flags & kVecG) != 0, tid);
+                                               qk_base, qk_tok, len, k0, K, vec_x, tid);
     load_tile<kScanV, L::kYStride, kScanThreads>(reinterpret_cast<uint16_t*>(base + L::kYOff),
-                                                   y, v_base, v_tok, len, v0, V,
-                                                   (a.flags & kVecV) != 0, tid);
+                                                   y, v_base, v_tok, len, v0, V, vec_y, tid);
     cp_async_commit();
   };
+  // this thread's gates of chunk ci (0 past the sequence end and past K)
+  float gnext[kScanSegRows];
+  auto load_gates = [&](int64_t ci) {
+    int64_t c0;
+    int len;
+    chunk_of(ci, &c0, &len);
+    const float* gp = gbase + (c0 + kScanSegRows * gseg) * qk_tok;
+    const int rows = gcol_ok ? len - kScanSegRows * gseg : 0;  // rows of the segment inside
+    if (rows >= kScanSegRows) {  // the usual case: no per-row test
+#pragma unroll
+      for (int r = 0; r < kScanSegRows; ++r, gp += qk_tok) gnext[r] = *gp;
+    } else {
+#pragma unroll
+      for (int r = 0; r < kScanSegRows; ++r, gp += qk_tok) gnext[r] = r < rows ? *gp : 0.0f;
+    }
+  };
 
-  if (nchunks > 0) load_stage(0, 0);
+  if (nchunks > 0) {
+    load_stage(0, 0);
+    load_gates(0);
+  }
   for (int64_t ci = 0; ci < nchunks; ++ci) {
     const int stage = static_cast<int>(ci & 1);
     // the other stage was released by the barrier that ended the previous iteration
@@ -146,78 +185,128 @@ __device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
     } else {
       cp_async_wait_group<0>();
     }
-    __syncthreads();
-    unsigned char* const base = smem + stage * L::kStageBytes;
-    uint16_t* const sX = reinterpret_cast<uint16_t*>(base + L::kXOff);
-    float* const sB = reinterpret_cast<float*>(base + L::kBOff);
-    const uint16_t* const sY = reinterpret_cast<const uint16_t*>(base + L::kYOff);
+    // cumulative gates of this thread's segment (gate_cumsum's order), then the next
+    // chunk's gates are loaded while this one is computed
+    float b[kScanSegRows];
+    {
+      float run = 0.0f;
+#pragma unroll
+      for (int r = 0; r < kScanSegRows; ++r) {
+        run = gate_step(run, gnext[r]);
+        b[r] = run;
+      }
+      // totals of the column's four segments: lanes ^ 8, ^ 16, ^ 24
+      const float o8 = __shfl_xor_sync(0xffffffffu, run, 8);
+      const float o16 = __shfl_xor_sync(0xffffffffu, run, 16);
+      const float o24 = __shfl_xor_sync(0xffffffffu, run, 24);
+      float t0, t1, t2, t3;  // segment totals by segment
+      if (gseg == 0) {
+        t0 = run, t1 = o8, t2 = o16, t3 = o24;
+      } else if (gseg == 1) {
+        t0 = o8, t1 = run, t2 = o24, t3 = o16;
+      } else if (gseg == 2) {
+        t0 = o16, t1 = o24, t2 = run, t3 = o8;
+      } else {
+        t0 = o24, t1 = o16, t2 = o8, t3 = run;
+      }
+      const float pre = gate_prefix(gseg, t0, t1, t2);
+      if (gseg > 0) {
+#pragma unroll
+        for (int r = 0; r < kScanSegRows; ++r) b[r] += pre;
+      }
+      const float blast = gate_prefix(3, t0, t1, t2) + t3;  // = b of row kC - 1
+      if (gseg == 0) sLast[gcol] = blast;
+      __syncthreads();  // this stage's tiles are visible to every thread
+      // x~ in place (input dtype): this thread's column and segment
+      uint16_t* const sX = reinterpret_cast<uint16_t*>(smem + stage * L::kStageBytes + L::kXOff);
+#pragma unroll
+      for (int r = 0; r < kScanSegRows; ++r) {
+        uint16_t* const xp = sX + (kScanSegRows * gseg + r) * L::kXStride + gcol;
+        const float xv = E::to_float(*xp);
+        if constexpr (kGrad) {
+          *xp = E::from_float(xv * exp2f(b[r]) * a.scale);
+        } else {
+          *xp = E::from_float(xv * exp2f(blast - b[r]));
+        }
+      }
+    }
+    if (ci + 1 < nchunks) load_gates(ci + 1);  // in flight during the rest of this chunk
     int64_t c0;
     int len;
     const int64_t c = chunk_of(ci, &c0, &len);
-    gate_cumsum<KT, L::kBStride, kScanThreads>(sB, sTot, tid);
-
-    // x~ in place (input dtype)
-    {
-      constexpr int kPerRow = KT / 8;
-      const float* const blast = sB + (kC - 1) * L::kBStride;  // rows past len repeat b_last
-      for (int i = tid; i < kC * kPerRow; i += kScanThreads) {
-        const int t = i / kPerRow, kb = (i % kPerRow) * 8;
-        uint4* const xp = reinterpret_cast<uint4*>(sX + t * L::kXStride + kb);
-        const float* const bt = sB + t * L::kBStride + kb;
-        uint4 xv = *xp;
-        uint32_t* const xw = reinterpret_cast<uint32_t*>(&xv);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float2 b = *reinterpret_cast<const float2*>(bt + 2 * e);
-          float x0, x1;
-          E::unpack2(xw[e], x0, x1);
-          if constexpr (kGrad) {
-            xw[e] = E::pack2(x0 * exp2f(b.x) * a.scale, x1 * exp2f(b.y) * a.scale);
-          } else {
-            const float2 bl = *reinterpret_cast<const float2*>(blast + kb + 2 * e);
-            xw[e] = E::pack2(x0 * exp2f(bl.x - b.x), x1 * exp2f(bl.y - b.y));
-          }
-        }
-        *xp = xv;
-      }
-    }
+    const uint16_t* const sX =
+        reinterpret_cast<const uint16_t*>(smem + stage * L::kStageBytes + L::kXOff);
+    const uint16_t* const sY =
+        reinterpret_cast<const uint16_t*>(smem + stage * L::kStageBytes + L::kYOff);
 
     // save the state this chunk starts from (forward) / the gradient on its end (backward),
     // rounded to the input dtype: staged in shared memory, then written in 16-byte vectors
+    // sOut holds key dims in pairs: word (pair kl / 2, column vl) = (S[kl][vl], S[kl+1][vl]),
+    // which is how the fragments hold them, so one 32-bit store takes two entries
+    uint32_t* const sOutW = reinterpret_cast<uint32_t*>(sOut);
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int kl = 8 * nt + 2 * c4 + (r & 1);         // key dim within the tile
-        const int vl = 16 * warp + g8 + (r >> 1) * 8;     // V column within the tile
-        sOut[kl * L::kOutStride + vl] = E::from_float(s[nt][r]);
+      for (int hv = 0; hv < 2; ++hv) {
+        const int kp = 4 * nt + c4;                       // key-dim pair within the tile
+        const int vl = 16 * warp + g8 + 8 * hv;           // V column within the tile
+        sOutW[kp * L::kOutPairStride + vl] = E::pack2(s[nt][2 * hv], s[nt][2 * hv + 1]);
       }
     }
-    __syncthreads();
+    __syncthreads();  // x~, b_last and the staged state are complete
     if (chunk0 + c < a.ws_chunks) {  // always, for offsets the wrapper accepts
       uint16_t* const dst = saved + ((chunk0 + c) * H + h) * static_cast<int64_t>(K) * V;
-      if (a.flags & kVecS) {  // V % 8 == 0: whole vectors are inside or outside
-        for (int i = tid; i < KT * (kScanV / 8); i += kScanThreads) {
-          const int kl = i / (kScanV / 8), vl = (i % (kScanV / 8)) * 8;
-          if (k0 + kl < K && v0 + vl < V)
-            *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(k0 + kl) * V + v0 + vl) =
-                *reinterpret_cast<const uint4*>(sOut + kl * L::kOutStride + vl);
+      if (kVec || (a.flags & kVecS)) {  // V % 8 == 0: whole vectors are inside or outside
+        // thread -> one 8-column vector, key dims kl0 + kRowStep m (pointer steps, no
+        // 64-bit multiply per store)
+        constexpr int kPerRow = kScanV / 8;
+        constexpr int kRowStep = kScanThreads / kPerRow;
+        const int kl0 = tid / kPerRow, vl = (tid % kPerRow) * 8;
+        const int rows = v0 + vl < V ? K - k0 - kl0 : 0;  // key dims of this thread inside K
+        uint16_t* dp = dst + static_cast<int64_t>(k0 + kl0) * V + v0 + vl;
+        const int64_t step = static_cast<int64_t>(kRowStep) * V;
+#pragma unroll
+        for (int m = 0; m < KT / kRowStep; ++m, dp += step) {
+          if (m * kRowStep < rows)
+            *reinterpret_cast<uint4*>(dp) = out_row8(sOutW, kl0 + m * kRowStep, vl);
         }
       } else {
         for (int i = tid; i < KT * kScanV; i += kScanThreads) {
           const int kl = i / kScanV, vl = i % kScanV;
           if (k0 + kl < K && v0 + vl < V)
-            dst[static_cast<int64_t>(k0 + kl) * V + v0 + vl] = sOut[kl * L::kOutStride + vl];
+            dst[static_cast<int64_t>(k0 + kl) * V + v0 + vl] = static_cast<uint16_t>(
+                sOutW[(kl >> 1) * L::kOutPairStride + vl] >> (16 * (kl & 1)));
         }
       }
     }
 
-    uint32_t yf[4][4];
+    // S^T <- S^T * exp2(b_last) + y^T @ x~: state_update's arithmetic in the same order, with
+    // the y fragments read one token block at a time (fewer live registers)
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
-      ldsm_x4_trans(yf[j], sY + (16 * j + lm_row) * L::kYStride + 16 * warp + lm_col);
-    state_update<T, KT, L::kXStride>(s, yf, sX, sB + (kC - 1) * L::kBStride, lane);
-    __syncthreads();  // this stage is refilled two chunks from now; sOut is rewritten next
+    for (int nt = 0; nt < kNT; ++nt) {
+      const float2 bl = *reinterpret_cast<const float2*>(sLast + 8 * nt + 2 * c4);
+      const float e0 = exp2f(bl.x), e1 = exp2f(bl.y);
+      s[nt][0] *= e0;
+      s[nt][1] *= e1;
+      s[nt][2] *= e0;
+      s[nt][3] *= e1;
+    }
+    // ldmatrix lanes with bits 3 and 4 swapped: the transposed y tile comes out directly in
+    // the A order state_update builds as {yf0, yf2, yf1, yf3}
+    const int ya_row = (lane & 7) + ((lane >> 4) & 1) * 8, ya_col = ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t ay[4];
+      ldsm_x4_trans(ay, sY + (16 * j + ya_row) * L::kYStride + 16 * warp + ya_col);
+#pragma unroll
+      for (int kk = 0; kk < KT / 16; ++kk) {
+        uint32_t xf[4];
+        ldsm_x4_trans(xf, sX + (16 * j + lm_row) * L::kXStride + 16 * kk + lm_col);
+        E::mma(s[2 * kk], ay, xf[0], xf[1]);
+        E::mma(s[2 * kk + 1], ay, xf[2], xf[3]);
+      }
+    }
+    __syncthreads();  // this stage is refilled two chunks from now; sOut, sLast next chunk
   }
 
   // what is left: dh0 (gradient scan), or the final state when asked for (forward scan)
@@ -233,24 +322,32 @@ __device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
   }
 }
 
-// One scan per block: grid x = N * H, y = V tiles, z = key tiles.
-template <typename T, bool kGrad>
-__global__ void __launch_bounds__(kScanThreads)
+// Whether the scans run their all-vector variant for these arguments (the launchers and
+// the emulator pick the kernel instantiation with it).
+inline bool scan_vec(const ChunkArgs& a) {
+  constexpr int kAll = kVecQK | kVecV | kVecS;
+  return (a.flags & kAll) == kAll;
+}
+
+// One scan per block: grid x = N * H, y = V tiles, z = key tiles. The all-vector variant
+// keeps two blocks per SM in registers; the scalar one (rare inputs) gets all it needs.
+template <typename T, bool kGrad, bool kVec>
+__global__ void __launch_bounds__(kScanThreads, kVec ? 2 : 1)
     gla_chunk_state_scan_kernel(const ChunkArgs a) {
-  state_scan<T, kGrad>(a, blockIdx.z);
+  state_scan<T, kGrad, kVec>(a, blockIdx.z);
 }
 
 // Both scans of the backward in one launch (they are independent: k, v, h0 -> states and
 // q, dO, dht -> dstates, dh0), so twice the blocks share the GPU: z = 2 x key tiles, the
 // first half forward, the second half gradient.
-template <typename T>
-__global__ void __launch_bounds__(kScanThreads)
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kScanThreads, kVec ? 2 : 1)
     gla_chunk_state_scans_kernel(const ChunkArgs a) {
   const int key_tiles = (a.K + kScanK - 1) / kScanK;
   if (static_cast<int>(blockIdx.z) < key_tiles) {
-    state_scan<T, false>(a, blockIdx.z);
+    state_scan<T, false, kVec>(a, blockIdx.z);
   } else {
-    state_scan<T, true>(a, blockIdx.z - key_tiles);
+    state_scan<T, true, kVec>(a, blockIdx.z - key_tiles);
   }
 }
 

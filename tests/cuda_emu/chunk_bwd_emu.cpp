@@ -93,22 +93,30 @@ int main(int argc, char** argv) {
     std::function<void()> both_scans, grad_scan, chunk;
     if (K <= 64) {
       if (bf16) {
-        both_scans = [&] { gla::gla_chunk_state_scans_kernel<__nv_bfloat16>(args); };
-        grad_scan = [&] { gla::gla_chunk_state_scan_kernel<__nv_bfloat16, true>(args); };
+        both_scans = [&] { (gla::scan_vec(args) ? gla::gla_chunk_state_scans_kernel<__nv_bfloat16, true>
+                                                : gla::gla_chunk_state_scans_kernel<__nv_bfloat16, false>)(args); };
+        grad_scan = [&] { (gla::scan_vec(args) ? gla::gla_chunk_state_scan_kernel<__nv_bfloat16, true, true>
+                                                : gla::gla_chunk_state_scan_kernel<__nv_bfloat16, true, false>)(args); };
         chunk = [&] { gla::gla_chunk_bwd_kernel<__nv_bfloat16, 64>(args); };
       } else {
-        both_scans = [&] { gla::gla_chunk_state_scans_kernel<__half>(args); };
-        grad_scan = [&] { gla::gla_chunk_state_scan_kernel<__half, true>(args); };
+        both_scans = [&] { (gla::scan_vec(args) ? gla::gla_chunk_state_scans_kernel<__half, true>
+                                                : gla::gla_chunk_state_scans_kernel<__half, false>)(args); };
+        grad_scan = [&] { (gla::scan_vec(args) ? gla::gla_chunk_state_scan_kernel<__half, true, true>
+                                                : gla::gla_chunk_state_scan_kernel<__half, true, false>)(args); };
         chunk = [&] { gla::gla_chunk_bwd_kernel<__half, 64>(args); };
       }
     } else {
       if (bf16) {
-        both_scans = [&] { gla::gla_chunk_state_scans_kernel<__nv_bfloat16>(args); };
-        grad_scan = [&] { gla::gla_chunk_state_scan_kernel<__nv_bfloat16, true>(args); };
+        both_scans = [&] { (gla::scan_vec(args) ? gla::gla_chunk_state_scans_kernel<__nv_bfloat16, true>
+                                                : gla::gla_chunk_state_scans_kernel<__nv_bfloat16, false>)(args); };
+        grad_scan = [&] { (gla::scan_vec(args) ? gla::gla_chunk_state_scan_kernel<__nv_bfloat16, true, true>
+                                                : gla::gla_chunk_state_scan_kernel<__nv_bfloat16, true, false>)(args); };
         chunk = [&] { gla::gla_chunk_bwd_kernel<__nv_bfloat16, 128>(args); };
       } else {
-        both_scans = [&] { gla::gla_chunk_state_scans_kernel<__half>(args); };
-        grad_scan = [&] { gla::gla_chunk_state_scan_kernel<__half, true>(args); };
+        both_scans = [&] { (gla::scan_vec(args) ? gla::gla_chunk_state_scans_kernel<__half, true>
+                                                : gla::gla_chunk_state_scans_kernel<__half, false>)(args); };
+        grad_scan = [&] { (gla::scan_vec(args) ? gla::gla_chunk_state_scan_kernel<__half, true, true>
+                                                : gla::gla_chunk_state_scan_kernel<__half, true, false>)(args); };
         chunk = [&] { gla::gla_chunk_bwd_kernel<__half, 128>(args); };
       }
     }
