@@ -116,8 +116,10 @@ int main(int argc, char** argv) {
         chunk = [&] { gla::gla_chunk_fwd_kernel<__half, 128, true>(args); };
       }
     }
-    if (bf16) scan = [&] { gla::gla_chunk_state_scan_kernel<__nv_bfloat16, false>(args); };
-    else scan = [&] { gla::gla_chunk_state_scan_kernel<__half, false>(args); };
+    if (bf16) scan = [&] { (gla::scan_vec(args) ? gla::gla_chunk_state_scan_kernel<__nv_bfloat16, false, true>
+                                                : gla::gla_chunk_state_scan_kernel<__nv_bfloat16, false, false>)(args); };
+    else scan = [&] { (gla::scan_vec(args) ? gla::gla_chunk_state_scan_kernel<__half, false, true>
+                                                : gla::gla_chunk_state_scan_kernel<__half, false, false>)(args); };
     if (!grid.split) {
       launch(grid.fused_x, grid.fused_y, 1, gla::kThreads, fused);
     } else {
