@@ -30,67 +30,16 @@ clear_cache(model) after those. The kernels' instruction set is chosen when pack
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
 from . import _ext
+from ._packed_cache import PackedCache, collect_params
 
 __all__ = ["ENABLED", "try_step", "try_step_pool", "clear_cache", "is_cached", "decoder"]
 
 # Set to False to make GLA.step always take the generic path (tests compare the two).
 ENABLED = True
-
-_READY, _STALE, _NEEDS_AUTOGRAD = 0, 1, 2
-
-# Bumped whenever any module anywhere registers a parameter or a submodule (assignment
-# included); the hooks are installed with the first cache entry.
-_generation = 0
-_hooks_installed = False
-
-
-def _bump(*_args):
-    global _generation
-    _generation += 1
-
-
-def _install_hooks():
-    global _hooks_installed
-    if not _hooks_installed:
-        nn.modules.module.register_module_parameter_registration_hook(_bump)
-        nn.modules.module.register_module_module_registration_hook(_bump)
-        _hooks_installed = True
-
-
-class _Entry:
-    __slots__ = ("decoder", "params", "dropouts", "generation", "dtype")
-
-    def __init__(self, decoder, params, dropouts, generation, dtype):
-        self.decoder, self.params, self.dropouts = decoder, params, dropouts
-        self.generation, self.dtype = generation, dtype
-
-
-_cache: "weakref.WeakKeyDictionary[nn.Module, _Entry]" = weakref.WeakKeyDictionary()
-
-
-def clear_cache(model=None) -> None:
-    """Drops the packed weights of `model` (of every model when None)."""
-    if model is None:
-        _cache.clear()
-    else:
-        _cache.pop(model, None)
-
-
-def is_cached(model) -> bool:
-    """True when `model` has packed weights (its last step could take the fast path)."""
-    return model in _cache
-
-
-def decoder(model):
-    """The packed gla_ext._C.CpuDecoder of `model` (built if needed), or None when the fused
-    step cannot run it. For benchmarks and diagnostics (isa, weight_bytes, thread_limit)."""
-    return None if _ext._C is None else getattr(_entry(model), "decoder", None)
 
 
 def _layer_tensors(block):
@@ -111,95 +60,27 @@ def _layer_tensors(block):
             ffn.w1.weight, ffn.w3.weight, ffn.w2.weight]
 
 
-def _collect(model):
-    """(globals, layers, flat parameter list) of a model, or None if its structure is not the one
-    the fused step implements (e.g. a submodule was swapped for something else)."""
-    proj = model.input_proj
-    if isinstance(proj, nn.Identity):
-        glob = [None, None]
-    elif isinstance(proj, nn.Linear):
-        glob = [proj.weight, proj.bias]
-    else:
-        return None
-    glob += [model.norm.weight, model.norm.bias]
-    layers = []
-    try:
-        for block in model.blocks:
-            layers.append(_layer_tensors(block))
-    except AttributeError:
-        return None
-    flat = tuple(t for t in glob + [t for layer in layers for t in layer] if t is not None)
-    return glob, layers, flat
+def _pack(glob, layers, heads, head_dim, normalizer, eps):
+    return _ext._C.CpuDecoder(glob, layers, heads, head_dim, normalizer, eps, head_dim ** -0.5)
 
 
-def _settings(model):
-    """(num_heads, head_dim, gate normalizer, eps) shared by every layer, or None."""
-    c = model.config
-    eps = {model.norm.eps}
-    normalizers = set()
-    for block in model.blocks:
-        attn = block.attn
-        if (attn.num_heads, attn.head_dim) != (c.num_heads, c.head_dim):
-            return None
-        if attn.backend not in ("auto", "cpu"):
-            return None
-        normalizers.add(float(attn.gate_logit_normalizer))
-        eps |= {block.attn_norm.eps, block.ffn_norm.eps}
-        if attn.norm is not None:
-            eps.add(attn.norm.eps)
-    if len(eps) != 1 or len(normalizers) != 1 or None in eps:
-        return None
-    return c.num_heads, c.head_dim, normalizers.pop(), float(eps.pop())
+_cache = PackedCache(lambda model: collect_params(model, _layer_tensors), _pack)
 
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+def clear_cache(model=None) -> None:
+    """Drops the packed weights of `model` (of every model when None)."""
+    _cache.clear(model)
 
 
-def _eligible(flat):
-    """The parameters' common dtype when the fused step can pack them, else None."""
-    dtype = flat[0].dtype
-    if dtype not in _DTYPES:
-        return None
-    for p in flat:
-        if (type(p) not in (torch.Tensor, nn.Parameter) or p.dtype != dtype
-                or p.device.type != "cpu" or p.is_inference()):
-            return None
-    return dtype
+def is_cached(model) -> bool:
+    """True when `model` has packed weights (its last step could take the fast path)."""
+    return model in _cache
 
 
-def _build(model):
-    """A fresh cache entry for model, or None when the fused step cannot run it."""
-    _install_hooks()
-    generation = _generation
-    collected = _collect(model)
-    settings = _settings(model)
-    dtype = None if collected is None else _eligible(collected[2])
-    if settings is None or dtype is None:
-        _cache.pop(model, None)
-        return None
-    glob, layers, flat = collected
-    heads, head_dim, normalizer, eps = settings
-    decoder = _ext._C.CpuDecoder(glob, layers, heads, head_dim, normalizer, eps,
-                                 head_dim ** -0.5)
-    dropouts = tuple(b.dropout for b in model.blocks)
-    entry = _Entry(decoder, flat, dropouts, generation, dtype)
-    _cache[model] = entry
-    return entry
-
-
-def _entry(model):
-    entry = _cache.get(model)
-    if entry is None:
-        return _build(model)
-    if entry.generation != _generation:
-        # Some module registered a parameter or submodule: is it still our model's set?
-        collected = _collect(model)
-        if collected is None or len(collected[2]) != len(entry.params) or any(
-                a is not b for a, b in zip(collected[2], entry.params)):
-            return _build(model)
-        entry.dropouts = tuple(b.dropout for b in model.blocks)
-        entry.generation = _generation
-    return entry
+def decoder(model):
+    """The packed gla_ext._C.CpuDecoder of `model` (built if needed), or None when the fused
+    step cannot run it. For benchmarks and diagnostics (isa, weight_bytes, thread_limit)."""
+    return None if _ext._C is None else getattr(_cache.get(model), "packed", None)
 
 
 def _ready_entry(model, x_t, grad):
@@ -210,25 +91,10 @@ def _ready_entry(model, x_t, grad):
         return None
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return None
-    entry = _cache.get(model)
-    if entry is None or entry.generation != _generation:
-        if entry is None and grad and next(model.parameters()).requires_grad:
-            return None     # training-style use: do not pack a copy of the weights for nothing
-        entry = _entry(model)
-        if entry is None:
-            return None
-    if x_t.dtype != entry.dtype:
-        return None
-    for d in entry.dropouts:
-        if d.training and d.p > 0:
-            return None
-    status = entry.decoder.status(grad)
-    if status == _STALE:
-        entry = _build(model)
-        if entry is None or x_t.dtype != entry.dtype:
-            return None
-        status = entry.decoder.status(grad)
-    return entry if status == _READY else None
+    if grad and model not in _cache and next(model.parameters()).requires_grad:
+        return None     # training-style use: do not pack a copy of the weights for nothing
+    entry = _cache.ready(model, grad)
+    return entry if entry is not None and x_t.dtype == entry.dtype else None
 
 
 def _plain_f32(t, grad):
@@ -255,7 +121,7 @@ def try_step(model, x_t, state):
     else:
         return None     # the generic path reports it
     try:
-        return entry.decoder.step(x_t, states)
+        return entry.packed.step(x_t, states)
     except (RuntimeError, ValueError):
         # The generic path's checks give the messages users know; else the decoder's.
         model._check_input(x_t)
@@ -286,4 +152,4 @@ def try_step_pool(model, x_t, pool_states, slots):
     if x_t.dim() == 2:
         x_t = x_t.unsqueeze(1)
     model._check_input(x_t)
-    return entry.decoder.step_pool(x_t, list(pool_states), slots)
+    return entry.packed.step_pool(x_t, list(pool_states), slots)

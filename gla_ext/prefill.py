@@ -23,62 +23,16 @@ through `param.data` call clear_cache(model).
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
 from . import _ext
+from ._packed_cache import DTYPES, PackedCache, collect_params
 
 __all__ = ["ENABLED", "try_forward", "clear_cache", "is_cached"]
 
 # Set to False to make GLA.forward always take the generic path (tests compare the two).
 ENABLED = True
-
-_READY, _STALE = 0, 1
-# Parameter dtypes the fused path takes (bfloat16 / float16 weights are widened to float32
-# once, when packing; the math runs in float32 and y is returned in the parameters' dtype).
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-_generation = 0          # bumped when any module registers a parameter or submodule
-_hooks_installed = False
-
-
-def _bump(*_args):
-    global _generation
-    _generation += 1
-
-
-def _install_hooks():
-    global _hooks_installed
-    if not _hooks_installed:
-        nn.modules.module.register_module_parameter_registration_hook(_bump)
-        nn.modules.module.register_module_module_registration_hook(_bump)
-        _hooks_installed = True
-
-
-class _Entry:
-    __slots__ = ("prefill", "params", "dropouts", "generation")
-
-    def __init__(self, prefill, params, dropouts, generation):
-        self.prefill, self.params, self.dropouts, self.generation = (
-            prefill, params, dropouts, generation)
-
-
-_cache: "weakref.WeakKeyDictionary[nn.Module, _Entry]" = weakref.WeakKeyDictionary()
-
-
-def clear_cache(model=None) -> None:
-    """Drops the packed weights of `model` (of every model when None)."""
-    if model is None:
-        _cache.clear()
-    else:
-        _cache.pop(model, None)
-
-
-def is_cached(model) -> bool:
-    """True when `model` has packed prefill weights (its last forward could take the fast path)."""
-    return model in _cache
 
 
 def _layer_tensors(block):
@@ -96,79 +50,22 @@ def _layer_tensors(block):
             ffn.w1.weight, ffn.w3.weight, ffn.w2.weight]
 
 
-def _collect(model):
-    """(globals, layers, flat parameter tuple), or None if the structure is not the fused one."""
-    proj = model.input_proj
-    if isinstance(proj, nn.Identity):
-        glob = [None, None]
-    elif isinstance(proj, nn.Linear) and proj.bias is not None:
-        glob = [proj.weight, proj.bias]
-    else:
-        return None
-    glob += [model.norm.weight, model.norm.bias]
-    layers = []
-    try:
-        for block in model.blocks:
-            t = _layer_tensors(block)
-            if t is None:
-                return None
-            layers.append(t)
-    except AttributeError:
-        return None
-    flat = tuple(t for t in glob + [t for layer in layers for t in layer] if t is not None)
-    return glob, layers, flat
+def _pack(glob, layers, heads, head_dim, normalizer, eps):
+    return _ext._C.CpuPrefill(glob, layers, heads, head_dim, normalizer, eps, head_dim ** -0.5)
 
 
-def _settings(model):
-    """(num_heads, head_dim, gate normalizer, eps) shared by every layer, or None."""
-    c = model.config
-    eps = {model.norm.eps}
-    normalizers = set()
-    for block in model.blocks:
-        attn = block.attn
-        if (attn.num_heads, attn.head_dim) != (c.num_heads, c.head_dim):
-            return None
-        if attn.backend not in ("auto", "cpu"):
-            return None
-        normalizers.add(float(attn.gate_logit_normalizer))
-        eps |= {block.attn_norm.eps, block.ffn_norm.eps}
-        if attn.norm is not None:
-            eps.add(attn.norm.eps)
-    if len(eps) != 1 or len(normalizers) != 1 or None in eps:
-        return None
-    return c.num_heads, c.head_dim, normalizers.pop(), float(eps.pop())
+_cache = PackedCache(
+    lambda model: collect_params(model, _layer_tensors, proj_needs_bias=True), _pack)
 
 
-def _build(model):
-    _install_hooks()
-    generation = _generation
-    collected, settings = _collect(model), _settings(model)
-    dtype = model.norm.weight.dtype
-    if collected is None or settings is None or dtype not in _DTYPES or not all(
-            type(p) in (torch.Tensor, nn.Parameter) and p.dtype == dtype
-            and p.device.type == "cpu" and not p.is_inference() for p in collected[2]):
-        _cache.pop(model, None)
-        return None
-    glob, layers, flat = collected
-    heads, head_dim, normalizer, eps = settings
-    prefill = _ext._C.CpuPrefill(glob, layers, heads, head_dim, normalizer, eps, head_dim ** -0.5)
-    entry = _Entry(prefill, flat, tuple(b.dropout for b in model.blocks), generation)
-    _cache[model] = entry
-    return entry
+def clear_cache(model=None) -> None:
+    """Drops the packed weights of `model` (of every model when None)."""
+    _cache.clear(model)
 
 
-def _entry(model):
-    entry = _cache.get(model)
-    if entry is None:
-        return _build(model)
-    if entry.generation != _generation:
-        collected = _collect(model)
-        if collected is None or len(collected[2]) != len(entry.params) or any(
-                a is not b for a, b in zip(collected[2], entry.params)):
-            return _build(model)
-        entry.dropouts = tuple(b.dropout for b in model.blocks)
-        entry.generation = _generation
-    return entry
+def is_cached(model) -> bool:
+    """True when `model` has packed prefill weights (its last forward could take the fast path)."""
+    return model in _cache
 
 
 def try_forward(model, x, state, return_state, return_sequence):
@@ -178,7 +75,7 @@ def try_forward(model, x, state, return_state, return_sequence):
         return None
     if model.config.backend not in ("auto", "cpu"):
         return None
-    if type(x) is not torch.Tensor or x.dtype not in _DTYPES or x.device.type != "cpu":
+    if type(x) is not torch.Tensor or x.dtype not in DTYPES or x.device.type != "cpu":
         return None
     if x.dtype != model.norm.weight.dtype:
         return None     # mixed dtypes: the generic path decides what that means
@@ -194,20 +91,9 @@ def try_forward(model, x, state, return_state, return_sequence):
                 return None
     if grad and model not in _cache and next(model.parameters()).requires_grad:
         return None     # training-style use: no packed copy of the weights for nothing
-    entry = _entry(model)
+    entry = _cache.ready(model, grad)
     if entry is None:
         return None
-    for d in entry.dropouts:
-        if d.training and d.p > 0:
-            return None
-    status = entry.prefill.status(grad)
-    if status == _STALE:
-        entry = _build(model)
-        if entry is None:
-            return None
-        status = entry.prefill.status(grad)
-    if status != _READY:
-        return None
-    y, new_state = entry.prefill.forward(x, [] if state is None else list(state),
-                                         bool(return_state), bool(return_sequence))
+    y, new_state = entry.packed.forward(x, [] if state is None else list(state),
+                                        bool(return_state), bool(return_sequence))
     return (y, new_state) if return_state else y
