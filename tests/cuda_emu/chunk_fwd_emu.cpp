@@ -14,6 +14,7 @@
 #define GLA_CHUNK_EMULATE 1
 #include "cuda/chunk_fwd.cu"
 #include "harness.h"
+#include "chunk_fwd_launch.h"
 
 #include <random>
 
@@ -94,12 +95,6 @@ int main(int argc, char** argv) {
 
   gla::ChunkArgs args;
   gla::FwdGrid grid;
-  auto launch = [&](unsigned gx, unsigned gy, unsigned gz, int threads,
-                    const std::function<void()>& body) {
-    for (unsigned bz = 0; bz < gz; ++bz)
-      for (unsigned by = 0; by < gy; ++by)
-        for (unsigned bx = 0; bx < gx; ++bx) emu::run_block({bx, by, bz}, threads, body);
-  };
   // Runs the forward the fused or the split way; false when prepare refuses.
   auto run_all = [&](bool split, bool reverse) {
     emu::st().reverse = reverse;
@@ -110,36 +105,7 @@ int main(int argc, char** argv) {
       return false;
     }
     if (grid.empty) return true;
-    std::function<void()> fused, scan, chunk;
-    if (K <= 64) {
-      if (bf16) {
-        fused = [&] { gla::gla_chunk_fwd_kernel<__nv_bfloat16, 64, false>(args); };
-        chunk = [&] { gla::gla_chunk_fwd_kernel<__nv_bfloat16, 64, true>(args); };
-      } else {
-        fused = [&] { gla::gla_chunk_fwd_kernel<__half, 64, false>(args); };
-        chunk = [&] { gla::gla_chunk_fwd_kernel<__half, 64, true>(args); };
-      }
-    } else {
-      if (bf16) {
-        fused = [&] { gla::gla_chunk_fwd_kernel<__nv_bfloat16, 128, false>(args); };
-        chunk = [&] { gla::gla_chunk_fwd_kernel<__nv_bfloat16, 128, true>(args); };
-      } else {
-        fused = [&] { gla::gla_chunk_fwd_kernel<__half, 128, false>(args); };
-        chunk = [&] { gla::gla_chunk_fwd_kernel<__half, 128, true>(args); };
-      }
-    }
-    if (bf16) scan = [&] { (gla::scan_vec(args) ? gla::gla_chunk_state_scan_kernel<__nv_bfloat16, false, true>
-                                                : gla::gla_chunk_state_scan_kernel<__nv_bfloat16, false, false>)(args); };
-    else scan = [&] { (gla::scan_vec(args) ? gla::gla_chunk_state_scan_kernel<__half, false, true>
-                                                : gla::gla_chunk_state_scan_kernel<__half, false, false>)(args); };
-    if (!grid.split) {
-      launch(grid.fused_x, grid.fused_y, 1, gla::kThreads, fused);
-    } else {
-      if (args.chunk_offsets != nullptr)
-        launch(1, 1, 1, gla::kOffsetThreads, [&] { gla::gla_chunk_offsets_kernel(args); });
-      launch(grid.scan_x, grid.scan_y, grid.scan_z, gla::kScanThreads, scan);
-      launch(grid.chunk_x, grid.chunk_y, grid.chunk_z, gla::kThreads, chunk);
-    }
+    harness::launch_chunk_forward(args, grid, K, bf16);
     return true;
   };
 
