@@ -220,11 +220,7 @@ CpuDecoder::CpuDecoder(const std::vector<std::optional<at::Tensor>>& globals,
   half_ = nr / 2;
 
   auto watch = [&](const at::Tensor& t) {
-    TORCH_CHECK(!t.is_inference(), kOp, ": inference-mode parameters cannot be watched");
-    watched_.push_back(t);
-    versions_.push_back(t._version());
-    pointers_.push_back(t.data_ptr());
-    aliases_.push_back(t.detach());  // keeps the storage, so its address is not reused
+    watched_.watch(t, kOp);
   };
   auto check_param = [&](const at::Tensor& t, const char* name, int64_t layer,
                          std::initializer_list<int64_t> shape) {
@@ -325,15 +321,7 @@ CpuDecoder::CpuDecoder(const std::vector<std::optional<at::Tensor>>& globals,
 }
 
 int64_t CpuDecoder::status(bool grad_enabled) const {
-  bool needs_grad = false;
-  for (size_t i = 0; i < watched_.size(); ++i) {
-    const at::Tensor& t = watched_[i];
-    if (t.scalar_type() != wdtype_ || !t.device().is_cpu() || t.is_inference() ||
-        t._version() != versions_[i] || t.data_ptr() != pointers_[i])
-      return kStale;
-    needs_grad = needs_grad || t.requires_grad();
-  }
-  return grad_enabled && needs_grad ? kNeedsAutograd : kReady;
+  return watched_.status(wdtype_, grad_enabled);
 }
 
 std::string CpuDecoder::isa() const { return layers_.empty() ? "none" : layers_[0].proj.isa(); }

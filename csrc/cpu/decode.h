@@ -6,6 +6,8 @@
 
 #include <ATen/ATen.h>
 
+#include "watched_params.h"
+
 #include "linear.h"
 
 #include <cstdint>
@@ -64,10 +66,8 @@ class GLA_DECODE_HIDDEN CpuDecoder {
              const std::vector<std::vector<std::optional<at::Tensor>>>& layers, int64_t num_heads,
              int64_t head_dim, double gate_normalizer, double eps, double scale);
 
-  enum Status : int64_t { kReady = 0, kStale = 1, kNeedsAutograd = 2 };
-  // kStale: a watched parameter was written in place (version), re-pointed (data pointer),
-  // or changed dtype/device since packing. kNeedsAutograd: grad_enabled and some parameter
-  // requires grad. Otherwise kReady.
+  // WatchedParams::Status: stale when a parameter changed since packing, needs-autograd when
+  // grad_enabled and a parameter requires grad, else ready.
   int64_t status(bool grad_enabled) const;
 
   // x [B, embed_dim] or [B, 1, embed_dim] in the weights' dtype; states: num_layers tensors
@@ -130,10 +130,7 @@ class GLA_DECODE_HIDDEN CpuDecoder {
   float normalizer_ = 1.f, eps_ = 1e-5f, scale_ = 1.f;
   const struct DecodeCoreKernels* core_ = nullptr;
 
-  std::vector<at::Tensor> watched_;
-  std::vector<int64_t> versions_;
-  std::vector<const void*> pointers_;
-  std::vector<at::Tensor> aliases_;  // keep the watched storages alive: no address reuse
+  WatchedParams watched_;  // what was packed, to notice changed parameters
 
   std::map<int64_t, Workspace> workspaces_;
   std::mutex mutex_;  // step() runs without the GIL; one step per decoder at a time

@@ -164,11 +164,7 @@ CpuPrefill::CpuPrefill(const std::vector<std::optional<at::Tensor>>& globals,
   eps_ = static_cast<float>(eps);
   scale_ = static_cast<float>(scale);
   auto watch = [&](const at::Tensor& t) {
-    TORCH_CHECK(!t.is_inference(), kOp, ": inference-mode parameters cannot be watched");
-    watched_.push_back(t);
-    versions_.push_back(t._version());
-    pointers_.push_back(t.data_ptr());
-    aliases_.push_back(t.detach());
+    watched_.watch(t, kOp);
     return t.detach();
   };
   const at::Tensor norm_w = required(globals[kPfNormW], "final norm weight", -1);
@@ -233,15 +229,7 @@ CpuPrefill::CpuPrefill(const std::vector<std::optional<at::Tensor>>& globals,
 }
 
 int64_t CpuPrefill::status(bool grad_enabled) const {
-  bool needs_grad = false;
-  for (size_t i = 0; i < watched_.size(); ++i) {
-    const at::Tensor& t = watched_[i];
-    if (t.scalar_type() != dtype_ || !t.device().is_cpu() || t.is_inference() ||
-        t._version() != versions_[i] || t.data_ptr() != pointers_[i])
-      return kStale;
-    needs_grad = needs_grad || t.requires_grad();
-  }
-  return grad_enabled && needs_grad ? kNeedsAutograd : kReady;
+  return watched_.status(dtype_, grad_enabled);
 }
 
 void CpuPrefill::pack(int isa) {

@@ -7,6 +7,8 @@
 
 #include <ATen/ATen.h>
 
+#include "watched_params.h"
+
 #include <cstdint>
 #include <mutex>
 #include <optional>
@@ -43,7 +45,7 @@ class GLA_PREFILL_HIDDEN CpuPrefill {
              const std::vector<std::vector<std::optional<at::Tensor>>>& layers, int64_t num_heads,
              int64_t head_dim, double gate_normalizer, double eps, double scale);
 
-  enum Status : int64_t { kReady = 0, kStale = 1, kNeedsAutograd = 2 };
+  // WatchedParams::Status (see decode.h's status()).
   int64_t status(bool grad_enabled) const;
 
   // x [B, T, embed_dim] in the parameters' dtype; states: num_layers tensors [B, H, D, D] float32 (read only)
@@ -76,10 +78,7 @@ class GLA_PREFILL_HIDDEN CpuPrefill {
   std::vector<Packed> packed_;
   at::Tensor p_in_w_, p_in_b_, p_norm_w_, p_norm_b_;
 
-  std::vector<at::Tensor> watched_;
-  std::vector<int64_t> versions_;
-  std::vector<const void*> pointers_;
-  std::vector<at::Tensor> aliases_;
+  WatchedParams watched_;  // what was packed, to notice changed parameters
 
   std::vector<at::Tensor> scratch_;  // activations, grown as needed
   std::vector<std::vector<char>> thread_ws_;
