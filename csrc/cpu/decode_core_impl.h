@@ -116,14 +116,14 @@ inline void head_fixed(const float* q, const float* k, const float* v, const flo
       for (int j = 0; j < NV; ++j) {
         const vf x = opaque(di * vload(s0 + j * W) + ki * vv[j]);
         vstore(s + j * W, x);
-        acc[j] += qi * x;
+        acc[j] = opaque(acc[j] + qi * x);
       }
     } else {
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) {
         const vf x = opaque(ki * vv[j]);
         vstore(s + j * W, x);
-        acc[j] += qi * x;
+        acc[j] = opaque(acc[j] + qi * x);
       }
     }
   }
