@@ -17,11 +17,6 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-@pytest.fixture(autouse=True)
-def _fresh_seed():
-    print(f"torch seed {torch.seed()}")
-
-
 def packed(weight, bias, isa, monkeypatch):
     """A PackedLinear built for `isa`; skips when this CPU cannot run it."""
     from gla_ext.cpu_linear import PackedLinear

@@ -20,12 +20,6 @@ def n_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.fixture(autouse=True)
-def _fresh_seed():
-    # Fresh random weights and inputs each run; the seed is printed so a failure can be replayed.
-    print(f"torch seed {torch.seed()}")
-
-
 # ---- shapes ----
 
 def test_seed_default_model_shapes():

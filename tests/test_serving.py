@@ -13,13 +13,6 @@ SMALL = dict(embed_dim=11, hidden_size=24, num_layers=2, num_heads=2, head_dim=8
 TOL = 1e-5       # float32 on the CPU (DESIGN "Numerics")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_seed():
-    seed = torch.seed()
-    random.seed(seed)
-    print(f"torch / random seed {seed}")
-
-
 def small_model(**overrides):
     return GLA.build(**{**SMALL, **overrides}).eval()
 
