@@ -9,22 +9,32 @@ one test replays alone with the same inputs it had in the full run:
 
 torch's default generator, Python's `random` and numpy's legacy global generator are
 seeded before each test. A failing test's report names its base seed and the replay command.
+
+For the tolerance sweep (tools/seed_sweep.py, not run in CI): `--sweep N` runs every selected
+test N times with N different seeds, and with GLA_EXT_ERR_LOG=<file> (and pytest's
+`-o enable_assertion_pass_hook=true`) every passing `assert a < b` / `a <= b` between numbers
+is appended to <file> as a JSON line, so the worst error per case can be read off.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import zlib
 
 import pytest
 import torch
 
 SEED_ENV = "GLA_EXT_TEST_SEED"
+ERR_LOG_ENV = "GLA_EXT_ERR_LOG"
 
 
 def pytest_addoption(parser):
     parser.addoption("--seed", type=int, default=None,
                      help=f"base seed of the random test inputs (default: ${SEED_ENV}, else fresh)")
+    parser.addoption("--sweep", type=int, default=0,
+                     help="run every selected test this many times, each with its own seed")
 
 
 def pytest_configure(config):
@@ -51,8 +61,41 @@ def test_seed(base: int, nodeid: str) -> int:
 test_seed.__test__ = False  # not a test
 
 
+def pytest_generate_tests(metafunc):
+    reps = metafunc.config.getoption("--sweep")
+    if reps > 0:
+        metafunc.parametrize("_sweep_rep", range(reps), indirect=True,
+                             ids=[f"rep{i}" for i in range(reps)])
+
+
 @pytest.fixture(autouse=True)
-def _seeded_random_inputs(request):
+def _sweep_rep(request):  # the repetition number under --sweep (part of the node id, so of the seed)
+    return getattr(request, "param", 0)
+
+
+# "1.2e-06 < 1e-05" or "1.2e-06 <= 1e-05" inside an assertion's explanation
+_NUMBER_COMPARISON = re.compile(
+    r"(-?(?:\d+\.?\d*(?:e[-+]?\d+)?|inf|nan))\s*(<=|<)\s*(-?(?:\d+\.?\d*(?:e[-+]?\d+)?|inf))")
+
+
+def _without_rep(nodeid):
+    return re.sub(r"\[rep\d+\]|(?<=[\[-])rep\d+-|-rep\d+(?=\])", "", nodeid)
+
+
+def pytest_assertion_pass(item, lineno, orig, expl):
+    path = os.environ.get(ERR_LOG_ENV)
+    if not path:
+        return
+    first = expl.splitlines()[0] if expl else ""
+    with open(path, "a") as f:
+        for i, (lhs, op, rhs) in enumerate(_NUMBER_COMPARISON.findall(first)):
+            f.write(json.dumps(dict(test=_without_rep(item.nodeid),
+                                    line=lineno, index=i, assertion=orig, value=float(lhs),
+                                    op=op, bound=float(rhs))) + "\n")
+
+
+@pytest.fixture(autouse=True)
+def _seeded_random_inputs(request, _sweep_rep):
     seed = test_seed(request.config._gla_base_seed, request.node.nodeid)
     torch.manual_seed(seed)
     random.seed(seed)

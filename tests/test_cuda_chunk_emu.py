@@ -216,5 +216,5 @@ def test_backward_kernel_source_on_cpu(bwd_emulator, tmp_path, case):
         else:
             errors[name] = _rel(x, ref)
     print(" ".join(f"{n}={e:.2e}" for n, e in errors.items()))
-    bad = {n: e for n, e in errors.items() if not e <= tol}
-    assert not bad, f"relative errors over {tol}: {bad}\nall: {errors}\n{report}"
+    for name, err in errors.items():  # one assertion per gradient (the seed sweep reads each)
+        assert err <= tol, f"{name}: relative error over {tol}\nall: {errors}\n{report}"
