@@ -92,3 +92,16 @@ def cuda_gates(shape, gate):
     if isinstance(gate, str):
         return torch.full(shape, float(gate), device="cuda")
     return F.logsigmoid(torch.randn(shape, device="cuda", dtype=torch.float64)).float() / gate
+
+
+def record_diagnostic(**values) -> None:
+    """Adds one row of named numbers for the current test to the seed sweep's log
+    (tools/seed_sweep.py; GLA_EXT_ERR_LOG). A no-op in normal runs."""
+    import json
+    import os
+    path = os.environ.get("GLA_EXT_ERR_LOG")
+    if not path:
+        return
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
+    with open(path, "a") as f:
+        f.write(json.dumps(dict(test=test, diagnostic={k: float(v) for k, v in values.items()})) + "\n")

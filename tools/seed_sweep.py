@@ -54,9 +54,44 @@ def run(args) -> tuple[list[dict], str, float]:
         return rows, tail, elapsed
 
 
+def diagnostics(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows of named numbers tests recorded (tests/helpers.py record_diagnostic), per test."""
+    out = collections.defaultdict(list)
+    for r in rows:
+        if "diagnostic" in r:
+            out[_without_rep(r["test"])].append(r["diagnostic"])
+    return dict(out)
+
+
+def _without_rep(nodeid: str) -> str:
+    import re
+    return re.sub(r"\[rep\d+\]|(?<=[\[-])rep\d+-|-rep\d+(?=\])", "", nodeid)
+
+
+def quantile_table(rows: list[dict], by: str) -> list[str]:
+    """Rows sorted by `by`, in 5 equal groups: the mean and max of every other number."""
+    rows = sorted(rows, key=lambda r: r[by])
+    keys = [k for k in rows[0] if k != by]
+    lines = [f"| {by} range | n | " + " | ".join(f"mean {k} | max {k}" for k in keys) + " |",
+             "| --- | ---: | " + " | ".join("---: | ---:" for _ in keys) + " |"]
+    n = len(rows)
+    for i in range(5):
+        part = rows[i * n // 5:(i + 1) * n // 5]
+        if not part:
+            continue
+        cells = []
+        for k in keys:
+            vals = [r[k] for r in part]
+            cells.append(f"{sum(vals) / len(vals):.3g} | {max(vals):.3g}")
+        lines.append(f"| {part[0][by]:.3g} .. {part[-1][by]:.3g} | {len(part)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     groups = collections.defaultdict(list)
     for r in rows:
+        if "diagnostic" in r:
+            continue
         if r["bound"] <= 0 or r["bound"] >= 1:  # tolerances only (not shape or count checks)
             continue
         groups[(r["test"], r["line"], r["index"], r["assertion"])].append(r)
@@ -96,13 +131,21 @@ def main():
     for r in table:
         lines.append(f"| `{r['test']}` | `{r['assertion'][:60]}` (line {r['line']}) | {r['runs']} | "
                      f"{r['median']:.3g} | {r['worst']:.3g} | {r['bound']:.3g} | {r['ratio']:.2f} |")
+    diags = diagnostics(rows)
+    for test, drows in diags.items():
+        by = sorted(drows[0])[-1] if len(drows[0]) > 1 else None
+        by = next((k for k in drows[0] if "over" in k), by)
+        if by is None:
+            continue
+        lines += ["", f"## Diagnostics of `{test}` ({len(drows)} runs), grouped by {by}", ""]
+        lines += quantile_table(drows, by)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
         with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump(dict(meta=meta, cases=table), f, indent=1)
+            json.dump(dict(meta=meta, cases=table, diagnostics=diags), f, indent=1)
 
 
 if __name__ == "__main__":
