@@ -158,6 +158,12 @@ def _bwd_inputs(dtype, B, T, H, K, V, gate, N):
     return q, k, v, do, g, h0, dht
 
 
+# Both thread orders by default (a missing barrier changes the result). The seed sweep
+# (tools/seed_sweep.py), which measures only the numbers, may set GLA_EMU_BWD_ORDER=fwd to run
+# one order: the harness already requires the two to agree bitwise.
+BWD_ORDER = os.environ.get("GLA_EMU_BWD_ORDER", "both")
+
+
 def _rel(x, ref):
     den = ref.norm().item()
     return (x - ref).norm().item() / den if den > 0 else (x - ref).norm().item()
@@ -175,7 +181,7 @@ def test_backward_kernel_source_on_cpu(bwd_emulator, tmp_path, case):
     (tmp_path / "in.bin").write_bytes(raw)
     args = [bwd_emulator, f"dtype={dtype}", f"B={B}", f"T={T}", f"H={H}", f"K={K}", f"V={V}",
             f"h0={with_h0}", f"dht={with_dht}", f"cu={cu}", f"misalign={misalign}",
-            "order=both", f"in={tmp_path / 'in.bin'}", f"out={tmp_path / 'out.bin'}"]
+            f"order={BWD_ORDER}", f"in={tmp_path / 'in.bin'}", f"out={tmp_path / 'out.bin'}"]
     run = subprocess.run(args, capture_output=True, text=True, timeout=900)
     report = " ".join(args[1:8]) + "\n" + (run.stdout + run.stderr).strip()
     assert run.returncode == 0 and "DONE" in run.stdout, report
