@@ -82,6 +82,7 @@ def plot(rows, path_png):
            label="of torch.mm, MKL held to AVX2")
     ax.set_xticks(list(xs), [r["isa"] for r in rows])
     ax.set_ylabel("chunk forward, % of the matmul rate")
+    ax.set_ylim(0, 125)   # room for the legend above the bars
     ax.set_title("CPU chunk kernel per ISA path, float32")
     ax.legend(fontsize=8)
     fig.tight_layout()
