@@ -6,7 +6,8 @@
 #   ./run.sh test     build if needed, install the test peers (fla, transformers), run the tests
 #   ./run.sh check    build if needed, then `python -m gla_ext check`
 #   ./run.sh info     build if needed, then `python -m gla_ext info`
-#   ./run.sh bench    build if needed, then `python -m gla_ext bench`
+#   ./run.sh bench    build if needed, install matplotlib, then `python -m gla_ext bench` and
+#                     benchmarks/bench_cpu.py --quick (tables + plot into bench_out/)
 #
 # Environment: GLA_EXT_TORCH (torch requirement, default torch==2.14.1), GLA_EXT_CUDA_ARCH,
 # GLA_EXT_NO_CUDA=1, MAX_JOBS, PYTHON (interpreter that creates the venv, default python3).
@@ -37,6 +38,14 @@ setup_test_peers() {
     if ! "$PY" -c "import fla, transformers, einops" 2>/dev/null; then
         echo "[run.sh] installing the test peers: $TEST_PEERS"
         "$PY" -m pip install -q $TEST_PEERS
+    fi
+}
+
+# Plots of the benchmarks (benchmarks/common.py draws them when matplotlib is importable).
+setup_bench_peers() {
+    if ! "$PY" -c "import matplotlib" 2>/dev/null; then
+        echo "[run.sh] installing matplotlib (benchmark plots)"
+        "$PY" -m pip install -q matplotlib
     fi
 }
 
@@ -73,7 +82,10 @@ shift || true
 setup_env
 build
 case "$cmd" in
-    demo|check|info|bench) exec "$PY" -m gla_ext "$cmd" "$@" ;;
+    demo|check|info) exec "$PY" -m gla_ext "$cmd" "$@" ;;
+    bench) setup_bench_peers
+           "$PY" -m gla_ext bench "$@"
+           exec "$PY" benchmarks/bench_cpu.py --quick --out bench_out ;;
     test) setup_test_peers; exec "$PY" -m pytest -q tests "$@" ;;
     *) echo "usage: ./run.sh {demo|test|check|info|bench}" >&2; exit 2 ;;
 esac

@@ -192,6 +192,35 @@ def _kib(n) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
 
 
+def plot(rows, path_png):
+    """Per shape and pass: the context-parallel call split into local kernel, collectives and
+    the rest, next to one process on the whole sequence (ms, slower rank)."""
+    from common import pyplot
+    plt = pyplot()
+    if plt is None:
+        return
+    bars = [(r, mode) for r in rows for mode in ("fwd", "fwd_bwd")]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    xs = list(range(len(bars)))
+    bottom = [0.0] * len(bars)
+    for part, color in (("local", "tab:blue"), ("comm", "tab:red"), ("extra", "tab:gray")):
+        # older results name the rest "combine" (the einsum correction)
+        h = [r.get(f"{part}_{mode}", r.get(f"combine_{mode}", 0.0) if part == "extra" else 0.0)
+             * 1e3 for r, mode in bars]
+        ax.bar([x - 0.2 for x in xs], h, 0.4, bottom=bottom, color=color, label=f"cp: {part}")
+        bottom = [b + v for b, v in zip(bottom, h)]
+    ax.bar([x + 0.2 for x in xs], [r[f"single_{mode}"] * 1e3 for r, mode in bars], 0.4,
+           color="tab:green", label="single process")
+    ax.set_xticks(xs, [f"T={r['T']} H={r['H']} K={r['K']}\n{mode}" for r, mode in bars], fontsize=7)
+    ax.set_ylabel("ms per call")
+    ax.set_yscale("log")
+    ax.set_title(f"context parallelism, gloo, {rows[0]['ranks']} ranks on CPU")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=110)
+    print(f"saved {path_png}")
+
+
 def main() -> int:
     from common import machine, save_results
     parser = argparse.ArgumentParser()
@@ -243,6 +272,7 @@ def main() -> int:
     path = save_results(name, rows, table, extra={"cost_model": model_rows, "load_avg": load,
                                                   "ranks": args.ranks, "reps": args.reps})
     print(f"saved {path}")
+    plot(rows, path.replace(".json", ".png"))
     return 0
 
 

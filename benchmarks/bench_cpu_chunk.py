@@ -68,6 +68,28 @@ def mm_rate_child(mkl_isa, threads, reps=10):
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def plot(rows, path_png):
+    """Forward rate of each ISA path as a fraction of torch.mm, as installed and held to AVX2."""
+    from common import pyplot
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [100 * r["fraction_of_mm"] for r in rows], 0.4,
+           label="of torch.mm (as installed)")
+    ax.bar([x + 0.2 for x in xs], [100 * r["fraction_of_mm_avx2"] for r in rows], 0.4,
+           label="of torch.mm, MKL held to AVX2")
+    ax.set_xticks(list(xs), [r["isa"] for r in rows])
+    ax.set_ylabel("chunk forward, % of the matmul rate")
+    ax.set_ylim(0, 125)   # room for the legend above the bars
+    ax.set_title("CPU chunk kernel per ISA path, float32")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=110)
+    print(f"saved {path_png}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     for name, default in [("B", 1), ("T", 4096), ("H", 4), ("K", 64), ("V", 64), ("chunk", 64)]:
@@ -170,6 +192,7 @@ def main():
                              "note": "the kernels pick their code by instruction set only "
                                      "(GLA_EXT_CPU_ISA forces one), never by CPU vendor"})
         print(f"saved {path}")
+        plot(rows, path.replace(".json", ".png"))
 
 
 if __name__ == "__main__":

@@ -160,6 +160,38 @@ def fla_generate(model, new_tokens: int) -> float:
                                             do_sample=False)) / new_tokens
 
 
+def plot(rows, rate, path_png):
+    """Decode ms per step against the weight-read bound; prefill tokens/s against the float32
+    matmul roofline at `rate` FLOP/s (also from saved JSON)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    dec_rows = [r for r in rows if r["what"] == "decode"]
+    labels = [f"{r['impl'].split(' (')[0][:22]}\n{r['dtype']} b{r['batch']}" for r in dec_rows]
+    ax1.bar(range(len(dec_rows)), [r["step_s"] * 1e3 for r in dec_rows], color="tab:blue")
+    for i, r in enumerate(dec_rows):
+        if "weight_read_s" in r:
+            ax1.plot([i - 0.4, i + 0.4], [r["weight_read_s"] * 1e3] * 2, color="k")
+    ax1.set_xticks(range(len(dec_rows)), labels, fontsize=6, rotation=30)
+    ax1.set_ylabel("ms per step (black: weight-read bound)")
+    ax1.set_yscale("log")
+    ax1.set_title("decode")
+    pre_rows = [r for r in rows if r["what"] == "prefill"]
+    ax2.bar(range(len(pre_rows)), [r["tokens_per_s"] for r in pre_rows], color="tab:green")
+    ax2.axhline(rate / (2 * next(r["matmul_params"] for r in pre_rows if "matmul_params" in r)),
+                color="k", linestyle="--", label="fp32 matmul roofline")
+    ax2.set_xticks(range(len(pre_rows)),
+                   [f"{r['impl'].split(' (')[0]}\n{r['dtype']}" for r in pre_rows], fontsize=7)
+    ax2.set_ylabel(f"prefill tokens/s ({PREFILL_T} tokens)")
+    ax2.legend(fontsize=7)
+    ax2.set_title("prefill")
+    fig.suptitle("fla GLA 134M on CPU: gla_ext vs fla (reference ops)")
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=110)
+    print(f"saved {path_png}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a few minutes)")
@@ -326,31 +358,7 @@ def main() -> int:
              "isa": cpu_isa, "load_average": os.getloadavg(),
              "targets": [{"target": t, "value": v, "met": ok} for t, v, ok in targets]}
     path = save_results(name, rows, table, extra)
-    plt = pyplot()
-    if plt is not None:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        dec_rows = [r for r in rows if r["what"] == "decode"]
-        labels = [f"{r['impl'].split(' (')[0][:22]}\n{r['dtype']} b{r['batch']}" for r in dec_rows]
-        ax1.bar(range(len(dec_rows)), [r["step_s"] * 1e3 for r in dec_rows], color="tab:blue")
-        for i, r in enumerate(dec_rows):
-            if "weight_read_s" in r:
-                ax1.plot([i - 0.4, i + 0.4], [r["weight_read_s"] * 1e3] * 2, color="k")
-        ax1.set_xticks(range(len(dec_rows)), labels, fontsize=6, rotation=30)
-        ax1.set_ylabel("ms per step (black: weight-read bound)")
-        ax1.set_yscale("log")
-        ax1.set_title("decode")
-        pre_rows = [r for r in rows if r["what"] == "prefill"]
-        ax2.bar(range(len(pre_rows)), [r["tokens_per_s"] for r in pre_rows], color="tab:green")
-        ax2.axhline(PREFILL_T / (2 * pre32["matmul_params"] * PREFILL_T / rate), color="k",
-                    linestyle="--", label="fp32 matmul roofline")
-        ax2.set_xticks(range(len(pre_rows)),
-                       [f"{r['impl'].split(' (')[0]}\n{r['dtype']}" for r in pre_rows], fontsize=7)
-        ax2.set_ylabel(f"prefill tokens/s ({PREFILL_T} tokens)")
-        ax2.legend(fontsize=7)
-        ax2.set_title("prefill")
-        fig.suptitle("fla GLA 134M on CPU: gla_ext vs fla (reference ops)")
-        fig.tight_layout()
-        fig.savefig(path.replace(".json", ".png"), dpi=110)
+    plot(rows, rate, path.replace(".json", ".png"))
     print(f"saved {path}")
     return 0
 

@@ -92,6 +92,32 @@ def measure_prefill(batches=(1, 8), reps=20, T=None, model=None) -> list[dict]:
     return rows
 
 
+def plot(rows, path_png):
+    """Fused vs generic ms per window by batch, one line pair per ISA (also from saved JSON)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    isas = list(dict.fromkeys(r["isa"] for r in rows))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for isa in isas:
+        sel = [r for r in rows if r["isa"] == isa]
+        ax.plot([r["B"] for r in sel], [r["fused_s"] * 1e3 for r in sel], marker="o",
+                label=f"fused ({isa})")
+        ax.plot([r["B"] for r in sel], [r["generic_s"] * 1e3 for r in sel], marker="x",
+                linestyle=":", label=f"generic ({isa})")
+    sel = [r for r in rows if r["isa"] == isas[0]]
+    ax.plot([r["B"] for r in sel], [r["roofline_s"] * 1e3 for r in sel], linestyle="--",
+            color="k", label="matmul roofline")
+    ax.set_xlabel("batch")
+    ax.set_ylabel("ms per window (best)")
+    ax.set_yscale("log")
+    ax.set_title("CPU prefill, default model, T=60")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=110)
+    print(f"saved {path_png}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -143,25 +169,7 @@ def main() -> int:
                          "threads": args.threads, "cpu_time": args.cpu_time},
                         out_dir=args.out)
     print(f"saved {path}")
-    plt = pyplot()
-    if plt is not None:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for isa in args.isa:
-            sel = [r for r in rows if r["isa"] == isa]
-            ax.plot([r["B"] for r in sel], [r["fused_s"] * 1e3 for r in sel], marker="o",
-                    label=f"fused ({isa})")
-            ax.plot([r["B"] for r in sel], [r["generic_s"] * 1e3 for r in sel], marker="x",
-                    linestyle=":", label=f"generic ({isa})")
-        sel = [r for r in rows if r["isa"] == args.isa[0]]
-        ax.plot([r["B"] for r in sel], [r["roofline_s"] * 1e3 for r in sel], linestyle="--",
-                color="k", label="matmul roofline")
-        ax.set_xlabel("batch")
-        ax.set_ylabel("ms per window (best)")
-        ax.set_yscale("log")
-        ax.set_title("CPU prefill, default model, T=60")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path.replace(".json", ".png"), dpi=110)
+    plot(rows, path.replace(".json", ".png"))
     return 0
 
 

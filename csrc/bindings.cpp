@@ -494,7 +494,7 @@ TORCH_LIBRARY(gla_ext, m) {
   m.def(
       "chunk_fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? h0, Tensor? cu_seqlens, "
       "float scale, int chunk_size) -> (Tensor, Tensor)");
-  // State pools / V-first states, forward only (DESIGN.md "Serving: state pools"):
+  // State pools / V-first states, forward only (docs/design.md "State pools"):
   // *_fwd_state reads h0 (dense, or a pool through state_indices) and returns dense final
   // states; *_fwd_inplace writes the final states into the pool rows and returns o.
   m.def(

@@ -43,7 +43,7 @@ struct GlaParams {
   void* dg = nullptr;
   void* dh0 = nullptr;        // always written by backward kernels
 
-  // State pools (DESIGN.md "Serving: state pools"); forward kernels only.
+  // State pools (docs/design.md "State pools"); forward kernels only.
   //   state_idx [N]: sequence n reads its initial state from h0 row state_idx[n] (null: row n);
   //     an index < 0 is a padding row: its o stays as the caller zeroed it, and no state row
   //     is read or written for it (ht row n is zeroed unless inplace_final).

@@ -245,7 +245,7 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     """Chunked GLA (prefill / training). Returns (o [B, T, H, V], final_state [N, H, K, V] or None).
 
     g is the log-space forget gate (<= 0), one value per key dimension. State pools
-    (DESIGN.md "Serving: state pools"): with state_indices [N], initial_state is a pool
+    (docs/design.md "State pools"): with state_indices [N], initial_state is a pool
     [P, H, K, V] and sequence n starts from pool[state_indices[n]] (< 0: padding row, zero
     outputs, no state read or written); inplace_final_state=True writes the final states back
     into those rows and returns (o, None); state_v_first=True: states are [.., H, V, K].

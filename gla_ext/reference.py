@@ -1,6 +1,6 @@
 """Pure-PyTorch GLA: the oracle every kernel is checked against.
 
-Both functions are differentiable, take the DESIGN.md layouts
+Both functions are differentiable, take the docs/design.md layouts
 (q, k, g: [B, T, H, K]; v: [B, T, H, V]; state [N, H, K, V]) and compute in
 float32, or float64 when the inputs are float64. They are written to be
 obviously right, not fast.

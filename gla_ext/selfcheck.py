@@ -9,7 +9,7 @@ from .ops import chunk_gla, fused_recurrent_gla
 from .reference import naive_recurrent_gla
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
-CUDA_FP32_TOLERANCE = 1e-3   # DESIGN.md: float32 on GPU
+CUDA_FP32_TOLERANCE = 1e-3   # docs/design.md "Numerics": float32 on GPU
 
 
 def _rel(x, ref):

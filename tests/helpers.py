@@ -1,4 +1,4 @@
-"""Shared test helpers: fresh random inputs in DESIGN.md's distributions, error metrics."""
+"""Shared test helpers: fresh random inputs (docs/design.md "Numerics"), error metrics."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-TOLERANCE = {  # DESIGN.md "Numerics": relative error vs the float64 reference
+TOLERANCE = {  # docs/design.md "Numerics": relative error vs the float64 reference
     ("cpu", torch.float32): 1e-5,
     ("cuda", torch.float32): 1e-3,
     ("cpu", torch.float16): 5e-3,

@@ -3,7 +3,7 @@
 Each case draws fresh random inputs, runs the ops directly (no autograd wrapper) and compares
 the output, the final state and every gradient (q, k, v, g, initial state, with a gradient
 arriving on the final state) to naive_recurrent_gla differentiated by autograd in float64.
-Error is ||x - ref|| / ||ref||; the bounds are DESIGN.md's CPU tolerances.
+Error is ||x - ref|| / ||ref||; the bounds are the CPU tolerances of docs/design.md "Numerics".
 """
 import pytest
 import torch

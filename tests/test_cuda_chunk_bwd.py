@@ -9,7 +9,7 @@ torch.autograd.grad and random gradients arriving on the output (do) and on the 
   rounded inputs (q, k, v, do in bf16/fp16; g, h0, dht in float32) cast to float64. The long
   case uses gla_ext.reference.chunk_gla_reference in float64 instead (same math, much faster
   for long T; tests/test_reference.py checks it against the naive one, gradients included).
-- Error is ||x - ref|| / ||ref|| with DESIGN.md's bounds (bf16 1e-2, fp16 5e-3); every result
+- Error is ||x - ref|| / ||ref|| with docs/design.md's bounds (bf16 1e-2, fp16 5e-3); every result
   must be finite. For dg the denominator is floored, as in tests/test_cuda_recurrent.py, at
   1e-2 * (||q * dq_ref|| + ||k * dk_ref||): with full-forget gates (-1e4, -inf) the exact dg is
   0 while the kernel's dg is a sum of terms that cancel, so only an absolute error, measured

@@ -1,7 +1,7 @@
 """Tensor-core chunked GLA forward (csrc/cuda/chunk_fwd.cu) through chunk_gla(backend="cuda").
 
 Compared with gla_ext.reference.naive_recurrent_gla in float64 on the same (rounded) inputs,
-as relative error ||x - ref|| / ||ref|| (DESIGN.md: bf16 1e-2, fp16 5e-3), for the output and
+as relative error ||x - ref|| / ||ref|| (docs/design.md: bf16 1e-2, fp16 5e-3), for the output and
 the final state. Outputs are allocated with torch.empty by the op, so before each call free
 blocks of the allocator are filled with 0xFF bytes (NaN as float32, float16 and bfloat16):
 anything the kernel leaves unwritten shows up as NaN.

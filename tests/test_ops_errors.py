@@ -1,4 +1,4 @@
-"""Every bad input in DESIGN.md raises a clear error, and the caller's tensors are never written."""
+"""Every bad input in docs/design.md raises a clear error, and the caller's tensors are never written."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""State pools (DESIGN.md "Serving: state pools" and the cu_seqlens bullet) on every backend.
+"""State pools (docs/design.md "State pools" and the cu_seqlens bullet) on every backend.
 
 Each test compares with the float64 reference run densely, sequence by sequence, from the
 pool row a sequence names; rows not named must stay bitwise unchanged."""

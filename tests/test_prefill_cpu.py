@@ -177,7 +177,7 @@ def test_state_carries_over_windows():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_weights(dtype):
     """model.to(bfloat16 / float16): the fused path widens the weights to float32 once; y comes
-    back in the model's dtype, states in float32 (DESIGN: bf16 within 1e-2 of float64)."""
+    back in the model's dtype, states in float32 (docs/design.md: bf16 within 1e-2 of float64)."""
     model = GLA.build(embed_dim=287).eval().to(dtype)
     m64 = float64_model(model)          # the same (rounded) weights in float64
     x = torch.randn(2, 60, 287).to(dtype)

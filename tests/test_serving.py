@@ -10,7 +10,7 @@ from gla_ext import GLA, decode
 from helpers import rel_err
 
 SMALL = dict(embed_dim=11, hidden_size=24, num_layers=2, num_heads=2, head_dim=8, dropout=0.1)
-TOL = 1e-5       # float32 on the CPU (DESIGN "Numerics")
+TOL = 1e-5       # float32 on the CPU (docs/design.md "Numerics")
 
 
 def small_model(**overrides):

@@ -83,7 +83,7 @@ void recurrent_fwd_impl(const GlaParams& p) {
   });
 }
 
-// Gradients (see DESIGN.md math), with D_t the gradient of the state S_t:
+// Gradients (see docs/design.md "The math"), with D_t the gradient of the state S_t:
 //   D_t  = scale q_t^T do_t + diag(a_{t+1}) D_{t+1}, and D_last also holds dht
 //   dq_t = scale * S_t do_t,  dk_t = D_t v_t,  dv_t = D_t^T k_t,  dh0 = diag(a_first) D_first
 //   dg_t = a_t * rowsum(S_{t-1} * D_t)

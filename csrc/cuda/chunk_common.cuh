@@ -3,7 +3,7 @@
 // PTX wrappers (mma.sync m16n8k16, ldmatrix, cp.async), bf16/fp16 element helpers, chunk tile
 // loaders, the in-chunk cumulative gate sum and the intra-chunk score matrix A.
 //
-// Chunk math (DESIGN.md), chunk of kC tokens, b_t = cumulative sum of the gates over the
+// Chunk math (docs/design.md), chunk of kC tokens, b_t = cumulative sum of the gates over the
 // chunk up to and including token t (one value per key dimension, exp2 domain here):
 //   A[t][s] = scale * sum_k q_t[k] k_s[k] exp2(b_t[k] - b_s[k])   for s <= t, else 0.
 // Every exponent used is <= 0 for gates g <= 0; g is clamped at kGateFloor per token first,

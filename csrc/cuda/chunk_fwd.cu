@@ -1,7 +1,7 @@
 // Chunked GLA forward on tensor cores (bf16 / fp16 inputs, float32 state and accumulation).
 // Torch-free: raw pointers and a stream.
 //
-// Math (DESIGN.md), per sequence n and head h, state S is K x V in float32:
+// Math (docs/design.md "The math"), per sequence n and head h, state S is K x V in float32:
 //   S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,   o_t = scale * q_t S_t
 // Inside a chunk of C tokens that starts from state S0, with b_t = cumulative sum of g over
 // the chunk's tokens up to and including t (one value per key dimension):
@@ -38,7 +38,7 @@
 // the tensor-core operands are rounded to the input dtype: the gated q and k, the scores A,
 // and the state S for o = q~ @ S. Against the float64 recurrence (CPU emulation, random
 // inputs) that gives relative errors of about 2.5e-3 for bf16 (o) and 3e-4 for fp16,
-// within DESIGN's 1e-2 / 5e-3; rounding k~ to bf16 puts ~1e-3 on the final state. With
+// within docs/design.md's 1e-2 / 5e-3; rounding k~ to bf16 puts ~1e-3 on the final state. With
 // fp16 a state entry beyond 65504 would overflow its operand (o itself is fp16 too).
 //
 // GLA_CHUNK_EMULATE: tests/cuda_emu includes this file in a host program that supplies the

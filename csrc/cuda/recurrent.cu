@@ -1,6 +1,6 @@
 // Fused recurrent GLA on CUDA, forward and backward. Torch-free: raw pointers and a stream.
 //
-// Math (DESIGN.md), per sequence n and head h, state S is K x V in float32:
+// Math (docs/design.md "The math"), per sequence n and head h, state S is K x V in float32:
 //   S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,   o_t = scale * q_t S_t
 // and the backward of csrc/cpu/recurrent.cpp:
 //   dq_t = scale * S_t do_t                                  (pass 1, processing order)
