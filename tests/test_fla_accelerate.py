@@ -379,3 +379,26 @@ def test_hybrid_attention_layers_raise_clearly():
         model = _model(attn={"layers": [1], "num_heads": 2})
         with pytest.raises(NotImplementedError, match="attention layer"):
             model(torch.randint(0, VOCAB, (1, 8)))
+
+
+def test_short_convolution_raises_clearly():
+    gla_fla.accelerate()
+    model = _model(use_short_conv=True)
+    with pytest.raises(NotImplementedError, match="use_short_conv"):
+        model(torch.randint(0, VOCAB, (1, 8)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_tensors_keep_fla_or_take_gla_ext_ops_when_asked():  # pragma: no cover
+    """On CUDA fla's own Triton modules stay; cuda_ops=True routes the GLA ops to gla_ext's
+    CUDA kernels: logits agree with fla's own CUDA model (float32 on GPU: 1e-3)."""
+    model = _model().cuda().eval()
+    ids = torch.randint(0, VOCAB, (2, 80), device="cuda")
+    with torch.no_grad():
+        plain = model(ids).logits
+        with gla_fla.accelerated():
+            kept = model(ids).logits
+        with gla_fla.accelerated(cuda_ops=True):
+            routed = model(ids).logits
+    assert rel_err(kept, plain) < 1e-6
+    assert rel_err(routed, plain) < 1e-3

@@ -16,7 +16,8 @@ What is swapped (fla 0.6.0), in every fla module that bound it (fla_patching.Pat
 - fla's generation mixin hands transformers' `cache` back to fla as `past_key_values` (with
   transformers >= 5 fla 0.6.0's generate otherwise drops its recurrent state every step);
 - pieces with no CPU version raise NotImplementedError naming them on CPU tensors: hybrid
-  `attn` layers (fla.layers.attn.Attention: flash-attn + Triton rotary) and fused_attnres.
+  `attn` layers (fla.layers.attn.Attention: flash-attn + Triton rotary), fused_attnres and
+  ShortConvolution (use_short_conv: Triton causal_conv1d).
 fla is imported by the first accelerate() call (so fla code imported after it sees the
 swaps); fla modules first loaded while it is on bind the swapped objects and are restored too. Calling accelerate() again is harmless; accelerate(False) undoes everything.
 """
@@ -140,6 +141,10 @@ def _install_guards(patch: Patch):
             "needs flash-attn's kernels and fla's Triton rotary embedding)"), _on_cpu))
     patch.replace_function(fused_attnres, _dispatch(
         fused_attnres, _missing_on_cpu("fla's fused_attnres (attnres_block_size)"), _on_cpu))
+    from fla.modules.causal_conv1d import ops as conv_ops
+    for fn in (conv_ops.causal_conv1d, conv_ops.causal_conv1d_update):
+        patch.replace_function(fn, _dispatch(fn, _missing_on_cpu(
+            "fla's ShortConvolution (use_short_conv=True: Triton causal_conv1d)"), _on_cpu))
 
 
 def _install_generation_fix(patch: Patch):
