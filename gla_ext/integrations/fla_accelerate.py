@@ -12,12 +12,12 @@ What is swapped (fla 0.6.0), in every fla module that bound it (fla_patching.Pat
   tensors, and for CUDA tensors too with cuda_ops=True (else fla's Triton ops stay);
 - on CPU tensors only: rms_norm / layer_norm (RMSNorm, LayerNorm), rms_norm_gated /
   layer_norm_gated (FusedRMSNormGated), swiglu / swiglu_linear (GatedMLP), SwishFunction,
-  FusedCrossEntropyLoss and FusedLinearCrossEntropyLoss -> fla_torch_modules;
+  FusedCrossEntropyLoss, FusedLinearCrossEntropyLoss and causal_conv1d(_update)
+  (ShortConvolution, use_short_conv) -> fla_torch_modules;
 - fla's generation mixin hands transformers' `cache` back to fla as `past_key_values` (with
   transformers >= 5 fla 0.6.0's generate otherwise drops its recurrent state every step);
 - pieces with no CPU version raise NotImplementedError naming them on CPU tensors: hybrid
-  `attn` layers (fla.layers.attn.Attention: flash-attn + Triton rotary), fused_attnres and
-  ShortConvolution (use_short_conv: Triton causal_conv1d).
+  `attn` layers (fla.layers.attn.Attention: flash-attn + Triton rotary) and fused_attnres.
 fla is imported by the first accelerate() call (so fla code imported after it sees the
 swaps); fla modules first loaded while it is on bind the swapped objects and are restored too. Calling accelerate() again is harmless; accelerate(False) undoes everything.
 """
@@ -85,9 +85,10 @@ def _dispatch(original, replacement, use_replacement):
 
 
 def install_torch_modules(patch: Patch, use_torch=_on_cpu):
-    """Swaps fla's Triton-only norm / swiglu / swish / cross-entropy pieces for
+    """Swaps fla's Triton-only norm / swiglu / swish / cross-entropy / short-conv pieces for
     fla_torch_modules; use_torch(tensor) picks per call (None: always PyTorch)."""
     import fla.modules.activations.ops as act
+    import fla.modules.causal_conv1d.ops as conv
     import fla.modules.norm.fused_norm_gate as norm_gate
     import fla.modules.norm.layernorm as layernorm
     from fla.modules import FusedCrossEntropyLoss, FusedLinearCrossEntropyLoss
@@ -97,7 +98,9 @@ def install_torch_modules(patch: Patch, use_torch=_on_cpu):
                            (norm_gate.rms_norm_gated, tm.rms_norm_gated),
                            (norm_gate.layer_norm_gated, tm.layer_norm_gated),
                            (act.swiglu, tm.swiglu),
-                           (act.swiglu_linear, tm.swiglu_linear)):
+                           (act.swiglu_linear, tm.swiglu_linear),
+                           (conv.causal_conv1d, tm.causal_conv1d),
+                           (conv.causal_conv1d_update, tm.causal_conv1d_update)):
         patch.replace_function(original, _dispatch(original, ours, use_torch))
     # swish is SwishFunction.apply, also held by ACT2FN and by layers built earlier
     # (gate_fn): swap the Function's forward/backward themselves
@@ -141,10 +144,6 @@ def _install_guards(patch: Patch):
             "needs flash-attn's kernels and fla's Triton rotary embedding)"), _on_cpu))
     patch.replace_function(fused_attnres, _dispatch(
         fused_attnres, _missing_on_cpu("fla's fused_attnres (attnres_block_size)"), _on_cpu))
-    from fla.modules.causal_conv1d import ops as conv_ops
-    for fn in (conv_ops.causal_conv1d, conv_ops.causal_conv1d_update):
-        patch.replace_function(fn, _dispatch(fn, _missing_on_cpu(
-            "fla's ShortConvolution (use_short_conv=True: Triton causal_conv1d)"), _on_cpu))
 
 
 def _install_generation_fix(patch: Patch):

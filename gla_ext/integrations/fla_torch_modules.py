@@ -8,6 +8,7 @@ backward. Used by accelerate() on CPU tensors and by fla_reference_ops() in the 
     swish_forward / swish_backward      SwishFunction (ACT2FN['swish'], the unfused output gate)
     cross_entropy_forward               FusedCrossEntropyLoss.forward
     linear_cross_entropy_forward        FusedLinearCrossEntropyLoss.forward
+    causal_conv1d / causal_conv1d_update   fla.modules.causal_conv1d (ShortConvolution)
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 __all__ = ["rms_norm", "layer_norm", "rms_norm_gated", "layer_norm_gated", "swiglu",
            "swiglu_linear", "swish_forward", "swish_backward", "cross_entropy_forward",
-           "linear_cross_entropy_forward"]
+           "linear_cross_entropy_forward", "causal_conv1d", "causal_conv1d_update"]
 
 
 def _normalize(x, weight, bias, residual, eps, residual_in_fp32, is_rms):
@@ -153,3 +154,76 @@ def linear_cross_entropy_forward(self, x, target, weight, bias=None):
     if self.use_l2warp:
         loss = l2_warp(loss, logits.unsqueeze(0), self.l2_penalty_factor)
     return loss
+
+
+def _conv_activation(y, activation):
+    if activation in ("silu", "swish"):
+        return F.silu(y)
+    if activation is not None:
+        raise NotImplementedError(f"accelerate: causal_conv1d activation {activation!r} is not "
+                                  "supported (silu / swish / None are)")
+    return y
+
+
+def _conv_one(x, weight, bias, h0, activation):
+    """One sequence x [T, D], state h0 [D, W] (the last W inputs, newest last) ->
+    (y [T, D] float32 before the residual, final state [D, W])."""
+    W = h0.shape[-1]
+    xx = torch.cat([h0.t().float(), x.float()])             # [W + T, D]: times -W .. T-1
+    windows = xx[1:].unfold(0, W, 1)                        # [T, D, W]: times t-W+1 .. t
+    y = (windows * weight.float()).sum(-1) if weight is not None else windows.sum(-1)
+    if bias is not None:
+        y = y + bias.float()
+    return _conv_activation(y, activation), xx[-W:].t()
+
+
+def causal_conv1d(x, weight=None, bias=None, residual=None, initial_state=None,
+                  output_final_state=False, activation=None, backend=None, cu_seqlens=None,
+                  cu_seqlens_cpu=None, chunk_indices=None, cp_context=None, **kwargs):
+    """fla's causal_conv1d: y_t = act(sum_i w[:, i] x_{t-W+1+i} + b) (+ residual), x [B, T, D]
+    (B == 1 with cu_seqlens), states [N, D, W] holding each sequence's last W inputs."""
+    if cp_context is not None or kwargs:
+        names = ["cp_context"] if cp_context is not None else sorted(kwargs)
+        raise NotImplementedError(f"accelerate: causal_conv1d argument(s) {names} have no CPU "
+                                  "version")
+    if x.dim() != 3:
+        raise NotImplementedError("accelerate: causal_conv1d on CPU takes x [B, T, D], got "
+                                  f"shape {tuple(x.shape)}")
+    W = weight.shape[-1] if weight is not None else initial_state.shape[-1]
+    B, T, D = x.shape
+    if cu_seqlens is None:
+        pieces = [(b, x[b], slice(None)) for b in range(B)]
+    else:
+        bounds = cu_seqlens.tolist()
+        pieces = [(n, x[0, bounds[n]:bounds[n + 1]], slice(bounds[n], bounds[n + 1]))
+                  for n in range(len(bounds) - 1)]
+    ys, finals = [], []
+    for n, xs, _ in pieces:
+        h0 = initial_state[n] if initial_state is not None else x.new_zeros(D, W)
+        y, ht = _conv_one(xs, weight, bias, h0, activation)
+        ys.append(y)
+        finals.append(ht)
+    y = torch.stack(ys) if cu_seqlens is None else torch.cat(ys).unsqueeze(0)
+    if cu_seqlens is not None and y.shape[1] < T:      # tokens past cu_seqlens[-1]
+        y = torch.cat([y, y.new_zeros(1, T - y.shape[1], D)], 1)
+    if residual is not None:
+        y = y + residual.float()
+    final = torch.stack(finals).to(x.dtype) if output_final_state else None
+    return y.to(x.dtype), final
+
+
+def causal_conv1d_update(x, cache, residual=None, weight=None, bias=None, activation=None):
+    """fla's decode step: one token per sequence (x [N, D], [N, 1, D] or [1, N, D]); cache
+    [N, D, W] shifts left by one and takes x as its newest column, in place."""
+    shape, D = x.shape, cache.shape[1]
+    x2 = x.reshape(-1, D)
+    with torch.no_grad():
+        cache.copy_(torch.cat([cache[..., 1:], x2.unsqueeze(-1).to(cache.dtype)], -1))
+    c = cache.float()
+    y = (c * weight.float()).sum(-1) if weight is not None else c.sum(-1)
+    if bias is not None:
+        y = y + bias.float()
+    y = _conv_activation(y, activation).view(shape)
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype), cache
