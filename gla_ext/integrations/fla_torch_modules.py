@@ -29,16 +29,13 @@ def _normalize(x, weight, bias, residual, eps, residual_in_fp32, is_rms):
         res_out = s.to(residual.dtype)
     else:
         res_out = s if residual_in_fp32 else x
+    # torch's fused norms (one op each: decode steps are dominated by per-op overhead)
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
     if is_rms:
-        y = s * torch.rsqrt(s.square().mean(-1, keepdim=True) + eps)
-    else:
-        mean = s.mean(-1, keepdim=True)
-        y = (s - mean) * torch.rsqrt((s - mean).square().mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.float()
-    if bias is not None:
-        y = y + bias.float()
-    return y, res_out
+        y = F.rms_norm(s, s.shape[-1:], w, eps)
+        return (y if b is None else y + b), res_out
+    return F.layer_norm(s, s.shape[-1:], w, b, eps), res_out
 
 
 def _norm(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms):
