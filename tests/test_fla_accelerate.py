@@ -448,3 +448,21 @@ def test_cuda_tensors_keep_fla_or_take_gla_ext_ops_when_asked():  # pragma: no c
             routed = model(ids).logits
     assert rel_err(kept, plain) < 1e-6
     assert rel_err(routed, plain) < 1e-3
+
+
+def test_bfloat16_model_trains():
+    """A bf16 fla model on CPU: logits near the float32 model's (bf16 tolerance), a loss and
+    finite gradients for every parameter."""
+    model = _model()
+    torch.manual_seed(11)
+    ids = torch.randint(0, VOCAB, (2, 70))
+    gla_fla.accelerate()
+    with torch.no_grad():
+        full = model(ids).logits
+    model = model.to(torch.bfloat16)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16
+    assert rel_err(out.logits.float(), full) < 3e-2
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad.float()).all(), name
