@@ -71,6 +71,19 @@ def _greedy_loop(model, prompt, n):
     return torch.cat(tokens, 1)
 
 
+def _check_decode_equals_forward(model, ids, prompt_len):
+    """fla's cached decode (prefill prompt_len tokens, then one step per token) gives the
+    full forward's logits at every position; returns the full logits."""
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :prompt_len], use_cache=True)
+        assert rel_err(out.logits, full[:, :prompt_len]) < 1e-5
+        for t in range(prompt_len, ids.shape[1]):
+            out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            assert rel_err(out.logits[:, 0], full[:, t]) < 1e-5, t
+    return full
+
+
 # --- patching and restoring -------------------------------------------------------------
 
 def _fla_snapshot():
@@ -369,16 +382,57 @@ def test_cross_entropy_modules(kw):
         assert rel_err(fused, expected) < 1e-6
 
 
-def test_hybrid_attention_layers_raise_clearly():
-    import fla.layers.attn as fla_attn
+@pytest.mark.parametrize("window", [None, 6])
+def test_attention_layer_alone_matches_softmax_oracle(window):
+    """fla's softmax Attention (GQA, rotary, causal, sliding window) on CPU == attention
+    written out here with fla's pure-PyTorch rotary_embedding_ref: output and input gradient."""
+    from fla.layers.attn import Attention
+    from fla.modules.rotary.ops import rotary_embedding_ref
     gla_fla.accelerate()
-    if fla_attn.flash_attn_func is None:
-        with pytest.raises(NotImplementedError, match="flash-attn"):
-            _model(attn={"layers": [1], "num_heads": 2})
-    else:  # pragma: no cover - flash-attn installed: the layer builds, CPU forward refuses
-        model = _model(attn={"layers": [1], "num_heads": 2})
-        with pytest.raises(NotImplementedError, match="attention layer"):
-            model(torch.randint(0, VOCAB, (1, 8)))
+    torch.manual_seed(12)
+    layer = Attention(hidden_size=64, num_heads=4, num_kv_heads=2, window_size=window,
+                      layer_idx=0)
+    B, T, H, D = 2, 20, 4, 16
+    x = torch.randn(B, T, 64, requires_grad=True)
+    o, _, _ = layer(x)
+    cos, sin = layer.rotary._cos_cached[:T], layer.rotary._sin_cached[:T]
+    q = rotary_embedding_ref(layer.q_proj(x).view(B, T, H, D), cos, sin)
+    k = rotary_embedding_ref(layer.k_proj(x).view(B, T, 2, D), cos, sin)
+    k = k.repeat_interleave(2, dim=2)
+    v = layer.v_proj(x).view(B, T, 2, D).repeat_interleave(2, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * D ** -0.5
+    i, j = torch.arange(T).unsqueeze(1), torch.arange(T).unsqueeze(0)
+    keep = (j <= i) if window is None else (j <= i) & (j > i - window)
+    att = scores.masked_fill(~keep, float("-inf")).softmax(-1)
+    ref = layer.o_proj(torch.einsum("bhts,bshd->bthd", att, v).reshape(B, T, H * D))
+    assert rel_err(o, ref) < 1e-5
+    g = torch.randn_like(o)
+    (dx,) = torch.autograd.grad((o * g).sum(), x)
+    (dx_ref,) = torch.autograd.grad((ref * g).sum(), x)
+    assert rel_err(dx, dx_ref) < 1e-5
+
+
+def test_hybrid_model_decode_padding_and_training():
+    """A GLA config with an `attn` layer: cached decode steps == the full forward,
+    left-padded rows == each row alone, and a training step runs."""
+    gla_fla.accelerate()          # fla builds the attn layer only with flash-attn's functions
+    model = _model(attn={"layers": [1], "num_heads": 2}).eval()
+    assert type(model.model.layers[1].attn).__name__ == "Attention"
+    torch.manual_seed(13)
+    ids = torch.randint(0, VOCAB, (2, 20))
+    full = _check_decode_equals_forward(model, ids, 12)
+    with torch.no_grad():
+        short = ids[1:, :13]
+        padded = torch.cat([torch.zeros(1, 7, dtype=torch.int64), short], 1)
+        mask = torch.cat([torch.zeros(1, 7), torch.ones(1, 13)], 1).to(torch.int64)
+        both = model(torch.cat([ids, padded]), attention_mask=torch.cat(
+            [torch.ones_like(ids), mask])).logits
+        assert rel_err(both[0], full[0]) < 1e-5
+        assert rel_err(both[2, 7:], model(short).logits[0]) < 1e-5
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert model.model.layers[1].attn.q_proj.weight.grad.abs().sum() > 0
 
 
 def test_short_convolution_against_conv1d():
@@ -422,13 +476,7 @@ def test_short_conv_model_decode_equals_forward():
     gla_fla.accelerate()
     torch.manual_seed(10)
     ids = torch.randint(0, VOCAB, (2, 20))
-    with torch.no_grad():
-        full = model(ids).logits
-        out = model(ids[:, :12], use_cache=True)
-        assert rel_err(out.logits, full[:, :12]) < 1e-5
-        for t in range(12, 20):
-            out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
-            assert rel_err(out.logits[:, 0], full[:, t]) < 1e-5, t
+    _check_decode_equals_forward(model, ids, 12)
     model.train()
     model(ids, labels=ids).loss.backward()
     assert model.model.layers[0].attn.q_conv1d.weight.grad.abs().sum() > 0

@@ -16,8 +16,10 @@ What is swapped (fla 0.6.0), in every fla module that bound it (fla_patching.Pat
   (ShortConvolution, use_short_conv) -> fla_torch_modules;
 - fla's generation mixin hands transformers' `cache` back to fla as `past_key_values` (with
   transformers >= 5 fla 0.6.0's generate otherwise drops its recurrent state every step);
-- pieces with no CPU version raise NotImplementedError naming them on CPU tensors: hybrid
-  `attn` layers (fla.layers.attn.Attention: flash-attn + Triton rotary) and fused_attnres.
+- hybrid `attn` layers (fla.layers.attn.Attention): flash-attn's functions (when flash-attn
+  is not installed, or on CPU tensors) and fla's Triton rotary (CPU tensors) ->
+  fla_torch_attention (torch's scaled_dot_product_attention);
+- fused_attnres (attnres_block_size) raises NotImplementedError naming it on CPU tensors.
 fla is imported by the first accelerate() call (so fla code imported after it sees the
 swaps); fla modules first loaded while it is on bind the swapped objects and are restored too. Calling accelerate() again is harmless; accelerate(False) undoes everything.
 """
@@ -29,6 +31,7 @@ import threading
 
 import torch
 
+from . import fla_torch_attention as ta
 from . import fla_torch_modules as tm
 from .fla_ops_adapters import make_adapters
 from .fla_patching import Patch
@@ -121,27 +124,23 @@ def _missing_on_cpu(what: str):
     return refuse
 
 
-def _install_guards(patch: Patch):
-    """Clear errors for the pieces of fla models that cannot run on a CPU."""
+def _install_attention(patch: Patch):
+    """Hybrid `attn` layers: fla's Attention takes flash-attn's functions and fla's Triton
+    rotary; on CPU tensors (and wherever flash-attn is not installed) they run as
+    fla_torch_attention (torch's scaled_dot_product_attention)."""
     import fla.layers.attn as fla_attn
-    from fla.layers.attn import Attention
+    import fla.modules.rotary.ops as rotary
+    for name in ("flash_attn_func", "flash_attn_varlen_func"):
+        original, ours = getattr(fla_attn, name, None), getattr(ta, name)
+        patch.replace_attribute(fla_attn, name, ours if original is None
+                                else _dispatch(original, ours, _on_cpu))
+    patch.replace_function(rotary.rotary_embedding, _dispatch(
+        rotary.rotary_embedding, ta.rotary_embedding, _on_cpu))
+
+
+def _install_guards(patch: Patch):
+    """A clear error for the piece of fla models that cannot run on a CPU yet."""
     from fla.ops.attnres import fused_attnres
-    init = Attention.__init__
-
-    @functools.wraps(init)
-    def attention_init(self, *args, **kwargs):
-        if fla_attn.flash_attn_func is None:
-            raise NotImplementedError(
-                "gla_ext accelerate: hybrid `attn` layers (fla.layers.attn.Attention) need the "
-                "flash-attn package, which is not installed, and gla_ext has no CPU softmax "
-                "attention for fla; use a pure GLA config (attn=None)")
-        init(self, *args, **kwargs)
-
-    patch.replace_attribute(Attention, "__init__", attention_init)
-    patch.replace_attribute(Attention, "forward", _dispatch(
-        Attention.forward, _missing_on_cpu(
-            "fla's softmax attention layer (hybrid `attn` layers: fla.layers.attn.Attention "
-            "needs flash-attn's kernels and fla's Triton rotary embedding)"), _on_cpu))
     patch.replace_function(fused_attnres, _dispatch(
         fused_attnres, _missing_on_cpu("fla's fused_attnres (attnres_block_size)"), _on_cpu))
 
@@ -176,6 +175,7 @@ def _build(cuda_ops: bool) -> Patch:
         for name, adapter in make_adapters(originals, takes).items():
             patch.replace_function(originals[name], adapter)
         install_torch_modules(patch, _on_cpu)
+        _install_attention(patch)
         _install_guards(patch)
         _install_generation_fix(patch)
     except BaseException:
