@@ -195,3 +195,8 @@ def load(model_or_dir, device=None, dtype=None) -> FlaGLALanguageModel:
     device = default_device if device is None else torch.device(device)
     model = FlaGLALM(settings, weights, dtype).to(device)
     return FlaGLALanguageModel(model)
+
+
+from .fla_accelerate import accelerate, accelerated, is_accelerated  # noqa: E402
+
+__all__ += ["accelerate", "accelerated", "is_accelerated"]
