@@ -10,12 +10,12 @@
 //
 // Why the weights are widened in registers and the activations stay float32 (no per-block
 // int8 activations with vpmaddubsw / VNNI): a decode step is bound by the weight stream, and
-// widening one k-row (load, sign/zero extend, convert, one multiply-add by the group's scale
-// and offset) is shared by every batch row of the tile, so the per-row work stays one FMA per
-// weight, as for float weights. The widened value q * s (+ m) is exact in float32 (q has at
-// most 8 bits, s 11), so it equals gla_ext.quantize's dequantized weight bit for bit and
-// the kernel computes the same sum as the float32 kernel on the dequantized matrix.
-// Measured in benchmarks/results/quant_kernels.md (AMD EPYC, AVX2).
+// widening one k-row (load, sign/zero extend, convert) is shared by every batch row of the
+// tile, so the per-row work stays one FMA per weight, as for float weights; the group's
+// scale (and offset, times the group's sum of x) is applied once per group. A first version
+// that multiplied every widened weight by its scale in the k-loop ran 1.46x the bf16
+// kernel's CPU time at batch 1 on AVX2 (compute-bound); see docs/quantization.md.
+// Measured: benchmarks/results/bench_lm_quick_t1.md, docs/quantization.md (AMD EPYC, AVX2).
 
 #ifndef GLA_VEC_BYTES
 #error "define GLA_VEC_BYTES before including linear_q_impl.h"
@@ -30,9 +30,9 @@ struct Q8Rows {
     a = (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
     b = (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + W))));
 #elif GLA_VEC_BYTES == 32
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    a = (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-    b = (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+    // two 8-byte loads folded into the sign extensions (no shuffle for the upper half)
+    a = (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    b = (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + W))));
 #else
     float f[NR];
     for (int j = 0; j < NR; ++j) f[j] = static_cast<float>(static_cast<int8_t>(p[j]));
@@ -73,11 +73,14 @@ inline idx q_group_bytes(idx group) {
   return QR::kHeaders * NR * 2 + group * QR::kRowBytes;
 }
 
-// As tile() in linear_impl.h, for quantized panels of `panel_bytes` bytes.
+// As tile() in linear_impl.h, for quantized panels of `panel_bytes` bytes. Per group the
+// k-loop sums x * q in its own accumulators (no scale in the inner loop: the same work per
+// weight as a bf16 panel); at the group's end c += s * sum(x q) (+ m * sum(x), int4).
 template <class QR, int MB, int NP>
 inline void qtile(const uint8_t* __restrict wp, idx panel_bytes, idx in, idx group,
                   const float* __restrict x, idx ldx, float* __restrict y, idx ldy, idx cols,
                   const float* __restrict bias, bool accumulate) {
+  constexpr bool kOffsets = QR::kHeaders == 2;
   vf c[NP][MB][2];
 #pragma GCC unroll 8
   for (int q = 0; q < NP; ++q)
@@ -85,43 +88,52 @@ inline void qtile(const uint8_t* __restrict wp, idx panel_bytes, idx in, idx gro
     for (int b = 0; b < MB; ++b) c[q][b][0] = c[q][b][1] = vf{};
   const idx gbytes = q_group_bytes<QR>(group);
   for (idx g0 = 0; g0 < in; g0 += group) {
-    vf s[NP][2], m[NP][2];
-    const uint8_t* rows[NP];
+    const uint8_t* gp[NP];
+    vf a[NP][MB][2];
+    float xs[MB];
 #pragma GCC unroll 2
     for (int q = 0; q < NP; ++q) {
-      const uint8_t* gp = wp + q * panel_bytes + (g0 / group) * gbytes;
-      const uint16_t* hdr = reinterpret_cast<const uint16_t*>(gp);
-      s[q][0] = F16Weights::widen(hdr);
-      s[q][1] = F16Weights::widen(hdr + W);
-      if constexpr (QR::kHeaders == 2) {
-        m[q][0] = F16Weights::widen(hdr + NR);
-        m[q][1] = F16Weights::widen(hdr + NR + W);
-      }
-      rows[q] = gp + QR::kHeaders * NR * 2;
+      gp[q] = wp + q * panel_bytes + (g0 / group) * gbytes;
+#pragma GCC unroll 8
+      for (int b = 0; b < MB; ++b) a[q][b][0] = a[q][b][1] = vf{};
     }
+#pragma GCC unroll 8
+    for (int b = 0; b < MB; ++b) xs[b] = 0.f;
     for (idx kk = 0; kk < group; ++kk) {
       vf w[NP][2];
 #pragma GCC unroll 2
       for (int q = 0; q < NP; ++q) {
-        const uint8_t* p = rows[q] + kk * QR::kRowBytes;
+        const uint8_t* p = gp[q] + QR::kHeaders * NR * 2 + kk * QR::kRowBytes;
         __builtin_prefetch(p + kPrefetchBytes, 0, GLA_LINEAR_PF_LOCALITY);
         QR::widen(p, w[q][0], w[q][1]);
-        if constexpr (QR::kHeaders == 2) {
-          w[q][0] = w[q][0] * s[q][0] + m[q][0];
-          w[q][1] = w[q][1] * s[q][1] + m[q][1];
-        } else {
-          w[q][0] *= s[q][0];
-          w[q][1] *= s[q][1];
-        }
       }
       const idx k = g0 + kk;
 #pragma GCC unroll 8
       for (int b = 0; b < MB; ++b) {
         const float xb = x[b * ldx + k];
+        if constexpr (kOffsets) xs[b] += xb;
 #pragma GCC unroll 2
         for (int q = 0; q < NP; ++q) {
-          c[q][b][0] += xb * w[q][0];
-          c[q][b][1] += xb * w[q][1];
+          a[q][b][0] += xb * w[q][0];
+          a[q][b][1] += xb * w[q][1];
+        }
+      }
+    }
+#pragma GCC unroll 2
+    for (int q = 0; q < NP; ++q) {
+      const uint16_t* hdr = reinterpret_cast<const uint16_t*>(gp[q]);
+      const vf s0 = F16Weights::widen(hdr), s1 = F16Weights::widen(hdr + W);
+#pragma GCC unroll 8
+      for (int b = 0; b < MB; ++b) {
+        c[q][b][0] += a[q][b][0] * s0;
+        c[q][b][1] += a[q][b][1] * s1;
+      }
+      if constexpr (kOffsets) {
+        const vf m0 = F16Weights::widen(hdr + NR), m1 = F16Weights::widen(hdr + NR + W);
+#pragma GCC unroll 8
+        for (int b = 0; b < MB; ++b) {
+          c[q][b][0] += xs[b] * m0;
+          c[q][b][1] += xs[b] * m1;
         }
       }
     }
