@@ -22,9 +22,12 @@ from other processes hits both alike):
              runs without its state: the timing of what a user gets, not correct output)
 Targets (issue 13): decode batch 1 <= 1.5x the weight-read bound (float32); bf16 step
 <= 0.6x the float32 step; prefill >= 50% of the float32 matmul roofline; batch 8 decode
-<= 1.5x batch 1.
+<= 1.5x batch 1. Quantized rows (issue 18, --formats; gla_fla.load(quantize=...), float32
+activations): int8 step <= 0.6x and int4 step <= 0.4x the bf16 step, each format's step
+<= 1.3x its own weight read (packed int8 / int4 bytes + float16 scales), int8 batch 8 <= 1.5x
+batch 1, prefill quantized <= 1.2x bf16.
 
-Usage: python benchmarks/bench_lm.py [--quick] [--no-fla]
+Usage: python benchmarks/bench_lm.py [--quick] [--no-fla] [--formats float32,bfloat16,int8,int4]
 Writes benchmarks/results/bench_lm{_quick}.{json,md,png}.
 """
 from __future__ import annotations
@@ -82,6 +85,11 @@ def weight_buffers(decoder) -> list[torch.Tensor]:
     mats.append(lm.head_weight())
     views = []
     for t in mats:
+        if not isinstance(t, torch.Tensor):   # a QuantizedLinear: its buffers, as float32 bits
+            for buf in t.buffers():
+                flat = buf.contiguous().view(-1).view(torch.uint8)
+                views.append(flat[: flat.numel() // 4 * 4].view(torch.float32))
+            continue
         flat = t.contiguous().view(-1)
         if flat.dtype != torch.float32:   # 16-bit weights: reinterpret pairs, same bytes
             flat = flat[: flat.numel() // 2 * 2].view(torch.float32)
@@ -192,10 +200,36 @@ def plot(rows, rate, path_png):
     print(f"saved {path_png}")
 
 
+def quant_targets(rows, results) -> list:
+    """Issue 18's ratios for the quantized formats that ran (vs bf16, vs their own read)."""
+    out = []
+    if ("decode", "bfloat16", 1) not in results:
+        return out
+    s16 = results[("decode", "bfloat16", 1)][0]
+    pre = {r["dtype"]: r["seconds"] for r in rows
+           if r["what"] == "prefill" and r["impl"] == "gla_ext"}
+    for fmt, goal in (("int8", 0.6), ("int4", 0.4)):
+        if ("decode", fmt, 1) not in results:
+            continue
+        st, rd = results[("decode", fmt, 1)]
+        out.append((f"{fmt} step / bf16 step (b1) <= {goal}", st / s16, st / s16 <= goal))
+        out.append((f"{fmt} step / its weight read (b1) <= 1.3", st / rd, st / rd <= 1.3))
+        if ("decode", fmt, 8) in results:
+            r8 = results[("decode", fmt, 8)][0] / st
+            out.append((f"{fmt} batch 8 / batch 1 <= 1.5", r8, r8 <= 1.5 if fmt == "int8" else None))
+        if fmt in pre and "bfloat16" in pre:
+            r = pre[fmt] / pre["bfloat16"]
+            out.append((f"prefill {PREFILL_T} {fmt} / bf16 <= 1.2", r, r <= 1.2))
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a few minutes)")
     parser.add_argument("--no-fla", action="store_true", help="skip fla's model")
+    parser.add_argument("--formats", default="float32,bfloat16,int8,int4",
+                        help="weight formats to run (float32 and bfloat16 are needed for the "
+                        "targets)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: "
                         "torch's); gla_ext's kernels use the same pool")
     args = parser.parse_args()
@@ -217,8 +251,11 @@ def main() -> int:
 
     rows, results = [], {}
     ids = torch.randint(0, CONFIG["vocab_size"], (1, PREFILL_T))
-    lms = {name: gla_fla.load(model, dtype=dt)
-           for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    formats = args.formats.split(",")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    lms = {name: (gla_fla.load(model, dtype=dtypes[name]) if name in dtypes
+                  else gla_fla.load(model, dtype=torch.float32, quantize=name))
+           for name in formats}
     with_fla = not args.no_fla
 
     # Prefill: every variant and the roofline GEMM once per round, rounds repeated.
@@ -317,6 +354,7 @@ def main() -> int:
         ("  same, best steps: b8 / b1 (fp32)",
          best[("float32", 8)]["step_min_s"] / best[("float32", 1)]["step_min_s"], None),
     ]
+    targets += quant_targets(rows, results)
     fla_pre_rows = [r for r in rows if r["what"] == "prefill" and r["impl"].startswith("fla")]
     if fla_pre_rows:
         targets.append(("fla prefill / ours (fp32)",

@@ -24,6 +24,16 @@ def kernel_table() -> list[tuple[str, str, str]]:
     return rows
 
 
+def quantized_kernels() -> str:
+    """Which kernels run gla_ext.quantize_'s int8 / int4 weights on this install and CPU."""
+    if not _ext.loaded():
+        return "quantized weights (int8, int4): dequantized per call (no compiled kernels)"
+    isa = _ext._C.linear_isa()
+    return (f"quantized weights (int8, int4): packed {isa} kernels on this CPU (weights widened "
+            "in registers, float32 activations) for the fla decode step; dequantized per call "
+            "elsewhere (prefill, GLA.step, CUDA)")
+
+
 def cmd_info(_args) -> int:
     print(f"gla_ext {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__} "
@@ -44,6 +54,7 @@ def cmd_info(_args) -> int:
     else:
         print(f"extension gla_ext._C: NOT loaded ({_ext.LOAD_ERROR})")
         print("  only backend='reference' works; build with `pip install --no-build-isolation .`")
+    print(quantized_kernels())
     print("\nbackends:")
     for op, backend, what in kernel_table():
         print(f"  {op:20} {backend:10} {what}")

@@ -68,6 +68,27 @@ class PackedLinear:
         """The packed copy of an nn.Linear (its weight dtype kept)."""
         return cls(linear.weight, linear.bias)
 
+    @classmethod
+    def from_quantized(cls, qlin, bias: torch.Tensor | None = None) -> "PackedLinear":
+        """The packed copy of a gla_ext.quantize.QuantizedLinear (int8 / int4 weights, read
+        and widened in registers by the kernels of csrc/cpu/linear_q_impl.h); `bias`
+        overrides the layer's own. Equals the float32 kernel on the dequantized weight up to
+        float32 rounding of the sums."""
+        _require_extension()
+        if bias is None:
+            bias = qlin.bias
+        if qlin.qweight.device.type != "cpu":
+            raise ValueError(f"PackedLinear: the quantized weight must be on the CPU, got "
+                             f"{qlin.qweight.device}")
+        self = cls.__new__(cls)
+        with torch.no_grad():
+            self._impl = _ext._C.PackedLinear(qlin.qweight, qlin.scales, qlin.offsets,
+                                              qlin.group_size,
+                                              None if bias is None else bias.detach())
+        self.out_features, self.in_features = qlin.out_features, qlin.in_features
+        self.weight_dtype = qlin.format
+        return self
+
     @property
     def isa(self) -> str:
         """Instruction set of the kernels this matrix was packed for."""

@@ -26,6 +26,10 @@ struct LinearKernels {
   using Fn = void (*)(const void*, int64_t, int64_t, const float*, const float*, int64_t,
                       int64_t, float*, int64_t, bool, int64_t, int64_t);
   Fn f32, bf16, f16;
+  // quantized weights (linear_q_impl.h): the extra argument is the group size
+  using QFn = void (*)(const void*, int64_t, int64_t, int64_t, const float*, const float*,
+                       int64_t, int64_t, float*, int64_t, bool, int64_t, int64_t);
+  QFn q8, q4;
   int nr;
   const char* name;
 };
@@ -33,8 +37,9 @@ struct LinearKernels {
 namespace linear_generic {
 #define GLA_VEC_BYTES 16
 #include "linear_impl.h"
+#include "linear_q_impl.h"
 #undef GLA_VEC_BYTES
-const LinearKernels kKernels{&apply_f32, &apply_bf16, &apply_f16, NR, "generic"};
+const LinearKernels kKernels{&apply_f32, &apply_bf16, &apply_f16, &apply_q8, &apply_q4, NR, "generic"};
 }  // namespace linear_generic
 
 #if GLA_LINEAR_X86 && defined(__GNUC__) && !defined(__clang__)
@@ -44,8 +49,9 @@ const LinearKernels kKernels{&apply_f32, &apply_bf16, &apply_f16, NR, "generic"}
 namespace linear_avx2 {
 #define GLA_VEC_BYTES 32
 #include "linear_impl.h"
+#include "linear_q_impl.h"
 #undef GLA_VEC_BYTES
-const LinearKernels kKernels{&apply_f32, &apply_bf16, &apply_f16, NR, "avx2"};
+const LinearKernels kKernels{&apply_f32, &apply_bf16, &apply_f16, &apply_q8, &apply_q4, NR, "avx2"};
 }  // namespace linear_avx2
 #pragma GCC pop_options
 
@@ -57,8 +63,9 @@ const LinearKernels kKernels{&apply_f32, &apply_bf16, &apply_f16, NR, "avx2"};
 namespace linear_avx512 {
 #define GLA_VEC_BYTES 64
 #include "linear_impl.h"
+#include "linear_q_impl.h"
 #undef GLA_VEC_BYTES
-const LinearKernels kKernels{&apply_f32, &apply_bf16, &apply_f16, NR, "avx512"};
+const LinearKernels kKernels{&apply_f32, &apply_bf16, &apply_f16, &apply_q8, &apply_q4, NR, "avx512"};
 }  // namespace linear_avx512
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
@@ -89,6 +96,44 @@ const LinearKernels& pick_kernels() {
 
 size_t elem_bytes(LinearWeight t) { return t == LinearWeight::kFloat32 ? 4 : 2; }
 
+// Quantized panels (layout in linear_q_impl.h): per panel of nr rows and group of g columns,
+// nr float16 scales (int4: + nr offsets), then g k-rows of nr int8 / nr / 2 bytes of nibbles.
+int64_t q_row_bytes(LinearWeight t, int64_t nr) { return t == LinearWeight::kInt8 ? nr : nr / 2; }
+int64_t q_group_bytes(LinearWeight t, int64_t nr, int64_t g) {
+  return (t == LinearWeight::kInt8 ? 1 : 2) * nr * 2 + g * q_row_bytes(t, nr);
+}
+
+void pack_quantized(const uint8_t* q, const uint16_t* scales, const uint16_t* offsets,
+                    LinearWeight t, int64_t rows, int64_t cols, int64_t g, int64_t nr,
+                    uint8_t* dst) {
+  const int64_t panels = (rows + nr - 1) / nr, groups = cols / g, half = nr / 2;
+  const int64_t gbytes = q_group_bytes(t, nr, g), rb = q_row_bytes(t, nr);
+  const int64_t qcols = t == LinearWeight::kInt8 ? cols : cols / 2;
+  std::memset(dst, 0, static_cast<size_t>(panels * groups * gbytes));  // padding rows: all 0
+  for (int64_t p = 0; p < panels; ++p)
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      uint8_t* gp = dst + (p * groups + gi) * gbytes;
+      uint16_t* hdr = reinterpret_cast<uint16_t*>(gp);
+      uint8_t* kr = gp + (t == LinearWeight::kInt8 ? 1 : 2) * nr * 2;
+      for (int64_t j = 0; j < nr; ++j) {
+        const int64_t r = p * nr + j;
+        if (r >= rows) continue;
+        hdr[j] = scales[r * groups + gi];
+        if (t == LinearWeight::kInt4) hdr[nr + j] = offsets[r * groups + gi];
+        const uint8_t* src = q + r * qcols;
+        for (int64_t kk = 0; kk < g; ++kk) {
+          const int64_t k = gi * g + kk;
+          if (t == LinearWeight::kInt8) {
+            kr[kk * rb + j] = src[k];
+          } else {  // lane j -> low nibble of byte j, lane j + nr / 2 -> high nibble
+            const uint8_t v = (src[k / 2] >> (4 * (k % 2))) & 15;
+            kr[kk * rb + j % half] |= static_cast<uint8_t>(j < half ? v : v << 4);
+          }
+        }
+      }
+    }
+}
+
 // Panel p, row k, lane j of the packed matrix <- W[p * nr + j, k] (zero past the last row).
 template <typename T>
 void pack_panels(const T* w, int64_t rows, int64_t cols, int64_t ld, int64_t nr, T* dst) {
@@ -109,28 +154,53 @@ void pack_panels(const T* w, int64_t rows, int64_t cols, int64_t ld, int64_t nr,
 
 }  // namespace
 
-PackedMatrix::PackedMatrix(const void* w, LinearWeight type, int64_t rows, int64_t cols,
-                           int64_t row_stride, const float* bias)
-    : kern_(&pick_kernels()), type_(type), rows_(rows), cols_(cols) {
-  if (rows < 0 || cols < 0 || row_stride < cols)
-    throw std::invalid_argument("gla_ext PackedMatrix: bad shape");
-  nr_ = kern_->nr;
-  const int64_t panels = num_panels();
-  bytes_ = static_cast<size_t>(panels * nr_ * cols_) * elem_bytes(type);
+void PackedMatrix::alloc_data(size_t bytes) {
+  bytes_ = bytes;
   const size_t alloc = (bytes_ + 63) / 64 * 64 + 64;
   void* raw = std::aligned_alloc(64, alloc);
   if (!raw) throw std::bad_alloc();
   data_ = std::shared_ptr<void>(raw, [](void* p) { std::free(p); });
+}
+
+void PackedMatrix::set_bias(const float* bias) {
+  if (bias) {
+    bias_.assign(static_cast<size_t>(num_panels() * nr_), 0.f);
+    std::memcpy(bias_.data(), bias, sizeof(float) * rows_);
+  }
+}
+
+PackedMatrix::PackedMatrix(const void* q, const uint16_t* scales, const uint16_t* offsets,
+                           LinearWeight type, int64_t rows, int64_t cols, int64_t group,
+                           const float* bias)
+    : kern_(&pick_kernels()), type_(type), rows_(rows), cols_(cols), group_(group) {
+  const bool int4 = type == LinearWeight::kInt4;
+  if ((type != LinearWeight::kInt8 && !int4) || rows < 0 || cols < 1 || group < 1 ||
+      cols % group || (int4 && (group % 2 || !offsets)) || !scales)
+    throw std::invalid_argument("gla_ext PackedMatrix: bad quantized shape or format");
+  nr_ = kern_->nr;
+  alloc_data(static_cast<size_t>(num_panels() * (cols / group) * q_group_bytes(type, nr_, group)));
+  pack_quantized(static_cast<const uint8_t*>(q), scales, offsets, type, rows, cols, group, nr_,
+                 static_cast<uint8_t*>(data_.get()));
+  set_bias(bias);
+}
+
+PackedMatrix::PackedMatrix(const void* w, LinearWeight type, int64_t rows, int64_t cols,
+                           int64_t row_stride, const float* bias)
+    : kern_(&pick_kernels()), type_(type), rows_(rows), cols_(cols) {
+  if (rows < 0 || cols < 0 || row_stride < cols || type == LinearWeight::kInt8 ||
+      type == LinearWeight::kInt4)
+    throw std::invalid_argument("gla_ext PackedMatrix: bad shape");
+  nr_ = kern_->nr;
+  const int64_t panels = num_panels();
+  alloc_data(static_cast<size_t>(panels * nr_ * cols_) * elem_bytes(type));
+  void* raw = data_.get();
   if (type == LinearWeight::kFloat32)
     pack_panels(static_cast<const float*>(w), rows, cols, row_stride, nr_,
                 static_cast<float*>(raw));
   else  // bf16 and fp16 are moved as raw 16-bit patterns
     pack_panels(static_cast<const uint16_t*>(w), rows, cols, row_stride, nr_,
                 static_cast<uint16_t*>(raw));
-  if (bias) {
-    bias_.assign(static_cast<size_t>(panels * nr_), 0.f);
-    std::memcpy(bias_.data(), bias, sizeof(float) * rows);
-  }
+  set_bias(bias);
 }
 
 void PackedMatrix::apply(const float* x, int64_t ldx, int64_t n, float* y, int64_t ldy,
@@ -144,6 +214,11 @@ void PackedMatrix::apply(const float* x, int64_t ldx, int64_t n, float* y, int64
     return;
   }
   const float* b = bias_.empty() ? nullptr : bias_.data();
+  if (type_ == LinearWeight::kInt8 || type_ == LinearWeight::kInt4) {
+    (type_ == LinearWeight::kInt8 ? kern_->q8 : kern_->q4)(data_.get(), cols_, rows_, group_, b,
+                                                             x, ldx, n, y, ldy, accumulate, p0, p1);
+    return;
+  }
   const LinearKernels::Fn fn = type_ == LinearWeight::kFloat32    ? kern_->f32
                                : type_ == LinearWeight::kBFloat16 ? kern_->bf16
                                                                   : kern_->f16;

@@ -22,7 +22,9 @@
 
 namespace gla {
 
-enum class LinearWeight : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+// kInt8 / kInt4: quantized weights (gla_ext.quantize, docs/quantization.md), packed by the
+// second constructor below; the kernels are in linear_q_impl.h.
+enum class LinearWeight : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt8 = 3, kInt4 = 4 };
 
 // The kernel set one packed matrix uses (one per instruction set).
 struct LinearKernels;
@@ -34,6 +36,11 @@ class PackedMatrix {
   // floats or null. Copies everything: the caller's buffers are not kept.
   PackedMatrix(const void* w, LinearWeight type, int64_t rows, int64_t cols, int64_t row_stride,
                const float* bias);
+  // Quantized weights in gla_ext.quantize's layout: q int8 [rows, cols] (kInt8) or uint8
+  // [rows, cols / 2] with column 2j in the low nibble (kInt4); scales (and, int4, offsets)
+  // float16 bit patterns [rows, cols / group]. W[r, c] = scale * q (+ offset), exactly.
+  PackedMatrix(const void* q, const uint16_t* scales, const uint16_t* offsets, LinearWeight type,
+               int64_t rows, int64_t cols, int64_t group, const float* bias);
 
   // y[r, c] = (accumulate ? y[r, c] : 0) + bias[c] + sum_k x[r, k] W[c, k] for r < n and the
   // columns of panels [p0, p1) (p1 < 0: all). Single-threaded; callers split panels.
@@ -50,13 +57,16 @@ class PackedMatrix {
   // Bytes of packed weights a call streams (padding included).
   size_t weight_bytes() const { return bytes_; }
   bool empty() const { return kern_ == nullptr; }
+  int64_t group_size() const { return group_; }
 
  private:
   std::shared_ptr<void> data_;  // 64-byte aligned panels
   std::vector<float> bias_;     // padded to a whole number of panels
   const LinearKernels* kern_ = nullptr;
   LinearWeight type_ = LinearWeight::kFloat32;
-  int64_t rows_ = 0, cols_ = 0, nr_ = 0;
+  int64_t rows_ = 0, cols_ = 0, nr_ = 0, group_ = 0;
+  void alloc_data(size_t bytes);
+  void set_bias(const float* bias);
   size_t bytes_ = 0;
 };
 

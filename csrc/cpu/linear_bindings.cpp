@@ -28,6 +28,16 @@ LinearWeight weight_type(at::ScalarType t) {
   }
 }
 
+// The bias as contiguous float32 (undefined when absent).
+at::Tensor checked_bias(const std::optional<at::Tensor>& bias, int64_t rows) {
+  if (!bias || !bias->defined()) return at::Tensor();
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == rows && bias->device().is_cpu() &&
+                        bias->is_floating_point(),
+                    kOp, ": bias must be a floating CPU tensor [", rows, "], got ",
+                    bias->scalar_type(), " ", bias->sizes(), " on ", bias->device());
+  return bias->detach().to(at::kFloat).contiguous();
+}
+
 class TorchPackedLinear {
  public:
   TorchPackedLinear(const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -38,15 +48,44 @@ class TorchPackedLinear {
     dtype_ = weight.scalar_type();
     const LinearWeight type = weight_type(dtype_);
     const at::Tensor w = weight.detach().contiguous();
-    at::Tensor b;
-    if (bias && bias->defined()) {
-      TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == w.size(0) &&
-                            bias->device().is_cpu() && bias->is_floating_point(),
-                        kOp, ": bias must be a floating CPU tensor [", w.size(0), "], got ",
-                        bias->scalar_type(), " ", bias->sizes(), " on ", bias->device());
-      b = bias->detach().to(at::kFloat).contiguous();
-    }
+    const at::Tensor b = checked_bias(bias, w.size(0));
     m_ = PackedMatrix(w.data_ptr(), type, w.size(0), w.size(1), w.size(1),
+                      b.defined() ? b.data_ptr<float>() : nullptr);
+  }
+
+  // Quantized weights as gla_ext.quantize.QuantizedLinear stores them (see linear.h).
+  TorchPackedLinear(const at::Tensor& qweight, const at::Tensor& scales,
+                    const std::optional<at::Tensor>& offsets, int64_t group,
+                    const std::optional<at::Tensor>& bias) {
+    const bool int4 = qweight.scalar_type() == at::kByte;
+    TORCH_CHECK_VALUE(qweight.dim() == 2 && qweight.device().is_cpu() &&
+                          (int4 || qweight.scalar_type() == at::kChar),
+                      kOp, ": qweight must be a 2-D int8 (int8 format) or uint8 (int4 format) "
+                      "CPU tensor, got ", qweight.scalar_type(), " ", qweight.sizes());
+    const int64_t rows = qweight.size(0), cols = qweight.size(1) * (int4 ? 2 : 1);
+    TORCH_CHECK_VALUE(group >= 1 && cols % group == 0 && (!int4 || group % 2 == 0), kOp,
+                      ": group_size ", group, " must divide in_features ", cols,
+                      int4 ? " and be even" : "");
+    const auto check_groups = [&](const at::Tensor& t, const char* name) {
+      TORCH_CHECK_VALUE(t.scalar_type() == at::kHalf && t.dim() == 2 && t.size(0) == rows &&
+                            t.size(1) == cols / group && t.device().is_cpu(),
+                        kOp, ": ", name, " must be a float16 CPU tensor [", rows, ", ",
+                        cols / group, "], got ", t.scalar_type(), " ", t.sizes());
+    };
+    check_groups(scales, "scales");
+    TORCH_CHECK_VALUE(int4 == (offsets && offsets->defined()), kOp,
+                      ": offsets must be given for the int4 format and only for it");
+    at::Tensor m;
+    if (int4) {
+      check_groups(*offsets, "offsets");
+      m = offsets->contiguous();
+    }
+    const at::Tensor q = qweight.contiguous(), s = scales.contiguous();
+    const at::Tensor b = checked_bias(bias, rows);
+    dtype_ = qweight.scalar_type();
+    m_ = PackedMatrix(q.data_ptr(), reinterpret_cast<const uint16_t*>(s.data_ptr()),
+                      int4 ? reinterpret_cast<const uint16_t*>(m.data_ptr()) : nullptr,
+                      int4 ? LinearWeight::kInt4 : LinearWeight::kInt8, rows, cols, group,
                       b.defined() ? b.data_ptr<float>() : nullptr);
   }
 
@@ -94,6 +133,14 @@ class TorchPackedLinear {
   int64_t weight_bytes() const { return static_cast<int64_t>(m_.weight_bytes()); }
   int64_t panel_width() const { return m_.panel_width(); }
   at::ScalarType dtype() const { return dtype_; }
+  std::string format() const {
+    switch (m_.weight_type()) {
+      case LinearWeight::kInt8: return "int8";
+      case LinearWeight::kInt4: return "int4";
+      default: return c10::toString(dtype_);
+    }
+  }
+  int64_t group_size() const { return m_.group_size(); }
 
  private:
   PackedMatrix m_;
@@ -106,6 +153,11 @@ void bind_cpu_linear(pybind11::module_& m) {
   pybind11::class_<TorchPackedLinear>(m, "PackedLinear")
       .def(pybind11::init<const at::Tensor&, const std::optional<at::Tensor>&>(),
            pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none())
+      .def(pybind11::init<const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                          int64_t, const std::optional<at::Tensor>&>(),
+           pybind11::arg("qweight"), pybind11::arg("scales"), pybind11::arg("offsets"),
+           pybind11::arg("group_size"), pybind11::arg("bias") = pybind11::none(),
+           "quantized weights in gla_ext.quantize's layout (int8: offsets None)")
       .def("forward", &TorchPackedLinear::forward, pybind11::arg("x"),
            pybind11::arg("out") = pybind11::none(),
            "x [n, in] contiguous float32 -> [n, out] float32 (into out when given)")
@@ -117,7 +169,10 @@ void bind_cpu_linear(pybind11::module_& m) {
       .def_property_readonly("panel_width", &TorchPackedLinear::panel_width)
       .def_property_readonly("weight_dtype", [](const TorchPackedLinear& self) {
         return std::string(c10::toString(self.dtype()));
-      });
+      })
+      .def_property_readonly("format", &TorchPackedLinear::format,
+                             "float32 / BFloat16 / Half, or int8 / int4 (quantized)")
+      .def_property_readonly("group_size", &TorchPackedLinear::group_size);
   m.def("linear_isa", []() { return std::string(linear_isa_now()); },
         "instruction set a PackedLinear made now would use (GLA_EXT_CPU_ISA overrides)");
 }

@@ -164,13 +164,19 @@ def _is_dir(obj) -> bool:
     return isinstance(obj, (str, os.PathLike))
 
 
-def load(model_or_dir, device=None, dtype=None) -> FlaGLALanguageModel:
+def load(model_or_dir, device=None, dtype=None, quantize=None,
+         group_size=None) -> FlaGLALanguageModel:
     """An fla GLA language model ready to run on gla_ext kernels.
 
     model_or_dir: an fla GLAForCausalLM (or anything with .config and .state_dict()), or a
     save_pretrained directory (config.json + safetensors / .bin weights; needs neither fla nor
     transformers). device: default the CPU for a directory, the model's device for an object.
-    dtype: float32, bfloat16 or float16 for the weights; default the stored dtype."""
+    dtype: float32, bfloat16 or float16 for the weights; default the stored dtype.
+    quantize: None, "int8" or "int4": gla_ext.quantize_(lm, quantize, group_size) after
+    loading (see gla_ext.quantize; dtype then applies to the embedding and activations)."""
+    if quantize is not None:
+        from ..quantize import check_format
+        check_format(quantize, group_size)   # bad arguments fail before reading any weights
     if _is_dir(model_or_dir):
         directory = os.fspath(model_or_dir)
         if not os.path.isdir(directory):
@@ -194,7 +200,11 @@ def load(model_or_dir, device=None, dtype=None) -> FlaGLALanguageModel:
         raise ValueError(f"load: dtype must be one of {_DTYPES}, got {dtype}")
     device = default_device if device is None else torch.device(device)
     model = FlaGLALM(settings, weights, dtype).to(device)
-    return FlaGLALanguageModel(model)
+    lm = FlaGLALanguageModel(model)
+    if quantize is not None:
+        from ..quantize import quantize_
+        quantize_(lm, quantize, group_size)
+    return lm
 
 
 from .fla_accelerate import accelerate, accelerated, is_accelerated  # noqa: E402

@@ -56,18 +56,37 @@ class _TorchLinear:
         return torch.mm(xin, wt, out=out)
 
 
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, packed=None):
-    """A decode-step linear for weight [out, in]: PackedLinear on the CPU when available
-    (packed=None: auto; True: required; False: torch)."""
-    use_packed = (weight.device.type == "cpu" and _PackedLinear is not None
+class _DequantLinear:
+    """A quantized weight (gla_ext.quantize.QuantizedLinear) dequantized per call (GPU, or
+    a CPU without the packed kernels): correct, not fast."""
+
+    def __init__(self, qlin, bias: torch.Tensor | None = None):
+        self.qlin, self.bias, self.out_features = qlin, bias, qlin.out_features
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.qlin(x)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y if out is None else out.copy_(y)
+
+
+def make_linear(weight, bias: torch.Tensor | None = None, packed=None):
+    """A decode-step linear for weight [out, in] (a tensor, or a QuantizedLinear after
+    gla_ext.quantize_): PackedLinear on the CPU when available (packed=None: auto; True:
+    required; False: torch / dequantize per call)."""
+    quantized = not isinstance(weight, torch.Tensor)
+    device = (weight.qweight if quantized else weight).device
+    use_packed = (device.type == "cpu" and _PackedLinear is not None
                   if packed is None else packed)
-    if use_packed:
-        if _PackedLinear is None:
-            raise RuntimeError("packed=True needs gla_ext.cpu_linear.PackedLinear, which this "
-                               "build does not have")
-        return _StepPacked(_PackedLinear(weight.contiguous(),
-                                         None if bias is None else bias.float().contiguous()))
-    return _TorchLinear(weight, bias)
+    if not use_packed:
+        return _DequantLinear(weight, bias) if quantized else _TorchLinear(weight, bias)
+    if _PackedLinear is None:
+        raise RuntimeError("packed=True needs gla_ext.cpu_linear.PackedLinear, which this "
+                           "build does not have")
+    b = None if bias is None else bias.float().contiguous()
+    if quantized:   # int8 / int4 kernels reading the packed quantized weights
+        return _StepPacked(_PackedLinear.from_quantized(weight, b))
+    return _StepPacked(_PackedLinear(weight.contiguous(), b))
 
 
 class _StepPacked:

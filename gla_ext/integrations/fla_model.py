@@ -37,7 +37,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return y.to(x.dtype)
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def _linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    if not isinstance(w, torch.Tensor):   # a gla_ext.quantize.QuantizedLinear (dequantizes)
+        y = w(x)
+        return y if b is None else y + b.to(y.dtype)
     if w.dtype == x.dtype:
         return F.linear(x, w, None if b is None else b.to(x.dtype))
     y = F.linear(x.to(w.dtype), w)
@@ -95,8 +98,10 @@ class FlaGLALM(nn.Module):
     def activation_dtype(self) -> torch.dtype:
         return torch.float32 if self.device.type == "cpu" else self.weight_dtype
 
-    def head_weight(self) -> torch.Tensor:
-        return self.embed if self.tied else self.lm_head
+    def head_weight(self):
+        """The head's weight: a tensor, or a QuantizedLinear after gla_ext.quantize_ (which
+        gives a tied head its own quantized copy; the embedding stays as it was)."""
+        return self.embed if self.lm_head is None else self.lm_head
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.embed).to(self.activation_dtype)

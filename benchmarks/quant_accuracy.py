@@ -1,0 +1,202 @@
+"""Accuracy of quantized weights on a real trained model (issue 18).
+
+Trains a small byte-level GLA language model (fla's GLA config, CONFIG below: 1.1M parameters
+so that a shared 2-core machine trains it in minutes; raise hidden_size for a bigger one;
+trained with gla_ext's own model code: gla_ext.integrations.fla_model on the CPU kernels) on
+the CPython standard-library sources of the running Python (every 10th file, by sorted name,
+held out), caches the trained weights outside git, and reports held-out bits per byte for
+float32, bf16, int8 and int4 at several group sizes, plus plain symmetric int4 rounding as
+the baseline to beat.
+
+    python benchmarks/quant_accuracy.py [--train-seconds 600] [--cache DIR] [--retrain]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import glob
+import math
+import os
+import sys
+import sysconfig
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gla_ext  # noqa: E402
+from gla_ext.integrations import fla as gla_fla  # noqa: E402
+from gla_ext.quantize import QuantizedLinear  # noqa: E402
+from common import save_results  # noqa: E402
+
+CONFIG = dict(hidden_size=128, num_hidden_layers=4, num_heads=4, vocab_size=256,
+              tie_word_embeddings=False)
+SEQ, BATCH, LR = 128, 8, 3e-3
+MATRICES = ("w_in", "wgk1", "wo", "w_gate_up", "w_down")
+
+
+def corpus():
+    """(train bytes, held-out bytes) of the stdlib's top-level .py files."""
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    train, held = bytearray(), bytearray()
+    for i, f in enumerate(files):
+        with open(f, "rb") as fh:
+            (held if i % 10 == 0 else train).extend(fh.read())
+    return (torch.frombuffer(bytes(train), dtype=torch.uint8).long(),
+            torch.frombuffer(bytes(held), dtype=torch.uint8).long(), len(files))
+
+
+def fresh_model(seed=0):
+    from fla.models import GLAConfig, GLAForCausalLM
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        src = GLAForCausalLM(GLAConfig(**CONFIG))
+    return gla_fla.load(src, dtype=torch.float32).model
+
+
+def loss_of(model, ids):
+    """Mean next-byte cross entropy (nats) of ids [B, T]."""
+    hidden, _ = model.hidden_states(ids[:, :-1])
+    logits = model.logits(hidden)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def train(model, data, seconds, log):
+    params = [t for t in model.buffers() if t is not None and t.dtype == torch.float32]
+    for t in params:
+        t.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(1)
+    start, step = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        frac = (time.perf_counter() - start) / seconds
+        for g in opt.param_groups:   # warmup then cosine to 10 %
+            g["lr"] = LR * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        starts = torch.randint(0, data.numel() - SEQ - 1, (BATCH,), generator=gen)
+        ids = torch.stack([data[s:s + SEQ + 1] for s in starts.tolist()])
+        loss = loss_of(model, ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % 25 == 0:
+            log(f"step {step}, {time.perf_counter() - start:.0f} s, loss {loss.item() / math.log(2):.3f} bits/byte")
+    for t in params:
+        t.requires_grad_(False)
+    return step
+
+
+@torch.no_grad()
+def bits_per_byte(model, held, window=512, limit=None):
+    data = held[: limit] if limit else held
+    n = (data.numel() - 1) // window
+    ids = data[: n * window + 1]
+    total, count = 0.0, 0
+    for i in range(0, n, 16):   # 16 windows per call, each from a zero state
+        rows = [ids[j * window: j * window + window + 1] for j in range(i, min(n, i + 16))]
+        batch = torch.stack(rows)
+        total += loss_of(model, batch).item() * batch.shape[0] * window
+        count += batch.shape[0] * window
+    return total / count / math.log(2)
+
+
+def to_bf16(model):
+    m = copy.deepcopy(model)
+    for blk in m.blocks:   # matrices bf16, norms and the gate bias float32 (as load(dtype=bf16))
+        for name in MATRICES:
+            setattr(blk, name, getattr(blk, name).to(torch.bfloat16))
+    m.embed = m.embed.to(torch.bfloat16)
+    if m.lm_head is not None:
+        m.lm_head = m.lm_head.to(torch.bfloat16)
+    return m
+
+
+def symmetric_int4(model, group):
+    """Baseline: plain symmetric rounding w = s q, q in [-8, 7], s = max|w| / 7 (fp16) per group,
+    as dequantized float weights."""
+    m = copy.deepcopy(model)
+    def fake(w):
+        rows, cols = w.shape
+        g = min(group, cols)
+        wg = w.reshape(rows, cols // g, g)
+        s = (wg.abs().amax(-1, keepdim=True) / 7).half().float()
+        q = torch.where(s > 0, wg / torch.where(s > 0, s, 1), 0).round().clamp(-8, 7)
+        return (q * s).reshape(rows, cols)
+    for blk in m.blocks:
+        for name in MATRICES:
+            setattr(blk, name, fake(getattr(blk, name)))
+    m.lm_head = fake(m.head_weight())
+    return m
+
+
+def quantized(model, fmt, group):
+    m = copy.deepcopy(model)
+    gla_ext.quantize_(m, fmt, group_size=group)
+    return m
+
+
+def _fmt_bits(bits):
+    return "-" if bits is None else f"{bits:.2f}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train-seconds", type=float, default=600)
+    ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "gla_ext"))
+    ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--eval-bytes", type=int, default=200_000)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    train_data, held, nfiles = corpus()
+    print(f"stdlib {sysconfig.get_paths()['stdlib']}: {nfiles} files, {train_data.numel()} "
+          f"training bytes, {held.numel()} held-out bytes (every 10th file)")
+    os.makedirs(args.cache, exist_ok=True)
+    path = os.path.join(args.cache, "quant_accuracy_lm.pt")
+    model = fresh_model()
+    info = {}
+    if os.path.exists(path) and not args.retrain:
+        saved = torch.load(path)
+        model.load_state_dict(saved["state"])
+        info = saved["info"]
+        print(f"trained weights from {path} ({info})")
+    else:
+        t0 = time.perf_counter()
+        steps = train(model, train_data, args.train_seconds, print)
+        info = dict(steps=steps, train_seconds=round(time.perf_counter() - t0),
+                    batch=BATCH, seq=SEQ, lr=LR, python=sysconfig.get_python_version())
+        torch.save({"state": model.state_dict(), "info": info}, path)
+        print(f"trained {steps} steps; weights cached at {path}")
+    n_params = sum(t.numel() for t in model.buffers() if t is not None)
+    variants = [("float32", None, model), ("bf16", None, to_bf16(model))]
+    for g in (16, 32):
+        variants.append(("int8", g, quantized(model, "int8", g)))
+    for g in (16, 32, 64):
+        variants.append(("int4", g, quantized(model, "int4", g)))
+        variants.append(("int4 symmetric (baseline)", g, symmetric_int4(model, g)))
+    rows, base = [], None
+    for name, g, m in variants:
+        bpb = bits_per_byte(m, held, limit=args.eval_bytes)
+        base = bpb if base is None else base
+        bits = next((q.bits_per_weight for q in m.modules() if isinstance(q, QuantizedLinear)
+                     and q.group_size == g), None)
+        rows.append(dict(format=name, group_size=g, bits_per_weight=bits, bits_per_byte=bpb,
+                         vs_float32_percent=100 * (bpb / base - 1)))
+        print(f"{name:28} group {str(g):4} {bpb:.4f} bits/byte ({rows[-1]['vs_float32_percent']:+.3f} %)")
+    table = "\n".join([f"{'format':28} {'group':>5} {'bits/w':>6} {'bits/byte':>9} {'vs f32':>8}"] + [
+        f"{r['format']:28} {str(r['group_size']):>5} "
+        f"{_fmt_bits(r['bits_per_weight']):>6} "
+        f"{r['bits_per_byte']:9.4f} {r['vs_float32_percent']:+7.3f}%" for r in rows])
+    save_results("quant_accuracy", rows, table, extra=dict(
+        model=dict(CONFIG, parameters=n_params), training=info,
+        held_out=f"every 10th stdlib top-level .py file, first {args.eval_bytes} bytes, "
+                 "windows of 512 from a zero state"))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
