@@ -211,6 +211,30 @@ inline int64_t max_chunks(int64_t B, int64_t T, int64_t N, bool varlen) {
   return varlen ? per_row + N : B * per_row;
 }
 
+// ---- blocks per SM for __launch_bounds__ ------------------------------------------------
+// A launch bound's minimum blocks per SM caps the registers per thread (65536 / (threads x
+// blocks)); asking for more blocks than shared memory lets fit only costs registers. So the
+// kernels ask for min(what their registers aim at, what shared memory allows on the
+// architecture of the device pass being compiled): per SM sm_80/87 164 KB, sm_86/89/120
+// 100 KB, sm_90/100 228 KB, with 1 KB reserved per block. The host pass (no __CUDA_ARCH__)
+// and the emulator take sm_90's figure; launch bounds only act in device passes.
+constexpr int smem_per_sm_kb() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 800 || __CUDA_ARCH__ == 870)
+  return 164;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  return 100;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1200
+  return 100;
+#else
+  return 228;
+#endif
+}
+
+constexpr int min_blocks_per_sm(int block_bytes, int want) {
+  const int fit = smem_per_sm_kb() * 1024 / (block_bytes + 1024);
+  return fit < 1 ? 1 : (fit < want ? fit : want);
+}
+
 // ---- warp-level primitives (PTX) -------------------------------------------------------
 // mma.m16n8k16 with f16/bf16 and cp.async need sm_80. Device passes for older targets still
 // compile the kernel, with every primitive a trap; the launcher refuses those devices.
@@ -467,9 +491,12 @@ __device__ __forceinline__ float gate_prefix(int q, float t0, float t1, float t2
 // reference and the other kernels propagate it).
 __device__ __forceinline__ float gate_floor(float g) { return g < kGateFloor ? kGateFloor : g; }
 
-// One step of a segment's running sum (every kernel sums the gates with this).
+// One step of a segment's running sum (every kernel sums the gates with this). Written as
+// one fused multiply-add: nvcc contracts `run + g * kLog2e` into an FFMA anyway, and the
+// emulator's host build would not, so spelling it out makes the emulator compute the GPU's
+// bits (fmaf is FFMA on the device and a correctly rounded std::fma on the host).
 __device__ __forceinline__ float gate_step(float run, float g) {
-  return run + gate_floor(g) * kLog2e;
+  return fmaf(gate_floor(g), kLog2e, run);
 }
 
 template <int KT, int STRIDE, int NTHREADS>

@@ -91,10 +91,12 @@ static_assert(SmemLayout<128>::kBytes <= 99 * 1024, "shared memory over the 99 K
 //   sequence carrying the state in registers, and writes the final state.
 // kFromStates = true (split): grid x = workspace chunk (an upper bound), y = H; the block does
 //   one chunk, all V tiles, starting from the states the scan stored for it.
-// The minimum blocks per SM is what shared memory allows anyway (3 at K=64 given the
-// registers, 2 at K=128): without it ptxas capped registers low and spilled (sass_stats.py).
+// Minimum blocks per SM: 3 at K=64 and 2 at K=128 where shared memory lets them fit (sm_90:
+// 55 KB and 88 KB per block), fewer where it does not (sm_80: 2 and 1; min_blocks_per_sm);
+// without a bound ptxas capped registers low and spilled (sass_stats.py).
 template <typename T, int KT, bool kFromStates>
-__global__ void __launch_bounds__(kThreads, KT <= 64 ? 3 : 2)
+__global__ void __launch_bounds__(kThreads, min_blocks_per_sm(SmemLayout<KT>::kBytes,
+                                                              KT <= 64 ? 3 : 2))
     gla_chunk_fwd_kernel(const ChunkArgs a) {
   using E = Elem<T>;
   using L = SmemLayout<KT>;

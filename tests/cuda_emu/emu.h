@@ -146,6 +146,7 @@ struct State {
   std::function<void()> body;
   bool reverse = false;
   long collectives = 0, barriers = 0;
+  long mmas = 0;  // warp-level mma instructions run
 };
 inline State& st() {
   static State s;
@@ -235,6 +236,7 @@ inline void resolve_warp(int w) {
       }
     }
   } else {
+    ++s.mmas;
     const bool bf16 = op == Op::kMmaBf16;
     double A[16][16], B[16][8], C[16][8];
     for (int l = 0; l < 32; ++l) {
