@@ -30,7 +30,7 @@ def _run(exe, *args):
     return run, f"seed={seed}\n{run.stdout}{run.stderr}"
 
 
-@pytest.fixture(scope="module", params=["gate_sum_emu"])
+@pytest.fixture(scope="module", params=["gate_sum_emu", "tf32_emu"])
 def harness(request, tmp_path_factory):
     return request.param, _build(tmp_path_factory, request.param)
 

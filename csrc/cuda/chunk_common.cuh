@@ -245,30 +245,58 @@ constexpr int min_blocks_per_sm(int block_bytes, int want) {
 #define GLA_CHUNK_SM80 1
 #endif
 
-// d += a @ b, m16n8k16, A row-major 16x16, B column-major 16x8, float32 accumulators.
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+// d += a @ b with float32 accumulators: m16n8k16 (A row-major 16x16, B column-major 16x8) for
+// bf16 / fp16 inputs, m16n8k8 (A 16x8, B 8x8) for tf32 inputs (fragments: see below).
+enum class MmaIn { kBf16, kF16, kTf32 };
+
+template <MmaIn kIn>
+__device__ __forceinline__ void mma_sync(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                          uint32_t b1) {
 #if GLA_CHUNK_SM80
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#define GLA_MMA(SHAPE_TYPES)                                                            \
+  asm("mma.sync.aligned." SHAPE_TYPES " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "          \
+      "{%0,%1,%2,%3};\n"                                                                 \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                  \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+  if constexpr (kIn == MmaIn::kBf16) {
+    GLA_MMA("m16n8k16.row.col.f32.bf16.bf16.f32");
+  } else if constexpr (kIn == MmaIn::kF16) {
+    GLA_MMA("m16n8k16.row.col.f32.f16.f16.f32");
+  } else {
+    GLA_MMA("m16n8k8.row.col.f32.tf32.tf32.f32");
+  }
+#undef GLA_MMA
 #else
   (void)d, (void)a, (void)b0, (void)b1;
   __trap();
 #endif
 }
 
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  mma_sync<MmaIn::kBf16>(d, a, b0, b1);
+}
 __device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                         uint32_t b1) {
+  mma_sync<MmaIn::kF16>(d, a, b0, b1);
+}
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  mma_sync<MmaIn::kTf32>(d, a, b0, b1);
+}
+
+// TF32 (float32 inputs on the tensor cores). Operands are rounded first with cvt_rna_tf32
+// (round to nearest, ties away from zero, on the 13 mantissa bits tf32 drops): an mma given raw
+// float32 bits ignores those bits (truncation), which biases every product towards zero.
+__device__ __forceinline__ uint32_t cvt_rna_tf32(float x) {
 #if GLA_CHUNK_SM80
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
 #else
-  (void)d, (void)a, (void)b0, (void)b1;
+  (void)x;
   __trap();
+  return 0u;
 #endif
 }
 
@@ -423,6 +451,20 @@ struct Elem<__half> {
 // a 16x16 tile stored row-major, ldsm_x4 gives exactly the A fragment of that tile, and
 // ldsm_x4_trans of a tile stored [k][n] gives the B fragments of its two 8-column halves:
 // {r0, r1} for columns 0..7 and {r2, r3} for columns 8..15.
+
+// mma.m16n8k8 with .tf32 (one 32-bit element per register, same g and c):
+//   A (16x8, row-major):  reg0 = (row g, col c), reg1 = (row g+8, col c),
+//                         reg2 = (row g, col c+4), reg3 = (row g+8, col c+4)
+//   B (8x8, "col"):       reg0 = (row c, col g), reg1 = (row c+4, col g)
+//   C/D (16x8, float):    as for m16n8k16.
+
+// x as a tf32 pair for 3xTF32: hi = x rounded to tf32, lo = what that left, rounded too;
+// a * b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi keeps about float32's accuracy (the dropped
+// a_lo b_lo is ~2^-22 of the product).
+__device__ __forceinline__ void tf32_split(float x, uint32_t& hi, uint32_t& lo) {
+  hi = cvt_rna_tf32(x);
+  lo = cvt_rna_tf32(x - __uint_as_float(hi));
+}
 
 // ---- chunk tiles -> shared memory ------------------------------------------------------
 // Rows are tokens t < ROWS (= kC) of the chunk (token t at src + base + t * tok_stride), or
