@@ -861,12 +861,14 @@ inline int64_t max_chunks(const GlaParams& p) {
 
 // The size and dtype checks every chunk launcher makes; nullptr when p is fine, else a
 // message starting with op (valid until the next failing call on this thread).
-inline const char* check_chunk_params(const GlaParams& p, const char* op) {
+inline const char* check_chunk_params(const GlaParams& p, const char* op,
+                                      bool float32_ok = false) {
   static thread_local char message[200];
   const char* what = nullptr;
-  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
-    what = "q/k/v must be float16 or bfloat16 (the tensor-core chunked kernels have no "
-           "float32/float64 variant)";
+  if (float32_ok ? p.dtype != DType::kFloat32
+                 : p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
+    what = float32_ok ? "q/k/v must be float32"
+                      : "q/k/v must be float16 or bfloat16 (float32 has its own kernel)";
   else if (p.K < 1 || p.K > kChunkMaxK)
     what = "K must be in [1, 128] (split wider K into slices)";
   else if (p.V < 1 || p.V > (int64_t{1} << 30))

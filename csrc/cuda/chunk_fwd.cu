@@ -51,6 +51,7 @@
 #include <cstring>
 
 #include "chunk_common.cuh"
+#include "chunk_fwd_f32.cuh"
 #include "chunk_scan.cuh"
 #include "gla.h"
 
@@ -479,6 +480,35 @@ const char* chunk_fwd_cuda(const GlaParams& p, void* stream_ptr) {
                 : launch_all<__half, 64>(args, grid, stream);
   return bf16 ? launch_all<__nv_bfloat16, 128>(args, grid, stream)
               : launch_all<__half, 128>(args, grid, stream);
+}
+
+const char* chunk_fwd_f32_cuda(const GlaParams& p, int passes, void* stream_ptr) {
+  constexpr const char* kOpF32 = "chunk_fwd_f32_cuda";
+  int sm_count = 0;
+  if (const char* err = check_device(kOpF32, &sm_count)) return err;
+  if (passes != 1 && passes != 3) return "chunk_fwd_f32_cuda: passes must be 1 or 3";
+  ChunkArgs args;
+  unsigned gx = 0, gy = 0;
+  bool empty = false;
+  if (const char* err = prepare_f32(p, &args, &gx, &gy, &empty)) return err;
+  if (empty) return nullptr;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const dim3 grid(gx, gy);
+  if (p.K <= 64)
+    return passes == 1
+               ? launch_chunk_kernel(gla_chunk_fwd_f32_kernel<64, 1>, grid, kF32Threads,
+                                     F32Layout<64>::kBytes, stream, args, kOpF32,
+                                     "gla_chunk_fwd_f32_kernel")
+               : launch_chunk_kernel(gla_chunk_fwd_f32_kernel<64, 3>, grid, kF32Threads,
+                                     F32Layout<64>::kBytes, stream, args, kOpF32,
+                                     "gla_chunk_fwd_f32_kernel");
+  return passes == 1
+             ? launch_chunk_kernel(gla_chunk_fwd_f32_kernel<128, 1>, grid, kF32Threads,
+                                   F32Layout<128>::kBytes, stream, args, kOpF32,
+                                   "gla_chunk_fwd_f32_kernel")
+             : launch_chunk_kernel(gla_chunk_fwd_f32_kernel<128, 3>, grid, kF32Threads,
+                                   F32Layout<128>::kBytes, stream, args, kOpF32,
+                                   "gla_chunk_fwd_f32_kernel");
 }
 #endif  // GLA_CHUNK_EMULATE
 
