@@ -813,6 +813,84 @@ __device__ __forceinline__ void for_state_elems(float (&s)[NT][4], int k0, int v
   }
 }
 
+// ---- the fused forwards' state rows and tiles (chunk_fwd.cu, chunk_fwd_f32.cuh) ----------
+// Pool rows of sequence n: a padding row (state_idx < 0) runs no tokens (o stays zero),
+// reads no state and writes zeros to ht row n (nothing in place). Element offsets of its
+// (row, head) state in h0 and in ht, with K-first addresses (kept the register budget).
+struct StateRows {
+  bool padding;
+  int64_t h0_base, ht_base;
+};
+__device__ __forceinline__ StateRows fused_state_rows(const ChunkArgs& a, int64_t n, int h) {
+  const int64_t in_row = h0_state_row(a, n);
+  const bool padding = in_row < 0;
+  const int64_t per_head = static_cast<int64_t>(a.K) * a.V;
+  return {padding, ((padding ? n : in_row) * a.H + h) * per_head,
+          ((padding ? n : ht_state_row(a, n)) * a.H + h) * per_head};
+}
+
+// s <- the state at h0 + base (K-first, or V-first by strides).
+template <int NT>
+__device__ __forceinline__ void load_h0(float (&s)[NT][4], const ChunkArgs& a, int64_t base,
+                                        int vc_lo, int lane) {
+  if (a.state_v_stride == 1)  // K-first
+    for_state_slice(s, 0, vc_lo, a.K, a.V, lane,
+                    [&](float& x, int64_t off) { x = a.h0[base + off]; });
+  else
+    for_state_elems(s, 0, vc_lo, a.K, a.V, lane, [&](float& x, int kd, int vc) {
+      x = a.h0[base + state_elem(a, kd, vc)];
+    });
+}
+
+// ht + base <- s: zeros for a padding row, nothing for one whose final state goes in place.
+template <int NT>
+__device__ __forceinline__ void store_ht(float (&s)[NT][4], const ChunkArgs& a, int64_t base,
+                                         int vc_lo, int lane, bool padding) {
+  if (padding && a.inplace_final) return;
+  if (a.state_v_stride == 1)  // K-first
+    for_state_slice(s, 0, vc_lo, a.K, a.V, lane, [&](float& x, int64_t off) {
+      a.ht[base + off] = padding ? 0.0f : x;
+    });
+  else
+    for_state_elems(s, 0, vc_lo, a.K, a.V, lane, [&](float& x, int kd, int vc) {
+      a.ht[base + state_elem(a, kd, vc)] = padding ? 0.0f : x;
+    });
+}
+
+// Where chunk c0 of batch row `row` starts (tokens to the sequence end, at most kC).
+struct ChunkPos {
+  int len;
+  int64_t qk_base, v_base;  // element offsets of its first token, head h, in q/k/g and v/o
+};
+__device__ __forceinline__ ChunkPos chunk_pos(const ChunkArgs& a, int64_t row, int h,
+                                              int64_t c0, int64_t end) {
+  const int64_t tok = (row * a.T + c0) * a.H + h;
+  return {static_cast<int>(end - c0 < kC ? end - c0 : kC), tok * a.K, tok * a.V};
+}
+
+// The fused forwards' first step of a chunk: q, k, g and v columns [v0, v0 + BV) into shared
+// memory (row strides QKS, BS, VS; X is the q/k/v element, uint16_t or float), then the
+// cumulative gates in sB (gate_cumsum; ends with __syncthreads()).
+template <int KT, int BV, int QKS, int BS, int VS, int NTHREADS, typename X>
+__device__ __forceinline__ void stage_chunk(X* sQ, X* sK, float* sB, X* sV, float* sTot,
+                                            const ChunkArgs& a, const ChunkPos& cp, int v0,
+                                            int tid) {
+  const int64_t qk_tok = static_cast<int64_t>(a.H) * a.K;  // elements between tokens
+  const int64_t v_tok = static_cast<int64_t>(a.H) * a.V;
+  const bool vec_qk = (a.flags & kVecQK) != 0;
+  load_tile<KT, QKS, NTHREADS>(sQ, static_cast<const X*>(a.q), cp.qk_base, qk_tok, cp.len, 0,
+                               a.K, vec_qk, tid);
+  load_tile<KT, QKS, NTHREADS>(sK, static_cast<const X*>(a.k), cp.qk_base, qk_tok, cp.len, 0,
+                               a.K, vec_qk, tid);
+  load_tile<KT, BS, NTHREADS>(sB, a.g, cp.qk_base, qk_tok, cp.len, 0, a.K,
+                              (a.flags & kVecG) != 0, tid);
+  load_tile<BV, VS, NTHREADS>(sV, static_cast<const X*>(a.v), cp.v_base, v_tok, cp.len, v0,
+                              a.V, (a.flags & kVecV) != 0, tid);
+  cp_async_wait_all();
+  __syncthreads();
+  gate_cumsum<KT, BS, NTHREADS>(sB, sTot, tid);
+}
+
 // ---- chunk state update ----------------------------------------------------------------
 // One warp's slice of S^T <- S^T * exp2(b_last) + Y^T @ X, the state carried across chunks.
 // s: m16n8 accumulators (float32) of S^T for 16 columns of Y (rows) by KT key dims: s[nt]

@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(kF32Threads, 1) gla_chunk_fwd_f32_kernel(const
   const int tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31;
   const int g8 = lane >> 2, c4 = lane & 3;
-  const int H = a.H, K = a.K, V = a.V;
+  const int H = a.H, V = a.V;
   const float scale = a.scale;
   const int h = static_cast<int>(blockIdx.x % static_cast<unsigned>(H));
   const int64_t n = blockIdx.x / static_cast<unsigned>(H);
@@ -190,14 +190,9 @@ __global__ void __launch_bounds__(kF32Threads, 1) gla_chunk_fwd_f32_kernel(const
   int64_t row, start, end;
   seq_range(a, n, &row, &start, &end);
 
-  // pool rows as in gla_chunk_fwd_kernel: a padding row runs no tokens (o stays zero), reads
-  // no state and writes zeros to ht row n (nothing in place)
-  const int64_t in_row = h0_state_row(a, n);
-  const bool padding = in_row < 0;
-  if (padding) end = start;
-  const int64_t state_base = ((padding ? n : in_row) * H + h) * static_cast<int64_t>(K) * V;
-  const int64_t final_base =
-      ((padding ? n : ht_state_row(a, n)) * H + h) * static_cast<int64_t>(K) * V;
+  // pool rows (fused_state_rows): a padding row runs no tokens
+  const StateRows rows = fused_state_rows(a, n, h);
+  if (rows.padding) end = start;
 
   // S^T for this warp's 16 V columns (vc_lo + {0, 8}) by key dims 8nt + 2c + {0, 1}
   float s[kNT][4];
@@ -206,43 +201,21 @@ __global__ void __launch_bounds__(kF32Threads, 1) gla_chunk_fwd_f32_kernel(const
 #pragma unroll
     for (int r = 0; r < 4; ++r) s[nt][r] = 0.0f;
   const int vc_lo = v_first + 16 * warp + g8;
-  if (a.h0 != nullptr && !padding) {
-    if (a.state_v_stride == 1)
-      for_state_slice(s, 0, vc_lo, K, V, lane,
-                      [&](float& x, int64_t off) { x = a.h0[state_base + off]; });
-    else
-      for_state_elems(s, 0, vc_lo, K, V, lane, [&](float& x, int kd, int vc) {
-        x = a.h0[state_base + state_elem(a, kd, vc)];
-      });
-  }
+  if (a.h0 != nullptr && !rows.padding) load_h0(s, a, rows.h0_base, vc_lo, lane);
 
-  const float* const q = static_cast<const float*>(a.q);
-  const float* const k = static_cast<const float*>(a.k);
-  const float* const v = static_cast<const float*>(a.v);
   float* const out = static_cast<float*>(a.o);
-  const int64_t qk_tok = static_cast<int64_t>(H) * K;
   const int64_t v_tok = static_cast<int64_t>(H) * V;
   const int wc = 16 * warp;  // this warp's first column within the tile
 
   for (int64_t c0 = start; c0 < end; c0 += kC) {
-    const int len = static_cast<int>(end - c0 < kC ? end - c0 : kC);
-    const int64_t qk_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(K);
-    const int64_t v_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(V);
+    const ChunkPos cp = chunk_pos(a, row, h, c0, end);
+    const int len = cp.len;
+    const int64_t v_base = cp.v_base;
 
-    // ---- 1. tiles -> shared memory (zero past len, K, V) ----------------------------------
-    load_tile<KT, L::kQKStride, kF32Threads>(sQ, q, qk_base, qk_tok, len, 0, K,
-                                              (a.flags & kVecQK) != 0, tid);
-    load_tile<KT, L::kQKStride, kF32Threads>(sK, k, qk_base, qk_tok, len, 0, K,
-                                              (a.flags & kVecQK) != 0, tid);
-    load_tile<KT, L::kBStride, kF32Threads>(sB, a.g, qk_base, qk_tok, len, 0, K,
-                                             (a.flags & kVecG) != 0, tid);
-    load_tile<kF32BV, L::kVStride, kF32Threads>(sV, v, v_base, v_tok, len, v_first, V,
-                                                 (a.flags & kVecV) != 0, tid);
-    cp_async_wait_all();
-    __syncthreads();
-
-    // ---- 2. cumulative gates; 3. scores -----------------------------------------------------
-    gate_cumsum<KT, L::kBStride, kF32Threads>(sB, sTot, tid);
+    // ---- 1. tiles -> shared memory (zero past len, K, V); 2. cumulative gates ------------
+    stage_chunk<KT, kF32BV, L::kQKStride, L::kBStride, L::kVStride, kF32Threads>(
+        sQ, sK, sB, sV, sTot, a, cp, v_first, tid);
+    // ---- 3. scores -------------------------------------------------------------------------
     f32_scores<KT, kPasses, L>(sQ, sK, sB, sA, scale, tid, warp, lane);
     __syncthreads();  // raw q, k and the gates are read above; changed below
 
@@ -335,15 +308,7 @@ __global__ void __launch_bounds__(kF32Threads, 1) gla_chunk_fwd_f32_kernel(const
     __syncthreads();  // every warp is done with this chunk's tiles before they are reloaded
   }
 
-  if (padding && a.inplace_final) return;
-  if (a.state_v_stride == 1)
-    for_state_slice(s, 0, vc_lo, K, V, lane, [&](float& x, int64_t off) {
-      a.ht[final_base + off] = padding ? 0.0f : x;
-    });
-  else
-    for_state_elems(s, 0, vc_lo, K, V, lane, [&](float& x, int kd, int vc) {
-      a.ht[final_base + state_elem(a, kd, vc)] = padding ? 0.0f : x;
-    });
+  store_ht(s, a, rows.ht_base, vc_lo, lane, rows.padding);
 }
 
 // Checks p (float32) and fills the kernel arguments and grid; returns an error message or
