@@ -639,8 +639,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["chunk_cpu"] = std::string(gla::chunk_cpu_description());
 #ifdef GLA_WITH_CUDA
     info["chunk_cuda"] = std::string(
-        "forward and backward: tensor-core chunked kernels for bf16/fp16 (K <= 128 per pass), "
-        "fused recurrent kernels for float32");
+        "tensor-core chunked kernels for bf16/fp16 (K <= 128 per pass); float32: chunked "
+        "tf32 forward (K <= 128), fused recurrent backward");
 #endif
     return info;
   });
