@@ -332,6 +332,20 @@ gla::GlaParams chunk_cuda_params(const char* op, const Tensor& q, const Tensor& 
   return p;
 }
 
+// float32 q/k/v whose K fits one pass of the tensor-core chunk kernels take the tf32 chunked
+// forward (wider K: the recurrent kernel, up to K = 256).
+bool f32_chunk_forward(const Tensor& q) {
+  return q.scalar_type() == at::kFloat && q.dim() == 4 && q.size(3) <= gla::chunk_cuda_max_k();
+}
+
+// tf32 passes from torch's float32 matmul precision, read per call as torch's own matmuls
+// read it (torch.set_float32_matmul_precision / torch.backends.cuda.matmul.allow_tf32):
+// "highest" (the default) -> 3xTF32, "high" / "medium" -> one tf32 pass.
+int f32_passes() {
+  return at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST
+             ? 3 : 1;
+}
+
 // A float32 scratch tensor of `floats` elements on q's device, wired into p (none for 0).
 Tensor attach_workspace(gla::GlaParams& p, int64_t floats, const Tensor& q) {
   if (floats <= 0) return Tensor();
@@ -389,15 +403,21 @@ std::tuple<Tensor, Tensor> chunk_fwd_pool_cuda(const Tensor& q, const Tensor& k,
                                                const OptTensor& state_indices,
                                                const OptTensor& cu_seqlens, double scale,
                                                bool inplace, bool v_first) {
-  if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16)
+  c10::cuda::CUDAGuard guard(q.device());
+  const bool f32 = f32_chunk_forward(q);
+  if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16 && !f32)
     return recurrent_fwd_pool_cuda(q, k, v, g, h0, state_indices, cu_seqlens, scale, false,
                                    inplace, v_first);
   const char* op = inplace ? "gla_ext.chunk_fwd_inplace (CUDA)"
                            : "gla_ext.chunk_fwd_state (CUDA)";
-  c10::cuda::CUDAGuard guard(q.device());
   auto p = chunk_cuda_params(op, q, k, v, g, std::nullopt, cu_seqlens, scale);
   attach_state(p, op, q, h0, state_indices, inplace, v_first);
   auto out = alloc_fwd(p, q, v);
+  if (f32) {
+    check_cuda(gla::chunk_fwd_f32_cuda(p, f32_passes(), c10::cuda::getCurrentCUDAStream().stream()),
+               op);
+    return {out.o, out.ht};
+  }
   const int64_t floats = gla::chunk_fwd_cuda_workspace_floats(p);
   TORCH_CHECK(floats >= 0, op, ": GLA_EXT_CHUNK_FWD must be fused, split or auto, got '",
               std::getenv("GLA_EXT_CHUNK_FWD"), "'");
@@ -442,18 +462,25 @@ Tensor chunk_fwd_inplace_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
 }
 
 // chunk_gla forward on CUDA: bf16/fp16 run the tensor-core chunked kernels (K <= 128; the
-// Python wrapper splits wider K; fused or split, see chunk_fwd.cu); float32 runs the fused
-// recurrent kernel (same math).
+// Python wrapper splits wider K; fused or split, see chunk_fwd.cu); float32 runs the tf32
+// chunked forward (chunk_fwd_f32.cuh; precision from torch, f32_passes) up to the chunk
+// kernels' K, and the fused recurrent kernel (same math) for wider K.
 std::tuple<Tensor, Tensor> chunk_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                           const Tensor& g, const OptTensor& h0,
                                           const OptTensor& cu_seqlens, double scale,
                                           int64_t /*chunk_size: the kernel uses 64*/) {
-  if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16)
+  c10::cuda::CUDAGuard guard(q.device());
+  const bool f32 = f32_chunk_forward(q);
+  if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16 && !f32)
     return recurrent_fwd_cuda(q, k, v, g, h0, cu_seqlens, scale, false);
   const char* op = "gla_ext.chunk_fwd (CUDA)";
-  c10::cuda::CUDAGuard guard(q.device());
   auto p = chunk_cuda_params(op, q, k, v, g, h0, cu_seqlens, scale);
   auto out = alloc_fwd(p, q, v);
+  if (f32) {
+    check_cuda(gla::chunk_fwd_f32_cuda(p, f32_passes(), c10::cuda::getCurrentCUDAStream().stream()),
+               op);
+    return {out.o, out.ht};
+  }
   const int64_t floats = gla::chunk_fwd_cuda_workspace_floats(p);
   TORCH_CHECK(floats >= 0, op, ": GLA_EXT_CHUNK_FWD must be fused, split or auto, got '",
               std::getenv("GLA_EXT_CHUNK_FWD"), "'");
@@ -612,8 +639,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["chunk_cpu"] = std::string(gla::chunk_cpu_description());
 #ifdef GLA_WITH_CUDA
     info["chunk_cuda"] = std::string(
-        "forward and backward: tensor-core chunked kernels for bf16/fp16 (K <= 128 per pass), "
-        "fused recurrent kernels for float32");
+        "tensor-core chunked kernels for bf16/fp16 (K <= 128 per pass); float32: chunked "
+        "tf32 forward (K <= 128), fused recurrent backward");
 #endif
     return info;
   });

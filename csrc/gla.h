@@ -124,6 +124,10 @@ const char* recurrent_bwd_cuda(const GlaParams& p, void* stream);
 constexpr int64_t kCudaChunkMaxK = 128;
 int64_t chunk_fwd_cuda_workspace_floats(const GlaParams& p);
 const char* chunk_fwd_cuda(const GlaParams& p, void* stream);
+// Float32 chunked forward on the tf32 tensor cores (csrc/cuda/chunk_fwd_f32.cuh), fused path
+// only, no workspace: passes = 1 (one tf32 pass: torch's "high" / "medium") or 3 (3xTF32:
+// "highest"); K <= chunk_cuda_max_k(), any V.
+const char* chunk_fwd_f32_cuda(const GlaParams& p, int passes, void* stream);
 // Tensor-core chunked backward (csrc/cuda/chunk_bwd.cu): same limits as the forward; needs a
 // float32 workspace of chunk_bwd_cuda_workspace_floats(p) elements (two states per chunk).
 int64_t chunk_bwd_cuda_workspace_floats(const GlaParams& p);

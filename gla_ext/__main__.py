@@ -49,6 +49,10 @@ def cmd_info(_args) -> int:
         if info.get("cuda"):
             archs = ", ".join("sm_" + a for a in info.get("cuda_archs", []))
             print(f"CUDA kernels: built for {archs or '?'}")
+            prec = torch.get_float32_matmul_precision()  # read again at every call
+            print(f"float32 chunk_gla forward on CUDA: tf32 tensor cores, matmul precision "
+                  f"'{prec}' -> {'3xTF32' if prec == 'highest' else '1xTF32'} "
+                  "(docs/cuda_float32.md)")
         else:
             print(f"CUDA kernels: not built ({info.get('cuda_skipped_because') or 'unknown reason'})")
     else:

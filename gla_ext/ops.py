@@ -249,6 +249,10 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     [P, H, K, V] and sequence n starts from pool[state_indices[n]] (< 0: padding row, zero
     outputs, no state read or written); inplace_final_state=True writes the final states back
     into those rows and returns (o, None); state_v_first=True: states are [.., H, V, K].
+    Each live pool row may appear at most once in state_indices. This is checked here except
+    while tracing (torch.compile, CUDA graph capture) and not at all in direct torch.ops
+    calls: on CUDA a row named twice with inplace_final_state=True is then read and written
+    by two blocks in no order, so its contents are unspecified (docs/cuda_float32.md).
     """
     return _gla("chunk_gla", "chunk", q, k, v, g, scale, initial_state, output_final_state,
                 cu_seqlens, backend, _DEFAULT_CHUNK, "g", False, state_indices,

@@ -16,6 +16,7 @@ another copy of csrc/ (to check that these tests catch deliberately broken kerne
 """
 import os
 import random
+import re
 import shutil
 import subprocess
 
@@ -112,6 +113,23 @@ def test_kernel_source_on_cpu(emulator, case):
     run = subprocess.run(args, capture_output=True, text=True, timeout=600)
     report = " ".join(args[1:]) + "\n" + (run.stdout + run.stderr).strip()
     assert run.returncode == 0 and "PASS" in run.stdout, report
+
+
+# The state scan's warps own 16 V columns each (8 warps, 128 columns per block); a warp whose
+# columns all lie past V skips its state update, so the scan's tensor-core work follows V
+# (half at V = 64). Per chunk and key tile an active warp runs 4 token blocks x KT/16 x 2 mma.
+@pytest.mark.parametrize("K,V", [(64, 64), (64, 40), (128, 136), (64, 128)])
+def test_scan_mma_follows_v(emulator, K, V):
+    T, H = 130, 2  # 3 chunks
+    args = [emulator, "dtype=bf16", "B=1", f"T={T}", f"H={H}", f"K={K}", f"V={V}",
+            "gate=norm:1", "h0=1", "cu=-", "misalign=0", "tol=1e-2", "order=fwd",
+            "mode=split", f"seed={random.randrange(2**31)}"]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    report = " ".join(args[1:]) + "\n" + (run.stdout + run.stderr).strip()
+    assert run.returncode == 0 and "PASS" in run.stdout, report
+    chunks, key_tiles, active_warps = -(-T // 64), -(-K // 64), -(-V // 16)
+    expected = H * chunks * key_tiles * active_warps * 4 * (64 // 16) * 2
+    assert re.search(rf"\bscan_mmas={expected}\b", run.stdout), report
 
 
 # ---- backward ---------------------------------------------------------------------------

@@ -211,6 +211,30 @@ inline int64_t max_chunks(int64_t B, int64_t T, int64_t N, bool varlen) {
   return varlen ? per_row + N : B * per_row;
 }
 
+// ---- blocks per SM for __launch_bounds__ ------------------------------------------------
+// A launch bound's minimum blocks per SM caps the registers per thread (65536 / (threads x
+// blocks)); asking for more blocks than shared memory lets fit only costs registers. So the
+// kernels ask for min(what their registers aim at, what shared memory allows on the
+// architecture of the device pass being compiled): per SM sm_80/87 164 KB, sm_86/89/120
+// 100 KB, sm_90/100 228 KB, with 1 KB reserved per block. The host pass (no __CUDA_ARCH__)
+// and the emulator take sm_90's figure; launch bounds only act in device passes.
+constexpr int smem_per_sm_kb() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 800 || __CUDA_ARCH__ == 870)
+  return 164;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  return 100;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1200
+  return 100;
+#else
+  return 228;
+#endif
+}
+
+constexpr int min_blocks_per_sm(int block_bytes, int want) {
+  const int fit = smem_per_sm_kb() * 1024 / (block_bytes + 1024);
+  return fit < 1 ? 1 : (fit < want ? fit : want);
+}
+
 // ---- warp-level primitives (PTX) -------------------------------------------------------
 // mma.m16n8k16 with f16/bf16 and cp.async need sm_80. Device passes for older targets still
 // compile the kernel, with every primitive a trap; the launcher refuses those devices.
@@ -221,30 +245,58 @@ inline int64_t max_chunks(int64_t B, int64_t T, int64_t N, bool varlen) {
 #define GLA_CHUNK_SM80 1
 #endif
 
-// d += a @ b, m16n8k16, A row-major 16x16, B column-major 16x8, float32 accumulators.
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+// d += a @ b with float32 accumulators: m16n8k16 (A row-major 16x16, B column-major 16x8) for
+// bf16 / fp16 inputs, m16n8k8 (A 16x8, B 8x8) for tf32 inputs (fragments: see below).
+enum class MmaIn { kBf16, kF16, kTf32 };
+
+template <MmaIn kIn>
+__device__ __forceinline__ void mma_sync(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                          uint32_t b1) {
 #if GLA_CHUNK_SM80
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#define GLA_MMA(SHAPE_TYPES)                                                            \
+  asm("mma.sync.aligned." SHAPE_TYPES " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "          \
+      "{%0,%1,%2,%3};\n"                                                                 \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                  \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+  if constexpr (kIn == MmaIn::kBf16) {
+    GLA_MMA("m16n8k16.row.col.f32.bf16.bf16.f32");
+  } else if constexpr (kIn == MmaIn::kF16) {
+    GLA_MMA("m16n8k16.row.col.f32.f16.f16.f32");
+  } else {
+    GLA_MMA("m16n8k8.row.col.f32.tf32.tf32.f32");
+  }
+#undef GLA_MMA
 #else
   (void)d, (void)a, (void)b0, (void)b1;
   __trap();
 #endif
 }
 
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  mma_sync<MmaIn::kBf16>(d, a, b0, b1);
+}
 __device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                         uint32_t b1) {
+  mma_sync<MmaIn::kF16>(d, a, b0, b1);
+}
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  mma_sync<MmaIn::kTf32>(d, a, b0, b1);
+}
+
+// TF32 (float32 inputs on the tensor cores). Operands are rounded first with cvt_rna_tf32
+// (round to nearest, ties away from zero, on the 13 mantissa bits tf32 drops): an mma given raw
+// float32 bits ignores those bits (truncation), which biases every product towards zero.
+__device__ __forceinline__ uint32_t cvt_rna_tf32(float x) {
 #if GLA_CHUNK_SM80
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
 #else
-  (void)d, (void)a, (void)b0, (void)b1;
+  (void)x;
   __trap();
+  return 0u;
 #endif
 }
 
@@ -400,6 +452,20 @@ struct Elem<__half> {
 // ldsm_x4_trans of a tile stored [k][n] gives the B fragments of its two 8-column halves:
 // {r0, r1} for columns 0..7 and {r2, r3} for columns 8..15.
 
+// mma.m16n8k8 with .tf32 (one 32-bit element per register, same g and c):
+//   A (16x8, row-major):  reg0 = (row g, col c), reg1 = (row g+8, col c),
+//                         reg2 = (row g, col c+4), reg3 = (row g+8, col c+4)
+//   B (8x8, "col"):       reg0 = (row c, col g), reg1 = (row c+4, col g)
+//   C/D (16x8, float):    as for m16n8k16.
+
+// x as a tf32 pair for 3xTF32: hi = x rounded to tf32, lo = what that left, rounded too;
+// a * b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi keeps about float32's accuracy (the dropped
+// a_lo b_lo is ~2^-22 of the product).
+__device__ __forceinline__ void tf32_split(float x, uint32_t& hi, uint32_t& lo) {
+  hi = cvt_rna_tf32(x);
+  lo = cvt_rna_tf32(x - __uint_as_float(hi));
+}
+
 // ---- chunk tiles -> shared memory ------------------------------------------------------
 // Rows are tokens t < ROWS (= kC) of the chunk (token t at src + base + t * tok_stride), or
 // key dims of a state (ROWS = KT, len = K, tok_stride = V); columns are
@@ -467,9 +533,12 @@ __device__ __forceinline__ float gate_prefix(int q, float t0, float t1, float t2
 // reference and the other kernels propagate it).
 __device__ __forceinline__ float gate_floor(float g) { return g < kGateFloor ? kGateFloor : g; }
 
-// One step of a segment's running sum (every kernel sums the gates with this).
+// One step of a segment's running sum (every kernel sums the gates with this). Written as
+// one fused multiply-add: nvcc contracts `run + g * kLog2e` into an FFMA anyway, and the
+// emulator's host build would not, so spelling it out makes the emulator compute the GPU's
+// bits (fmaf is FFMA on the device and a correctly rounded std::fma on the host).
 __device__ __forceinline__ float gate_step(float run, float g) {
-  return run + gate_floor(g) * kLog2e;
+  return fmaf(gate_floor(g), kLog2e, run);
 }
 
 template <int KT, int STRIDE, int NTHREADS>
@@ -744,6 +813,84 @@ __device__ __forceinline__ void for_state_elems(float (&s)[NT][4], int k0, int v
   }
 }
 
+// ---- the fused forwards' state rows and tiles (chunk_fwd.cu, chunk_fwd_f32.cuh) ----------
+// Pool rows of sequence n: a padding row (state_idx < 0) runs no tokens (o stays zero),
+// reads no state and writes zeros to ht row n (nothing in place). Element offsets of its
+// (row, head) state in h0 and in ht, with K-first addresses (kept the register budget).
+struct StateRows {
+  bool padding;
+  int64_t h0_base, ht_base;
+};
+__device__ __forceinline__ StateRows fused_state_rows(const ChunkArgs& a, int64_t n, int h) {
+  const int64_t in_row = h0_state_row(a, n);
+  const bool padding = in_row < 0;
+  const int64_t per_head = static_cast<int64_t>(a.K) * a.V;
+  return {padding, ((padding ? n : in_row) * a.H + h) * per_head,
+          ((padding ? n : ht_state_row(a, n)) * a.H + h) * per_head};
+}
+
+// s <- the state at h0 + base (K-first, or V-first by strides).
+template <int NT>
+__device__ __forceinline__ void load_h0(float (&s)[NT][4], const ChunkArgs& a, int64_t base,
+                                        int vc_lo, int lane) {
+  if (a.state_v_stride == 1)  // K-first
+    for_state_slice(s, 0, vc_lo, a.K, a.V, lane,
+                    [&](float& x, int64_t off) { x = a.h0[base + off]; });
+  else
+    for_state_elems(s, 0, vc_lo, a.K, a.V, lane, [&](float& x, int kd, int vc) {
+      x = a.h0[base + state_elem(a, kd, vc)];
+    });
+}
+
+// ht + base <- s: zeros for a padding row, nothing for one whose final state goes in place.
+template <int NT>
+__device__ __forceinline__ void store_ht(float (&s)[NT][4], const ChunkArgs& a, int64_t base,
+                                         int vc_lo, int lane, bool padding) {
+  if (padding && a.inplace_final) return;
+  if (a.state_v_stride == 1)  // K-first
+    for_state_slice(s, 0, vc_lo, a.K, a.V, lane, [&](float& x, int64_t off) {
+      a.ht[base + off] = padding ? 0.0f : x;
+    });
+  else
+    for_state_elems(s, 0, vc_lo, a.K, a.V, lane, [&](float& x, int kd, int vc) {
+      a.ht[base + state_elem(a, kd, vc)] = padding ? 0.0f : x;
+    });
+}
+
+// Where chunk c0 of batch row `row` starts (tokens to the sequence end, at most kC).
+struct ChunkPos {
+  int len;
+  int64_t qk_base, v_base;  // element offsets of its first token, head h, in q/k/g and v/o
+};
+__device__ __forceinline__ ChunkPos chunk_pos(const ChunkArgs& a, int64_t row, int h,
+                                              int64_t c0, int64_t end) {
+  const int64_t tok = (row * a.T + c0) * a.H + h;
+  return {static_cast<int>(end - c0 < kC ? end - c0 : kC), tok * a.K, tok * a.V};
+}
+
+// The fused forwards' first step of a chunk: q, k, g and v columns [v0, v0 + BV) into shared
+// memory (row strides QKS, BS, VS; X is the q/k/v element, uint16_t or float), then the
+// cumulative gates in sB (gate_cumsum; ends with __syncthreads()).
+template <int KT, int BV, int QKS, int BS, int VS, int NTHREADS, typename X>
+__device__ __forceinline__ void stage_chunk(X* sQ, X* sK, float* sB, X* sV, float* sTot,
+                                            const ChunkArgs& a, const ChunkPos& cp, int v0,
+                                            int tid) {
+  const int64_t qk_tok = static_cast<int64_t>(a.H) * a.K;  // elements between tokens
+  const int64_t v_tok = static_cast<int64_t>(a.H) * a.V;
+  const bool vec_qk = (a.flags & kVecQK) != 0;
+  load_tile<KT, QKS, NTHREADS>(sQ, static_cast<const X*>(a.q), cp.qk_base, qk_tok, cp.len, 0,
+                               a.K, vec_qk, tid);
+  load_tile<KT, QKS, NTHREADS>(sK, static_cast<const X*>(a.k), cp.qk_base, qk_tok, cp.len, 0,
+                               a.K, vec_qk, tid);
+  load_tile<KT, BS, NTHREADS>(sB, a.g, cp.qk_base, qk_tok, cp.len, 0, a.K,
+                              (a.flags & kVecG) != 0, tid);
+  load_tile<BV, VS, NTHREADS>(sV, static_cast<const X*>(a.v), cp.v_base, v_tok, cp.len, v0,
+                              a.V, (a.flags & kVecV) != 0, tid);
+  cp_async_wait_all();
+  __syncthreads();
+  gate_cumsum<KT, BS, NTHREADS>(sB, sTot, tid);
+}
+
 // ---- chunk state update ----------------------------------------------------------------
 // One warp's slice of S^T <- S^T * exp2(b_last) + Y^T @ X, the state carried across chunks.
 // s: m16n8 accumulators (float32) of S^T for 16 columns of Y (rows) by KT key dims: s[nt]
@@ -792,12 +939,14 @@ inline int64_t max_chunks(const GlaParams& p) {
 
 // The size and dtype checks every chunk launcher makes; nullptr when p is fine, else a
 // message starting with op (valid until the next failing call on this thread).
-inline const char* check_chunk_params(const GlaParams& p, const char* op) {
+inline const char* check_chunk_params(const GlaParams& p, const char* op,
+                                      bool float32_ok = false) {
   static thread_local char message[200];
   const char* what = nullptr;
-  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
-    what = "q/k/v must be float16 or bfloat16 (the tensor-core chunked kernels have no "
-           "float32/float64 variant)";
+  if (float32_ok ? p.dtype != DType::kFloat32
+                 : p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
+    what = float32_ok ? "q/k/v must be float32"
+                      : "q/k/v must be float16 or bfloat16 (float32 has its own kernel)";
   else if (p.K < 1 || p.K > kChunkMaxK)
     what = "K must be in [1, 128] (split wider K into slices)";
   else if (p.V < 1 || p.V > (int64_t{1} << 30))

@@ -51,6 +51,7 @@
 #include <cstring>
 
 #include "chunk_common.cuh"
+#include "chunk_fwd_f32.cuh"
 #include "chunk_scan.cuh"
 #include "gla.h"
 
@@ -91,10 +92,12 @@ static_assert(SmemLayout<128>::kBytes <= 99 * 1024, "shared memory over the 99 K
 //   sequence carrying the state in registers, and writes the final state.
 // kFromStates = true (split): grid x = workspace chunk (an upper bound), y = H; the block does
 //   one chunk, all V tiles, starting from the states the scan stored for it.
-// The minimum blocks per SM is what shared memory allows anyway (3 at K=64 given the
-// registers, 2 at K=128): without it ptxas capped registers low and spilled (sass_stats.py).
+// Minimum blocks per SM: 3 at K=64 and 2 at K=128 where shared memory lets them fit (sm_90:
+// 55 KB and 88 KB per block), fewer where it does not (sm_80: 2 and 1; min_blocks_per_sm);
+// without a bound ptxas capped registers low and spilled (sass_stats.py).
 template <typename T, int KT, bool kFromStates>
-__global__ void __launch_bounds__(kThreads, KT <= 64 ? 3 : 2)
+__global__ void __launch_bounds__(kThreads, min_blocks_per_sm(SmemLayout<KT>::kBytes,
+                                                              KT <= 64 ? 3 : 2))
     gla_chunk_fwd_kernel(const ChunkArgs a) {
   using E = Elem<T>;
   using L = SmemLayout<KT>;
@@ -140,15 +143,10 @@ __global__ void __launch_bounds__(kThreads, KT <= 64 ? 3 : 2)
   // S^T for this warp's 16 V columns: s[nt] is the m16n8 accumulator tile with rows = V
   // columns v0 + 16*warp + {g, g+8} and columns = key dims 8*nt + 2c + {0, 1}.
   float s[kNT][4];
-  // Pool row of the initial state (state_idx); a padding row (-1) runs no tokens (o stays
-  // zero), reads no state and writes zeros to ht row n (nothing in place). Written without an
-  // early exit, and with K-first addresses unchanged: both kept the register budget.
-  const int64_t in_row = h0_state_row(a, n);
-  const bool padding = in_row < 0;
+  // pool rows (fused_state_rows): a padding row runs no tokens
+  const StateRows rows = fused_state_rows(a, n, h);
+  const bool padding = rows.padding;
   if (padding) end = start;
-  const int64_t state_base = ((padding ? n : in_row) * H + h) * static_cast<int64_t>(K) * V;
-  const int64_t final_base =
-      ((padding ? n : ht_state_row(a, n)) * H + h) * static_cast<int64_t>(K) * V;
   const uint16_t* const saved =
       kFromStates ? a.states + (chunk * H + h) * static_cast<int64_t>(K) * V : nullptr;
   auto init_state = [&](int v0) {
@@ -159,43 +157,22 @@ __global__ void __launch_bounds__(kThreads, KT <= 64 ? 3 : 2)
       for_state_slice(s, 0, vc_lo, K, V, lane,
                       [&](float& x, int64_t off) { x = E::to_float(saved[off]); });
     } else if (a.h0 != nullptr && !padding) {
-      if (a.state_v_stride == 1)  // K-first
-        for_state_slice(s, 0, vc_lo, K, V, lane,
-                        [&](float& x, int64_t off) { x = a.h0[state_base + off]; });
-      else
-        for_state_elems(s, 0, vc_lo, K, V, lane, [&](float& x, int kd, int vc) {
-          x = a.h0[state_base + state_elem(a, kd, vc)];
-        });
+      load_h0(s, a, rows.h0_base, vc_lo, lane);
     }
   };
   if constexpr (!kFromStates) init_state(v_first);
 
-  const uint16_t* const q = static_cast<const uint16_t*>(a.q);
-  const uint16_t* const k = static_cast<const uint16_t*>(a.k);
   const uint16_t* const v = static_cast<const uint16_t*>(a.v);
-  const float* const gate = a.g;
-  const int64_t qk_tok = static_cast<int64_t>(H) * K;  // elements between tokens in q/k/g
-  const int64_t v_tok = static_cast<int64_t>(H) * V;   // ... in v/o
+  const int64_t v_tok = static_cast<int64_t>(H) * V;  // elements between tokens in v/o
 
   for (int64_t c0 = start; c0 < end; c0 += kC) {
-    const int len = static_cast<int>(end - c0 < kC ? end - c0 : kC);
-    const int64_t qk_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(K);
-    const int64_t v_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(V);
+    const ChunkPos cp = chunk_pos(a, row, h, c0, end);
+    const int len = cp.len;
+    const int64_t v_base = cp.v_base;
 
-    // ---- 1. tiles -> shared memory -----------------------------------------------------
-    load_tile<KT, L::kQKStride, kThreads>(sQ, q, qk_base, qk_tok, len, 0, K,
-                                            (a.flags & kVecQK) != 0, tid);
-    load_tile<KT, L::kQKStride, kThreads>(sK, k, qk_base, qk_tok, len, 0, K,
-                                            (a.flags & kVecQK) != 0, tid);
-    load_tile<KT, L::kBStride, kThreads>(sB, gate, qk_base, qk_tok, len, 0, K,
-                                           (a.flags & kVecG) != 0, tid);
-    load_tile<kBV, L::kVStride, kThreads>(sV, v, v_base, v_tok, len, v_first, V,
-                                            (a.flags & kVecV) != 0, tid);
-    cp_async_wait_all();
-    __syncthreads();
-
-    // ---- 2. cumulative gates, exp2 domain ------------------------------------------------
-    gate_cumsum<KT, L::kBStride, kThreads>(sB, sTot, tid);
+    // ---- 1. tiles -> shared memory; 2. cumulative gates, exp2 domain ------------------------
+    stage_chunk<KT, kBV, L::kQKStride, L::kBStride, L::kVStride, kThreads>(sQ, sK, sB, sV, sTot,
+                                                                          a, cp, v_first, tid);
 
     // ---- 3. intra-chunk scores A -> sA (input dtype) ----------------------------------------
     chunk_scores<T, KT, kWarps, L>(sQ, sK, sB, sA, scale, warp, lane);
@@ -334,18 +311,8 @@ __global__ void __launch_bounds__(kThreads, KT <= 64 ? 3 : 2)
     __syncthreads();  // every warp is done with this chunk's tiles before they are reloaded
   }
 
-  if constexpr (!kFromStates) {  // final state (the split path's scan writes it)
-    if (padding && a.inplace_final) return;
-    const int vc_lo = v_first + 16 * warp + g8;
-    if (a.state_v_stride == 1)  // K-first
-      for_state_slice(s, 0, vc_lo, K, V, lane, [&](float& x, int64_t off) {
-        a.ht[final_base + off] = padding ? 0.0f : x;
-      });
-    else
-      for_state_elems(s, 0, vc_lo, K, V, lane, [&](float& x, int kd, int vc) {
-        a.ht[final_base + state_elem(a, kd, vc)] = padding ? 0.0f : x;
-      });
-  }
+  if constexpr (!kFromStates)  // final state (the split path's scan writes it)
+    store_ht(s, a, rows.ht_base, v_first + 16 * warp + g8, lane, padding);
 }
 
 // ---- launcher ------------------------------------------------------------------------
@@ -477,6 +444,31 @@ const char* chunk_fwd_cuda(const GlaParams& p, void* stream_ptr) {
                 : launch_all<__half, 64>(args, grid, stream);
   return bf16 ? launch_all<__nv_bfloat16, 128>(args, grid, stream)
               : launch_all<__half, 128>(args, grid, stream);
+}
+
+template <int KT, int kPasses>
+const char* launch_f32(const ChunkArgs& args, dim3 grid, cudaStream_t stream) {
+  return launch_chunk_kernel(gla_chunk_fwd_f32_kernel<KT, kPasses>, grid, kF32Threads,
+                             F32Layout<KT>::kBytes, stream, args, "chunk_fwd_f32_cuda",
+                             "gla_chunk_fwd_f32_kernel");
+}
+
+const char* chunk_fwd_f32_cuda(const GlaParams& p, int passes, void* stream_ptr) {
+  int sm_count = 0;
+  if (const char* err = check_device("chunk_fwd_f32_cuda", &sm_count)) return err;
+  if (passes != 1 && passes != 3) return "chunk_fwd_f32_cuda: passes must be 1 or 3";
+  ChunkArgs args;
+  unsigned gx = 0, gy = 0;
+  bool empty = false;
+  if (const char* err = prepare_f32(p, &args, &gx, &gy, &empty)) return err;
+  if (empty) return nullptr;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const dim3 grid(gx, gy);
+  if (p.K <= 64)
+    return passes == 1 ? launch_f32<64, 1>(args, grid, stream)
+                       : launch_f32<64, 3>(args, grid, stream);
+  return passes == 1 ? launch_f32<128, 1>(args, grid, stream)
+                     : launch_f32<128, 3>(args, grid, stream);
 }
 #endif  // GLA_CHUNK_EMULATE
 

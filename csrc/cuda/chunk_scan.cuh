@@ -90,6 +90,9 @@ __device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
   // S^T (or dS^T) for V columns vc_lo + {0, 8} and key dims k0 + 8nt + 2c + {0, 1}
   float s[kNT][4];
   const int vc_lo = v0 + 16 * warp + g8;
+  // A warp whose 16 columns all lie past V would only multiply zeros (half the warps at
+  // V = 64): it skips the state update, warp-uniformly; its columns are never stored.
+  const bool warp_active = v0 + 16 * warp < V;
   const int64_t state_base = (n * H + h) * static_cast<int64_t>(K) * V;
   // forward scan: h0 from pool row state_idx[n], final state to ht row n or (in place) that
   // pool row. A padding row reads no state and writes zeros to ht row n (nothing in place);
@@ -294,16 +297,18 @@ __device__ __forceinline__ void state_scan(const ChunkArgs& a, int key_tile) {
     // ldmatrix lanes with bits 3 and 4 swapped: the transposed y tile comes out directly in
     // the A order state_update builds as {yf0, yf2, yf1, yf3}
     const int ya_row = (lane & 7) + ((lane >> 4) & 1) * 8, ya_col = ((lane >> 3) & 1) * 8;
+    if (warp_active) {  // token blocks one at a time: unrolled, the backward's scans spilled
+#pragma unroll 1
+      for (int j = 0; j < 4; ++j) {
+        uint32_t ay[4];
+        ldsm_x4_trans(ay, sY + (16 * j + ya_row) * L::kYStride + 16 * warp + ya_col);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      uint32_t ay[4];
-      ldsm_x4_trans(ay, sY + (16 * j + ya_row) * L::kYStride + 16 * warp + ya_col);
-#pragma unroll
-      for (int kk = 0; kk < KT / 16; ++kk) {
-        uint32_t xf[4];
-        ldsm_x4_trans(xf, sX + (16 * j + lm_row) * L::kXStride + 16 * kk + lm_col);
-        E::mma(s[2 * kk], ay, xf[0], xf[1]);
-        E::mma(s[2 * kk + 1], ay, xf[2], xf[3]);
+        for (int kk = 0; kk < KT / 16; ++kk) {
+          uint32_t xf[4];
+          ldsm_x4_trans(xf, sX + (16 * j + lm_row) * L::kXStride + 16 * kk + lm_col);
+          E::mma(s[2 * kk], ay, xf[0], xf[1]);
+          E::mma(s[2 * kk + 1], ay, xf[2], xf[3]);
+        }
       }
     }
     __syncthreads();  // this stage is refilled two chunks from now; sOut, sLast next chunk
@@ -330,9 +335,10 @@ inline bool scan_vec(const ChunkArgs& a) {
 }
 
 // One scan per block: grid x = N * H, y = V tiles, z = key tiles. The all-vector variant
-// keeps two blocks per SM in registers; the scalar one (rare inputs) gets all it needs.
+// keeps two blocks per SM in registers (where shared memory fits two: not sm_86/89); the
+// scalar one (rare inputs) gets all it needs.
 template <typename T, bool kGrad, bool kVec>
-__global__ void __launch_bounds__(kScanThreads, kVec ? 2 : 1)
+__global__ void __launch_bounds__(kScanThreads, min_blocks_per_sm(ScanLayout::kBytes, kVec ? 2 : 1))
     gla_chunk_state_scan_kernel(const ChunkArgs a) {
   state_scan<T, kGrad, kVec>(a, blockIdx.z);
 }
@@ -341,7 +347,7 @@ __global__ void __launch_bounds__(kScanThreads, kVec ? 2 : 1)
 // q, dO, dht -> dstates, dh0), so twice the blocks share the GPU: z = 2 x key tiles, the
 // first half forward, the second half gradient.
 template <typename T, bool kVec>
-__global__ void __launch_bounds__(kScanThreads, kVec ? 2 : 1)
+__global__ void __launch_bounds__(kScanThreads, min_blocks_per_sm(ScanLayout::kBytes, kVec ? 2 : 1))
     gla_chunk_state_scans_kernel(const ChunkArgs a) {
   const int key_tiles = (a.K + kScanK - 1) / kScanK;
   if (static_cast<int>(blockIdx.z) < key_tiles) {

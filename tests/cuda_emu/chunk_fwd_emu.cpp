@@ -171,8 +171,9 @@ int main(int argc, char** argv) {
                       ht.guards_intact() && work.guards_intact();
   const bool ok = nan == 0 && guards && order_equal && o_rel <= tol && ht_rel <= tol;
   std::printf("%s o_rel=%.3e ht_rel=%.3e nonfinite=%d guards=%d order_equal=%d flags=%d "
-              "blocks=%ux%u collectives=%ld barriers=%ld\n",
+              "blocks=%ux%u collectives=%ld barriers=%ld scan_mmas=%ld\n",
               ok ? "PASS" : "FAIL", o_rel, ht_rel, nan, guards ? 1 : 0, order_equal ? 1 : 0,
-              args.flags, grid.fused_x, grid.fused_y, emu::st().collectives, emu::st().barriers);
+              args.flags, grid.fused_x, grid.fused_y, emu::st().collectives, emu::st().barriers,
+              harness::scan_mmas);
   return ok ? 0 : 1;
 }

@@ -9,6 +9,9 @@
 
 namespace harness {
 
+// mma instructions the state scan ran (all launches so far): chunk_fwd_emu prints it.
+inline long scan_mmas = 0;
+
 inline void run_grid(unsigned gx, unsigned gy, unsigned gz, int threads,
                      const std::function<void()>& body) {
   for (unsigned bz = 0; bz < gz; ++bz)
@@ -26,10 +29,12 @@ void launch_chunk_forward_t(const gla::ChunkArgs& args, const gla::FwdGrid& grid
   if (args.chunk_offsets != nullptr)
     run_grid(1, 1, 1, gla::kOffsetThreads, [&] { gla::gla_chunk_offsets_kernel(args); });
   const bool vec = gla::scan_vec(args);
+  const long mmas_before = emu::st().mmas;
   run_grid(grid.scan_x, grid.scan_y, grid.scan_z, gla::kScanThreads, [&] {
     (vec ? gla::gla_chunk_state_scan_kernel<T, false, true>
          : gla::gla_chunk_state_scan_kernel<T, false, false>)(args);
   });
+  scan_mmas += emu::st().mmas - mmas_before;
   run_grid(grid.chunk_x, grid.chunk_y, grid.chunk_z, gla::kThreads,
            [&] { gla::gla_chunk_fwd_kernel<T, KT, true>(args); });
 }

@@ -45,19 +45,7 @@ int main(int argc, char** argv) {
   Guarded<uint16_t> q(nqk, 0, 0xffff), k(nqk, 0, 0xffff), v(nv, 0, 0xffff), o(nv, 0, 0xffff);
   Guarded<float> g(nqk, 0, NAN), h0(nh0, 0, NAN), ht(ns, 0, NAN);
   Guarded<int64_t> idx(P > 0 ? N : 0, 0, -7777);
-  {
-    std::ifstream f(kv["in"], std::ios::binary);
-    if (!f) {
-      std::fprintf(stderr, "cannot read %s\n", kv["in"].c_str());
-      return 2;
-    }
-    q.read(f), k.read(f), v.read(f), g.read(f), h0.read(f);
-    if (P > 0) idx.read(f);
-    if (!f) {
-      std::fprintf(stderr, "input file too short\n");
-      return 2;
-    }
-  }
+  harness::read_inputs(kv["in"], q, k, v, g, h0, idx);  // idx is empty without a pool
   const std::vector<float> h0_in = h0.copy();
 
   gla::GlaParams p;

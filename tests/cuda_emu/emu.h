@@ -10,8 +10,9 @@
 //   or reverse order. A missing __syncthreads then shows up as reads of not-yet-written
 //   (poisoned) shared memory, or of data already overwritten, and as results that depend
 //   on the order.
-// - ldmatrix (.x4, with and without .trans) and mma.m16n8k16 (f16/bf16 in, f32 accumulate)
-//   are written from the fragment tables of the PTX ISA, independently of the kernel.
+// - ldmatrix (.x4, with and without .trans), mma.m16n8k16 (f16/bf16 in, f32 accumulate) and
+//   mma.m16n8k8 (tf32 in, low 13 bits of raw float32 ignored) are written from the fragment
+//   tables of the PTX ISA, independently of the kernel; cvt.rna.tf32.f32 rounds ties away.
 // - cp.async: in the forward-order run a copy lands when issued; in the reverse-order run it
 //   lands only at the wait that covers it (wait_all, or wait_group for older groups). A read
 //   before the right wait, or a buffer refilled while still in use, then changes the result.
@@ -115,7 +116,7 @@ constexpr size_t kSmemBytes = 200 * 1024;
 constexpr size_t kStackBytes = 256 * 1024;
 
 enum class Wait { kNone, kSync, kWarp, kDone };
-enum class Op { kLdsm, kLdsmTrans, kMmaBf16, kMmaF16, kShfl };
+enum class Op { kLdsm, kLdsmTrans, kMmaBf16, kMmaF16, kMmaTf32, kShfl };
 
 struct Fiber {
   ucontext_t ctx;
@@ -146,6 +147,7 @@ struct State {
   std::function<void()> body;
   bool reverse = false;
   long collectives = 0, barriers = 0;
+  long mmas = 0;  // warp-level mma instructions run
 };
 inline State& st() {
   static State s;
@@ -202,6 +204,36 @@ inline float to_float16bit(uint16_t x, bool bf16) {
   return bf16 ? emu_bf16_to_float(x) : emu_f16_to_float(x);
 }
 
+// tf32 operand bits as the tensor cores read them: the 13 low mantissa bits are ignored
+// (the kernels round with cvt.rna.tf32 first, so nothing is dropped there).
+inline double tf32_operand(uint32_t bits) { return __uint_as_float(bits & 0xffffe000u); }
+
+// mma.m16n8k8 .tf32 from the PTX ISA's fragment tables: A a0 (g, c), a1 (g+8, c),
+// a2 (g, c+4), a3 (g+8, c+4); B b0 (c, g), b1 (c+4, g); C/D as m16n8k16. Exact products,
+// summed in double, rounded once (as the f16/bf16 shapes here).
+inline void resolve_mma_tf32(Fiber* lane) {
+  double A[16][8], B[8][8], C[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, c = l & 3;
+    A[g][c] = tf32_operand(lane[l].a[0]);
+    A[g + 8][c] = tf32_operand(lane[l].a[1]);
+    A[g][c + 4] = tf32_operand(lane[l].a[2]);
+    A[g + 8][c + 4] = tf32_operand(lane[l].a[3]);
+    B[c][g] = tf32_operand(lane[l].b[0]);
+    B[c + 4][g] = tf32_operand(lane[l].b[1]);
+    for (int e = 0; e < 4; ++e) C[g + (e >= 2 ? 8 : 0)][2 * c + (e & 1)] = lane[l].c[e];
+  }
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, c = l & 3;
+    for (int e = 0; e < 4; ++e) {
+      const int row = g + (e >= 2 ? 8 : 0), col = 2 * c + (e & 1);
+      double acc = C[row][col];
+      for (int kk = 0; kk < 8; ++kk) acc += A[row][kk] * B[kk][col];
+      lane[l].d[e] = static_cast<float>(acc);
+    }
+  }
+}
+
 // Runs one warp-collective op once all 32 lanes of warp w wait on it.
 inline void resolve_warp(int w) {
   State& s = st();
@@ -234,7 +266,11 @@ inline void resolve_warp(int w) {
         lane[l].r[m] = lo | (hi << 16);
       }
     }
+  } else if (op == Op::kMmaTf32) {
+    ++s.mmas;
+    resolve_mma_tf32(lane);
   } else {
+    ++s.mmas;
     const bool bf16 = op == Op::kMmaBf16;
     double A[16][16], B[16][8], C[16][8];
     for (int l = 0; l < 32; ++l) {
@@ -412,4 +448,16 @@ inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_
 }
 inline void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   emu_mma(d, a, b0, b1, emu::Op::kMmaF16);
+}
+inline void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  emu_mma(d, a, b0, b1, emu::Op::kMmaTf32);
+}
+// cvt.rna.tf32.f32: round to nearest, ties away from zero, keeping 10 mantissa bits. As the
+// SASS nvcc 13 emits for it on sm_90 (VIADD 0x1000, FSETP |x| >= inf, SEL, LOP3 0xffffe000):
+// finite x gets half an ulp added to its magnitude bits, then truncated (a carry into the
+// exponent is right, up to infinity); infinities and NaN are only truncated.
+inline uint32_t cvt_rna_tf32(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return (std::fabs(x) < INFINITY ? u + 0x1000u : u) & 0xffffe000u;
 }

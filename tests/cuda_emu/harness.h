@@ -73,4 +73,20 @@ struct Guarded {
   void fill_poison() { std::fill(data(), data() + n, poison); }
 };
 
+// Reads the buffers, in order, from the file at path (an empty buffer reads nothing); exits
+// with 2 when the file cannot be read or is too short.
+template <typename... Bufs>
+void read_inputs(const std::string& path, Bufs&... bufs) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) {
+    std::fprintf(stderr, "cannot read %s\n", path.c_str());
+    std::exit(2);
+  }
+  (bufs.read(f), ...);
+  if (!f) {
+    std::fprintf(stderr, "input file too short\n");
+    std::exit(2);
+  }
+}
+
 }  // namespace harness

@@ -1,0 +1,338 @@
+// The chunked forward for float32 q/k/v on the tensor cores (tf32), fused path only: one block
+// per (sequence, head, 64 V columns) walks the sequence's chunks with the state in float32
+// registers, as gla_chunk_fwd_kernel's fused path does for 16-bit inputs (chunk_fwd.cu).
+//
+// Precision (kPasses): 1 = one tf32 pass per product (torch's "high" / "medium": operands
+// rounded to 10 mantissa bits, ~1e-3 relative error), 3 = 3xTF32 (torch's "highest": each
+// operand as a tf32 hi + lo pair, a*b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi, float32 accuracy).
+//
+// Per chunk of kC tokens (b = cumulative gates, exp2 domain; all exponents <= 0 for g <= 0):
+//   scores A[t][s], s <= t: the 16 x 16 diagonal blocks per pair in float32 FMA (an exponent
+//     b_t - b_s per key dim and pair), the blocks below them on the tensor cores through the
+//     last token r of the column block: (q_t exp2(b_t - b_r)) . (k_s exp2(b_r - b_s));
+//   o = (q * exp2(b) * scale) @ S + A @ v;  S <- S * exp2(b_last) + (k * exp2(b_last - b))^T v.
+// Tiles are float32 in shared memory; the state goes to shared memory once per chunk (over the
+// gates, which are no longer needed then) to be the B operand of q~ @ S.
+//
+// Fragment loads are plain 32-bit shared loads (m16n8k8 tf32: one element per register, see
+// chunk_common.cuh); rows are padded by 4 floats so the 8 rows x 4 columns of a fragment fall
+// in 32 different banks.
+#pragma once
+
+#include "chunk_common.cuh"
+
+namespace gla {
+namespace {
+
+constexpr int kF32BV = 64;  // V columns per block
+constexpr int kF32Warps = 4;  // warp w owns V columns [16w, 16w + 16) of the tile
+constexpr int kF32Threads = 32 * kF32Warps;
+
+template <int KT>
+struct F32Layout {
+  static constexpr int kQKStride = KT + 4;     // q, k tiles: [kC][kQKStride] float
+  static constexpr int kBStride = KT + 8;      // cumulative gates: [kC][kBStride] float
+  static constexpr int kSStride = kF32BV + 4;  // the state, over the gates: [KT][kSStride]
+  static constexpr int kVStride = kF32BV + 4;  // v tile: [kC][kVStride]
+  static constexpr int kAStride = kC + 4;      // scores: [kC][kAStride]
+  static constexpr int kQOff = 0;
+  static constexpr int kKOff = kQOff + kC * kQKStride * 4;
+  static constexpr int kBOff = kKOff + kC * kQKStride * 4;
+  static constexpr int kVOff = kBOff + kC * kBStride * 4;
+  static constexpr int kAOff = kVOff + kC * kVStride * 4;
+  static constexpr int kLastOff = kAOff + kC * kAStride * 4;  // b_last: [KT] float
+  static constexpr int kTotOff = kLastOff + KT * 4;           // gate scan scratch
+  static constexpr int kBytes = kTotOff + gate_scratch_floats<KT>() * 4;
+  static_assert(KT * kSStride <= kC * kBStride, "the state must fit where the gates were");
+  static_assert(kKOff % 16 == 0 && kBOff % 16 == 0 && kVOff % 16 == 0 && kAOff % 16 == 0 &&
+                    kLastOff % 16 == 0 && kTotOff % 16 == 0,
+                "tiles must start 16-byte aligned");
+  static_assert((kQKStride * 4) % 16 == 0 && (kBStride * 4) % 16 == 0 &&
+                    (kVStride * 4) % 16 == 0,
+                "rows must stay 16-byte aligned (cp.async)");
+};
+static_assert(F32Layout<64>::kBytes <= 99 * 1024, "K <= 64 must fit sm_86/sm_89 (99 KB)");
+static_assert(F32Layout<128>::kBytes <= 163 * 1024, "K = 128 must fit sm_80 (163 KB)");
+
+// d += a @ b on float32 operands: one tf32 pass or 3xTF32 (small terms first).
+template <int kPasses>
+__device__ __forceinline__ void mma_f32(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
+  static_assert(kPasses == 1 || kPasses == 3, "1xTF32 or 3xTF32");
+  uint32_t ah[4], bh[2];
+  if constexpr (kPasses == 1) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) ah[i] = cvt_rna_tf32(a[i]);
+    bh[0] = cvt_rna_tf32(b[0]);
+    bh[1] = cvt_rna_tf32(b[1]);
+  } else {
+    uint32_t al[4], bl[2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) tf32_split(a[i], ah[i], al[i]);
+    tf32_split(b[0], bh[0], bl[0]);
+    tf32_split(b[1], bh[1], bl[1]);
+    mma_tf32(d, al, bh[0], bh[1]);
+    mma_tf32(d, ah, bl[0], bl[1]);
+  }
+  mma_tf32(d, ah, bh[0], bh[1]);
+}
+
+// Fragments of m16n8k8 from float tiles in shared memory (g = lane / 4, c = lane % 4).
+// A (16 x 8) at (row r0, column c0) of a row-major tile.
+__device__ __forceinline__ void frag_a(float (&a)[4], const float* x, int stride, int r0, int c0,
+                                       int lane) {
+  const float* const p = x + (r0 + (lane >> 2)) * stride + c0 + (lane & 3);
+  a[0] = p[0];
+  a[1] = p[8 * stride];
+  a[2] = p[4];
+  a[3] = p[8 * stride + 4];
+}
+// A (16 x 8) = X^T at (row r0, column c0) of a tile X stored [column][row].
+__device__ __forceinline__ void frag_a_trans(float (&a)[4], const float* x, int stride, int r0,
+                                             int c0, int lane) {
+  const float* const p = x + (c0 + (lane & 3)) * stride + r0 + (lane >> 2);
+  a[0] = p[0];
+  a[1] = p[8];
+  a[2] = p[4 * stride];
+  a[3] = p[4 * stride + 8];
+}
+// B (8 x 8) at (row k0, column n0) of a tile stored [k][n].
+__device__ __forceinline__ void frag_b(float (&b)[2], const float* x, int stride, int k0, int n0,
+                                       int lane) {
+  const float* const p = x + (k0 + (lane & 3)) * stride + n0 + (lane >> 2);
+  b[0] = p[0];
+  b[1] = p[4 * stride];
+}
+
+// sA (kC x kC, float, stride L::kAStride) <- scale * A from raw q, k and cumulative gates sB.
+// Entries above the diagonal are 0. No barrier at the end.
+template <int KT, int kPasses, typename L>
+__device__ __forceinline__ void f32_scores(const float* sQ, const float* sK, const float* sB,
+                                           float* sA, float scale, int tid, int warp,
+                                           int lane) {
+  const int g8 = lane >> 2, c4 = lane & 3;
+  // below the diagonal blocks: pair u = (i, j), i > j, of the 6; warp w takes u = w, w + 4
+  for (int u = warp; u < 6; u += kF32Warps) {
+    const int i = u < 3 ? u + 1 : (u < 5 ? u - 1 : 3);  // (1,0) (2,0) (3,0) (2,1) (3,1) (3,2)
+    const int j = u < 3 ? 0 : (u < 5 ? 1 : 2);
+    const float* const br = sB + (16 * j + 15) * L::kBStride;  // b of the reference token r
+    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    for (int k0 = 0; k0 < KT; k0 += 8) {
+      const int ka = k0 + c4, kb = k0 + c4 + 4;
+      const int t = 16 * i + g8;
+      const float rb_a = br[ka], rb_b = br[kb];
+      float af[4];
+      af[0] = sQ[t * L::kQKStride + ka] * exp2f(sB[t * L::kBStride + ka] - rb_a);
+      af[1] = sQ[(t + 8) * L::kQKStride + ka] * exp2f(sB[(t + 8) * L::kBStride + ka] - rb_a);
+      af[2] = sQ[t * L::kQKStride + kb] * exp2f(sB[t * L::kBStride + kb] - rb_b);
+      af[3] = sQ[(t + 8) * L::kQKStride + kb] * exp2f(sB[(t + 8) * L::kBStride + kb] - rb_b);
+#pragma unroll
+      for (int nh = 0; nh < 2; ++nh) {
+        const int s = 16 * j + 8 * nh + g8;
+        float bf[2];
+        bf[0] = sK[s * L::kQKStride + ka] * exp2f(rb_a - sB[s * L::kBStride + ka]);
+        bf[1] = sK[s * L::kQKStride + kb] * exp2f(rb_b - sB[s * L::kBStride + kb]);
+        mma_f32<kPasses>(acc[nh], af, bf);
+      }
+    }
+#pragma unroll
+    for (int nh = 0; nh < 2; ++nh) {
+      float* const d = sA + (16 * i + g8) * L::kAStride + 16 * j + 8 * nh + 2 * c4;
+      d[0] = acc[nh][0] * scale;
+      d[1] = acc[nh][1] * scale;
+      d[8 * L::kAStride] = acc[nh][2] * scale;
+      d[8 * L::kAStride + 1] = acc[nh][3] * scale;
+    }
+  }
+  // the diagonal blocks, pair by pair (136 pairs s <= t per block), and zeros above them
+  constexpr int kPairs = 16 * 17 / 2;
+  for (int p = tid; p < 4 * kPairs; p += kF32Threads) {
+    const int blk = p / kPairs;
+    int tl = 0, rest = p % kPairs;  // row tl of the block's lower triangle holds tl + 1 pairs
+    while (rest > tl) rest -= ++tl;
+    const int t = 16 * blk + tl, s = 16 * blk + rest;
+    const float* const qt = sQ + t * L::kQKStride;
+    const float* const ks = sK + s * L::kQKStride;
+    const float* const bt = sB + t * L::kBStride;
+    const float* const bs = sB + s * L::kBStride;
+    float acc = 0.0f;
+    for (int kd = 0; kd < KT; ++kd) acc = fmaf(qt[kd] * ks[kd], exp2f(bt[kd] - bs[kd]), acc);
+    sA[t * L::kAStride + s] = acc * scale;
+  }
+  for (int e = tid; e < kC * kC; e += kF32Threads) {
+    const int t = e / kC, s = e % kC;
+    if (s > t) sA[t * L::kAStride + s] = 0.0f;
+  }
+}
+
+// grid x = N * H, y = V tiles of kF32BV.
+template <int KT, int kPasses>
+__global__ void __launch_bounds__(kF32Threads, 1) gla_chunk_fwd_f32_kernel(const ChunkArgs a) {
+  using L = F32Layout<KT>;
+  constexpr int kNT = KT / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* const sQ = reinterpret_cast<float*>(smem + L::kQOff);
+  float* const sK = reinterpret_cast<float*>(smem + L::kKOff);
+  float* const sB = reinterpret_cast<float*>(smem + L::kBOff);
+  float* const sS = sB;  // the state, once the gates are used up
+  float* const sV = reinterpret_cast<float*>(smem + L::kVOff);
+  float* const sA = reinterpret_cast<float*>(smem + L::kAOff);
+  float* const sLast = reinterpret_cast<float*>(smem + L::kLastOff);
+  float* const sTot = reinterpret_cast<float*>(smem + L::kTotOff);
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5, lane = tid & 31;
+  const int g8 = lane >> 2, c4 = lane & 3;
+  const int H = a.H, V = a.V;
+  const float scale = a.scale;
+  const int h = static_cast<int>(blockIdx.x % static_cast<unsigned>(H));
+  const int64_t n = blockIdx.x / static_cast<unsigned>(H);
+  const int v_first = blockIdx.y * kF32BV;
+  int64_t row, start, end;
+  seq_range(a, n, &row, &start, &end);
+
+  // pool rows (fused_state_rows): a padding row runs no tokens
+  const StateRows rows = fused_state_rows(a, n, h);
+  if (rows.padding) end = start;
+
+  // S^T for this warp's 16 V columns (vc_lo + {0, 8}) by key dims 8nt + 2c + {0, 1}
+  float s[kNT][4];
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) s[nt][r] = 0.0f;
+  const int vc_lo = v_first + 16 * warp + g8;
+  if (a.h0 != nullptr && !rows.padding) load_h0(s, a, rows.h0_base, vc_lo, lane);
+
+  float* const out = static_cast<float*>(a.o);
+  const int64_t v_tok = static_cast<int64_t>(H) * V;
+  const int wc = 16 * warp;  // this warp's first column within the tile
+
+  for (int64_t c0 = start; c0 < end; c0 += kC) {
+    const ChunkPos cp = chunk_pos(a, row, h, c0, end);
+    const int len = cp.len;
+    const int64_t v_base = cp.v_base;
+
+    // ---- 1. tiles -> shared memory (zero past len, K, V); 2. cumulative gates ------------
+    stage_chunk<KT, kF32BV, L::kQKStride, L::kBStride, L::kVStride, kF32Threads>(
+        sQ, sK, sB, sV, sTot, a, cp, v_first, tid);
+    // ---- 3. scores -------------------------------------------------------------------------
+    f32_scores<KT, kPasses, L>(sQ, sK, sB, sA, scale, tid, warp, lane);
+    __syncthreads();  // raw q, k and the gates are read above; changed below
+
+    // ---- 4. q <- q * exp2(b) * scale, k <- k * exp2(b_last - b), b_last aside -------------
+    {
+      const float* const blast = sB + (kC - 1) * L::kBStride;
+      for (int e = tid; e < kC * KT; e += kF32Threads) {
+        const int t = e / KT, kd = e % KT;
+        const float b = sB[t * L::kBStride + kd];
+        sQ[t * L::kQKStride + kd] = sQ[t * L::kQKStride + kd] * exp2f(b) * scale;
+        sK[t * L::kQKStride + kd] = sK[t * L::kQKStride + kd] * exp2f(blast[kd] - b);
+      }
+      for (int kd = tid; kd < KT; kd += kF32Threads) sLast[kd] = blast[kd];
+    }
+    __syncthreads();  // the gates are done with: the state goes over them
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        sS[(8 * nt + 2 * c4 + (r & 1)) * L::kSStride + wc + g8 + 8 * (r >> 1)] = s[nt][r];
+    __syncthreads();
+
+    // ---- 5. o = q~ @ S + A @ v for this warp's 16 columns ---------------------------------
+    {
+      float o[4][2][4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int nh = 0; nh < 2; ++nh)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) o[i][nh][r] = 0.0f;
+      for (int k0 = 0; k0 < KT; k0 += 8) {
+        float bf[2][2];
+        frag_b(bf[0], sS, L::kSStride, k0, wc, lane);
+        frag_b(bf[1], sS, L::kSStride, k0, wc + 8, lane);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          float af[4];
+          frag_a(af, sQ, L::kQKStride, 16 * i, k0, lane);
+          mma_f32<kPasses>(o[i][0], af, bf[0]);
+          mma_f32<kPasses>(o[i][1], af, bf[1]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        for (int t0 = 0; t0 < 16 * i + 16; t0 += 8) {  // causal: token blocks j <= i
+          float af[4], bf0[2], bf1[2];
+          frag_a(af, sA, L::kAStride, 16 * i, t0, lane);
+          frag_b(bf0, sV, L::kVStride, t0, wc, lane);
+          frag_b(bf1, sV, L::kVStride, t0, wc + 8, lane);
+          mma_f32<kPasses>(o[i][0], af, bf0);
+          mma_f32<kPasses>(o[i][1], af, bf1);
+        }
+      }
+      // rows 16i + g (+8), columns v_first + 16w + 8nh + 2c (+1)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int nh = 0; nh < 2; ++nh)
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {
+            const int t = 16 * i + g8 + 8 * hr;
+            const int vc = v_first + wc + 8 * nh + 2 * c4;
+            if (t >= len) continue;
+            float* const dst = out + v_base + t * v_tok + vc;
+            if (vc < V) dst[0] = o[i][nh][2 * hr];
+            if (vc + 1 < V) dst[1] = o[i][nh][2 * hr + 1];
+          }
+    }
+
+    // ---- 6. S^T <- S^T * exp2(b_last) + v^T @ k~ -------------------------------------------
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+      const float e0 = exp2f(sLast[8 * nt + 2 * c4]), e1 = exp2f(sLast[8 * nt + 2 * c4 + 1]);
+      s[nt][0] *= e0;
+      s[nt][1] *= e1;
+      s[nt][2] *= e0;
+      s[nt][3] *= e1;
+    }
+    for (int t0 = 0; t0 < kC; t0 += 8) {
+      float af[4];
+      frag_a_trans(af, sV, L::kVStride, wc, t0, lane);
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        float bf[2];
+        frag_b(bf, sK, L::kQKStride, t0, 8 * nt, lane);
+        mma_f32<kPasses>(s[nt], af, bf);
+      }
+    }
+    __syncthreads();  // every warp is done with this chunk's tiles before they are reloaded
+  }
+
+  store_ht(s, a, rows.ht_base, vc_lo, lane, rows.padding);
+}
+
+// Checks p (float32) and fills the kernel arguments and grid; returns an error message or
+// nullptr. *empty: nothing to launch.
+inline const char* prepare_f32(const GlaParams& p, ChunkArgs* args, unsigned* gx, unsigned* gy,
+                               bool* empty) {
+  *empty = false;
+  if (p.dtype != DType::kFloat32) return "chunk_fwd_f32_cuda: q/k/v must be float32";
+  if (const char* err = check_chunk_params(p, "chunk_fwd_f32_cuda", true)) return err;
+  if (p.N * p.H == 0) {
+    *empty = true;
+    return nullptr;
+  }
+  if (p.ht == nullptr) return "chunk_fwd_f32_cuda: ht (final state) must not be null";
+  if (p.T > 0 && (p.q == nullptr || p.k == nullptr || p.v == nullptr || p.g == nullptr ||
+                  p.o == nullptr))
+    return "chunk_fwd_f32_cuda: q, k, v, g and o must not be null";
+  *args = common_args(p);  // its vector flags (K, V % 8, 16-byte aligned) suit float tiles too
+  args->o = p.o;
+  args->ht = static_cast<float*>(p.ht);
+  *gx = static_cast<unsigned>(p.N * p.H);
+  *gy = static_cast<unsigned>((p.V + kF32BV - 1) / kF32BV);
+  return nullptr;
+}
+
+}  // namespace
+}  // namespace gla
