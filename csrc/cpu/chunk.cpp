@@ -32,6 +32,7 @@
 
 #include "cpu_common.h"
 #include "cpu_isa.h"
+#include "cpu/simd/denormals.h"
 #include "gla.h"
 
 // Vector types wider than the baseline ABI only pass between inlined helpers here.
@@ -73,24 +74,6 @@ namespace chunk_avx512 {
 #define GLA_CHUNK_MULTI_ISA 0
 #endif
 
-CpuIsa pick_cpu_isa() {
-  const char* env = std::getenv("GLA_EXT_CPU_ISA");
-  const std::string want = env ? env : "";
-#if GLA_CHUNK_MULTI_ISA
-  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512dq");
-  if (want == "generic") return CpuIsa::kGeneric;
-  if (want == "avx2" && has_avx2) return CpuIsa::kAvx2;
-  if (has_avx512) return CpuIsa::kAvx512;
-  if (has_avx2) return CpuIsa::kAvx2;
-#endif
-  (void)want;
-  return CpuIsa::kGeneric;
-}
-
 namespace {
 
 using idx = int64_t;
@@ -115,17 +98,13 @@ ChunkKernels pick_kernels() {
   }
 }
 
-// Scope of one thread's share of a kernel: denormals flushed to zero meanwhile (x86 MXCSR
-// FTZ and DAZ, restored afterwards), and a store fence at the end so the streaming stores of
-// the output rows are ordered before the results are used.
+// Scope of one thread's share of a kernel: denormals flushed to zero meanwhile, and a store
+// fence at the end so the streaming stores of the output rows are ordered before the results
+// are used (the fence runs before the member restores MXCSR).
 struct ThreadScope {
+  FlushDenormals flush;
 #if GLA_CHUNK_X86
-  unsigned saved;
-  ThreadScope() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040u); }
-  ~ThreadScope() {
-    _mm_sfence();
-    _mm_setcsr(saved);
-  }
+  ~ThreadScope() { _mm_sfence(); }
 #endif
 };
 

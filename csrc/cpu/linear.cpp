@@ -1,6 +1,7 @@
 // Packed linear layers (see linear.h): packing, and the per-ISA copies of the kernel body
 // in linear_impl.h (compiled three times, like the chunk kernels, picked at run time).
 #include "linear.h"
+#include "cpu/simd/cpu_features.h"
 
 #include <c10/util/Half.h>
 
@@ -69,22 +70,13 @@ const LinearKernels kKernels{&apply_f32, &apply_bf16, &apply_f16, NR, "avx512"};
 namespace {
 
 const LinearKernels& pick_kernels() {
-  const char* env = std::getenv("GLA_EXT_CPU_ISA");
-  const std::string want = env ? env : "";
+  switch (pick_cpu_isa()) {
 #if GLA_LINEAR_MULTI_ISA
-  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                        __builtin_cpu_supports("f16c");
-  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512dq");
-  if (want == "generic") return linear_generic::kKernels;
-  if (want == "avx2" && has_avx2) return linear_avx2::kKernels;
-  if (has_avx512) return linear_avx512::kKernels;
-  if (has_avx2) return linear_avx2::kKernels;
+    case CpuIsa::kAvx512: return linear_avx512::kKernels;
+    case CpuIsa::kAvx2: return linear_avx2::kKernels;
 #endif
-  (void)want;
-  return linear_generic::kKernels;
+    default: return linear_generic::kKernels;
+  }
 }
 
 size_t elem_bytes(LinearWeight t) { return t == LinearWeight::kFloat32 ? 4 : 2; }
