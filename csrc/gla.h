@@ -80,13 +80,18 @@ inline void sequence_bounds(const GlaParams& p, int64_t n, int64_t* row, int64_t
 #define GLA_HOST_DEVICE
 #endif
 
-// The h0 row sequence n starts from (-1 or below: a padding row, nothing read or written).
-// Indices >= P (checked before the call; this guard keeps a captured graph from writing
-// outside the pool) count as padding too.
+// The pool-row rule, the one spelling for the CPU and CUDA kernels: sequence n uses row n
+// without an index, else row state_idx[n]; below 0 is a padding row (nothing read or
+// written). Indices >= P (rejected by the host checks: bindings.cpp, gla_ext/_checks.py;
+// this guard keeps a captured graph from writing outside the pool) count as padding too.
+GLA_HOST_DEVICE inline int64_t pool_row(const int64_t* state_idx, int64_t P, int64_t n) {
+  if (!state_idx) return n;
+  const int64_t r = state_idx[n];
+  return r < P ? r : -1;
+}
+// The h0 row sequence n starts from (below 0: padding).
 GLA_HOST_DEVICE inline int64_t h0_row(const GlaParams& p, int64_t n) {
-  if (!p.state_idx) return n;
-  const int64_t r = p.state_idx[n];
-  return r < p.P ? r : -1;
+  return pool_row(p.state_idx, p.P, n);
 }
 // The ht row sequence n's final state goes to (the pool row when inplace_final).
 GLA_HOST_DEVICE inline int64_t ht_row(const GlaParams& p, int64_t n) {

@@ -86,9 +86,7 @@ struct ChunkArgs {
 // ---- state rows (pools, V-first) -----------------------------------------------------
 // h0 row of sequence n; -1 for a padding row (no state read or written, o left zero).
 __device__ __forceinline__ int64_t h0_state_row(const ChunkArgs& a, int64_t n) {
-  if (a.state_idx == nullptr) return n;
-  const int64_t r = a.state_idx[n];
-  return r < a.P ? r : -1;
+  return ::gla::pool_row(a.state_idx, a.P, n);  // the rule in gla.h
 }
 __device__ __forceinline__ int64_t ht_state_row(const ChunkArgs& a, int64_t n) {
   return a.inplace_final ? h0_state_row(a, n) : n;

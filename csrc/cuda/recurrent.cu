@@ -137,9 +137,7 @@ struct StateRows {
 };
 
 __device__ __forceinline__ int64_t pool_row(const StateRows& r, int64_t n) {
-  if (r.idx == nullptr) return n;
-  const int64_t x = r.idx[n];
-  return x < r.P ? x : -1;
+  return ::gla::pool_row(r.idx, r.P, n);  // the rule in gla.h
 }
 
 // ---- warp butterfly: R row sums over the 32 lanes -------------------------------------
