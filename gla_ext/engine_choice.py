@@ -64,10 +64,16 @@ def forget(model=None) -> None:
         _table.pop(model, None)
 
 
-def _measure(fused, plain):
-    """(fused seconds, plain seconds): best of interleaved runs after one warm run each."""
+def _measure(fused, plain, fused_first=float("inf")):
+    """(fused seconds, plain seconds): best of interleaved runs after one warm run each.
+    fused_first: the time of the fused call that has just run (packing included): a plain
+    warm run far slower than it settles the choice without repeats."""
     best = [float("inf"), float("inf")]
+    t0 = time.perf_counter()
     plain()                                   # warm (the fused one has just run)
+    warm = time.perf_counter() - t0
+    if warm > 3 * fused_first and warm > 0.05:
+        return fused_first, warm
     started, reps = time.perf_counter(), 0
     while reps < _MIN_REPS or (reps < _MAX_REPS and time.perf_counter() - started < _MIN_SECONDS):
         for i, fn in enumerate((fused, plain)):
@@ -95,21 +101,23 @@ def _check_mode():
     return MODE
 
 
-def _record(model, ck, fused, plain):
+def _record(model, ck, fused, plain, fused_first=float("inf")):
     """Measures both paths for class ck (the fused one just ran), records and returns the
     faster ("fused" on a tie)."""
     table = _table.setdefault(model, {})
-    t_fused, t_plain = _measure(fused, plain)
+    t_fused, t_plain = _measure(fused, plain, fused_first)
     table[ck] = "fused" if t_fused <= t_plain else "pytorch"
     if table[ck] == "pytorch":
         _drop_unused_copy(model, ck[0], table)
     return table[ck]
 
 
-def run(model, kind: str, key: tuple, fused, plain):
+def run(model, kind: str, key: tuple, fused, plain, probes=None):
     """fused() (None when the engine cannot run this call) or plain(), as MODE and the
     measured choice for this call's shape class say. Both must be free of side effects on
-    their inputs (they return new tensors), so the first call of a class can run both."""
+    their inputs (they return new tensors), so the first call of a class can run both.
+    probes: None, or () -> (fused_probe, plain_probe), smaller calls of the same class to
+    measure instead (bounds the first call's cost where the plain path is very slow)."""
     mode = _check_mode()
     if mode == "pytorch" or _is_tracing():   # (compiled / captured: plain PyTorch ops)
         return plain()
@@ -117,11 +125,13 @@ def run(model, kind: str, key: tuple, fused, plain):
     choice = _table.get(model, {}).get(ck) if mode == "auto" else "fused"
     if choice == "pytorch":
         return plain()
+    t0 = time.perf_counter()
     out = fused()
+    t_fused = time.perf_counter() - t0
     if out is None:
         return plain()
     if choice is None:
-        _record(model, ck, fused, plain)
+        _record(model, ck, *(probes() if probes is not None else (fused, plain)), t_fused)
     return out
 
 
@@ -135,7 +145,8 @@ def prefer_fused(model, kind: str, key: tuple, fused_probe, plain_probe) -> bool
     ck = _class_key(model, kind, key)
     choice = _table.get(model, {}).get(ck)
     if choice is None:
+        t0 = time.perf_counter()
         if fused_probe() is None:
             return True                      # the engine declines: the caller sees it too
-        choice = _record(model, ck, fused_probe, plain_probe)
+        choice = _record(model, ck, fused_probe, plain_probe, time.perf_counter() - t0)
     return choice == "fused"

@@ -28,6 +28,9 @@ from .options import make_config
 
 __all__ = ["GLA", "build"]
 
+# Prefills of more rows (B * T) measure the engine choice on this many (see _prefill_probes).
+_PROBE_ROWS = 512
+
 
 def _zero_padding(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """t [B, T, F] with the positions where mask [B, T] is False set to 0 (where, not *: NaN-safe)."""
@@ -85,8 +88,19 @@ class GLA(nn.Module):
             return _choice.run(
                 self, "prefill", (B, T, return_sequence),
                 lambda: _prefill.try_forward(self, x, state, return_state, return_sequence),
-                lambda: self.forward_layers(x, None, state, return_state, return_sequence))
+                lambda: self.forward_layers(x, None, state, return_state, return_sequence),
+                None if B * T <= _PROBE_ROWS else lambda: self._prefill_probes(x, state))
         return self.forward_layers(x, lengths, state, return_state, return_sequence)
+
+    def _prefill_probes(self, x, state):
+        """The first _PROBE_ROWS rows of a large prefill (whole rows first, then positions):
+        engine_choice measures both paths on these, not on the whole call."""
+        B, T = x.shape[:2]
+        b = min(B, _PROBE_ROWS)
+        t = max(1, min(T, _PROBE_ROWS // b))
+        xs, ss = x[:b, :t], None if state is None else [s[:b] for s in state]
+        return (lambda: _prefill.try_forward(self, xs, ss, False, False),
+                lambda: self.forward_layers(xs, None, ss))
 
     def forward_layers(self, x, lengths=None, state=None, return_state=False,
                        return_sequence=False):

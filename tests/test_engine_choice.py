@@ -34,7 +34,7 @@ def forced(monkeypatch, fused_s, plain_s):
     """Makes every measurement report these times (both paths still run)."""
     real = choice._measure
 
-    def fake(fused, plain):
+    def fake(fused, plain, fused_first=float("inf")):
         real(fused, plain)
         return fused_s, plain_s
     monkeypatch.setattr(choice, "_measure", fake)
@@ -107,6 +107,25 @@ def test_classes_are_power_of_two_buckets_per_kind(monkeypatch):
     assert keys == [("prefill", (2, 32, False)), ("step", (4,)), ("step", (8,))]
 
 
+def test_large_prefills_are_measured_on_their_first_rows(monkeypatch):
+    import gla_ext.model as model_module
+    monkeypatch.setattr(model_module, "_PROBE_ROWS", 8)
+    forced(monkeypatch, 1.0, 2.0)
+    model = GLA.build(**SMALL).eval()
+    x = torch.randn(3, 20, model.embed_dim)
+    state = [torch.randn_like(s) for s in model.init_state(3)]
+    with torch.no_grad():
+        ref = float64_model(model)(x.double(), state=[s.double() for s in state])
+    shapes = []
+    real = pf.try_forward
+    monkeypatch.setattr(pf, "try_forward",
+                        lambda m, x, *a: shapes.append(tuple(x.shape[:2])) or real(m, x, *a))
+    with torch.no_grad():
+        y = model(x, state=state)
+    assert shapes[0] == (3, 20) and set(shapes[1:]) == {(3, 2)}   # the call, then probes
+    assert rel_err(y, ref) < 1e-5
+
+
 def test_autograd_calls_measure_nothing():
     model = GLA.build(**SMALL).eval()
     y, _ = model.step(torch.randn(2, model.embed_dim))   # parameters require grad
@@ -142,3 +161,17 @@ def test_bad_mode_is_named():
     choice.MODE = "fastest"
     with torch.no_grad(), pytest.raises(ValueError, match="engine_choice.MODE"):
         model.step(torch.randn(1, model.embed_dim))
+
+
+def test_a_far_slower_plain_path_is_run_once():
+    import time
+    calls = []
+
+    def plain():
+        calls.append(1)
+        time.sleep(0.06)
+    t_fused, t_plain = choice._measure(lambda: None, plain, fused_first=0.001)
+    assert calls == [1] and t_plain >= 0.06 and t_fused == 0.001
+    calls.clear()
+    t_fused, t_plain = choice._measure(lambda: time.sleep(0.03), plain, fused_first=0.03)
+    assert len(calls) >= 4 and t_fused < t_plain          # close: measured interleaved
