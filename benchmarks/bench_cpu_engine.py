@@ -269,10 +269,12 @@ def main():
     table = _table(rows, rates, bandwidth)
     print(table)
     name = args.name or ("cpu_engine_quick" if args.quick else "cpu_engine")
-    rss = json.loads(subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--rss", "--threads",
-         str(torch.get_num_threads())], capture_output=True, text=True, check=True).stdout)
-    print("bf16 50M RSS growth over prefill [4,512] + one step:", rss)
+    rss = None
+    if "50M" in models and not args.quick:
+        rss = json.loads(subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--rss", "--threads",
+             str(torch.get_num_threads())], capture_output=True, text=True, check=True).stdout)
+        print("bf16 50M RSS growth over prefill [4,512] + one step:", rss)
     extra = {"rss_check": rss, "mm_flops": rates, "mm_n": mm_n, "read_bandwidth_Bps": bandwidth,
              "load_average": os.getloadavg(), "isa": os.environ.get("GLA_EXT_CPU_ISA", "auto")}
     path = save_results(name, rows, table, extra)
