@@ -53,7 +53,7 @@ DECODE = [1, 8, 64]
 POOL_ROWS = 256
 
 
-def best_of(fns, min_reps=3, max_reps=20, min_seconds=0.3):
+def best_of(fns, min_reps=3, max_reps=100, min_seconds=0.5):
     """Best seconds per call of each fn, interleaved (so load changes hit all alike); a fn
     that is None (skipped) gives NaN."""
     for fn in fns:
@@ -129,7 +129,7 @@ def gla_cells(name, dtype_name, quick):
                              (lambda: model(x)) if ok else None])
             cells.append(dict(cell=f"prefill [{B},{T}]", rows=B * T, kind="prefill",
                               times=times, flops=flops_per_row * B * T,
-                              choice=_choice_of(model, "prefill")))
+                              choice=_choice_of(model, "prefill", B, T)))
         for B in DECODE:
             if quick and B > 8:
                 continue
@@ -156,9 +156,11 @@ def gla_cells(name, dtype_name, quick):
     return weight_bytes(model), cells
 
 
-def _choice_of(model, kind, rows=None):
+def _choice_of(model, kind, *shape):
+    """The measured choice of the class of `shape` ((batch,) or (batch, T)), or "-"."""
+    key = tuple(choice._bucket(n) for n in shape)
     picked = [v for k, v in choice.decisions(model).items()
-              if k[0] == kind and (rows is None or k[1][0] == choice._bucket(rows))]
+              if k[0] == kind and k[1][:len(key)] == key]
     return picked[-1] if picked else "-"
 
 
