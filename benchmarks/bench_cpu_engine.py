@@ -254,7 +254,7 @@ def main():
                              else gla_cells(name, dname, args.quick))
             for c in cells:
                 fused, plain, auto = c.pop("times")
-                best = min(t for t in (fused, plain, auto) if t == t)
+                best = min([t for t in (fused, plain, auto) if t == t] or [float("nan")])
                 frac_mm = c["flops"] / best / rates[dname]
                 row = dict(model=name, dtype=dname, **c, fused_ms=fused * 1e3,
                            pytorch_ms=plain * 1e3, auto_ms=auto * 1e3,

@@ -39,6 +39,10 @@ _MODES = ("auto", "fused", "pytorch")
 _table: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 _MIN_REPS, _MAX_REPS, _MIN_SECONDS = 3, 12, 0.02
+# Calls of more rows are measured on their first _PROBE_ROWS; before that, the plain path on
+# _TINY_ROWS rows, scaled up, more than _FAR_BEHIND times the fused call's time settles it
+# (a vendor GEMM without native support for the dtype can be 100x behind).
+_PROBE_ROWS, _TINY_ROWS, _FAR_BEHIND = 2048, 64, 10.0
 
 
 def _bucket(n: int) -> int:
@@ -116,8 +120,9 @@ def run(model, kind: str, key: tuple, fused, plain, probes=None):
     """fused() (None when the engine cannot run this call) or plain(), as MODE and the
     measured choice for this call's shape class say. Both must be free of side effects on
     their inputs (they return new tensors), so the first call of a class can run both.
-    probes: None, or () -> (fused_probe, plain_probe), smaller calls of the same class to
-    measure instead (bounds the first call's cost where the plain path is very slow)."""
+    probes: None, or rows -> (fused_probe, plain_probe, share): the same call cut to about
+    `rows` rows and its share of the call's rows (bounds the first call's cost where the
+    plain path is very slow)."""
     mode = _check_mode()
     if mode == "pytorch" or _is_tracing():   # (compiled / captured: plain PyTorch ops)
         return plain()
@@ -131,7 +136,19 @@ def run(model, kind: str, key: tuple, fused, plain, probes=None):
     if out is None:
         return plain()
     if choice is None:
-        _record(model, ck, *(probes() if probes is not None else (fused, plain)), t_fused)
+        pair = (fused, plain)
+        if probes is not None:
+            _, tiny, share = probes(_TINY_ROWS)
+            if share < 1:
+                t0 = time.perf_counter()
+                tiny()
+                if (time.perf_counter() - t0) / share > _FAR_BEHIND * t_fused:
+                    _table.setdefault(model, {})[ck] = "fused"
+                    return out
+            fused_probe, plain_probe, share = probes(_PROBE_ROWS)
+            if share < 1:
+                pair = (fused_probe, plain_probe)
+        _record(model, ck, *pair, t_fused)
     return out
 
 

@@ -28,9 +28,6 @@ from .options import make_config
 
 __all__ = ["GLA", "build"]
 
-# Prefills of more rows (B * T) measure the engine choice on this many (see _prefill_probes).
-_PROBE_ROWS = 512
-
 
 def _zero_padding(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """t [B, T, F] with the positions where mask [B, T] is False set to 0 (where, not *: NaN-safe)."""
@@ -89,18 +86,19 @@ class GLA(nn.Module):
                 self, "prefill", (B, T, return_sequence),
                 lambda: _prefill.try_forward(self, x, state, return_state, return_sequence),
                 lambda: self.forward_layers(x, None, state, return_state, return_sequence),
-                None if B * T <= _PROBE_ROWS else lambda: self._prefill_probes(x, state))
+                lambda rows: self._prefill_probes(x, state, rows))
         return self.forward_layers(x, lengths, state, return_state, return_sequence)
 
-    def _prefill_probes(self, x, state):
-        """The first _PROBE_ROWS rows of a large prefill (whole rows first, then positions):
-        engine_choice measures both paths on these, not on the whole call."""
+    def _prefill_probes(self, x, state, rows):
+        """(fused, plain, share): both paths on about the first `rows` rows of a prefill
+        (whole rows first, then positions), and their share of the call's B * T rows, for
+        engine_choice to measure on instead of the whole call."""
         B, T = x.shape[:2]
-        b = min(B, _PROBE_ROWS)
-        t = max(1, min(T, _PROBE_ROWS // b))
+        b = min(B, rows)
+        t = max(1, min(T, rows // b))
         xs, ss = x[:b, :t], None if state is None else [s[:b] for s in state]
         return (lambda: _prefill.try_forward(self, xs, ss, False, False),
-                lambda: self.forward_layers(xs, None, ss))
+                lambda: self.forward_layers(xs, None, ss), b * t / (B * T))
 
     def forward_layers(self, x, lengths=None, state=None, return_state=False,
                        return_sequence=False):

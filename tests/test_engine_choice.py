@@ -108,8 +108,9 @@ def test_classes_are_power_of_two_buckets_per_kind(monkeypatch):
 
 
 def test_large_prefills_are_measured_on_their_first_rows(monkeypatch):
-    import gla_ext.model as model_module
-    monkeypatch.setattr(model_module, "_PROBE_ROWS", 8)
+    monkeypatch.setattr(choice, "_PROBE_ROWS", 8)
+    monkeypatch.setattr(choice, "_TINY_ROWS", 3)
+    monkeypatch.setattr(choice, "_FAR_BEHIND", 1e9)      # never settled by the tiny probe
     forced(monkeypatch, 1.0, 2.0)
     model = GLA.build(**SMALL).eval()
     x = torch.randn(3, 20, model.embed_dim)
@@ -123,6 +124,23 @@ def test_large_prefills_are_measured_on_their_first_rows(monkeypatch):
     with torch.no_grad():
         y = model(x, state=state)
     assert shapes[0] == (3, 20) and set(shapes[1:]) == {(3, 2)}   # the call, then probes
+    assert rel_err(y, ref) < 1e-5
+
+
+def test_a_plain_path_far_behind_on_a_few_rows_settles_the_choice(monkeypatch):
+    monkeypatch.setattr(choice, "_TINY_ROWS", 3)
+    monkeypatch.setattr(choice, "_FAR_BEHIND", 0.0)       # any plain time is "far behind"
+    model = GLA.build(**SMALL).eval()
+    x = torch.randn(2, 20, model.embed_dim)
+    with torch.no_grad():
+        ref = float64_model(model)(x.double())
+    rows = []
+    real = model.forward_layers
+    monkeypatch.setattr(model, "forward_layers",
+                        lambda xs, *a: rows.append(xs.shape[0] * xs.shape[1]) or real(xs, *a))
+    with torch.no_grad():
+        y = model(x)
+    assert rows == [2] and list(choice.decisions(model).values()) == ["fused"]   # [2, 1]
     assert rel_err(y, ref) < 1e-5
 
 
