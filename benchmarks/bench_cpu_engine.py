@@ -173,8 +173,8 @@ def fla_cells(dtype_name, quick):
     lm = gla_fla.load(GLAForCausalLM(GLAConfig(**FLA_134M)).eval(), dtype=dtype)
     inner, vocab = lm.model, FLA_134M["vocab_size"]
     # the matrices a token streams (the embedding is a lookup)
-    mats = [w for blk in inner.blocks for w in vars(blk).values()
-            if isinstance(w, torch.Tensor) and w.dim() == 2] + [inner.head_weight()]
+    mats = [w for blk in inner.blocks for w in blk.buffers() if w.dim() == 2] \
+        + [inner.head_weight()]
     flops_per_row = 2 * sum(w.numel() for w in mats)
     cells = []
     with torch.inference_mode():
