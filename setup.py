@@ -64,7 +64,7 @@ def extension():
     with_cuda, reason = want_cuda()
     archs = cuda_archs() if with_cuda else []
     write_build_config(with_cuda, archs, reason)
-    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/**/*.cpp", recursive=True))
     cxx = ["-O3", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
     if os.environ.get("GLA_EXT_NATIVE", "0") == "1":
         cxx.append("-march=native")

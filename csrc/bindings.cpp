@@ -16,6 +16,7 @@
 #include "gla.h"
 #include "cpu/decode.h"
 #include "cpu/linear_bindings.h"
+#include "cpu/simd/simd_bindings.h"
 #include "cpu/prefill.h"
 
 namespace {
@@ -546,6 +547,7 @@ TORCH_LIBRARY_IMPL(gla_ext, CUDA, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gla_ext compiled kernels; the ops live under torch.ops.gla_ext";
   gla::bind_cpu_linear(m);  // gla_ext._C.PackedLinear, linear_isa (csrc/cpu/linear_bindings.cpp)
+  gla::bind_cpu_simd(m);    // cpu_features, cpu_isa, simd_eval (csrc/cpu/simd/simd_bindings.cpp)
   // Whole-model CPU decode step used by GLA.step (built and cached by gla_ext/decode.py).
   pybind11::class_<gla::CpuDecoder, std::shared_ptr<gla::CpuDecoder>>(m, "CpuDecoder")
       .def(pybind11::init<const std::vector<std::optional<Tensor>>&,

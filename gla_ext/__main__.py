@@ -36,6 +36,7 @@ def cmd_info(_args) -> int:
         info = _ext.build_info()
         print(f"extension gla_ext._C: loaded (built against torch {info.get('torch_version_built', '?')}, "
               f"OpenMP {'on' if info.get('openmp') else 'off'}, {torch.get_num_threads()} CPU threads)")
+        print(f"CPU vector path: {_ext._C.cpu_isa_summary()} [GLA_EXT_CPU_ISA]")
         if info.get("cuda"):
             archs = ", ".join("sm_" + a for a in info.get("cuda_archs", []))
             print(f"CUDA kernels: built for {archs or '?'}")

@@ -98,18 +98,26 @@ def _check_pool(op, pool, idx, q, N, H, last2, layout):
         raise ValueError(f"{op}: the state pool (initial_state) must be contiguous (its rows "
                          "are read and written in place)")
     if not _is_tracing():
-        slots = idx.tolist()
-        P = pool.shape[0]
-        bad = [s for s in slots if s >= P]
-        if bad:
-            raise ValueError(f"{op}: state_indices must be < P={P} (the pool's rows), got {bad}")
-        live = [s for s in slots if s >= 0]
-        if len(set(live)) != len(live):
-            seen, twice = set(), set()
-            for s in live:
-                (twice if s in seen else seen).add(s)
-            raise ValueError(f"{op}: state_indices names pool rows {sorted(twice)} more than "
-                             "once (each live row may appear once)")
+        check_pool_rows(op, idx.tolist(), pool.shape[0], "state_indices", f"P={pool.shape[0]}")
+
+
+def check_pool_rows(op: str, rows: list, P: int, name: str, bound: str,
+                    allow_padding: bool = True) -> None:
+    """The pool-row rule (csrc/gla.h pool_row): a row r < 0 is padding (when allowed), a live
+    row must be < P and may appear once per call (a stream advances once per call). The one
+    place that words these errors, for the ops (state_indices) and StatePool (slots)."""
+    bad = [r for r in rows if r >= P or (r < 0 and not allow_padding)]
+    if bad:
+        low = "" if allow_padding else "0 <= "
+        raise ValueError(f"{op}: {name} must be {low}< {bound} (out of range of the pool's "
+                         f"rows), got {bad}")
+    live = [r for r in rows if r >= 0]
+    if len(set(live)) != len(live):
+        seen, twice = set(), set()
+        for r in live:
+            (twice if r in seen else seen).add(r)
+        raise ValueError(f"{op}: {name} must be distinct: rows {sorted(twice)} appear more than "
+                         "once (each live row may appear once per call)")
 
 
 def _check_cu_seqlens(op: str, cu, q) -> int:

@@ -36,6 +36,7 @@ import torch
 
 from . import decode as _decode
 from . import engine_choice as _choice
+from ._checks import check_pool_rows
 
 __all__ = ["StatePool", "PoolCUDAGraphStep"]
 
@@ -191,12 +192,7 @@ class StatePool:
             slot = operator.index(slot)
         except TypeError:
             raise ValueError(f"{op}: slot must be an int, got {type(slot).__name__}") from None
-        if not 0 <= slot < self.capacity:
-            raise ValueError(f"{op}: slot {slot} is out of range [0, capacity={self.capacity})")
-        if not self._is_open[slot]:
-            raise ValueError(f"{op}: slot {slot} is not open (closed, or never opened); "
-                             "get one from open()")
-        return slot
+        return self._check_slots([slot], 1, op)[0]
 
     def _slot_values(self, slots, n: int, op: str) -> list:
         """slots (int tensor or sequence of ints, [n]) as a Python list."""
@@ -217,20 +213,15 @@ class StatePool:
         return values
 
     def _check_slots(self, slots, n: int, op: str, allow_padding: bool = False) -> list:
+        """Range and distinctness by the ops' pool-row rule; StatePool adds only that a slot
+        must be open."""
         values = self._slot_values(slots, n, op)
+        check_pool_rows(op, values, self.capacity, "slots", f"capacity={self.capacity}",
+                        allow_padding)
         for s in values:
-            if s < 0 and allow_padding:
-                continue
-            if not 0 <= s < self.capacity:
-                raise ValueError(f"{op}: slot {s} is out of range [0, capacity={self.capacity})")
-            if not self._is_open[s]:
+            if s >= 0 and not self._is_open[s]:
                 raise ValueError(f"{op}: slot {s} is not open (closed, or never opened); "
                                  "get one from open()")
-        real = [s for s in values if s >= 0]
-        if len(set(real)) != len(real):
-            repeated = sorted({s for s in real if real.count(s) > 1})
-            raise ValueError(f"{op}: slots must be distinct within one call (a stream advances "
-                             f"once per call), got {repeated} more than once")
         return values
 
     def _check_x(self, x, op: str):

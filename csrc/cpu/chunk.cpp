@@ -1,11 +1,8 @@
 // Chunked GLA on the CPU, forward and backward (the math and the numerics are described at
-// the top of chunk_impl.h).
+// the top of chunk_common.h).
 //
-// The kernel body is compiled three times: for plain x86-64 (SSE2; or whatever the target's
-// baseline is off x86), for AVX2+FMA and for AVX-512, each copy in its own namespace under
-// `#pragma GCC target`. The build uses no -march flag, so the copy is picked at run time
-// from what the CPU supports. GLA_EXT_CPU_ISA=generic|avx2|avx512 forces a copy (for tests
-// and benchmarks; asking for one the CPU lacks falls back to the best available).
+// The kernel body (chunk_fwd.h, chunk_bwd.h) is compiled once per instruction set through
+// cpu/simd/per_isa.h and picked at run time by pick_cpu_isa() (GLA_EXT_CPU_ISA overrides).
 //
 // Parallelism: at::parallel_for over (sequence, head) tasks; the forward also splits V into
 // column tiles when there are fewer (sequence, head) pairs than threads (columns of the
@@ -31,65 +28,14 @@
 #endif
 
 #include "cpu_common.h"
-#include "cpu_isa.h"
+#include "cpu/simd/denormals.h"
 #include "gla.h"
 
-// Vector types wider than the baseline ABI only pass between inlined helpers here.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#define GLA_ISA_NS chunk
+#define GLA_ISA_BODY "cpu/chunk_impl.h"
+#include "cpu/simd/per_isa.h"
 
 namespace gla {
-
-namespace chunk_generic {
-#define GLA_VEC_BYTES 16
-#include "chunk_impl.h"
-#undef GLA_VEC_BYTES
-}  // namespace chunk_generic
-
-#if GLA_CHUNK_X86 && defined(__GNUC__) && !defined(__clang__)
-#define GLA_CHUNK_MULTI_ISA 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace chunk_avx2 {
-#define GLA_VEC_BYTES 32
-#include "chunk_impl.h"
-#undef GLA_VEC_BYTES
-}  // namespace chunk_avx2
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
-// GCC 12 flags the deliberately undefined operand inside its own AVX-512 shuffle intrinsics.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-namespace chunk_avx512 {
-#define GLA_VEC_BYTES 64
-#include "chunk_impl.h"
-#undef GLA_VEC_BYTES
-}  // namespace chunk_avx512
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#else
-#define GLA_CHUNK_MULTI_ISA 0
-#endif
-
-CpuIsa pick_cpu_isa() {
-  const char* env = std::getenv("GLA_EXT_CPU_ISA");
-  const std::string want = env ? env : "";
-#if GLA_CHUNK_MULTI_ISA
-  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512dq");
-  if (want == "generic") return CpuIsa::kGeneric;
-  if (want == "avx2" && has_avx2) return CpuIsa::kAvx2;
-  if (has_avx512) return CpuIsa::kAvx512;
-  if (has_avx2) return CpuIsa::kAvx2;
-#endif
-  (void)want;
-  return CpuIsa::kGeneric;
-}
 
 namespace {
 
@@ -102,30 +48,19 @@ struct ChunkKernels {
   void (*bwd)(const GlaParams&, idx, idx, idx, idx, void*);
 };
 
-#define GLA_KERNELS(ns) \
-  ChunkKernels { &ns::fwd_workspace_bytes, &ns::fwd_task, &ns::bwd_workspace_bytes, &ns::bwd_task }
-
 ChunkKernels pick_kernels() {
-  switch (pick_cpu_isa()) {
-#if GLA_CHUNK_MULTI_ISA
-    case CpuIsa::kAvx512: return GLA_KERNELS(chunk_avx512);
-    case CpuIsa::kAvx2: return GLA_KERNELS(chunk_avx2);
-#endif
-    default: return GLA_KERNELS(chunk_generic);
-  }
+  const CpuIsa isa = pick_cpu_isa();
+  return ChunkKernels{GLA_ISA_PICK(isa, chunk, fwd_workspace_bytes), GLA_ISA_PICK(isa, chunk, fwd_task),
+                      GLA_ISA_PICK(isa, chunk, bwd_workspace_bytes), GLA_ISA_PICK(isa, chunk, bwd_task)};
 }
 
-// Scope of one thread's share of a kernel: denormals flushed to zero meanwhile (x86 MXCSR
-// FTZ and DAZ, restored afterwards), and a store fence at the end so the streaming stores of
-// the output rows are ordered before the results are used.
+// Scope of one thread's share of a kernel: denormals flushed to zero meanwhile, and a store
+// fence at the end so the streaming stores of the output rows are ordered before the results
+// are used (the fence runs before the member restores MXCSR).
 struct ThreadScope {
+  FlushDenormals flush;
 #if GLA_CHUNK_X86
-  unsigned saved;
-  ThreadScope() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040u); }
-  ~ThreadScope() {
-    _mm_sfence();
-    _mm_setcsr(saved);
-  }
+  ~ThreadScope() { _mm_sfence(); }
 #endif
 };
 

@@ -20,6 +20,7 @@
 // at every barrier for a descheduled partner (median batch 1 4.6 ms vs 0.8 ms on one
 // thread). Models below kMinThreadBytes of weights always run on one thread.
 #include "decode.h"
+#include "cpu/simd/denormals.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -180,16 +181,6 @@ void rows_from_float(const float* y, const int64_t* rows, int64_t n, int64_t d, 
     default: TORCH_CHECK(false, kOp, ": unsupported output dtype");
   }
 }
-
-// Denormals flushed to zero while a thread runs its share (x86 MXCSR FTZ | DAZ): long decays
-// of the state would otherwise hit microcode assists.
-struct FlushDenormals {
-#if GLA_DECODE_X86
-  unsigned saved;
-  FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040u); }
-  ~FlushDenormals() { _mm_setcsr(saved); }
-#endif
-};
 
 inline void split(int64_t n, int t, int T, int64_t* b, int64_t* e) {
   *b = n * t / T;

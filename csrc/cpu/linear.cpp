@@ -1,6 +1,7 @@
 // Packed linear layers (see linear.h): packing, and the per-ISA copies of the kernel body
-// in linear_impl.h (compiled three times, like the chunk kernels, picked at run time).
+// in linear_impl.h (compiled per instruction set by cpu/simd/per_isa.h, picked at run time).
 #include "linear.h"
+#include "cpu/simd/cpu_features.h"
 
 #include <c10/util/Half.h>
 
@@ -11,17 +12,8 @@
 #include <stdexcept>
 #include <string>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define GLA_LINEAR_X86 1
-#else
-#define GLA_LINEAR_X86 0
-#endif
-
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace gla {
-
+// The per-ISA tables of kernels, defined by linear_impl.h in each copy.
 struct LinearKernels {
   using Fn = void (*)(const void*, int64_t, int64_t, const float*, const float*, int64_t,
                       int64_t, float*, int64_t, bool, int64_t, int64_t);
@@ -29,63 +21,17 @@ struct LinearKernels {
   int nr;
   const char* name;
 };
+}  // namespace gla
 
-namespace linear_generic {
-#define GLA_VEC_BYTES 16
-#include "linear_impl.h"
-#undef GLA_VEC_BYTES
-const LinearKernels kKernels{&apply_f32, &apply_bf16, &apply_f16, NR, "generic"};
-}  // namespace linear_generic
+#define GLA_ISA_NS linear
+#define GLA_ISA_BODY "cpu/linear_impl.h"
+#include "cpu/simd/per_isa.h"
 
-#if GLA_LINEAR_X86 && defined(__GNUC__) && !defined(__clang__)
-#define GLA_LINEAR_MULTI_ISA 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-namespace linear_avx2 {
-#define GLA_VEC_BYTES 32
-#include "linear_impl.h"
-#undef GLA_VEC_BYTES
-const LinearKernels kKernels{&apply_f32, &apply_bf16, &apply_f16, NR, "avx2"};
-}  // namespace linear_avx2
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-namespace linear_avx512 {
-#define GLA_VEC_BYTES 64
-#include "linear_impl.h"
-#undef GLA_VEC_BYTES
-const LinearKernels kKernels{&apply_f32, &apply_bf16, &apply_f16, NR, "avx512"};
-}  // namespace linear_avx512
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#else
-#define GLA_LINEAR_MULTI_ISA 0
-#endif
+namespace gla {
 
 namespace {
 
-const LinearKernels& pick_kernels() {
-  const char* env = std::getenv("GLA_EXT_CPU_ISA");
-  const std::string want = env ? env : "";
-#if GLA_LINEAR_MULTI_ISA
-  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                        __builtin_cpu_supports("f16c");
-  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512dq");
-  if (want == "generic") return linear_generic::kKernels;
-  if (want == "avx2" && has_avx2) return linear_avx2::kKernels;
-  if (has_avx512) return linear_avx512::kKernels;
-  if (has_avx2) return linear_avx2::kKernels;
-#endif
-  (void)want;
-  return linear_generic::kKernels;
-}
+const LinearKernels& pick_kernels() { return *GLA_ISA_PICK(pick_cpu_isa(), linear, kKernels); }
 
 size_t elem_bytes(LinearWeight t) { return t == LinearWeight::kFloat32 ? 4 : 2; }
 

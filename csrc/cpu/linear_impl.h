@@ -1,21 +1,14 @@
 // Kernel body of the packed linear layers (see linear.h). No include guard on purpose:
-// linear.cpp includes it once per instruction set, inside its own namespace and
-// `#pragma GCC target`, with GLA_VEC_BYTES set to the vector width (16, 32 or 64). The math
-// is written with GCC vector extensions; only the widening of 16-bit weights uses
-// intrinsics (one shift for bf16, F16C's vcvtph2ps for fp16) where the ISA has them.
+// linear.cpp compiles it once per instruction set through cpu/simd/per_isa.h (vf, W, vload
+// and vstore come from the SIMD vocabulary, cpu/simd/vec.h). The math is written with GCC
+// vector extensions; only the widening of 16-bit weights uses intrinsics (one shift for
+// bf16, F16C's vcvtph2ps for fp16) where the ISA has them.
 
-#ifndef GLA_VEC_BYTES
-#error "define GLA_VEC_BYTES before including linear_impl.h"
-#endif
-
-using idx = int64_t;
-constexpr int W = GLA_VEC_BYTES / 4;   // float lanes per vector
 constexpr int NR = 2 * W;              // panel width: two vectors of outputs
 // Batch rows per register tile: 2 * MB accumulators + 2 weight vectors + 1 broadcast must fit
 // the register file (32 vectors with AVX-512, 16 otherwise).
 constexpr int MB_MAX = GLA_VEC_BYTES == 64 ? 8 : 4;
 
-typedef float vf __attribute__((vector_size(GLA_VEC_BYTES)));
 #ifndef GLA_LINEAR_PREFETCH
 #define GLA_LINEAR_PREFETCH 2048
 #endif
@@ -23,13 +16,6 @@ typedef float vf __attribute__((vector_size(GLA_VEC_BYTES)));
 #define GLA_LINEAR_PF_LOCALITY 3
 #endif
 constexpr idx kPrefetchBytes = GLA_LINEAR_PREFETCH;
-
-inline vf vload(const float* p) {
-  vf v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void vstore(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
 // Two vectors of weights (one panel row) widened to float32.
 struct F32Weights {
@@ -205,3 +191,6 @@ inline void apply_f16(const void* w, idx in, idx out, const float* bias, const f
                       idx ldx, idx n, float* y, idx ldy, bool acc, idx p0, idx p1) {
   apply_panels<F16Weights>(w, in, out, bias, x, ldx, n, y, ldy, acc, p0, p1);
 }
+
+const LinearKernels kKernels{&apply_f32, &apply_bf16, &apply_f16, NR,
+                            kIsa == CpuIsa::kAvx512 ? "avx512" : kIsa == CpuIsa::kAvx2 ? "avx2" : "generic"};

@@ -1,6 +1,6 @@
 // Fused CPU prefill (see prefill.h and prefill_impl.h). The body is compiled per instruction
-// set like the chunked kernels (chunk.cpp): the chunk kernel's code and prefill_impl.h are
-// included together in one namespace per ISA, and pick_cpu_isa() chooses at run time. No
+// set through cpu/simd/per_isa.h (prefill_impl.h includes the chunk kernel's forward), and
+// pick_cpu_isa() chooses at run time. No
 // vendor BLAS: every product runs the chunk kernel's register-blocked micro-kernel on weights
 // packed once into column panels.
 #include "prefill.h"
@@ -26,49 +26,15 @@
 #endif
 
 #include "cpu_common.h"
-#include "cpu_isa.h"
+#include "cpu/simd/denormals.h"
 #include "gla.h"
 #include "prefill_plan.h"
 
-#pragma GCC diagnostic ignored "-Wpsabi"
+#define GLA_ISA_NS prefill
+#define GLA_ISA_BODY "cpu/prefill_impl.h"
+#include "cpu/simd/per_isa.h"
 
 namespace gla {
-
-namespace prefill_generic {
-#define GLA_VEC_BYTES 16
-#include "chunk_impl.h"
-#include "prefill_impl.h"
-#undef GLA_VEC_BYTES
-}  // namespace prefill_generic
-
-#if GLA_PREFILL_X86 && defined(__GNUC__) && !defined(__clang__)
-#define GLA_PREFILL_MULTI_ISA 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace prefill_avx2 {
-#define GLA_VEC_BYTES 32
-#include "chunk_impl.h"
-#include "prefill_impl.h"
-#undef GLA_VEC_BYTES
-}  // namespace prefill_avx2
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-namespace prefill_avx512 {
-#define GLA_VEC_BYTES 64
-#include "chunk_impl.h"
-#include "prefill_impl.h"
-#undef GLA_VEC_BYTES
-}  // namespace prefill_avx512
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#else
-#define GLA_PREFILL_MULTI_ISA 0
-#endif
 
 namespace {
 
@@ -84,7 +50,7 @@ struct IsaFns {
   IsaFns { &ns::panel_width, &ns::attention_workspace_bytes, &ns::run_thread, &ns::prefill_phases }
 
 IsaFns isa_fns(int isa) {
-#if GLA_PREFILL_MULTI_ISA
+#if GLA_MULTI_ISA
   if (isa == static_cast<int>(CpuIsa::kAvx512)) return GLA_PREFILL_FNS(prefill_avx512);
   if (isa == static_cast<int>(CpuIsa::kAvx2)) return GLA_PREFILL_FNS(prefill_avx2);
 #endif
@@ -136,15 +102,6 @@ void check_param(const at::Tensor& t, const char* name, int64_t layer,
   TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), kOp, ": ", name, " of layer ", layer,
               " must have shape ", at::IntArrayRef(shape), ", got ", t.sizes());
 }
-
-// Denormals flushed to zero in this thread meanwhile (as the chunk kernels run), restored after.
-struct FlushDenormals {
-#if GLA_PREFILL_X86
-  unsigned saved;
-  FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040u); }
-  ~FlushDenormals() { _mm_setcsr(saved); }
-#endif
-};
 
 }  // namespace
 

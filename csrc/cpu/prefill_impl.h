@@ -1,6 +1,6 @@
-// Fused CPU prefill: the per-thread body. No include guard on purpose: prefill.cpp includes
-// this file once per instruction set, right after chunk_impl.h inside the same namespace (so
-// the chunk kernel's gemm micro-kernel, exp and forward chunk loop are those of that ISA).
+// Fused CPU prefill: the per-thread body. No include guard on purpose: prefill.cpp compiles
+// it once per instruction set through cpu/simd/per_isa.h, together with the chunk kernel's
+// forward (so its gemm micro-kernel and chunk loop, and the SIMD vocabulary, are that ISA's).
 //
 // One call runs the whole model forward over B*T rows in one OpenMP parallel region; every
 // thread runs run_thread() and the phases are separated by barriers:
@@ -16,9 +16,7 @@
 // Weights are packed once into panels of NP columns ([K][NP] each, zero-padded), the layout
 // the micro-kernel streams; activations are float32 row-major with padded leading dimensions.
 
-#ifndef GLA_VEC_BYTES
-#error "include chunk_impl.h (with GLA_VEC_BYTES) first"
-#endif
+#include "cpu/chunk_fwd.h"
 
 // Columns per weight panel: the widest register tile of the micro-kernel.
 constexpr idx kPanel = kMaxNV * lanes<float>();
@@ -47,42 +45,7 @@ inline void gemm_panels(idx M, idx K, const float* A, idx lda, const float* Bp, 
 using VF = Vec<float>;
 constexpr int kW = lanes<float>();
 
-inline VF vexp(VF x) {
-#if GLA_VEC_BYTES >= 32
-  return exp_float_lanes<kW>(x);
-#else
-  float t[kW];
-  vstore(t, x);
-  exp_inplace(t, kW);
-  return vload(t);
-#endif
-}
-
-// log(1 + e) for e in [0, 1]: 1 + e = 2^n m with m in [sqrt(1/2), sqrt(2)), then
-// log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.172, odd series to s^11 (float accuracy).
-inline VF vlog1p_unit(VF e) {
-  const VF y = e + 1.0f;
-  const auto big = y > 1.41421356f;
-  const VF m = big ? y * 0.5f : y;
-  const VF n = big ? VF{} + 1.0f : VF{};
-  const VF s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
-  VF p = VF{} + (1.0f / 11);
-  p = p * s2 + (1.0f / 9);
-  p = p * s2 + (1.0f / 7);
-  p = p * s2 + (1.0f / 5);
-  p = p * s2 + (1.0f / 3);
-  p = p * s2 + 1.0f;
-  return n * 0.693147180559945309f + 2.0f * s * p;
-}
-
-// logsigmoid(x) = min(x, 0) - log1p(exp(-|x|)) (torch's form: no overflow either way)
-inline VF vlogsigmoid(VF x) {
-  const VF ax = x < 0 ? -x : x;
-  const VF mn = x < 0 ? x : VF{};
-  return mn - vlog1p_unit(vexp(-ax));
-}
-
-inline VF vsilu(VF x) { return x / (vexp(-x) + 1.0f); }
+// vexp, vlogsigmoid, vsilu: the SIMD vocabulary (cpu/simd/vec.h).
 
 // Applies f to y[0..n) (n any), through a padded copy for the tail.
 template <typename F> inline void map_span(float* y, idx n, F f) {
