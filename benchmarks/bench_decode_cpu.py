@@ -30,6 +30,7 @@ import torch
 from common import pyplot, save_results
 from gla_ext import GLA
 from gla_ext import decode as dec
+from gla_ext import engine_choice as choice
 
 OPTIONS = dict(embed_dim=287, hidden_size=256, num_layers=6, num_heads=4)
 BATCHES = (1, 8, 32)
@@ -69,7 +70,8 @@ def step_timer(model, batch, fused=True, step=None):
          for _ in range(4)]
 
     def run(tokens):
-        dec.ENABLED = fused
+        # explicit paths: the fused engine forced, or the PyTorch layers only
+        saved, choice.MODE = choice.MODE, "fused" if fused else "pytorch"
         try:
             state, out = model.init_state(batch), []
             for i in range(tokens):
@@ -81,7 +83,7 @@ def step_timer(model, batch, fused=True, step=None):
                 out.append((c.wall, c.cpu))
             return out
         finally:
-            dec.ENABLED = True
+            choice.MODE = saved
     return run
 
 
@@ -138,7 +140,7 @@ def bench_steps(rows, lines, args):
         variants[("generic", "fp32", B, 0)] = step_timer(m32, B, fused=False)
     if not args.no_compile:
         def generic(x, state):
-            return m32.forward(x, state=state, return_state=True)
+            return m32.forward_layers(x, state=state, return_state=True)
         compiled = torch.compile(generic, dynamic=False)
         for B in BATCHES[:2]:
             variants[("compiled", "fp32", B, 0)] = step_timer(m32, B, fused=False, step=compiled)

@@ -38,7 +38,8 @@ from ._packed_cache import PackedCache, collect_params
 
 __all__ = ["ENABLED", "try_step", "try_step_pool", "clear_cache", "is_cached", "decoder"]
 
-# Set to False to make GLA.step always take the generic path (tests compare the two).
+# Set to False to make GLA.step always take the PyTorch layers (GLA.step_layers); which of
+# the two runs where both can is gla_ext.engine_choice's measured per-shape choice.
 ENABLED = True
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import decode as _decode
+from . import engine_choice as _choice
 from . import prefill as _prefill
 from . import sizing
 from ._checks import _is_tracing
@@ -80,10 +81,31 @@ class GLA(nn.Module):
             return self._forward_cp(x, cp_group, lengths, state, return_state, return_sequence)
         B, T = self._check_input(x)
         self._check_state(state, B)
-        if lengths is None:   # fused C++ prefill on the CPU when it can run (gla_ext.prefill)
-            fast = _prefill.try_forward(self, x, state, return_state, return_sequence)
-            if fast is not None:
-                return fast
+        if lengths is None:   # fused C++ prefill on the CPU when it can run and is faster
+            return _choice.run(
+                self, "prefill", (B, T, return_sequence),
+                lambda: _prefill.try_forward(self, x, state, return_state, return_sequence),
+                lambda: self.forward_layers(x, None, state, return_state, return_sequence),
+                lambda rows: self._prefill_probes(x, state, rows))
+        return self.forward_layers(x, lengths, state, return_state, return_sequence)
+
+    def _prefill_probes(self, x, state, rows):
+        """(fused, plain, share): both paths on about the first `rows` rows of a prefill
+        (whole rows first, then positions), and their share of the call's B * T rows, for
+        engine_choice to measure on instead of the whole call."""
+        B, T = x.shape[:2]
+        b = min(B, rows)
+        t = max(1, min(T, rows // b))
+        xs, ss = x[:b, :t], None if state is None else [s[:b] for s in state]
+        return (lambda: _prefill.try_forward(self, xs, ss, False, False),
+                lambda: self.forward_layers(xs, None, ss), b * t / (B * T))
+
+    def forward_layers(self, x, lengths=None, state=None, return_state=False,
+                       return_sequence=False):
+        """forward() through the PyTorch layers only (never the fused CPU engine): the plain
+        path the engine is checked and timed against. Arguments as forward() (no cp_group)."""
+        B, T = self._check_input(x)
+        self._check_state(state, B)
         mask = None
         if lengths is not None:
             lengths = self._check_lengths(lengths, B, T, x.device)
@@ -160,19 +182,26 @@ class GLA(nn.Module):
         (gla_ext.decode): the same math, several times faster for small batches. It keeps
         packed copies of the weights, refreshed when a parameter changes (in-place writes,
         new data, reassignment); after writing through `param.data` call
-        gla_ext.decode.clear_cache(model). Otherwise the generic per-layer path runs.
+        gla_ext.decode.clear_cache(model). Otherwise, or where gla_ext.engine_choice
+        measured the PyTorch layers faster for this batch size class, step_layers() runs.
         """
         if isinstance(x_t, torch.Tensor) and x_t.dim() == 2:
             x_t = x_t.unsqueeze(1)
         elif isinstance(x_t, torch.Tensor) and (x_t.dim() != 3 or x_t.shape[1] != 1):
             raise ValueError(f"step: x_t must be [batch, embed_dim] or [batch, 1, embed_dim], "
                              f"got shape {tuple(x_t.shape)}")
-        fast = _decode.try_step(self, x_t, state)
-        if fast is not None:
-            return fast
+        return _choice.run(self, "step", (x_t.shape[0],),
+                           lambda: _decode.try_step(self, x_t, state),
+                           lambda: self.step_layers(x_t, state))
+
+    def step_layers(self, x_t, state=None):
+        """step() through the PyTorch layers only (never the fused CPU engine, decode or
+        prefill): the plain path the engine is checked and timed against."""
+        if isinstance(x_t, torch.Tensor) and x_t.dim() == 2:
+            x_t = x_t.unsqueeze(1)
         if state is None:
             state = self.init_state(x_t.shape[0], device=x_t.device)
-        return self.forward(x_t, state=state, return_state=True)
+        return self.forward_layers(x_t, state=state, return_state=True)
 
     def state_pool(self, capacity: int):
         """A gla_ext.StatePool: slot-indexed recurrent states for up to `capacity` concurrent

@@ -31,7 +31,8 @@ from ._packed_cache import DTYPES, PackedCache, collect_params
 
 __all__ = ["ENABLED", "try_forward", "clear_cache", "is_cached"]
 
-# Set to False to make GLA.forward always take the generic path (tests compare the two).
+# Set to False to make GLA.forward always take the PyTorch layers (GLA.forward_layers); which
+# of the two runs where both can is gla_ext.engine_choice's measured per-shape choice.
 ENABLED = True
 
 

@@ -18,7 +18,8 @@ autograd history (train with model(...)). Dropout follows the model's mode, as i
 call model.eval() for serving.
 
 On the CPU, step() takes the fused C++ decode (gla_ext.decode.try_step_pool) when it can run
-(float32, extension built, no autograd, dropout off); otherwise, and on CUDA, the layers run
+(float32 / 16-bit weights, extension built, no autograd, dropout off) and gla_ext.engine_choice
+measured it faster for this many rows; otherwise, and on CUDA, the layers run
 with the pool through fused_recurrent_gla / chunk_gla. prefill() packs the valid tokens of
 the right-padded batch along T and runs the chunked kernels with cu_seqlens.
 
@@ -34,6 +35,7 @@ import operator
 import torch
 
 from . import decode as _decode
+from . import engine_choice as _choice
 from ._checks import check_pool_rows
 
 __all__ = ["StatePool", "PoolCUDAGraphStep"]
@@ -121,9 +123,8 @@ class StatePool:
         slot_list = self._check_slots(slots, x_t.shape[0], "step")
         with torch.no_grad():
             index = torch.tensor(slot_list, dtype=torch.int64, device=self.device)
-            try_pool = getattr(_decode, "try_step_pool", None)
-            if try_pool is not None:
-                y = try_pool(self.model, x_t, self.states, index)
+            if self._fused_step_pays(x_t):
+                y = _decode.try_step_pool(self.model, x_t, self.states, index)
                 if y is not None:
                     return y
             return self._generic_step(x_t, index)
@@ -160,6 +161,20 @@ class StatePool:
         """pool.step for a fixed number n of rows captured in a CUDA graph (model on CUDA, eval
         mode); see PoolCUDAGraphStep."""
         return PoolCUDAGraphStep(self, n, warmup)
+
+    def _fused_step_pays(self, x_t) -> bool:
+        """The measured choice (gla_ext.engine_choice) for a step of this many rows; measured
+        at first use with dense steps from zero states (a pool step writes in place)."""
+        model, n = self.model, x_t.shape[0]
+        zeros = []      # made only when the class is measured
+
+        def state():
+            if not zeros:
+                zeros.extend(model.init_state(n, device=x_t.device))
+            return zeros
+        return _choice.prefer_fused(model, "step", (n,),
+                                    lambda: _decode.try_step(model, x_t, state()),
+                                    lambda: model.step_layers(x_t, state()))
 
     def _generic_step(self, x_t, index):
         """The layers with the pool: fused_recurrent_gla reads and writes pool[index] in place."""

@@ -40,11 +40,14 @@ def fused_step(model, x_t, state):
 
 
 def generic_step(model, x_t, state):
-    dec.ENABLED = False
-    try:
-        return model.step(x_t, state)
-    finally:
-        dec.ENABLED = True
+    """The plain PyTorch layers (never a fused engine: not decode, not prefill)."""
+    return model.step_layers(x_t, state)
+
+
+@pytest.fixture(autouse=True)
+def _always_fused(monkeypatch):
+    """GLA.step takes the fused engine wherever it can run (no per-shape timing choice)."""
+    monkeypatch.setattr(gla_ext.engine_choice, "MODE", "fused")
 
 
 OPTIONS = [{}, dict(gate_low_rank_dim=4), dict(use_norm=False), dict(use_output_gate=False),
@@ -60,14 +63,18 @@ def test_fused_step_equals_generic_step(options, batch):
     x = torch.randn(batch, 6, model.embed_dim)
     with torch.no_grad():
         s_fast = s_gen = [s + torch.randn_like(s) for s in model.init_state(batch)]
+        ref, ref_state = reference_model(model)(x.double(), state=[s.double() for s in s_gen],
+                                                return_sequence=True, return_state=True)
         for t in range(x.shape[1]):
             y_fast, s_fast = fused_step(model, x[:, t], s_fast)
             y_gen, s_gen = generic_step(model, x[:, t], s_gen)
             assert y_fast.shape == y_gen.shape == (batch, model.hidden_size)
             assert rel_err(y_fast, y_gen) < 1e-5
+            assert rel_err(y_fast, ref[:, t]) < 1e-5
             for a, b in zip(s_fast, s_gen):
                 assert a.shape == b.shape and a.dtype == torch.float32
                 assert rel_err(a, b) < 1e-5
+    assert all(rel_err(a, r) < 1e-5 for a, r in zip(s_fast, ref_state))
 
 
 def test_default_seed_model_one_step():

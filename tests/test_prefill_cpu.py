@@ -47,11 +47,14 @@ def fused(model, x, state=None, return_state=False, return_sequence=False):
 
 
 def generic(model, x, **kwargs):
-    pf.ENABLED = False
-    try:
-        return model(x, **kwargs)
-    finally:
-        pf.ENABLED = True
+    """The plain PyTorch layers (never a fused engine)."""
+    return model.forward_layers(x, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _always_fused(monkeypatch):
+    """GLA.forward takes the fused engine wherever it can run (no per-shape timing choice)."""
+    monkeypatch.setattr(gla_ext.engine_choice, "MODE", "fused")
 
 
 def float64_model(model):

@@ -145,6 +145,7 @@ def test_continuous_batching_open_close_reuse_mixed_ticks():
 def test_default_model_fused_and_generic_step_agree(monkeypatch):
     """The default model: pool.step equals per-stream model.step with the fused C++ path on
     and off (where the fused pool step exists it must be the one taken)."""
+    monkeypatch.setattr(gla_ext.engine_choice, "MODE", "fused")
     model = GLA.build(embed_dim=287).eval()
     pool = model.state_pool(8)
     slots = [pool.open() for _ in range(3)]
@@ -169,7 +170,7 @@ def test_default_model_fused_and_generic_step_agree(monkeypatch):
         pool2.set(s, st)
     y_generic = pool2.step(x_t, torch.tensor(slots))
     for i, s in enumerate(slots):
-        y_ref, st = model.step(x_t[i:i + 1], states[i])
+        y_ref, st = model.step_layers(x_t[i:i + 1], states[i])
         assert rel_err(y[i], y_ref[0]) <= TOL
         assert rel_err(y_generic[i], y_ref[0]) <= TOL
         assert_state_close(pool, s, st)

@@ -271,15 +271,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> CpuPrefill::forward(
   }
   for (auto& s : new_states) ht.push_back(s.data_ptr<float>());
 
-  // activations: one buffer, reused while large enough
+  // activations: one buffer per call, not kept: a large window's activations (about the
+  // size of the weights at [4, 512]) go back to the system when the call returns
   const int64_t sizes[6] = {M * dp, M * dp, M * Pp, M * a_, M * 2 * fp, M * fp};
   int64_t total = 0;
   for (int64_t s : sizes) total += round_up(s, 16);
-  if (scratch_.empty() || scratch_[0].numel() < total) {
-    c10::InferenceMode not_inference(false);
-    scratch_ = {at::empty({total}, opts)};
-  }
-  float* base = scratch_[0].data_ptr<float>();
+  const at::Tensor scratch = at::empty({total}, opts);
+  float* base = scratch.data_ptr<float>();
   float* bufs[6];
   for (int i = 0; i < 6; ++i) {
     bufs[i] = base;

@@ -80,7 +80,6 @@ class GLA_PREFILL_HIDDEN CpuPrefill {
 
   WatchedParams watched_;  // what was packed, to notice changed parameters
 
-  std::vector<at::Tensor> scratch_;  // activations, grown as needed
   std::vector<std::vector<char>> thread_ws_;
   std::mutex mutex_;
 };
