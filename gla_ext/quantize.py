@@ -74,7 +74,12 @@ def _half(t: torch.Tensor) -> torch.Tensor:
 def _int8(w: torch.Tensor, group: int):
     rows, cols = w.shape
     wg = w.reshape(rows, cols // group, group)
-    s = _half(wg.abs().amax(-1) / 127.0)
+    amax = wg.abs().amax(-1)
+    s = _half(amax / 127.0)
+    # float16 may round the scale down; then the group's largest weight would clip at 127 by
+    # more than half a step. Take the next float16 up there, so |w| / s <= 127 always.
+    low = s.float() * 127.0 < amax
+    s = torch.where(low & (s < 65504.0), torch.nextafter(s, torch.full_like(s, float("inf"))), s)
     sf = s.float()[..., None]
     q = torch.where(sf > 0, wg / torch.where(sf > 0, sf, 1.0), 0.0).round().clamp(-127, 127)
     return q.to(torch.int8).reshape(rows, cols), s, None

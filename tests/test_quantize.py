@@ -181,11 +181,18 @@ def test_bfloat16_model_keeps_format():
     model.to(torch.bfloat16)
     lin = model.blocks[0].ffn.w1
     assert lin.scales.dtype == torch.float16 and torch.equal(lin.scales, scales)
-    x = torch.randn(2, 5, 40)
-    ref = _dequantized_copy(model)
-    y = model(x.bfloat16(), return_sequence=True)
+    x = torch.randn(2, 5, 40).bfloat16()
+    y = model(x, return_sequence=True)
     assert y.dtype == torch.bfloat16
-    assert rel_err(y, ref(x.bfloat16().double(), return_sequence=True)) < 2e-2
+    # The same computation as a bf16 model holding the dequantized weights (both PyTorch
+    # layers: the fused engine's float32 activations would differ by bf16 rounding).
+    ref16 = _dequantized_copy(model, torch.bfloat16, "auto")
+    assert rel_err(model.forward_layers(x, return_sequence=True),
+                   ref16.forward_layers(x, return_sequence=True)) < 1e-3
+    # Against float64: bf16 rounding of activations through this random model measured up
+    # to 4.2e-2 over seeds 1-12 (the float bf16 model of the same weights does the same),
+    # so only a gross error is caught here; the contract's bf16 bound is checked on the ops.
+    assert rel_err(y, _dequantized_copy(model)(x.double(), return_sequence=True)) < 1e-1
 
 
 def _snapshot(model):
