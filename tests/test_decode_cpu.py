@@ -144,12 +144,18 @@ def test_non_contiguous_inputs():
 
 def test_batch_size_can_change_between_steps():
     model = small_model()
+    m64 = copy.deepcopy(model).double()
+    for blk in m64.blocks:
+        blk.attn.backend = "reference"
     with torch.no_grad():
         for batch in (1, 4, 1, 2):
             x = torch.randn(batch, model.embed_dim)
             y_fast, _ = fused_step(model, x, None)
             y_gen, _ = generic_step(model, x, None)
-            assert rel_err(y_fast, y_gen) < 1e-5
+            y64, _ = m64.step_layers(x.double(), None)
+            # As accurate as the PyTorch path: some draws make the final LayerNorm
+            # ill-conditioned (seed sweep: both paths 5e-5 / 9e-5 from float64 on one row).
+            assert rel_err(y_fast, y64) <= max(1e-5, 2 * rel_err(y_gen, y64))
 
 
 # ---- the packed weights follow the parameters ----
