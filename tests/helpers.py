@@ -1,6 +1,7 @@
 """Shared test helpers: fresh random inputs (docs/design.md "Numerics"), error metrics."""
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -34,6 +35,61 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     denom = ref.norm().item()
     diff = (x - ref).norm().item()
     return diff / denom if denom > 0 else diff
+
+
+# A float32 whole model (norms, gated heads) can be ill-conditioned on some random draws: at one
+# token, a head's output is (q.k) v, and when q.k nearly cancels the per-head norm scales its
+# rounding error up. There no float32 computation meets the contract's 1e-5 (the plain PyTorch
+# path measured 3.8e-5 from float64 on such a draw), so model-level checks use
+# float32_model_tolerance: the contract's bound, or this factor times how far the float64 model
+# moves when its weights and inputs are perturbed at float32's rounding, whichever is larger.
+# Measured (test_prefill_cpu, 900 draws, AMD, generic path): error / sensitivity <= 16.5 for the
+# fused and the PyTorch path alike, and <= 2.8 where the error passed 1e-5; 50 keeps 0.33x.
+FLOAT32_SENSITIVITY_FACTOR = 50
+_FLOAT32_ROUNDING = 2.0 ** -24
+
+
+def _perturbed(value):
+    """value (a tensor, list/tuple of tensors, or None) with relative noise at float32's rounding."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_perturbed(v) for v in value)
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value * (1 + _FLOAT32_ROUNDING * (2 * torch.rand_like(value) - 1))
+    return value
+
+
+def _as_float64(value):
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_float64(v) for v in value)
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.double()
+    return value
+
+
+def float32_model_tolerance(model: torch.nn.Module, run, *inputs, floor: float = 1e-5,
+                            trials: int = 4):
+    """Tolerance for a float32 result of `run(model, *inputs)` against float64: `floor` (the
+    contract), or FLOAT32_SENSITIVITY_FACTOR x the largest relative change of the float64 result
+    over `trials` random float32-sized perturbations of every weight and input.
+    Inputs may be tensors, lists of tensors or None. `run` returns one tensor (-> one tolerance)
+    or a list of tensors (-> a list of tolerances, one each)."""
+    m64 = copy.deepcopy(model).double()
+    inputs64 = _as_float64(inputs)
+    with torch.no_grad():
+        base = run(m64, *inputs64)
+        single = isinstance(base, torch.Tensor)
+        base = [base] if single else list(base)
+        worst = [0.0] * len(base)
+        exact = [p.clone() for p in m64.parameters()]
+        for _ in range(trials):
+            for p, e in zip(m64.parameters(), exact):
+                p.copy_(_perturbed(e))
+            out = run(m64, *_perturbed(inputs64))
+            out = [out] if single else list(out)
+            worst = [max(w, rel_err(o, b)) for w, o, b in zip(worst, out, base)]
+    record_diagnostic(float32_sensitivity=max(worst))
+    tols = [max(floor, FLOAT32_SENSITIVITY_FACTOR * w) for w in worst]
+    return tols[0] if single else tols
 
 
 def make_inputs(B, T, H, K, V, dtype=torch.float32, device="cpu", normalizer=1.0, n_states=None,

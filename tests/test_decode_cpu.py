@@ -13,13 +13,10 @@ from gla_ext import decode as dec
 
 pytestmark = pytest.mark.skipif(not gla_ext.extension_loaded(),
                                 reason="gla_ext._C is not built (the fast path needs it)")
+from helpers import float32_model_tolerance, rel_err
 
 SMALL = dict(embed_dim=13, hidden_size=32, num_layers=2, num_heads=2, head_dim=16,
              dropout=0.1)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def small_model(**overrides):
@@ -42,6 +39,22 @@ def fused_step(model, x_t, state):
 def generic_step(model, x_t, state):
     """The plain PyTorch layers (never a fused engine: not decode, not prefill)."""
     return model.step_layers(x_t, state)
+
+
+def _y_and_states(m, x_t, state):
+    y, s = m.step_layers(x_t, state)
+    return [y, *s]
+
+
+def _sequence_and_states(m, x):
+    seq, s = m(x, return_sequence=True, return_state=True)
+    return [seq, *s]
+
+
+def step_tolerances(model, x_t, state):
+    """[tolerance of y, of each state]: the contract's 1e-5, or wider where this draw is
+    ill-conditioned (a first token whose q.k nearly cancels; tests/helpers.py)."""
+    return float32_model_tolerance(model, _y_and_states, x_t, state)
 
 
 @pytest.fixture(autouse=True)
@@ -98,8 +111,9 @@ def test_step_uses_the_fast_path_and_matches_full_forward():
             y_t, state = model.step(x[:, t], state)
             steps.append(y_t)
     assert dec.is_cached(model)
-    assert rel_err(torch.stack(steps, 1), full) < 1e-5
-    assert all(rel_err(s, f) < 1e-5 for s, f in zip(state, full_state))
+    tol_seq, *tol_s = float32_model_tolerance(model, _sequence_and_states, x)
+    assert rel_err(torch.stack(steps, 1), full) < tol_seq
+    assert all(rel_err(s, f) < tol for s, f, tol in zip(state, full_state, tol_s))
 
 
 def test_prefill_then_fused_decode_leaves_the_given_state_untouched():
@@ -144,18 +158,15 @@ def test_non_contiguous_inputs():
 
 def test_batch_size_can_change_between_steps():
     model = small_model()
-    m64 = copy.deepcopy(model).double()
-    for blk in m64.blocks:
-        blk.attn.backend = "reference"
+    m64 = reference_model(model)
     with torch.no_grad():
         for batch in (1, 4, 1, 2):
             x = torch.randn(batch, model.embed_dim)
             y_fast, _ = fused_step(model, x, None)
             y_gen, _ = generic_step(model, x, None)
             y64, _ = m64.step_layers(x.double(), None)
-            # As accurate as the PyTorch path: some draws make the final LayerNorm
-            # ill-conditioned (seed sweep: both paths 5e-5 / 9e-5 from float64 on one row).
-            assert rel_err(y_fast, y64) <= max(1e-5, 2 * rel_err(y_gen, y64))
+            tol = step_tolerances(model, x, None)[0]
+            assert rel_err(y_fast, y64) < tol and rel_err(y_gen, y64) < tol
 
 
 # ---- the packed weights follow the parameters ----
@@ -165,7 +176,7 @@ def _check_against_generic(model, batch=2):
     with torch.no_grad():
         y_fast, _ = fused_step(model, x, None)
         y_gen, _ = generic_step(model, x, None)
-    assert rel_err(y_fast, y_gen) < 1e-5
+    assert rel_err(y_fast, y_gen) < step_tolerances(model, x, None)[0]
 
 
 def test_in_place_weight_updates_are_picked_up():
@@ -319,8 +330,9 @@ def test_every_isa_matches_generic_and_float64(isa, monkeypatch):
             y, s_gen = generic_step(model, x[:, t], s_gen)
             gen.append(y)
     assert dec.decoder(model) is decoder          # the same packed copy ran every step
-    assert rel_err(ys, ref) < 1e-5 and rel_err(torch.stack(gen, 1), ref) < 1e-5
-    assert all(rel_err(s, r) < 1e-5 for s, r in zip(state, ref_state))
+    tol_seq, *tol_s = float32_model_tolerance(model, _sequence_and_states, x)
+    assert rel_err(ys, ref) < tol_seq and rel_err(torch.stack(gen, 1), ref) < tol_seq
+    assert all(rel_err(s, r) < tol for s, r, tol in zip(state, ref_state, tol_s))
 
 
 @pytest.mark.parametrize("dtype,tol,tokens", [(torch.bfloat16, 1e-2, 200), (torch.float16, 5e-3, 50)])

@@ -4,12 +4,9 @@ import torch
 
 import gla_ext
 from gla_ext import GLA
+from helpers import float32_model_tolerance, rel_err
 
 SMALL = dict(embed_dim=11, hidden_size=24, num_layers=2, num_heads=2, head_dim=8, dropout=0.1)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def small_model(**overrides):
@@ -129,6 +126,12 @@ def _padded_batch(lengths, T, dim, pad_value=None):
     return x
 
 
+def _outputs(m, x):
+    """[last y, sequence, each final state] of m on x."""
+    y, state = m(x, return_state=True)
+    return [y, m(x, return_sequence=True), *state]
+
+
 def test_lengths_equal_running_each_row_unpadded():
     model = small_model()
     lengths = [5, 12, 1, 9]
@@ -138,11 +141,13 @@ def test_lengths_equal_running_each_row_unpadded():
         seq = model(x, lengths=torch.tensor(lengths), return_sequence=True)
         for i, n in enumerate(lengths):
             y_i, state_i = model(x[i:i + 1, :n], return_state=True)
-            assert rel_err(y[i], y_i[0]) < 1e-5
-            assert rel_err(seq[i, :n], model(x[i:i + 1, :n], return_sequence=True)[0]) < 1e-5
+            # 1e-5, or wider where a row's draw is ill-conditioned (n = 1: tests/helpers.py)
+            tol_y, tol_seq, *tol_s = float32_model_tolerance(model, _outputs, x[i:i + 1, :n])
+            assert rel_err(y[i], y_i[0]) < tol_y
+            assert rel_err(seq[i, :n], model(x[i:i + 1, :n], return_sequence=True)[0]) < tol_seq
             assert torch.all(seq[i, n:] == 0)
-            for s, s_i in zip(state, state_i):      # the state stops at the last valid step
-                assert rel_err(s[i], s_i[0]) < 1e-5
+            for s, s_i, tol in zip(state, state_i, tol_s):  # the state stops at the last valid step
+                assert rel_err(s[i], s_i[0]) < tol
 
 
 @pytest.mark.parametrize("pad_value", [None, 1e6, -1e6, 0.0, float("inf"), float("nan")])

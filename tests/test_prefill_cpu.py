@@ -8,15 +8,12 @@ import torch
 import gla_ext
 from gla_ext import GLA
 from gla_ext import prefill as pf
+from helpers import float32_model_tolerance, rel_err
 
 pytestmark = pytest.mark.skipif(not gla_ext.extension_loaded(),
                                 reason="gla_ext._C is not built (the fast path needs it)")
 
 SMALL = dict(embed_dim=13, hidden_size=32, num_layers=2, num_heads=2, head_dim=16, dropout=0.1)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def small_model(**overrides):
@@ -61,6 +58,11 @@ def float64_model(model):
     return copy.deepcopy(model).double()   # float64 parameters: the generic path, in float64
 
 
+def _y_and_states(m, x, state):
+    y, s = m(x, state=state, return_state=True)
+    return [y, *s]
+
+
 OPTIONS = [{}, dict(use_norm=False), dict(use_output_gate=False),
            dict(use_norm=False, use_output_gate=False), dict(embed_dim=32),
            dict(num_heads=3, head_dim=24, hidden_size=40),
@@ -83,12 +85,15 @@ def test_fused_equals_generic_and_float64(options, T):
         seq = fused(model, x, return_sequence=True)
         seq_gen = generic(model, x, return_sequence=True)
         seq64 = m64(x.double(), return_sequence=True)
+    # the contract's 1e-5, or wider where this draw is ill-conditioned (tests/helpers.py)
+    tol_y, *tol_s = float32_model_tolerance(model, _y_and_states, x, state)
+    tol_seq = float32_model_tolerance(model, lambda m, x: m(x, return_sequence=True), x)
     assert y.shape == (B, model.hidden_size) and seq.shape == (B, T, model.hidden_size)
-    assert rel_err(y, y_gen) < 1e-5 and rel_err(y, y64) < 1e-5
-    assert rel_err(seq, seq_gen) < 1e-5 and rel_err(seq, seq64) < 1e-5
-    for a, b, c in zip(s, s_gen, s64):
+    assert rel_err(y, y_gen) < tol_y and rel_err(y, y64) < tol_y
+    assert rel_err(seq, seq_gen) < tol_seq and rel_err(seq, seq64) < tol_seq
+    for a, b, c, tol in zip(s, s_gen, s64, tol_s):
         assert a.shape == b.shape and a.dtype == torch.float32
-        assert rel_err(a, b) < 1e-5 and rel_err(a, c) < 1e-5
+        assert rel_err(a, b) < tol and rel_err(a, c) < tol
 
 
 @pytest.mark.parametrize("isa", supported_isas())

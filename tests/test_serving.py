@@ -7,7 +7,7 @@ import torch
 import gla_ext
 from gla_ext import GLA, decode
 
-from helpers import rel_err
+from helpers import float32_model_tolerance, rel_err
 
 SMALL = dict(embed_dim=11, hidden_size=24, num_layers=2, num_heads=2, head_dim=8, dropout=0.1)
 TOL = 1e-5       # float32 on the CPU (docs/design.md "Numerics")
@@ -29,10 +29,30 @@ def assert_rows_unchanged(pool, before, rows):
             assert torch.equal(now[rows], then[rows])
 
 
-def assert_state_close(pool, slot, state):
+def assert_state_close(pool, slot, state, tols=None):
     got = pool.get(slot)
-    for a, b in zip(got, state):
-        assert rel_err(a, b) <= TOL if b.abs().max() > 0 else torch.equal(a, b)
+    for a, b, tol in zip(got, state, tols or [TOL] * len(state)):
+        assert rel_err(a, b) <= tol if b.abs().max() > 0 else torch.equal(a, b)
+
+
+def _forward_y_and_states(m, x, state):
+    y, s = m(x, state=state, return_state=True)
+    return [y, *s]
+
+
+def _step_y_and_states(m, x_t, state):
+    y, s = m.step(x_t, state)
+    return [y, *s]
+
+
+def forward_tolerances(model, x, state):
+    """[tolerance of y, of each state] of model(x, state): TOL, or wider where this draw is
+    ill-conditioned (a one-token prompt whose q.k nearly cancels; tests/helpers.py)."""
+    return float32_model_tolerance(model, _forward_y_and_states, x, state, floor=TOL)
+
+
+def step_tolerances(model, x_t, state):
+    return float32_model_tolerance(model, _step_y_and_states, x_t, state, floor=TOL)
 
 
 # ---- the pool equals the model run stream by stream ----
@@ -57,9 +77,11 @@ def test_prefill_with_lengths_then_steps_match_per_stream(options):
     assert y.shape == (n, model.hidden_size) and not y.requires_grad
     states = []
     for i, L in enumerate(lengths.tolist()):
-        y_ref, s = model(x[i:i + 1, :L], state=model.init_state(1), return_state=True)
-        assert rel_err(y[i], y_ref[0]) <= TOL
-        assert_state_close(pool, slots[i], s)
+        x_i, zero = x[i:i + 1, :L], model.init_state(1)
+        y_ref, s = model(x_i, state=zero, return_state=True)
+        tol_y, *tol_s = forward_tolerances(model, x_i, zero)
+        assert rel_err(y[i], y_ref[0]) <= tol_y
+        assert_state_close(pool, slots[i], s, tol_s)
         states.append(s)
     # three decode steps, rows in a different order than the slots were opened
     order = [2, 0, 3, 1]
@@ -68,10 +90,10 @@ def test_prefill_with_lengths_then_steps_match_per_stream(options):
         y_t = pool.step(x_t, torch.tensor([slots[i] for i in order]))
         assert y_t.shape == (n, model.hidden_size)
         for row, i in enumerate(order):
+            tol_y, *tol_s = step_tolerances(model, x_t[row:row + 1], states[i])
             y_ref, states[i] = model.step(x_t[row:row + 1], states[i])
-            assert rel_err(y_t[row], y_ref[0]) <= TOL
-    for i in range(n):
-        assert_state_close(pool, slots[i], states[i])
+            assert rel_err(y_t[row], y_ref[0]) <= tol_y
+            assert_state_close(pool, slots[i], states[i], tol_s)
 
 
 def test_prefill_without_lengths_and_from_a_set_state():
@@ -118,8 +140,9 @@ def test_continuous_batching_open_close_reuse_mixed_ticks():
             y = pool.prefill(x, torch.tensor(arrivals), lengths=torch.tensor(lengths))
             assert_rows_unchanged(pool, before, set(range(capacity)) - set(arrivals))
             for i, (slot, L) in enumerate(zip(arrivals, lengths)):
-                y_ref, s = model(x[i:i + 1, :L], state=model.init_state(1), return_state=True)
-                assert rel_err(y[i], y_ref[0]) <= TOL
+                x_i, zero = x[i:i + 1, :L], model.init_state(1)
+                y_ref, s = model(x_i, state=zero, return_state=True)
+                assert rel_err(y[i], y_ref[0]) <= forward_tolerances(model, x_i, zero)[0]
                 live[slot] = (s, random.randint(1, 4))
         # one step for the streams that were running before this tick
         running = [s for s in live if s not in arrivals]
@@ -131,9 +154,10 @@ def test_continuous_batching_open_close_reuse_mixed_ticks():
             assert_rows_unchanged(pool, before, set(range(capacity)) - set(running))
             for row, slot in enumerate(running):
                 state, left = live[slot]
+                tol_y, *tol_s = step_tolerances(model, x_t[row:row + 1], state)
                 y_ref, state = model.step(x_t[row:row + 1], state)
-                assert rel_err(y_t[row], y_ref[0]) <= TOL
-                assert_state_close(pool, slot, state)
+                assert rel_err(y_t[row], y_ref[0]) <= tol_y
+                assert_state_close(pool, slot, state, tol_s)
                 if left == 1:
                     pool.close(slot)
                     del live[slot]
