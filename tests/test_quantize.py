@@ -15,7 +15,7 @@ from torch import nn
 
 import gla_ext
 from gla_ext.quantize import QuantizedLinear, dequantize_weight, quantize_weight
-from helpers import rel_err
+from helpers import float32_model_tolerance, rel_err
 
 OPTS = dict(embed_dim=40, hidden_size=64, num_layers=2, num_heads=2, head_dim=32,
             dropout=0.0)
@@ -154,11 +154,14 @@ def test_gla_step_matches_forward():
     model = gla_ext.quantize_(_model(perturb=0.0), "int4")
     x = torch.randn(3, 9, 40)
     full = model(x, return_sequence=True)
+    # 1e-5, or wider where a token's draw is ill-conditioned (the first token: tests/helpers.py)
+    tols = float32_model_tolerance(_dequantized_copy(model, torch.float32, "auto"),
+                                   lambda m, x: list(m(x, return_sequence=True).unbind(1)), x)
     state = None
     with torch.no_grad():
         for t in range(9):
             y, state = model.step(x[:, t], state)
-            assert rel_err(y, full[:, t]) < 1e-5, t
+            assert rel_err(y, full[:, t]) < tols[t], t
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
