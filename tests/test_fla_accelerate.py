@@ -19,14 +19,7 @@ import torch.nn.functional as F
 
 from helpers import rel_err
 
-try:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import fla  # noqa: F401
-        from fla.models import GLAConfig, GLAForCausalLM
-    FLA_ERROR = None
-except Exception as exc:  # pragma: no cover - the CI installs fla
-    FLA_ERROR = f"{type(exc).__name__}: {exc}"
+from fla_models import FLA_ERROR, VOCAB, GLAConfig, GLAForCausalLM, random_fla_model
 
 pytestmark = pytest.mark.skipif(FLA_ERROR is not None, reason=f"fla not importable: {FLA_ERROR}")
 
@@ -34,7 +27,6 @@ from gla_ext.integrations import fla as gla_fla  # noqa: E402
 from gla_ext.integrations.fla_cpu_reference import fla_reference_ops  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = 97
 
 
 @pytest.fixture(autouse=True)
@@ -45,17 +37,8 @@ def _off_after_each_test():
 
 def _model(seed=0, **options):
     """fla's default GLAConfig at a tiny size (fuse_norm / fuse_swiglu / fuse_cross_entropy
-    on), every parameter random."""
-    torch.manual_seed(seed)
-    kw = dict(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=VOCAB)
-    kw.update(options)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = GLAForCausalLM(GLAConfig(**kw))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return model
+    on), every parameter random; in training mode as GLAForCausalLM builds it."""
+    return random_fla_model(seed, **{"num_heads": 2, **options}).train()
 
 
 def _greedy_loop(model, prompt, n):

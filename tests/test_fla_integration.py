@@ -18,13 +18,7 @@ import torch
 
 from helpers import rel_err
 
-try:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from fla.models import GLAConfig, GLAForCausalLM
-    FLA_ERROR = None
-except Exception as exc:  # pragma: no cover - the CI installs fla
-    FLA_ERROR = f"{type(exc).__name__}: {exc}"
+from fla_models import FLA_ERROR, VOCAB, GLAConfig, GLAForCausalLM, random_fla_model
 
 pytestmark = pytest.mark.skipif(FLA_ERROR is not None, reason=f"fla not importable: {FLA_ERROR}")
 
@@ -35,7 +29,6 @@ from gla_ext.integrations.fla_config import parse_config  # noqa: E402
 from gla_ext.integrations.fla_cpu_reference import fla_reference_ops  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = 97
 
 # (name, GLAConfig options, save as safetensors)
 CONFIGS = [
@@ -50,15 +43,7 @@ CONFIGS = [
 
 
 def _fla_model(seed=0, hidden=64, layers=2, **options):
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = GLAForCausalLM(GLAConfig(hidden_size=hidden, num_hidden_layers=layers,
-                                         vocab_size=VOCAB, **options)).eval()
-    with torch.no_grad():   # every tensor random (norm weights and biases too)
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return model
+    return random_fla_model(seed, hidden, layers, **options)
 
 
 def _save(model, directory, safetensors=True, **kwargs):

@@ -7,13 +7,8 @@ import warnings
 import pytest
 import torch
 
-try:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from fla.models import GLAConfig, GLAForCausalLM
-    FLA_ERROR = None
-except Exception as exc:  # pragma: no cover - depends on the environment
-    FLA_ERROR = exc
+from fla_models import FLA_ERROR, VOCAB, random_fla_model
+
 pytestmark = pytest.mark.skipif(FLA_ERROR is not None, reason=f"fla not importable: {FLA_ERROR}")
 
 import gla_ext  # noqa: E402
@@ -22,19 +17,10 @@ from gla_ext.integrations.fla_decode import Decoder  # noqa: E402
 from gla_ext.quantize import QuantizedLinear  # noqa: E402
 from helpers import rel_err  # noqa: E402
 
-VOCAB = 97
 
 
 def _fla_model(tied=False, **options):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = GLAForCausalLM(GLAConfig(hidden_size=64, num_hidden_layers=2, vocab_size=VOCAB,
-                                         num_heads=4, num_kv_heads=2,
-                                         tie_word_embeddings=tied, **options)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return model
+    return random_fla_model(num_heads=4, num_kv_heads=2, tie_word_embeddings=tied, **options)
 
 
 def _dequantized_lm(lm):
