@@ -1,11 +1,14 @@
 """GPU benchmark: gla_ext vs fla-core's Triton kernels, SDPA (flash) and the memory roofline.
 
 Prefill forward and forward+backward (bf16) at the issue's shapes with peak memory per case,
-the chunked forward's fused vs split paths, decode steps at B*H in {32, 256, 1024}, and
-per-token latency of the default model (eager vs CUDA graph); median of CUDA-event timings
-after warm-up.
+the float32 forward at both tf32 precisions vs fla and bf16 with its error against float64
+(bench_gpu_f32.py), the chunked forward's fused vs split paths, decode steps at B*H in
+{32, 256, 1024}, and per-token latency of the default model (eager vs CUDA graph); median of
+CUDA-event timings after warm-up.
 Writes bench_gpu.json / .md / .png into --out (default benchmarks/results).
-Usage: python benchmarks/bench_gpu.py [--out DIR] [--quick]
+Usage: python benchmarks/bench_gpu.py [--out DIR] [--quick] [--sections f32 decode ...]
+       python benchmarks/bench_gpu.py --dry-run   (no GPU: the plan, and the float32 section's
+                                                   code run on the CPU at a tiny shape)
 """
 from __future__ import annotations
 
@@ -16,12 +19,15 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import bench_gpu_f32
 from common import RESULTS_DIR, pyplot, save_results
 from gla_ext import chunk_gla, fused_recurrent_gla
 from gla_ext._timing import time_fn
+from gla_ext.reference import naive_recurrent_gla
 
 PREFILL_SHAPES = [(4, 2048, 16, 128), (8, 1024, 8, 64), (2, 16384, 16, 128), (1, 8192, 96, 128)]
 DECODE_BH = [32, 256, 1024]
+SECTIONS = ["prefill", "f32", "paths", "decode", "model"]  # run in this order
 
 try:  # the peer; install fla-core==0.6.0 to compare (see benchmarks/gpu_check.sh)
     from fla.ops.gla import chunk_gla as fla_chunk_gla
@@ -199,11 +205,40 @@ def plot(rows, path):
     print(f"saved {path}")
 
 
+def dry_run(args) -> int:
+    """What a GPU run would do, and the float32 section's code on the CPU (tiny shape, CPU
+    kernels, no fla: it needs Triton on a GPU); nothing is saved."""
+    shapes = PREFILL_SHAPES[:1] if args.quick else PREFILL_SHAPES
+    f32_shapes = bench_gpu_f32.SHAPES[:1] if args.quick else bench_gpu_f32.SHAPES
+    print(f"sections: {' '.join(args.sections)}; prefill shapes {shapes}; float32 shapes "
+          f"{f32_shapes}; decode B*H {DECODE_BH}; out {args.out}")
+    print(f"fla: {FLA_ERROR or 'importable'}; GPU: {torch.cuda.is_available()}")
+    rows, lines = [], []
+    cpu_timer = lambda fn: (time_fn(fn, "cpu"), 0)  # noqa: E731
+    bench_gpu_f32.bench_f32([(1, 80, 2, 16)], cpu_timer, rows, lines, fla=None,
+                            fla_error="dry run: fla runs on the GPU only", device="cpu")
+    # the peer's code path, with gla_ext's float32 recurrent reference standing in for fla
+    print("(fla columns below: gla_ext.reference.naive_recurrent_gla standing in for fla)")
+    bench_gpu_f32.bench_f32([(1, 80, 2, 16)], cpu_timer, rows, lines,
+                            fla=naive_recurrent_gla, device="cpu")
+    bad = [k for r in rows for k, x in r.items() if "err" in k and "fla" not in k and
+           not x < 1e-4]
+    print("dry run: " + ("float32 section ran on the CPU" if not bad else f"errors {bad}"))
+    return 1 if bad else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=RESULTS_DIR)
     parser.add_argument("--quick", action="store_true", help="first prefill shape only")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS,
+                        help="what to run (default: all, in the order listed)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="no GPU needed: print the plan and run the float32 section's "
+                             "code on the CPU at a tiny shape")
     args = parser.parse_args()
+    if args.dry_run:
+        return dry_run(args)
     if not torch.cuda.is_available():
         print("no GPU: nothing to benchmark")
         return 1
@@ -219,11 +254,20 @@ def main() -> int:
                             {"copy_bandwidth_Bps": bandwidth, "fla": FLA_ERROR or "fla-core"},
                             out_dir=args.out)
 
-    bench_prefill(shapes, bandwidth, rows, lines, save)
-    bench_forward_paths(shapes, bandwidth, rows, lines, save)
-    bench_decode(bandwidth, rows, lines)
-    save()
-    bench_model_decode(rows, lines)
+    run = set(args.sections)
+    if "prefill" in run:
+        bench_prefill(shapes, bandwidth, rows, lines, save)
+    if "f32" in run:  # after the bf16 rows: the float32 kernels' first GPU numbers
+        f32_shapes = bench_gpu_f32.SHAPES[:1] if args.quick else bench_gpu_f32.SHAPES
+        bench_gpu_f32.bench_f32(f32_shapes, lambda fn: timed(fn, False), rows, lines,
+                                fla_chunk_gla, FLA_ERROR, "cuda", save)
+    if "paths" in run:
+        bench_forward_paths(shapes, bandwidth, rows, lines, save)
+    if "decode" in run:
+        bench_decode(bandwidth, rows, lines)
+        save()
+    if "model" in run:
+        bench_model_decode(rows, lines)
     path = save()
     print(f"saved {path}")
     plot([r for r in rows if r["mode"] in ("fwd", "fwd+bwd")], path.replace(".json", ".png"))

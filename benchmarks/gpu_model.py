@@ -8,12 +8,19 @@ Per kernel launch, time = launch overhead + the largest of these bounds:
   issue:   every warp issues at most one instruction per clock, and an SM's 4 schedulers one
            each: a block's warps run at min(1, 4 / resident warps) instructions per clock;
            waves = ceil(blocks / (SMs x blocks per SM)); time = waves x per-warp count / rate.
-  MUFU:    thread-level exp2 / (SMs x 16 per clock).
-  tensor:  mma.sync m16n8k16 (8192 flops each) at MMA_TFLOPS (mma.sync on Hopper reaches about
-           two thirds of the wgmma dense peak; 989 TFLOPS bf16 dense for H200).
+  MUFU:    the busiest SM's thread-level exp2 (ceil(blocks / SMs) blocks) / 16 per clock.
+  tensor:  the busiest SM's mma.sync: m16n8k16 16-bit (8192 flops each) at mma_tflops (mma.sync
+           on Hopper reaches about two thirds of the wgmma dense peak; 989 TFLOPS bf16 dense
+           for H200), m16n8k8 tf32 (2048 flops) at mma_tflops_tf32 (two thirds of 495).
   memory:  bytes moved / HBM bandwidth (4.3 TB/s).
 The per-warp counts are the per-chunk figures of sass_stats.py (x the chunks a block walks,
 plus its fixed part). Assumptions are in ASSUMPTIONS and saved with the results.
+
+The float32 forward (gla_chunk_fwd_f32_kernel, fused path only: one block per sequence, head
+and 64 V columns walks all the chunks) is modelled at both precisions and compared with the
+bf16 forward the launcher picks for the same shape (issue 20's targets: "high" <= 1.6x,
+"highest" <= 3x; TARGETS). The issue bound assumes a warp issues every clock: optimistic for
+a kernel with one 4-warp block per SM (one warp per scheduler hides no latency).
 """
 from __future__ import annotations
 
@@ -32,12 +39,16 @@ ASSUMPTIONS = {
     "issue_per_clk_per_warp": 1,
     "mufu_per_clk_per_sm": 16,
     "mma_tflops": 660.0,
+    "mma_tflops_tf32": 330.0,
     "hbm_tb_s": 4.3,
     "launch_us": 2.0,
     "kC": 64,
 }
 PREFILL = [(4, 2048, 16, 128), (8, 1024, 8, 64), (2, 16384, 16, 128), (1, 8192, 96, 128)]
 DECODE_BH = [32, 256, 1024]
+# float32 forward: precision -> (tf32 passes, issue 20's bound on its time / the bf16 forward's)
+TARGETS = {"highest": (3, 3.0), "high": (1, 1.6)}
+TARGET_SHAPES = [(4, 2048, 16, 128), (2, 16384, 16, 128)]
 
 
 def find(stats, kernel, ints=None, bools=None, dtype="bf16"):
@@ -67,10 +78,14 @@ def kernel_time(name, row, blocks, per_warp, bytes_moved, A, per_warp_scale=1.0)
     rate = min(A["issue_per_clk_per_warp"], A["issue_per_clk_per_sm"] / max(resident, 1))
     waves = math.ceil(blocks / (A["sms"] * occ))
     t_issue = waves * per_warp["all"] * per_warp_scale / rate / f
-    ex2 = per_warp["MUFU.EX2"] * per_warp_scale * warps * blocks * 32
-    t_mufu = ex2 / (A["sms"] * A["mufu_per_clk_per_sm"] * f)
-    hmma = per_warp["HMMA"] * per_warp_scale * warps * blocks
-    t_tensor = hmma * 8192 / (A["mma_tflops"] * 1e12)
+    busiest = math.ceil(blocks / A["sms"])  # blocks on the busiest SM (fewer blocks than SMs:
+    # the MUFU and tensor cores of the idle SMs do not help)
+    ex2 = per_warp["MUFU.EX2"] * per_warp_scale * warps * busiest * 32
+    t_mufu = ex2 / (A["mufu_per_clk_per_sm"] * f)
+    tf32 = per_warp.get("HMMA.TF32", 0.0) * per_warp_scale * warps * busiest
+    hmma = per_warp["HMMA"] * per_warp_scale * warps * busiest - tf32
+    t_tensor = (hmma * 8192 / A["mma_tflops"] + tf32 * 2048 / A["mma_tflops_tf32"]) * \
+        A["sms"] / 1e12
     t_mem = bytes_moved / (A["hbm_tb_s"] * 1e12)
     bounds = {"issue": t_issue, "mufu": t_mufu, "tensor": t_tensor, "memory": t_mem}
     bound = max(bounds, key=bounds.get)
@@ -127,6 +142,24 @@ def forward(stats, B, T, H, K, A, esz=2):
     return res
 
 
+def forward_f32(stats, B, T, H, K, passes, A):
+    """The float32 forward (fused: one block per sequence, head and 64 V columns; each reads
+    the q, k, g of all its tokens and its V columns of v, and writes o and the final state)."""
+    V = K
+    KT = 64 if K <= 64 else 128
+    cpr = math.ceil(T / A["kC"])
+    vt = math.ceil(V / 64)
+    tok = B * T * H
+    row = find(stats, "gla_chunk_fwd_f32_kernel", [KT, passes], [], dtype="f32")
+    io = tok * (2 * K * 4 + 4 * K + V * 4)  # q, k, g, v read once
+    out = tok * V * 4 + B * H * K * V * 4   # o, ht written
+    moved = io + tok * (vt - 1) * (2 * K * 4 + 4 * K) + out  # q, k, g again per V tile
+    k = kernel_time(f"chunk_fwd_f32 ({passes}xtf32)", row, B * H * vt, per_block(row, cpr),
+                    moved, A)
+    return {"kernels": [k], "ms": k["ms"], "roofline_ms": (io + out) / (A["hbm_tb_s"] * 1e12)
+            * 1e3, "passes": passes}
+
+
 def backward(stats, B, T, H, K, A, esz=2):
     V = K
     KT = 64 if K <= 64 else 128
@@ -159,6 +192,63 @@ def decode(BH, K, A, esz=2):
     t = bytes_moved / (A["hbm_tb_s"] * 1e12) + A["launch_us"] * 1e-6
     return {"BH": BH, "K": K, "V": V, "bytes": bytes_moved, "ms": t * 1e3,
             "memory_ms": bytes_moved / (A["hbm_tb_s"] * 1e12) * 1e3}
+
+
+def f32_lines(stats, rows, A):
+    """The float32 forward at both precisions next to the bf16 forward of the same shape."""
+    if not any(r["kernel"] == "gla_chunk_fwd_f32_kernel" for r in stats["rows"]):
+        return ["(no float32 forward in the stats: rerun sass_stats.py)"]
+    bf = {tuple(r["shape"][:4]): r["forward_ms"] for r in rows if r.get("dtype") == "bf16"}
+    out = [f"float32 forward (fused) vs the bf16 forward above; target: issue 20, at "
+           f"{', '.join(map(str, TARGET_SHAPES))}",
+           f"{'shape (B,T,H,K=V)':<22}{'precision':<10}{'model ms':>9}{'roof ms':>9}"
+           f"{'x bf16':>8}  {'target':<15} kernel bounds (ms): issue / mufu / tensor / memory"]
+    for B, T, H, K in PREFILL:
+        for prec, (passes, bound) in TARGETS.items():
+            fw = forward_f32(stats, B, T, H, K, passes, A)
+            k = fw["kernels"][0]
+            ratio = fw["ms"] / bf[(B, T, H, K)]
+            aimed = (B, T, H, K) in TARGET_SHAPES
+            verdict = ("met" if ratio <= bound else "missed") if aimed else "-"
+            out.append(f"{str((B, T, H, K)):<22}{prec:<10}{fw['ms']:>9.3f}"
+                       f"{fw['roofline_ms']:>9.3f}{ratio:>8.2f}  "
+                       f"{(f'<= {bound:g}x ' + verdict) if aimed else '-':<15} "
+                       f"{k['issue_ms']:.3f} / {k['mufu_ms']:.3f} / {k['tensor_ms']:.3f} / "
+                       f"{k['memory_ms']:.3f} ({k['blocks']} blocks, {k['bound']})")
+            rows.append({"shape": [B, T, H, K, K], "dtype": "f32", "precision": prec,
+                         "forward": fw, "forward_ms": fw["ms"], "bf16_forward_ms":
+                         bf[(B, T, H, K)], "ratio_vs_bf16": ratio, "target_ratio": bound,
+                         "target_met": ratio <= bound if aimed else None})
+    out.append("")
+    out += f32_phase_lines(stats, TARGET_SHAPES[0], A)
+    return out
+
+
+def f32_phase_lines(stats, shape, A):
+    """The float32 forward's issue time at one shape, by phase (sass_stats.py's PHASES)."""
+    B, T, H, K = shape
+    KT = 64 if K <= 64 else 128
+    chunks = math.ceil(T / A["kC"])
+    ph = {}
+    for prec, (passes, _) in TARGETS.items():
+        row = find(stats, "gla_chunk_fwd_f32_kernel", [KT, passes], [], dtype="f32")
+        ph[prec] = row.get("phases_per_warp_per_chunk", {})
+    if not all(ph.values()):
+        return []
+    out = [f"float32 forward at {shape}: issue time by phase, ms (share); a block's warps walk "
+           f"{chunks} chunks at 1 instruction per clock",
+           f"  {'phase':<58}" + "".join(f"{p:>16}" for p in ph)]
+    ms = {p: {lb: d["all"] * chunks / (A["clock_ghz"] * 1e9) * 1e3 for lb, d in v.items()}
+          for p, v in ph.items()}
+    tot = {p: sum(v.values()) for p, v in ms.items()}
+    for lb in ph["highest"]:
+        out.append(f"  {lb:<58}" + "".join(f"{ms[p][lb]:>9.3f} ({ms[p][lb] / tot[p]:>3.0%})"
+                                            for p in ph))
+    cvt = {p: sum(d["tf32_cvt"] for d in v.values()) * chunks / (A["clock_ghz"] * 1e9) * 1e3
+           for p, v in ph.items()}
+    out.append(f"  {'of all phases: tf32 operand rounding':<58}" +
+               "".join(f"{cvt[p]:>9.3f} ({cvt[p] / tot[p]:>3.0%})" for p in ph))
+    return out
 
 
 def git(*args):
@@ -195,6 +285,8 @@ def main():
         rows.append({"shape": [B, T, H, K, K], "dtype": "bf16", "forward": fw, "backward": bw,
                      "forward_ms": fw["ms"], "forward_backward_ms": fb})
     lines.append("")
+    lines += f32_lines(stats, rows, A)
+    lines.append("")
     lines.append(f"{'decode B*H':<12}{'K=V':>5}{'model ms':>10}{'bytes':>12}")
     for bh in DECODE_BH:
         d = decode(bh, 128, A)
@@ -213,8 +305,9 @@ def main():
         json.dump({**meta, "rows": rows}, f, indent=1)
     with open(os.path.join(out_dir, args.name + ".md"), "w") as f:
         f.write(f"# {args.name}\n\n{meta['date']}, commit {meta['commit']}, counts from "
-                f"{meta['stats']} (commit {meta['stats_commit']}). Estimated H200 times, bf16, "
-                f"no GPU run; method: benchmarks/gpu_model.py docstring.\n\n```\n{text}\n```\n")
+                f"{meta['stats']} (commit {meta['stats_commit']}). Estimated H200 times, bf16 "
+                f"forward + backward and the float32 forward, no GPU run; method: "
+                f"benchmarks/gpu_model.py docstring.\n\n```\n{text}\n```\n")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,11 @@ information, and analysed per kernel instantiation:
   walk chunks: counted with 1 and 2 chunks, the difference is the per-chunk cost, the rest is
   fixed per block), per (chunk, head) = per chunk x blocks per (chunk, head).
 Shapes for the trip counts: K = V = KT (64 or 128) for the chunk kernels.
+- float32 forward (gla_chunk_fwd_f32_kernel<KT, passes>, dtype "f32"; passes 1 = one tf32
+  pass, torch's "high"; 3 = 3xTF32, "highest"): its HMMA are m16n8k8 tf32 (HMMA.TF32, 2048
+  flops each; the 16-bit kernels' m16n8k16 do 8192), and its per-chunk counts are also split
+  by phase (PHASES), with the instructions that round operands to tf32 (cvt.rna.tf32.f32 and
+  the 3xTF32 split, TF32_CVT) counted per phase.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ import glob
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -64,9 +70,9 @@ SMEM_RESERVED = 1024
 SM_THREADS = 2048
 SM_BLOCKS = 32
 
-OPS = {"HMMA": r"^HMMA", "MUFU.EX2": r"^MUFU\.EX2", "MUFU": r"^MUFU", "LDSM": r"^LDSM",
-       "LDGSTS": r"^LDGSTS", "BAR": r"^BAR", "LDS": r"^LDS(\.|$)", "STS": r"^STS",
-       "LDG": r"^LDG(\.|$)", "STG": r"^STG"}
+OPS = {"HMMA": r"^HMMA", "HMMA.TF32": r"^HMMA\.1688\.F32\.TF32", "MUFU.EX2": r"^MUFU\.EX2",
+       "MUFU": r"^MUFU", "LDSM": r"^LDSM", "LDGSTS": r"^LDGSTS", "BAR": r"^BAR",
+       "LDS": r"^LDS(\.|$)", "STS": r"^STS", "LDG": r"^LDG(\.|$)", "STG": r"^STG"}
 KC = 64
 
 
@@ -209,9 +215,16 @@ def find_loops(fn):
 # ---- kernels: names, constants, trip counts -----------------------------------------------
 def describe(mangled):
     """Kernel name and template arguments from the mangled name."""
-    m = re.search(r"\d+([a-z_]+_kernel)(?:I|E)", mangled)
-    name = m.group(1) if m else mangled
+    name, pos = mangled, mangled.find("_ZN") + 3
+    while pos >= 3:  # _ZN <length><identifier>... : the last identifier before I or E
+        m = re.match(r"\d+", mangled[pos:])
+        if not m:
+            break
+        start = pos + len(m.group())
+        name, pos = mangled[start:start + int(m.group())], start + int(m.group())
     dtype = "bf16" if "nv_bfloat16" in mangled else ("fp16" if "6__half" in mangled else "")
+    if name == "gla_chunk_fwd_f32_kernel":
+        dtype = "f32"  # template <KT, kPasses>: 1 = one tf32 pass, 3 = 3xTF32
     ints = [int(x) for x in re.findall(r"Li(\d+)E", mangled)]
     bools = [x == "1" for x in re.findall(r"Lb([01])E", mangled)]
     return name, dtype, ints, bools
@@ -228,6 +241,13 @@ def kernel_constants(name, ints, bools, file):
         c["kind"] = "fwd_split" if split else "fwd_fused"
         c["blocks_per_chunk_head"] = 1 if split else math.ceil(KT / 64)
         c["walks_chunks"] = not split
+    elif name == "gla_chunk_fwd_f32_kernel":
+        KT, passes = ints[0], ints[1]
+        c.update(KT=KT, K=KT, V=KT, NTHREADS=128, NWARPS=4, kF32Threads=128, kF32Warps=4,
+                 kF32BV=64, kNT=KT // 8, kPerRow=KT // 4, kPairs=16 * 17 // 2, passes=passes)
+        c["kind"] = "fwd_f32"
+        c["blocks_per_chunk_head"] = math.ceil(KT / 64)  # one block per 64 V columns
+        c["walks_chunks"] = True
     elif name in ("gla_chunk_state_scan_kernel", "gla_chunk_state_scans_kernel"):
         warps = scan_warps()
         c.update(KT=64, NTHREADS=32 * warps, NWARPS=warps, kScanThreads=32 * warps, kNT=8,
@@ -283,6 +303,20 @@ COLD = [
     "for (int i = tid; i < ROWS * COLS; i += NTHREADS) {",       # scalar load_tile (set-up)
     "for (int i = tid; i < KT * kScanV; i += kScanThreads) {",   # scan's scalar state save
 ]
+def diag_index_trips(c):
+    """`while (rest > tl)` of the float32 forward's diagonal pairs: a lane's trips are its
+    pair's row tl (0..15) in the 16 x 16 block; a warp runs until its slowest lane is done.
+    Trips per trip of the enclosing pair loop, over all warps."""
+    pairs, threads = c["kPairs"], c["kF32Threads"]
+    row = [tl for tl in range(16) for _ in range(tl + 1)]
+    loops = trips = 0
+    for w in range(c["NWARPS"]):
+        for p0 in range(32 * w, 4 * pairs, threads):
+            loops += 1
+            trips += max(row[p % pairs] for p in range(p0, min(p0 + 32, 4 * pairs)))
+    return trips / loops
+
+
 # Loops whose trip count is not a plain `for` over kernel constants: (text in the loop's
 # source line, function of the constants -> trips per warp). Chunk loops use NCHUNK.
 TRIP_RULES = [
@@ -303,6 +337,10 @@ TRIP_RULES = [
     ("for (int i = j + 1; i < 4; ++i) {", lambda c: 1.5),
     ("for (int p = kP - 1; p > seg; --p)", lambda c: (256 // c["KT"] - 1) / 2),
     ("for (int r = kRows - 1; r >= 0; --r) {", ("unroll", lambda c: 64 // (256 // c["KT"]))),
+    # float32 forward: the pair -> (row, column) walk; A @ v's causal loop (bound 16 i + 16
+    # of the unrolled i: the SASS keeps one loop per i that is not fully unrolled)
+    ("while (rest > tl) rest -= ++tl;", diag_index_trips),
+    ("for (int t0 = 0; t0 < 16 * i + 16; t0 += 8)", ("sass_bound", 8)),
 ]
 # Straight-line code that only some warps / iterations run: (text in the line, fraction).
 # Source regions (from the line containing the text to the end of the enclosing { } block):
@@ -321,6 +359,61 @@ FRACTION_RULES = [
     ("if (v0 != v_first) {  // the first V tile came with q, k, g",
      lambda c: 1 - 1 / math.ceil(c["V"] / 64)),
 ]
+
+
+# Phases of a kernel for the breakdown of its per-chunk counts: (label, file, text of the first
+# line, text of the line after the last). An instruction belongs to the first phase whose
+# lines hold any level of its inlining chain (so the helpers' phases come first).
+F32 = "chunk_fwd_f32.cuh"
+PHASES = {"gla_chunk_fwd_f32_kernel": [
+    ("scores: 6 off-diagonal 16x16 blocks (mma)", F32,
+     "for (int u = warp; u < 6; u += kF32Warps)", "// the diagonal blocks, pair by pair"),
+    ("scores: 4 diagonal blocks (FMA + exp2 per pair, key dim)", F32,
+     "// the diagonal blocks, pair by pair", "for (int e = tid; e < kC * kC;"),
+    ("scores: zeros above the diagonal", F32, "for (int e = tid; e < kC * kC;", "// grid x = N"),
+    ("1-2. tiles -> shared memory, gate cumsum", F32, "// ---- 1. tiles", "// ---- 3. scores"),
+    ("4. gate q, k; state -> shared memory", F32, "// ---- 4. q <- q", "// ---- 5. o ="),
+    ("5. o = q~ S + A v (mma)", F32, "// ---- 5. o =", "// ---- 6. S^T"),
+    ("6. state update (mma)", F32, "// ---- 6. S^T", "store_ht(s, a, rows.ht_base"),
+]}
+# tf32 operand rounding (cvt.rna.tf32.f32 and the 3xTF32 split): counted inside each phase too
+TF32_CVT = [("chunk_common.cuh", "__device__ __forceinline__ uint32_t cvt_rna_tf32(float x) {"),
+            ("chunk_common.cuh", "void tf32_split(float x, uint32_t& hi, uint32_t& lo) {")]
+
+
+def line_range(path, first, end):
+    src_line(path, 1)
+    lines = _SRC_CACHE[path]
+    a = next((i for i, ln in enumerate(lines) if first in ln), None)
+    if a is None:
+        raise SystemExit(f"phase marker {first!r} not found in {path}")
+    b = next((i for i in range(a + 1, len(lines)) if end in lines[i]), None)
+    if b is None:
+        raise SystemExit(f"phase end {end!r} not found in {path}")
+    return set(range(a + 1, b + 1))  # 1-based lines a+1 .. b (the end line excluded)
+
+
+def phase_counts(fn, w, name):
+    """Per-phase weighted counts (all, HMMA, MUFU.EX2, tf32 conversion instructions)."""
+    if name not in PHASES or not fn["ins"]:
+        return None
+    path_of = {os.path.basename(p): p for x in fn["ins"] for p, _ in x["chain"]}
+    phases = [(label, path_of.get(f), line_range(path_of[f], a, b) if f in path_of else set())
+              for label, f, a, b in PHASES[name]]
+    cvt = [(path_of.get(f), region_lines(path_of[f], t)) for f, t in TF32_CVT if f in path_of]
+    out = {label: {"all": 0.0, "HMMA": 0.0, "MUFU.EX2": 0.0, "tf32_cvt": 0.0}
+           for label, _, _ in phases}
+    out["other"] = {"all": 0.0, "HMMA": 0.0, "MUFU.EX2": 0.0, "tf32_cvt": 0.0}
+    for x, wi in zip(fn["ins"], w):
+        label = next((lb for lb, p, lines in phases
+                      if any(cp == p and cl in lines for cp, cl in x["chain"])), "other")
+        d = out[label]
+        d["all"] += wi
+        d["HMMA"] += wi if x["op"].startswith("HMMA") else 0.0
+        d["MUFU.EX2"] += wi if x["op"].startswith("MUFU.EX2") else 0.0
+        if any(cp == p and cl in lines for p, lines in cvt for cp, cl in x["chain"]):
+            d["tf32_cvt"] += wi
+    return out
 
 
 def region_lines(path, text):
@@ -382,6 +475,14 @@ def loop_trips(fn, loop, c):
     text = src_line(path, line).strip()
     for key, rule in TRIP_RULES:
         if key in text:
+            if isinstance(rule, tuple) and rule[0] == "sass_bound":
+                # bound set by an unrolled outer loop (one SASS loop per outer index): the
+                # immediate the back edge compares with, over the SASS step
+                lim = sass_counted_loop(fn, loop)
+                if lim is None:
+                    return None, text
+                loop["unroll"] = lim[1] // rule[1]
+                return lim[0] / lim[1], text
             if isinstance(rule, tuple):  # a counted loop the compiler may unroll (step 1)
                 u = unroll_factor(fn, loop, 1) or 1
                 loop["unroll"] = u
@@ -458,6 +559,28 @@ def unroll_factor(fn, loop, step):
     return None
 
 
+def sass_counted_loop(fn, loop):
+    """(limit, step) of a SASS loop counting up from 0: the immediate its back edge compares
+    the induction register with, and that register's increment; None when not of that form."""
+    ins = fn["ins"][loop["first"]:loop["last"] + 1]
+    pm = re.match(r"@!?(U?P\d)", ins[-1]["text"])
+    if not pm:
+        return None
+    incs = {}
+    for x in ins:
+        m = _SELF_ADD.match(x["text"])
+        if m and m.group(1) == m.group(2):
+            incs[m.group(1)] = int(m.group(3), 0)
+    for x in reversed(ins[:-1]):
+        parts = re.split(r"[ ,]+", x["text"].split(None, 1)[-1]) if "SETP" in x["op"] else []
+        if parts and parts[0] == pm.group(1):
+            reg = next((r for r in parts[1:] if r in incs), None)
+            imm = next((int(r, 0) for r in parts[1:] if re.fullmatch(r"0x[0-9a-f]+|\d+", r)),
+                       None)
+            return (imm, incs[reg]) if reg and imm and incs[reg] > 0 else None
+    return None
+
+
 def weights(fn, c):
     """Executions per warp of every instruction; and the loops' descriptions."""
     ins = fn["ins"]
@@ -500,6 +623,8 @@ def count(fn, w):
 # ---- dynamic shared memory ------------------------------------------------------------------
 LAYOUTS = {
     "chunk_fwd.cu": {"fwd64": "gla::SmemLayout<64>::kBytes", "fwd128": "gla::SmemLayout<128>::kBytes",
+                     "f32_64": "gla::F32Layout<64>::kBytes",
+                     "f32_128": "gla::F32Layout<128>::kBytes",
                      "scan": "gla::ScanLayout::kBytes", "offsets": "gla::kOffsetSmem"},
     "chunk_bwd.cu": {"bwd64": "gla::BwdLayout<64>::kBytes", "bwd128": "gla::BwdLayout<128>::kBytes",
                      "scan": "gla::ScanLayout::kBytes", "offsets": "gla::kOffsetSmem"},
@@ -534,6 +659,8 @@ def smem_key(name, c):
         return f"fwd{c['KT']}"
     if name == "gla_chunk_bwd_kernel":
         return f"bwd{c['KT']}"
+    if name == "gla_chunk_fwd_f32_kernel":
+        return f"f32_{c['KT']}"
     if "scan" in name and "offsets" not in name:
         return "scan"
     if "offsets" in name:
@@ -576,6 +703,10 @@ def analyse(mangled, fn, ptx, smem_table, file):
         per2 = count(fn, w2)
         per_chunk = {k: per2[k] - per1[k] for k in per1}
         fixed = {k: per1[k] - per_chunk[k] for k in per1}
+        ph1, ph2 = phase_counts(fn, w1, name), phase_counts(fn, w2, name)
+        if ph1:
+            row["phases_per_warp_per_chunk"] = {
+                lb: {k: round(ph2[lb][k] - ph1[lb][k], 1) for k in ph1[lb]} for lb in ph1}
     else:
         per_chunk, fixed = per1, {k: 0.0 for k in per1}
     nw = c["NWARPS"]
@@ -622,11 +753,45 @@ def table(rows):
                        f"{r['smem_bytes']:>8}{r.get('blocks_per_sm', '-'):>7}"
                        f"{'static ' + str(r['static_instructions']):>12}")
     out.append("")
+    out.append("dt f32: the float32 forward, tmpl KT,passes (1 = one tf32 pass, 3 = 3xTF32); its "
+               "HMMA are m16n8k8 tf32 (a quarter of an m16n8k16's flops).")
     out.append("ins/warp/ch: warp-instructions one warp issues per chunk (scan: per chunk of its "
                "64x64 state tile; scans: both halves). /ch,h: per (chunk, head) at K=V=KT "
                "(scans: K=V=128), all warps and blocks; HMMA/LDSM/LDGSTS/BAR as warp "
                "instructions, EX2 as thread-level exp2 (x32). spill: bytes stored/loaded.")
     return "\n".join(out)
+
+
+def phase_table(rows):
+    """Per-chunk counts of each phase of the kernels that have PHASES, per warp."""
+    out = []
+    for r in rows:
+        ph = r.get("phases_per_warp_per_chunk")
+        if not ph:
+            continue
+        t = ",".join(map(str, r["template"]["ints"]))
+        tot = r["per_warp_per_chunk"]["all"]
+        out.append(f"{r['kernel']} {r['dtype']} {t} (K=V={r['template']['ints'][0]}), per warp "
+                   f"per chunk: {tot:.0f} instructions")
+        out.append(f"  {'phase':<58}{'ins':>7}{'share':>7}{'HMMA':>6}{'EX2':>6}{'tf32 cvt':>9}")
+        for lb, d in ph.items():
+            out.append(f"  {lb:<58}{d['all']:>7.0f}{d['all'] / tot:>7.1%}{d['HMMA']:>6.0f}"
+                       f"{d['MUFU.EX2']:>6.0f}{d['tf32_cvt']:>9.0f}")
+        cvt = sum(d["tf32_cvt"] for d in ph.values())
+        out.append(f"  {'all phases: tf32 operand rounding':<58}{cvt:>7.0f}{cvt / tot:>7.1%}")
+        out.append("")
+    return "\n".join(out)
+
+
+def host_cpu():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for ln in f:
+                if ln.startswith("model name"):
+                    return ln.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def main():
@@ -654,7 +819,10 @@ def main():
     rows.sort(key=lambda r: (r["file"], r["kernel"], r["dtype"], r["template"]["ints"],
                              r["template"]["bools"]))
     text = table(rows)
+    phases = phase_table(rows)
     print(text)
+    if phases:
+        print("\n" + phases)
     for r in rows:
         if r.get("unmatched_loops"):
             print(f"note: {r['kernel']} {r['dtype']} {r['template']}: loops counted once: "
@@ -665,6 +833,7 @@ def main():
             .isoformat(timespec="seconds"),
             "commit": git("rev-parse", "--short", "HEAD") + ("-dirty" if git(
                 "status", "--porcelain", "--untracked-files=no", "--", "csrc") else ""),
+            "host": host_cpu() + " (static analysis: the host does not matter)",
             "arch": args.arch, "nvcc": subprocess.run([NVCC, "--version"], capture_output=True,
                                                       text=True).stdout.strip().splitlines()[-1],
             "flags": SETUP_NVCC_FLAGS + TORCH_NVCC_FLAGS,
@@ -677,8 +846,12 @@ def main():
         json.dump({**meta, "rows": rows}, f, indent=1)
     with open(os.path.join(out_dir, args.name + ".md"), "w") as f:
         f.write(f"# {args.name}\n\n{meta['date']}, commit {meta['commit']}, {args.arch}, "
-                f"{meta['nvcc']}\n\nStatic counts from SASS (no GPU); method: "
-                f"benchmarks/sass_stats.py docstring.\n\n```\n{text}\n```\n")
+                f"{meta['nvcc']}; host {meta['host']}\n\nStatic counts from SASS (no GPU); "
+                f"method: benchmarks/sass_stats.py docstring.\n\n```\n{text}\n```\n")
+        if phases:
+            f.write(f"\nWhere the instructions go, by phase (per warp per chunk; `tf32 cvt`: "
+                    f"instructions that round operands to tf32, inside each phase):\n\n"
+                    f"```\n{phases}```\n")
     print(f"saved {os.path.join(out_dir, args.name)}.json/.md", file=sys.stderr)
 
 

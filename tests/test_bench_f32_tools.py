@@ -1,0 +1,104 @@
+"""The float32 forward's benchmark tooling on the CPU (no GPU, no nvcc): sass_stats.py's kernel
+names and its trip rule for the diagonal-pair walk, and bench_gpu_f32.py's measuring code (run
+with the CPU kernels; on a GPU the same code times the CUDA kernels)."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+import bench_gpu_f32  # noqa: E402
+import sass_stats  # noqa: E402
+
+# names as nvdisasm prints them (the hash in the anonymous namespace holds digits that an
+# identifier length could be mistaken for)
+NAMES = [
+    ("_ZN3gla45_GLOBAL__N__d09b16af_12_chunk_fwd_cu_5a7beb2f24gla_chunk_fwd_f32_kernelILi128ELi3E"
+     "EEvNS0_9ChunkArgsE", ("gla_chunk_fwd_f32_kernel", "f32", [128, 3], [])),
+    ("_ZN3gla45_GLOBAL__N__4b0a54b9_12_chunk_bwd_cu_b30ef25420gla_chunk_bwd_kernelI6__halfLi64EE"
+     "EvNS0_9ChunkArgsE", ("gla_chunk_bwd_kernel", "fp16", [64], [])),
+    ("_ZN3gla45_GLOBAL__N__d09b16af_12_chunk_fwd_cu_5a7beb2f20gla_chunk_fwd_kernelI13__nv_bfloat16"
+     "Li128ELb1EEEvNS0_9ChunkArgsE", ("gla_chunk_fwd_kernel", "bf16", [128], [True])),
+    ("_ZN3gla45_GLOBAL__N__4b0a54b9_12_chunk_bwd_cu_b30ef25424gla_chunk_offsets_kernelENS0_9Chunk"
+     "ArgsE", ("gla_chunk_offsets_kernel", "", [], [])),
+]
+
+
+@pytest.mark.parametrize("mangled,expected", NAMES)
+def test_kernel_names(mangled, expected):
+    assert sass_stats.describe(mangled) == expected
+
+
+def test_diag_pair_walk_trips():
+    """The rule's trips per pair-loop trip equal a lane-by-lane run of the kernel's loop
+    (`while (rest > tl) rest -= ++tl;`, a warp runs until its slowest lane is done)."""
+    c = sass_stats.kernel_constants("gla_chunk_fwd_f32_kernel", [128, 3], [], "chunk_fwd.cu")
+    pairs, threads = c["kPairs"], c["kF32Threads"]
+    loops = trips = 0
+    for warp in range(c["NWARPS"]):
+        for p0 in range(32 * warp, 4 * pairs, threads):
+            loops += 1
+            lane_trips = []
+            for p in range(p0, min(p0 + 32, 4 * pairs)):
+                tl, rest, n = 0, p % pairs, 0
+                while rest > tl:
+                    tl += 1
+                    rest -= tl
+                    n += 1
+                lane_trips.append(n)
+            trips += max(lane_trips)
+    assert sass_stats.diag_index_trips(c) == pytest.approx(trips / loops)
+    assert 11 < trips / loops < 15  # rows of 16, mostly the lower ones in a 32-lane group
+
+
+def _cpu_timer(fn):
+    fn()
+    return 1e-3, 0
+
+
+def test_bench_f32_measures_against_float64():
+    """A row of the float32 section at a small shape: every error is the measured one (the CPU
+    kernels are float32-accurate), the ratios follow the times, and the verdict names both
+    targets."""
+    rows, lines = [], []
+    bench_gpu_f32.bench_f32([(2, 100, 3, 24)], _cpu_timer, rows, lines, fla=None,
+                            fla_error="absent", device="cpu")
+    assert len(rows) == 1
+    row = rows[0]
+    for prec in bench_gpu_f32.TARGETS:
+        assert 0 < row[f"{prec}_err_o"] < 1e-5 and 0 < row[f"{prec}_err_ht"] < 1e-5
+        assert row[f"{prec}_over_bf16"] == pytest.approx(row[f"{prec}_s"] / row["bf16_s"])
+    assert math.isnan(row["fla_s"]) and math.isnan(row["fla_err_o"])
+    assert any("fla not importable (absent)" in ln for ln in lines)
+    assert "highest:" in lines[-1] and "high:" in lines[-1] and "ok <=" in lines[-1]
+
+
+def test_bench_f32_peer_errors_and_failures():
+    """The peer's columns: its error is measured against float64 (a float32 reference stands
+    in for fla, a perturbed one must show its error), and a failing peer leaves NaN."""
+    def peer(q, k, v, g, output_final_state=False):
+        o, ht = bench_gpu_f32.chunk_gla_reference(q, k, v, g,
+                                                  output_final_state=output_final_state)
+        return o * (1 + 1e-3), ht
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel")
+    rows, lines = [], []
+    for fla in (peer, broken):
+        bench_gpu_f32.bench_f32([(1, 70, 2, 16)], _cpu_timer, rows, lines, fla=fla,
+                                device="cpu")
+    assert rows[0]["fla_err_o"] == pytest.approx(1e-3, rel=1e-3)
+    assert rows[0]["fla_err_ht"] < 1e-5
+    assert math.isnan(rows[1]["fla_err_o"]) and math.isnan(rows[1]["fla_s"])
+    assert rows[1]["highest_err_o"] < 1e-5  # gla_ext's own columns still measured
+
+
+def test_rel_err_flags_unwritten_outputs():
+    ref = torch.randn(5, 4, dtype=torch.float64)
+    x = ref.float().clone()
+    assert bench_gpu_f32.rel_err(x, ref) < 1e-6
+    x[2, 1] = float("nan")
+    assert bench_gpu_f32.rel_err(x, ref) == math.inf
