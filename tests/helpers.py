@@ -192,3 +192,17 @@ def dequantized_copy(model, dtype=torch.float64, backend="reference"):
     for blk in ref.blocks:
         blk.attn.backend = backend
     return ref.to(dtype)
+
+
+def decoder_for_isa(model, isa, monkeypatch):
+    """model's fused decoder (gla_ext.decode) packed afresh with GLA_EXT_CPU_ISA=isa; skips the
+    test where this CPU lacks that instruction set (the pick falls back)."""
+    import pytest
+    from gla_ext import decode
+    monkeypatch.setenv("GLA_EXT_CPU_ISA", isa)
+    decode.clear_cache(model)
+    decoder = decode.decoder(model)
+    monkeypatch.delenv("GLA_EXT_CPU_ISA")
+    if decoder.isa != isa:
+        pytest.skip(f"this CPU has no {isa} (got {decoder.isa})")
+    return decoder

@@ -14,7 +14,7 @@ import torch
 import gla_ext
 from gla_ext import GLA
 from gla_ext import decode as dec
-from helpers import dequantized_copy, float32_model_tolerance, rel_err
+from helpers import decoder_for_isa, dequantized_copy, float32_model_tolerance, rel_err
 
 pytestmark = pytest.mark.skipif(not gla_ext.extension_loaded(),
                                 reason="gla_ext._C is not built (the fast path needs it)")
@@ -36,17 +36,6 @@ def _always_fused(monkeypatch):
 def quantized_model(fmt, group, **options):
     model = GLA.build(**{**OPTS, **options}).eval()
     return gla_ext.quantize_(model, fmt, group_size=group)
-
-
-def pack_for(model, isa, monkeypatch):
-    """Packs model's decoder for `isa`; skips where this CPU lacks it."""
-    monkeypatch.setenv("GLA_EXT_CPU_ISA", isa)
-    dec.clear_cache(model)
-    decoder = dec.decoder(model)
-    monkeypatch.delenv("GLA_EXT_CPU_ISA")
-    if decoder.isa != isa:
-        pytest.skip(f"this CPU has no {isa} (got {decoder.isa})")
-    return decoder
 
 
 def fused_step(model, x_t, state):
@@ -83,7 +72,7 @@ def tolerances(model, x):
 def test_fused_quantized_step_equals_pytorch_path_and_float64(fmt, group, options, batch, isa,
                                                               monkeypatch):
     model = quantized_model(fmt, group, **options)
-    decoder = pack_for(model, isa, monkeypatch)
+    decoder = decoder_for_isa(model, isa, monkeypatch)
     assert decoder.weight_format == fmt
     x = torch.randn(batch, 6, model.embed_dim)
     with torch.no_grad():
