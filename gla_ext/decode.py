@@ -27,10 +27,10 @@ The packed copies are cached per model (weakly: they go away with the model) and
 when a parameter (or a quantized layer's buffer) changes: an in-place write (its version
 counter: load_state_dict too), new data or a new dtype/device (its data pointer), or a
 parameter, buffer or submodule assigned anywhere (module registration hooks; then the
-model's tensors are compared one by one); quantize_ drops the float model's copy. Not seen: writes
-through `param.data` (a separate version counter), direct edits of `module._parameters`, and
-changed module attributes (eps, gate_logit_normalizer), which are read when packing; call
-clear_cache(model) after those. The kernels' instruction set is chosen when packing
+model's tensors are compared one by one); quantize_ drops the float model's copy. Not
+seen: writes through `param.data` (a separate version counter), direct edits of
+`module._parameters`, and changed module attributes (eps, gate_logit_normalizer), which
+are read when packing; call clear_cache(model) after those. The kernels' instruction set is chosen when packing
 (GLA_EXT_CPU_ISA=generic|avx2|avx512 forces one; clear_cache to repack).
 """
 from __future__ import annotations
