@@ -579,10 +579,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<gla::CpuDecoder, std::shared_ptr<gla::CpuDecoder>>(m, "CpuDecoder")
       .def(pybind11::init<const std::vector<std::optional<Tensor>>&,
                           const std::vector<std::vector<std::optional<Tensor>>>&, int64_t,
-                          int64_t, double, double, double>(),
+                          int64_t, double, double, double,
+                          const std::vector<std::vector<std::optional<Tensor>>>&,
+                          const std::vector<std::vector<std::optional<Tensor>>>&>(),
            pybind11::arg("globals"), pybind11::arg("layers"), pybind11::arg("num_heads"),
            pybind11::arg("head_dim"), pybind11::arg("gate_normalizer"), pybind11::arg("eps"),
-           pybind11::arg("scale"))
+           pybind11::arg("scale"),
+           pybind11::arg("scales") = std::vector<std::vector<std::optional<Tensor>>>{},
+           pybind11::arg("offsets") = std::vector<std::vector<std::optional<Tensor>>>{},
+           "scales / offsets: per layer, per slot the float16 scales / int4 offsets of the "
+           "quantized matrix whose qweight is in that slot (None elsewhere)")
       .def("status", &gla::CpuDecoder::status, pybind11::arg("grad_enabled"),
            "0 ready, 1 stale (parameters changed since packing), 2 autograd needed")
       .def("step", &gla::CpuDecoder::step, pybind11::arg("x"), pybind11::arg("states"),
@@ -597,6 +603,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                      "0 = measured threading policy, n > 0 = at most n threads per step")
       .def_property_readonly("isa", &gla::CpuDecoder::isa)
       .def_property_readonly("weight_bytes", &gla::CpuDecoder::weight_bytes)
+      .def_property_readonly("weight_format", &gla::CpuDecoder::weight_format)
       .def_property_readonly("num_layers", &gla::CpuDecoder::num_layers)
       .def_property_readonly("num_workspaces", &gla::CpuDecoder::num_workspaces);
   // Whole-model CPU prefill used by GLA.forward (built and cached by gla_ext/prefill.py).

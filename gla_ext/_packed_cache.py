@@ -4,8 +4,11 @@ Both fused paths keep a C++ object holding packed copies of a model's weights. T
 holds what they share: the model checks (one head layout, eps and gate normalizer for every
 layer; CPU parameters of one supported dtype) and a weak cache that notices when the model's
 parameter set changes. The C++ objects themselves notice in-place writes and new data (their
-status()); a parameter or submodule registered anywhere (assignment included) bumps one
-process-wide generation, after which the model's parameters are compared one by one.
+status()); a parameter, buffer or submodule registered anywhere (assignment included) bumps
+one process-wide generation, after which the model's tensors are compared one by one.
+A layer slot may hold a gla_ext.quantize.QuantizedLinear instead of a weight (the fused decode
+reads quantized weights): its buffers are watched like parameters, and only the float
+tensors need the common dtype.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ def _install_hooks():
     if not _hooks_installed:
         nn.modules.module.register_module_parameter_registration_hook(_bump)
         nn.modules.module.register_module_module_registration_hook(_bump)
+        nn.modules.module.register_module_buffer_registration_hook(_bump)
         _hooks_installed = True
 
 
@@ -56,22 +60,33 @@ def model_settings(model):
     return c.num_heads, c.head_dim, normalizers.pop(), float(eps.pop())
 
 
-def common_dtype(flat):
-    """The parameters' common dtype when a fused path can pack them, else None."""
-    dtype = flat[0].dtype
-    if dtype not in DTYPES:
+def _plain_cpu(t) -> bool:
+    return (type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu"
+            and not t.is_inference())
+
+
+def common_dtype(floats, flat=()):
+    """The float parameters' common dtype when a fused path can pack them (and every tensor
+    of `flat` is a plain CPU tensor), else None."""
+    dtype = floats[0].dtype
+    if dtype not in DTYPES or not all(map(_plain_cpu, flat)):
         return None
-    for p in flat:
-        if (type(p) not in (torch.Tensor, nn.Parameter) or p.dtype != dtype
-                or p.device.type != "cpu" or p.is_inference()):
+    for p in floats:
+        if not _plain_cpu(p) or p.dtype != dtype:
             return None
     return dtype
 
 
+def quantized_tensors(layer):
+    """The buffers of a QuantizedLinear (what a packed copy of it was made from)."""
+    return tuple(t for t in (layer.qweight, layer.scales, layer.offsets) if t is not None)
+
+
 def collect_params(model, layer_tensors, proj_needs_bias=False):
-    """(globals, layers, flat parameter tuple) of a model in the slot order of the C++ side, or
-    None when its structure is not the fused one. layer_tensors(block) gives one block's
-    tensors (None = not supported)."""
+    """(globals, layers, flat tensor tuple, float tensor tuple) of a model in the slot order
+    of the C++ side, or None when its structure is not the fused one. layer_tensors(block)
+    gives one block's tensors (None = not supported); a slot may hold a QuantizedLinear,
+    whose buffers join `flat` but not the float tensors."""
     proj = model.input_proj
     if isinstance(proj, nn.Identity):
         glob = [None, None]
@@ -89,8 +104,11 @@ def collect_params(model, layer_tensors, proj_needs_bias=False):
             layers.append(tensors)
     except AttributeError:
         return None
-    flat = tuple(t for t in glob + [t for layer in layers for t in layer] if t is not None)
-    return glob, layers, flat
+    slots = [t for t in glob + [t for layer in layers for t in layer] if t is not None]
+    floats = tuple(t for t in slots if isinstance(t, torch.Tensor))
+    quantized = tuple(b for t in slots if not isinstance(t, torch.Tensor)
+                      for b in quantized_tensors(t))
+    return glob, layers, floats + quantized, floats
 
 
 class Entry:
@@ -127,11 +145,11 @@ class PackedCache:
         _install_hooks()
         generation = _generation
         collected, settings = self._collect(model), model_settings(model)
-        dtype = None if collected is None else common_dtype(collected[2])
+        dtype = None if collected is None else common_dtype(collected[3], collected[2])
         if settings is None or dtype is None:
             self._entries.pop(model, None)
             return None
-        glob, layers, flat = collected
+        glob, layers, flat, _ = collected
         entry = Entry(self._pack(glob, layers, *settings), flat,
                       tuple(b.dropout for b in model.blocks), generation, dtype)
         self._entries[model] = entry

@@ -6,7 +6,10 @@ compiled gla_ext._C.CpuDecoder holds packed copies of the weights ([Wq; Wk; Wv; 
 plus preallocated buffers per batch size, and runs every layer per token with one product
 per matrix and vectorized loops for the rest (see csrc/cpu/decode.cpp). Weights stay in the
 model's dtype: a model converted with model.to(torch.bfloat16) (or float16) streams half the
-bytes; activations, accumulation and the state are float32, x_t and y_t have the model's dtype.
+bytes; a model quantized with gla_ext.quantize_ ("int8" / "int4") streams its quantized
+weights as stored (the int8 / int4 kernels of csrc/cpu/linear_q_impl.h, each row's group
+scales kept); activations, accumulation and the state are float32, x_t and y_t have the
+model's (float) dtype.
 
 try_step(model, x_t, state) returns (y_t, new_state), or None when the generic path must run:
   - the extension is not built, or ENABLED is False;
@@ -14,18 +17,20 @@ try_step(model, x_t, state) returns (y_t, new_state), or None when the generic p
   - the parameters are not all float32, all bfloat16 or all float16 CPU tensors (or one is a
     tensor subclass), x_t has another dtype, a state is not float32, or torch.compile /
     functorch transforms are active;
+  - a block mixes float and quantized matrices, or quantization formats / group sizes;
   - autograd is needed: grad mode is on and a parameter, x_t or a state requires grad;
   - dropout is active (a block's Dropout in training mode with p > 0).
 try_step_pool(model, x_t, pool_states, slots) does the same step for rows of a state pool,
 in place (see its docstring).
 
 The packed copies are cached per model (weakly: they go away with the model) and rebuilt
-when a parameter changes: an in-place write (its version counter), new data or a new
-dtype/device (its data pointer), or a parameter or submodule assigned anywhere (module
-registration hooks; then the model's parameters are compared one by one). Not seen: writes
-through `param.data` (a separate version counter), direct edits of `module._parameters`, and
-changed module attributes (eps, gate_logit_normalizer), which are read when packing; call
-clear_cache(model) after those. The kernels' instruction set is chosen when packing
+when a parameter (or a quantized layer's buffer) changes: an in-place write (its version
+counter: load_state_dict too), new data or a new dtype/device (its data pointer), or a
+parameter, buffer or submodule assigned anywhere (module registration hooks; then the
+model's tensors are compared one by one); quantize_ drops the float model's copy. Not
+seen: writes through `param.data` (a separate version counter), direct edits of
+`module._parameters`, and changed module attributes (eps, gate_logit_normalizer), which
+are read when packing; call clear_cache(model) after those. The kernels' instruction set is chosen when packing
 (GLA_EXT_CPU_ISA=generic|avx2|avx512 forces one; clear_cache to repack).
 """
 from __future__ import annotations
@@ -35,6 +40,7 @@ from torch import nn
 
 from . import _ext
 from ._packed_cache import PackedCache, collect_params
+from .quantize import QuantizedLinear
 
 __all__ = ["ENABLED", "try_step", "try_step_pool", "clear_cache", "is_cached", "decoder"]
 
@@ -43,26 +49,44 @@ __all__ = ["ENABLED", "try_step", "try_step_pool", "clear_cache", "is_cached", "
 ENABLED = True
 
 
+def _kind(linear):
+    """(format, group size) of a quantized layer, None for a float one."""
+    return (linear.format, linear.group_size) if isinstance(linear, QuantizedLinear) else None
+
+
 def _layer_tensors(block):
-    """The parameters of one GLABlock in the slot order of csrc/cpu/decode.h (None = absent)."""
+    """The parameters of one GLABlock in the slot order of csrc/cpu/decode.h (None = absent),
+    or None when the block cannot be packed. A quantized matrix's slot holds its
+    QuantizedLinear: all of a block's matrices must then share one format, and the matrices
+    packed together one group size."""
     attn, ffn = block.attn, block.ffn
     if isinstance(attn.gk_proj, nn.Sequential):
         first, second = attn.gk_proj[0], attn.gk_proj[1]
-        wg, wg2, bg = first.weight, second.weight, second.bias
     else:
-        wg, wg2, bg = attn.gk_proj.weight, None, attn.gk_proj.bias
-    return [block.attn_norm.weight, block.attn_norm.bias,
-            attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
-            None if attn.g_proj is None else attn.g_proj.weight,
-            wg, wg2, bg,
-            None if attn.norm is None else attn.norm.weight,
-            attn.o_proj.weight,
-            block.ffn_norm.weight, block.ffn_norm.bias,
-            ffn.w1.weight, ffn.w3.weight, ffn.w2.weight]
+        first, second = attn.gk_proj, None
+    linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.g_proj, first, second,
+               attn.o_proj, ffn.w1, ffn.w3, ffn.w2]
+    packed_together = [linears[:5], linears[7:9]]   # [Wq; Wk; Wv; Wr; Wg], [W1 | W3]
+    if (len({k and k[0] for k in map(_kind, filter(None, linears))}) != 1
+            or any(len(set(map(_kind, filter(None, ms)))) != 1 for ms in packed_together)):
+        return None
+    quantized = isinstance(attn.q_proj, QuantizedLinear)
+    q, k, v, r, wg, wg2, wo, w1, w3, w2 = (
+        m if m is None or quantized else m.weight for m in linears)
+    bg = (second if second is not None else first).bias
+    return [block.attn_norm.weight, block.attn_norm.bias, q, k, v, r, wg, wg2, bg,
+            None if attn.norm is None else attn.norm.weight, wo,
+            block.ffn_norm.weight, block.ffn_norm.bias, w1, w3, w2]
 
 
 def _pack(glob, layers, heads, head_dim, normalizer, eps):
-    return _ext._C.CpuDecoder(glob, layers, heads, head_dim, normalizer, eps, head_dim ** -0.5)
+    # A QuantizedLinear's slot passes its qweight; its scales / offsets go in the same slot
+    # of two parallel lists (None elsewhere).
+    def part(name):
+        return [[getattr(m, name) if isinstance(m, QuantizedLinear) else (
+            m if name == "qweight" else None) for m in layer] for layer in layers]
+    return _ext._C.CpuDecoder(glob, part("qweight"), heads, head_dim, normalizer, eps,
+                              head_dim ** -0.5, part("scales"), part("offsets"))
 
 
 _cache = PackedCache(lambda model: collect_params(model, _layer_tensors), _pack)

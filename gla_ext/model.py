@@ -176,7 +176,8 @@ class GLA(nn.Module):
         never modified; the new state is made of fresh tensors.
 
         Fast path: on the CPU (backend "auto" or "cpu", float32 / bfloat16 / float16
-        parameters with x_t of the same dtype and float32 states, compiled extension built),
+        parameters with x_t of the same dtype and float32 states, matrices in that dtype or
+        quantized by gla_ext.quantize_ (int8 / int4), compiled extension built),
         when autograd is not needed (torch.no_grad() / inference_mode, or nothing requires
         grad) and dropout is off (eval mode), the whole step runs as one fused C++ call
         (gla_ext.decode): the same math, several times faster for small batches. It keeps

@@ -18,9 +18,9 @@ autograd history (train with model(...)). Dropout follows the model's mode, as i
 call model.eval() for serving.
 
 On the CPU, step() takes the fused C++ decode (gla_ext.decode.try_step_pool) when it can run
-(float32 / 16-bit weights, extension built, no autograd, dropout off) and gla_ext.engine_choice
-measured it faster for this many rows; otherwise, and on CUDA, the layers run
-with the pool through fused_recurrent_gla / chunk_gla. prefill() packs the valid tokens of
+(float32 / 16-bit / int8 / int4 weights, extension built, no autograd, dropout off) and
+gla_ext.engine_choice measured it faster for this many rows; otherwise, and on CUDA, the
+layers run with the pool through fused_recurrent_gla / chunk_gla. prefill() packs the valid tokens of
 the right-padded batch along T and runs the chunked kernels with cu_seqlens.
 
 Bad arguments raise ValueError (TypeError for a non-tensor x) before anything is written:

@@ -173,3 +173,37 @@ def record_diagnostic(**values) -> None:
     test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
     with open(path, "a") as f:
         f.write(json.dumps(dict(test=test, diagnostic={k: float(v) for k, v in values.items()})) + "\n")
+
+
+def dequantized_copy(model, dtype=torch.float64, backend="reference"):
+    """A float copy of a quantized GLA model (gla_ext.quantize_) whose linears hold the
+    dequantized weights (the format's definition), on `backend`, in `dtype`."""
+    from torch import nn
+    from gla_ext.quantize import QuantizedLinear
+    ref = copy.deepcopy(model)
+    for name, mod in list(ref.named_modules()):
+        if isinstance(mod, QuantizedLinear):
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(mod.dequantize(torch.float32))
+                if mod.bias is not None:
+                    lin.bias.copy_(mod.bias)
+            parent, _, attr = name.rpartition(".")
+            setattr(ref.get_submodule(parent), attr, lin)
+    for blk in ref.blocks:
+        blk.attn.backend = backend
+    return ref.to(dtype)
+
+
+def decoder_for_isa(model, isa, monkeypatch):
+    """model's fused decoder (gla_ext.decode) packed afresh with GLA_EXT_CPU_ISA=isa; skips the
+    test where this CPU lacks that instruction set (the pick falls back)."""
+    import pytest
+    from gla_ext import decode
+    monkeypatch.setenv("GLA_EXT_CPU_ISA", isa)
+    decode.clear_cache(model)
+    decoder = decode.decoder(model)
+    monkeypatch.delenv("GLA_EXT_CPU_ISA")
+    if decoder.isa != isa:
+        pytest.skip(f"this CPU has no {isa} (got {decoder.isa})")
+    return decoder

@@ -13,7 +13,7 @@ from gla_ext import decode as dec
 
 pytestmark = pytest.mark.skipif(not gla_ext.extension_loaded(),
                                 reason="gla_ext._C is not built (the fast path needs it)")
-from helpers import float32_model_tolerance, rel_err
+from helpers import decoder_for_isa, float32_model_tolerance, rel_err
 
 SMALL = dict(embed_dim=13, hidden_size=32, num_layers=2, num_heads=2, head_dim=16,
              dropout=0.1)
@@ -316,12 +316,7 @@ def stream(model, x, dtype=None):
 @pytest.mark.parametrize("isa", ISAS)
 def test_every_isa_matches_generic_and_float64(isa, monkeypatch):
     model = small_model(num_heads=3, head_dim=16, hidden_size=40, gate_low_rank_dim=3)
-    monkeypatch.setenv("GLA_EXT_CPU_ISA", isa)
-    dec.clear_cache(model)
-    decoder = dec.decoder(model)
-    monkeypatch.delenv("GLA_EXT_CPU_ISA")
-    if decoder.isa != isa:
-        pytest.skip(f"this CPU has no {isa} (got {decoder.isa})")
+    decoder = decoder_for_isa(model, isa, monkeypatch)
     x = torch.randn(3, 8, model.embed_dim)
     with torch.no_grad():
         ys, state = stream(model, x)

@@ -15,7 +15,7 @@ from torch import nn
 
 import gla_ext
 from gla_ext.quantize import QuantizedLinear, dequantize_weight, quantize_weight
-from helpers import float32_model_tolerance, rel_err
+from helpers import dequantized_copy as _dequantized_copy, float32_model_tolerance, rel_err
 
 OPTS = dict(embed_dim=40, hidden_size=64, num_layers=2, num_heads=2, head_dim=32,
             dropout=0.0)
@@ -30,23 +30,6 @@ def _model(perturb=0.1, **kw):
         for p in m.parameters():
             p.add_(perturb * torch.randn_like(p))
     return m
-
-
-def _dequantized_copy(model, dtype=torch.float64, backend="reference"):
-    """A float copy of a quantized GLA model whose linears hold the dequantized weights."""
-    ref = copy.deepcopy(model)
-    for name, mod in list(ref.named_modules()):
-        if isinstance(mod, QuantizedLinear):
-            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-            with torch.no_grad():
-                lin.weight.copy_(mod.dequantize(torch.float32))
-                if mod.bias is not None:
-                    lin.bias.copy_(mod.bias)
-            parent, _, attr = name.rpartition(".")
-            setattr(ref.get_submodule(parent), attr, lin)
-    for blk in ref.blocks:
-        blk.attn.backend = backend
-    return ref.to(dtype)
 
 
 # ---- the formats ------------------------------------------------------------------------

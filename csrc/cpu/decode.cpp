@@ -135,11 +135,47 @@ LinearWeight linear_type(at::ScalarType t) {
                             : LinearWeight::kFloat32;
 }
 
-// A packed matrix of the rows of a contiguous 2-D tensor in the decoder's dtype.
-PackedMatrix pack(const at::Tensor& w, const std::vector<float>* bias = nullptr) {
-  const at::Tensor c = w.contiguous();
-  return PackedMatrix(c.data_ptr(), linear_type(c.scalar_type()), c.size(0), c.size(1),
-                      c.size(1), bias ? bias->data() : nullptr);
+// One weight matrix before packing: float rows in the decoder's dtype (group 0), or the
+// parts of a quantized one (q: int8 [rows, cols] or int4 nibbles uint8 [rows, cols / 2];
+// float16 scales and, int4, offsets [rows, cols / group]). Quantization groups run along
+// the input columns of one row, so a row operation (concatenate, pad, interleave) applied to
+// every part alike keeps each row's scales with its weights.
+struct Rows {
+  at::Tensor w, scales, offsets;
+  int64_t group = 0;
+};
+
+// f (a list of tensors -> one tensor) applied to the same part of every matrix of `parts`
+// (all float, or all of one quantized format and group size).
+template <class F>
+Rows zip_rows(const std::vector<Rows>& parts, F f) {
+  const Rows& first = parts.front();
+  for (const Rows& r : parts)
+    TORCH_CHECK(r.group == first.group && r.w.scalar_type() == first.w.scalar_type(), kOp,
+                ": matrices packed together must share one format and group size");
+  auto each = [&](at::Tensor Rows::*part) {
+    if (!(first.*part).defined()) return at::Tensor();
+    std::vector<at::Tensor> ts;
+    for (const Rows& r : parts) ts.push_back(r.*part);
+    return f(ts);
+  };
+  return {each(&Rows::w), each(&Rows::scales), each(&Rows::offsets), first.group};
+}
+
+// A packed matrix of the rows of m (bias: one float per row, or null).
+PackedMatrix pack(const Rows& m, const std::vector<float>* bias = nullptr) {
+  const at::Tensor c = m.w.contiguous();
+  const float* b = bias ? bias->data() : nullptr;
+  if (m.group == 0)
+    return PackedMatrix(c.data_ptr(), linear_type(c.scalar_type()), c.size(0), c.size(1),
+                        c.size(1), b);
+  const bool int4 = c.scalar_type() == at::kByte;
+  const at::Tensor s = m.scales.contiguous();
+  const at::Tensor o = int4 ? m.offsets.contiguous() : at::Tensor();
+  return PackedMatrix(c.data_ptr(), reinterpret_cast<const uint16_t*>(s.data_ptr()),
+                      int4 ? reinterpret_cast<const uint16_t*>(o.data_ptr()) : nullptr,
+                      int4 ? LinearWeight::kInt4 : LinearWeight::kInt8, c.size(0),
+                      c.size(1) * (int4 ? 2 : 1), m.group, b);
 }
 
 std::vector<float> to_floats(const at::Tensor& t) {
@@ -192,7 +228,9 @@ inline void split(int64_t n, int t, int T, int64_t* b, int64_t* e) {
 CpuDecoder::CpuDecoder(const std::vector<std::optional<at::Tensor>>& globals,
                        const std::vector<std::vector<std::optional<at::Tensor>>>& layers,
                        int64_t num_heads, int64_t head_dim, double gate_normalizer, double eps,
-                       double scale) {
+                       double scale,
+                       const std::vector<std::vector<std::optional<at::Tensor>>>& scales,
+                       const std::vector<std::vector<std::optional<at::Tensor>>>& offsets) {
   // Packed weights are ordinary tensors whatever mode the first step runs in.
   c10::InferenceMode not_inference(false);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -245,7 +283,7 @@ CpuDecoder::CpuDecoder(const std::vector<std::optional<at::Tensor>>& globals,
       b = to_floats(*globals[kInB]);
       watch(*globals[kInB]);
     }
-    in_proj_ = pack(w.detach(), b.empty() ? nullptr : &b);
+    in_proj_ = pack(Rows{w.detach()}, b.empty() ? nullptr : &b);
   } else {
     E_ = d_;
   }
@@ -262,6 +300,13 @@ CpuDecoder::CpuDecoder(const std::vector<std::optional<at::Tensor>>& globals,
   off_r_ = use_gate_ ? 3 * a_ : -1;
   off_gate_ = 3 * a_ + (use_gate_ ? a_ : 0);
   P_ = off_gate_ + (low_rank ? rank_ : a_);
+  for (const auto* parts : {&scales, &offsets}) {
+    TORCH_CHECK(parts->empty() || parts->size() == layers.size(), kOp, ": expected ",
+                layers.size(), " lists of scales / offsets (or none), got ", parts->size());
+    for (const auto& per_layer : *parts)
+      TORCH_CHECK(per_layer.size() == kNumSlots, kOp, ": expected ", int(kNumSlots),
+                  " scales / offsets per layer, got ", per_layer.size());
+  }
 
   for (int64_t l = 0; l < static_cast<int64_t>(layers.size()); ++l) {
     const auto& p = layers[l];
@@ -274,45 +319,94 @@ CpuDecoder::CpuDecoder(const std::vector<std::optional<at::Tensor>>& globals,
       return t.detach();  // what is built from it must not require grad
     };
     auto present = [&](int slot) { return p[slot].has_value() && p[slot]->defined(); };
+    auto part = [&](const std::vector<std::vector<std::optional<at::Tensor>>>& parts,
+                    int slot) {
+      return parts.empty() || !parts[l][slot] ? at::Tensor() : *parts[l][slot];
+    };
+    // A weight matrix [rows, cols]: float in the decoder's dtype, or quantized (see decode.h).
+    auto matrix = [&](int slot, const char* name, int64_t rows, int64_t cols) -> Rows {
+      const at::Tensor s = part(scales, slot), o = part(offsets, slot);
+      if (!s.defined()) return Rows{get(slot, name, {rows, cols})};
+      const at::Tensor q = required(p[slot], name, l);
+      const bool int4 = q.scalar_type() == at::kByte;
+      TORCH_CHECK((int4 || q.scalar_type() == at::kChar) && q.device().is_cpu() &&
+                      q.sizes() == at::IntArrayRef({rows, int4 ? cols / 2 : cols}),
+                  kOp, ": quantized ", name, " of layer ", l, " must be an int8 [", rows, ", ",
+                  cols, "] or uint8 (int4) [", rows, ", ", cols / 2, "] CPU tensor, got ",
+                  q.scalar_type(), " ", q.sizes());
+      const int64_t groups = s.dim() == 2 ? s.size(1) : 0;
+      const int64_t group = groups > 0 && cols % groups == 0 ? cols / groups : 0;
+      TORCH_CHECK(group >= 1 && (!int4 || group % 2 == 0), kOp, ": scales of ", name,
+                  " of layer ", l, " must have a number of columns dividing ", cols,
+                  int4 ? " into even groups" : "", ", got ", s.sizes());
+      TORCH_CHECK(int4 == o.defined(), kOp, ": ", name, " of layer ", l,
+                  ": offsets must be given for int4 weights and only for them");
+      for (const at::Tensor& t : {s, o}) {
+        if (!t.defined()) continue;
+        TORCH_CHECK(t.scalar_type() == at::kHalf && t.device().is_cpu() &&
+                        t.sizes() == at::IntArrayRef({rows, groups}),
+                    kOp, ": scales / offsets of ", name, " of layer ", l,
+                    " must be float16 CPU tensors [", rows, ", ", groups, "], got ",
+                    t.scalar_type(), " ", t.sizes());
+        watch(t);
+      }
+      watch(q);
+      return Rows{q.detach(), s.detach(), int4 ? o.detach() : at::Tensor(), group};
+    };
+    const auto cat0 = [](const std::vector<at::Tensor>& ts) { return at::cat(ts, 0); };
     TORCH_CHECK(present(kWr) == use_gate_ && present(kRmsW) == use_norm_ &&
                     present(kWg2) == low_rank,
                 kOp, ": every layer must use the same options (layer ", l, " differs)");
     Layer L;
     L.ln1_w = to_floats(get(kLn1W, "attn_norm weight", {d_}));
     L.ln1_b = to_floats(get(kLn1B, "attn_norm bias", {d_}));
-    std::vector<at::Tensor> rows = {get(kWq, "q_proj weight", {a_, d_}),
-                                    get(kWk, "k_proj weight", {a_, d_}),
-                                    get(kWv, "v_proj weight", {a_, d_})};
-    if (use_gate_) rows.push_back(get(kWr, "g_proj weight", {a_, d_}));
-    rows.push_back(get(kWg, "gate weight", {low_rank ? rank_ : a_, d_}));
+    std::vector<Rows> rows = {matrix(kWq, "q_proj weight", a_, d_),
+                              matrix(kWk, "k_proj weight", a_, d_),
+                              matrix(kWv, "v_proj weight", a_, d_)};
+    if (use_gate_) rows.push_back(matrix(kWr, "g_proj weight", a_, d_));
+    rows.push_back(matrix(kWg, "gate weight", low_rank ? rank_ : a_, d_));
     const std::vector<float> gate_b = to_floats(get(kGateBias, "gate bias", {a_}));
     if (low_rank) {
-      L.proj = pack(at::cat(rows, 0));
-      L.gate2 = pack(get(kWg2, "low-rank gate weight", {a_, rank_}), &gate_b);
+      L.proj = pack(zip_rows(rows, cat0));
+      L.gate2 = pack(matrix(kWg2, "low-rank gate weight", a_, rank_), &gate_b);
     } else {  // the gate bias becomes the bias of the gate rows of the packed projection
       std::vector<float> bias(static_cast<size_t>(P_), 0.f);
       std::copy(gate_b.begin(), gate_b.end(), bias.begin() + off_gate_);
-      L.proj = pack(at::cat(rows, 0), &bias);
+      L.proj = pack(zip_rows(rows, cat0), &bias);
     }
     if (use_norm_) L.rms_w = to_floats(get(kRmsW, "RMSNorm weight", {D_}));
-    L.wo = pack(get(kWo, "o_proj weight", {d_, a_}));
+    L.wo = pack(matrix(kWo, "o_proj weight", d_, a_));
     L.ln2_w = to_floats(get(kLn2W, "ffn_norm weight", {d_}));
     L.ln2_b = to_floats(get(kLn2B, "ffn_norm bias", {d_}));
     // [W1 | W3] interleaved by half panels: panel i holds w1 rows [i*half, (i+1)*half) then
     // the same w3 rows, so u1[j] and u3[j] come out of the same panel (zero rows pad f).
-    const at::Tensor w1 = get(kW1, "w1", {f_, d_}), w3 = get(kW3, "w3", {f_, d_});
-    const at::Tensor pad = at::zeros({f_pad_ - f_, d_}, w1.options());
-    const at::Tensor w1p = at::cat({w1, pad}, 0).view({f_pad_ / half_, half_, d_});
-    const at::Tensor w3p = at::cat({w3, pad}, 0).view({f_pad_ / half_, half_, d_});
-    L.w13 = pack(at::stack({w1p, w3p}, 1).reshape({2 * f_pad_, d_}));
+    // Zero rows (quantized: zero q, scales and offsets) are zero weights in every format.
+    const int64_t f_pad = f_pad_, f = f_, half = half_;
+    const auto interleave = [f_pad, f, half](const std::vector<at::Tensor>& w13) {
+      const int64_t n = w13[0].size(1);
+      const at::Tensor pad = at::zeros({f_pad - f, n}, w13[0].options());
+      const at::Tensor w1p = at::cat({w13[0], pad}, 0).view({f_pad / half, half, n});
+      const at::Tensor w3p = at::cat({w13[1], pad}, 0).view({f_pad / half, half, n});
+      return at::stack({w1p, w3p}, 1).reshape({2 * f_pad, n});
+    };
+    L.w13 = pack(zip_rows({matrix(kW1, "w1", f_, d_), matrix(kW3, "w3", f_, d_)}, interleave));
     TORCH_CHECK(L.w13.panel_width() == 2 * half_, kOp, ": GLA_EXT_CPU_ISA changed while packing");
-    L.w2 = pack(get(kW2, "w2", {d_, f_}));
+    L.w2 = pack(matrix(kW2, "w2", d_, f_));
     layers_.push_back(std::move(L));
   }
 }
 
-int64_t CpuDecoder::status(bool grad_enabled) const {
-  return watched_.status(wdtype_, grad_enabled);
+int64_t CpuDecoder::status(bool grad_enabled) const { return watched_.status(grad_enabled); }
+
+std::string CpuDecoder::weight_format() const {
+  if (layers_.empty()) return "none";
+  switch (layers_[0].proj.weight_type()) {
+    case LinearWeight::kInt8: return "int8";
+    case LinearWeight::kInt4: return "int4";
+    case LinearWeight::kBFloat16: return "bfloat16";
+    case LinearWeight::kFloat16: return "float16";
+    default: return "float32";
+  }
 }
 
 std::string CpuDecoder::isa() const { return layers_.empty() ? "none" : layers_[0].proj.isa(); }

@@ -51,7 +51,9 @@ enum DecodeGlobalSlot : int { kInW, kInB, kNormW, kNormB, kNumGlobalSlots };
 //   (gate or its low-rank first half) are one packed [P, d] matrix, w1/w3 one [2f, d] matrix
 //   interleaved per panel (a panel holds matching rows of both, so SwiGLU is applied by the
 //   thread that computed them). Weights stay in the model's dtype (float32, bfloat16 or
-//   float16); activations, accumulation and states are float32. Everything between the
+//   float16), or in their quantized format (int8 / int4 with float16 group scales, read
+//   directly by the q8 / q4 kernels of linear.h); activations, accumulation and states are
+//   float32. Everything between the
 //   products (norms, gates, the state update fused with the output, RMSNorm, swish gate,
 //   SwiGLU) is vectorized per ISA (decode_core_impl.h).
 //   Threading: a step runs single-threaded, or as ONE OpenMP parallel region in which each
@@ -60,11 +62,17 @@ enum DecodeGlobalSlot : int { kInW, kInB, kNormW, kNormB, kNumGlobalSlots };
 //   many threads a batch size gets: measured at run time, per batch size (see decode.cpp).
 // The parameters the copies were made from are kept, with their version counters and data
 // pointers, so status() can tell when the copies are stale.
+// Quantized matrices (gla_ext.quantize.QuantizedLinear): the layer slot holds its qweight
+// (int8 [rows, cols], or uint8 [rows, cols / 2] of int4 nibbles), the same slot of `scales`
+// its float16 scales [rows, cols / group] (the group size follows), of `offsets` its int4
+// offsets (None for int8). Empty lists: no quantized matrix.
 class GLA_DECODE_HIDDEN CpuDecoder {
  public:
   CpuDecoder(const std::vector<std::optional<at::Tensor>>& globals,
              const std::vector<std::vector<std::optional<at::Tensor>>>& layers, int64_t num_heads,
-             int64_t head_dim, double gate_normalizer, double eps, double scale);
+             int64_t head_dim, double gate_normalizer, double eps, double scale,
+             const std::vector<std::vector<std::optional<at::Tensor>>>& scales = {},
+             const std::vector<std::vector<std::optional<at::Tensor>>>& offsets = {});
 
   // WatchedParams::Status: stale when a parameter changed since packing, needs-autograd when
   // grad_enabled and a parameter requires grad, else ready.
@@ -87,6 +95,8 @@ class GLA_DECODE_HIDDEN CpuDecoder {
   int64_t num_workspaces() const { return static_cast<int64_t>(workspaces_.size()); }
   std::string isa() const;
   at::ScalarType weight_dtype() const { return wdtype_; }
+  // Format of the block matrices: "int8", "int4", or the float dtype's name.
+  std::string weight_format() const;
   int64_t weight_bytes() const;  // packed matrix bytes one step streams
   // Threads the next step of batch B runs on (<= at::get_num_threads()). thread_limit: 0 =
   // the measured policy (decode.cpp), n > 0 = at most n (tests and benchmarks compare).

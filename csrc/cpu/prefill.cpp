@@ -186,7 +186,7 @@ CpuPrefill::CpuPrefill(const std::vector<std::optional<at::Tensor>>& globals,
 }
 
 int64_t CpuPrefill::status(bool grad_enabled) const {
-  return watched_.status(dtype_, grad_enabled);
+  return watched_.status(grad_enabled);
 }
 
 void CpuPrefill::pack(int isa) {

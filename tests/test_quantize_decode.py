@@ -1,0 +1,196 @@
+"""Quantized GLA models (gla_ext.quantize_) on the fused CPU decode step (issue 18).
+
+The fused step reads the packed int8 / int4 weights; it must equal the PyTorch path of the
+same quantized model (GLA.step_layers, which dequantizes per call) and the float64 model
+holding the dequantized weights (the format's definition).
+"""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import gla_ext
+from gla_ext import GLA
+from gla_ext import decode as dec
+from helpers import decoder_for_isa, dequantized_copy, float32_model_tolerance, rel_err
+
+pytestmark = pytest.mark.skipif(not gla_ext.extension_loaded(),
+                                reason="gla_ext._C is not built (the fast path needs it)")
+
+OPTS = dict(embed_dim=24, hidden_size=64, num_layers=2, num_heads=2, head_dim=32,
+            dropout=0.0)
+# (format, group size): both formats at a small and at their largest group
+FORMATS = [("int8", 8), ("int8", 32), ("int4", 16), ("int4", 64)]
+OPTIONS = [{}, dict(gate_low_rank_dim=4), dict(use_output_gate=False)]
+ISAS = ["generic", "avx2"]
+
+
+@pytest.fixture(autouse=True)
+def _always_fused(monkeypatch):
+    """GLA.step / StatePool.step take the fused engine wherever it can (no timing choice)."""
+    monkeypatch.setattr(gla_ext.engine_choice, "MODE", "fused")
+
+
+def quantized_model(fmt, group, **options):
+    model = GLA.build(**{**OPTS, **options}).eval()
+    return gla_ext.quantize_(model, fmt, group_size=group)
+
+
+def fused_step(model, x_t, state):
+    out = dec.try_step(model, x_t.unsqueeze(1), state)
+    assert out is not None, "the fused step did not apply"
+    return out
+
+
+def stream(step, model, x):
+    state, ys = None, []
+    for t in range(x.shape[1]):
+        y, state = step(model, x[:, t], state)
+        ys.append(y)
+    return torch.stack(ys, 1), state
+
+
+def _sequence_and_states(m, x):
+    seq, s = m(x, return_sequence=True, return_state=True)
+    return [seq, *s]
+
+
+def tolerances(model, x):
+    """[sequence, each state]: 1e-5, or wider on an ill-conditioned draw (tests/helpers.py),
+    measured on the float model of the dequantized weights."""
+    return float32_model_tolerance(dequantized_copy(model, torch.float32, "auto"),
+                                   _sequence_and_states, x)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("options", OPTIONS,
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("fmt,group", FORMATS)
+def test_fused_quantized_step_equals_pytorch_path_and_float64(fmt, group, options, batch, isa,
+                                                              monkeypatch):
+    model = quantized_model(fmt, group, **options)
+    decoder = decoder_for_isa(model, isa, monkeypatch)
+    assert decoder.weight_format == fmt
+    x = torch.randn(batch, 6, model.embed_dim)
+    with torch.no_grad():
+        ys, state = stream(fused_step, model, x)
+        gen, gen_state = stream(lambda m, x_t, s: m.step_layers(x_t, s), model, x)
+        ref, ref_state = dequantized_copy(model)(x.double(), return_sequence=True,
+                                                 return_state=True)
+    assert dec.decoder(model) is decoder           # the same packed copy ran every step
+    tol_seq, *tol_s = tolerances(model, x)
+    assert rel_err(ys, gen) < tol_seq and rel_err(ys, ref) < tol_seq
+    for s, g, r, tol in zip(state, gen_state, ref_state, tol_s):
+        assert s.dtype == torch.float32
+        assert rel_err(s, g) < tol and rel_err(s, r) < tol
+
+
+@pytest.mark.parametrize("fmt,group", [("int8", 32), ("int4", 32)])
+def test_packed_quantized_weights_stream_fewer_bytes(fmt, group):
+    float_bytes = dec.decoder(GLA.build(**OPTS).eval()).weight_bytes
+    decoder = dec.decoder(quantized_model(fmt, group))
+    # int8: 1 byte + 2 / 32 per weight; int4: 0.5 + 4 / 32 (the input projection stays float)
+    assert decoder.weight_bytes < (0.32 if fmt == "int8" else 0.2) * float_bytes
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_generic_step_and_pool_step_take_the_fused_path(fmt):
+    model = quantized_model(fmt, 32, gate_low_rank_dim=4)
+    x = torch.randn(3, model.embed_dim)
+    with torch.no_grad():
+        y, state = model.step(x)                   # GLA.step
+        assert dec.is_cached(model) and dec.decoder(model).weight_format == fmt
+        y_ref, s_ref = model.step_layers(x)
+        pool = model.state_pool(5)
+        slots = [pool.open() for _ in range(5)][1:4]
+        y_pool = pool.step(x, slots)
+    tol_y, *tol_s = float32_model_tolerance(
+        dequantized_copy(model, torch.float32, "auto"),
+        lambda m, x_t: [*(lambda y, s: [y, *s])(*m.step_layers(x_t))], x)
+    assert rel_err(y, y_ref) < tol_y
+    assert all(rel_err(a, b) < tol for a, b, tol in zip(state, s_ref, tol_s))
+    assert torch.equal(y_pool, y)                  # same kernels, same rows: bitwise
+    for layer, s in zip(pool.states, state):
+        assert torch.equal(layer[slots], s)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_pool_rows_with_padding(fmt):
+    model = quantized_model(fmt, 16)
+    c = model.config
+    pool = [torch.randn(6, c.num_heads, c.head_dim, c.head_dim) for _ in range(c.num_layers)]
+    before = [p.clone() for p in pool]
+    slots = torch.tensor([3, -1, 0, 5])
+    valid = slots >= 0
+    x = torch.randn(4, 1, model.embed_dim)
+    with torch.no_grad():
+        y = dec.try_step_pool(model, x, pool, slots)
+        y_ref, s_ref = model.step_layers(x[valid], [p[slots[valid]] for p in before])
+    assert y is not None and not y[~valid].any()
+    assert rel_err(y[valid], y_ref) < 1e-5         # from random states: well conditioned
+    for p, b, s in zip(pool, before, s_ref):
+        assert rel_err(p[slots[valid]], s) < 1e-5
+        assert torch.equal(p[[1, 2, 4]], b[[1, 2, 4]])   # other rows untouched
+
+
+def test_quantize_after_a_float_step_repacks():
+    model = GLA.build(**OPTS).eval()
+    x = torch.randn(2, model.embed_dim)
+    with torch.no_grad():
+        fused_step(model, x, None)
+        assert dec.decoder(model).weight_format == "float32"
+        gla_ext.quantize_(model, "int8")
+        y, _ = fused_step(model, x, None)
+        y_ref, _ = model.step_layers(x)
+    assert dec.decoder(model).weight_format == "int8"
+    assert rel_err(y, y_ref) < float32_model_tolerance(
+        dequantized_copy(model, torch.float32, "auto"), lambda m, x_t: m.step_layers(x_t)[0], x)
+
+
+def test_load_state_dict_and_buffer_changes_repack():
+    model, other = quantized_model("int4", 32), quantized_model("int4", 32)
+    buf = io.BytesIO()
+    torch.save(other.state_dict(), buf)
+    x = torch.randn(2, model.embed_dim)
+    state = [torch.randn_like(s) for s in model.init_state(2)]
+    with torch.no_grad():
+        y_before, _ = fused_step(model, x, state)
+        decoder = dec.decoder(model)
+        buf.seek(0)
+        model.load_state_dict(torch.load(buf))     # copies into the same buffers (in place)
+        y_loaded, _ = fused_step(model, x, state)
+        y_other, _ = other.step_layers(x, state)
+        assert dec.decoder(model) is not decoder   # repacked
+        # a buffer assigned anew (not written in place) is noticed too
+        lin = model.blocks[1].ffn.w2
+        lin.scales = lin.scales * 2
+        y_scaled, _ = fused_step(model, x, state)
+        y_scaled_ref, _ = model.step_layers(x, state)
+    assert rel_err(y_before, y_other) > 1e-2       # the load changed the model
+    assert rel_err(y_loaded, y_other) < 1e-5
+    assert rel_err(y_scaled, y_loaded) > 1e-3
+    assert rel_err(y_scaled, y_scaled_ref) < 1e-5
+
+
+def test_bfloat16_quantized_model_takes_the_fused_step():
+    model = quantized_model("int8", 32).to(torch.bfloat16)
+    x = torch.randn(2, 8, model.embed_dim).bfloat16()
+    with torch.no_grad():
+        ys, state = stream(fused_step, model, x)
+        ref, _ = dequantized_copy(model)(x.double(), return_sequence=True, return_state=True)
+    assert dec.decoder(model).weight_format == "int8" and ys.dtype == torch.bfloat16
+    assert all(s.dtype == torch.float32 for s in state)
+    # bf16 inputs / outputs and norms around float32 math (the 16-bit bound of the contract)
+    assert rel_err(ys, ref) < 1e-2
+
+
+def test_block_mixing_formats_declines():
+    model = quantized_model("int8", 32)
+    donor = quantized_model("int4", 32)
+    model.blocks[0].ffn.w2 = donor.blocks[0].ffn.w2
+    x = torch.randn(1, 1, model.embed_dim)
+    with torch.no_grad():
+        assert dec.try_step(model, x, None) is None
