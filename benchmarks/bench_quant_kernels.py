@@ -13,28 +13,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import save_results  # noqa: E402
+from common import save_results, thread_cpu_min  # noqa: E402
 from gla_ext.cpu_linear import PackedLinear  # noqa: E402
 from gla_ext.quantize import QuantizedLinear  # noqa: E402
 
 SHAPES = [(2320, 768), (768, 768), (4096, 768), (768, 2048)]
 LAYERS = 12
 FORMATS = ("float32", "bfloat16", "int8", "int4")
-
-
-def cpu_min(fn, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.thread_time()
-        fn()
-        best = min(best, time.thread_time() - t0)
-    return best
 
 
 def make(fmt, src):
@@ -77,7 +67,7 @@ def main():
                 for r in reads[f]:
                     r.sum()
             step(), read()
-            t_step, t_read = cpu_min(step, args.repeats), cpu_min(read, args.repeats)
+            t_step, t_read = thread_cpu_min(step, args.repeats), thread_cpu_min(read, args.repeats)
             nbytes = sum(lin.weight_bytes for lin in lins[f])
             rows.append(dict(format=f, batch=batch, step_cpu_s=t_step, read_cpu_s=t_read,
                              bytes=nbytes, step_vs_read=t_step / t_read))

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 
 import torch
 
@@ -22,6 +23,16 @@ def git_commit() -> str:
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except OSError:
         return "unknown"
+
+
+def thread_cpu_min(fn, repeats: int) -> float:
+    """Min over repeats of fn()'s thread CPU seconds (less disturbed by a loaded machine)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        fn()
+        best = min(best, time.thread_time() - t0)
+    return best
 
 
 def machine() -> dict:

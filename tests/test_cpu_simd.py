@@ -84,8 +84,9 @@ def test_env_unknown_value_is_an_error(monkeypatch):
         _C().cpu_isa()
     q = torch.randn(1, 8, 1, 16)
     g = torch.nn.functional.logsigmoid(torch.randn(1, 8, 1, 16))
-    with pytest.raises((ValueError, RuntimeError), match="GLA_EXT_CPU_ISA"):
-        gla_ext.chunk_gla(q, q, q, g, backend="cpu")
+    for op in (gla_ext.chunk_gla, gla_ext.fused_recurrent_gla):   # both read the choice
+        with pytest.raises((ValueError, RuntimeError), match="GLA_EXT_CPU_ISA"):
+            op(q, q, q, g, backend="cpu")
 
 
 def ev(fn, x, **kw):

@@ -40,55 +40,26 @@
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define GLA_DECODE_X86 1
-#else
-#define GLA_DECODE_X86 0
-#endif
-
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace gla {
 
+// The per-ISA parts of the step (decode_core_impl.h); the copy matches the packed matrices'
+// instruction set (core_for).
 struct DecodeCoreKernels {
   void (*core_heads)(const float*, const float*, const float*, const float*, const float*,
                      const float*, const float*, float*, float*, int64_t, int64_t, int64_t,
                      float, float, float, float*);
   void (*swiglu)(const float*, const float*, float*, int64_t);
-  const char* name;
+  void (*layer_norm_rows)(const float*, float*, const float*, const float*, int64_t, int64_t,
+                          float);
 };
 
-namespace decode_generic {
-#define GLA_VEC_BYTES 16
-#include "decode_core_impl.h"
-#undef GLA_VEC_BYTES
-const DecodeCoreKernels kCore{&core_heads, &swiglu, "generic"};
-}  // namespace decode_generic
+}  // namespace gla
 
-#if GLA_DECODE_X86 && defined(__GNUC__) && !defined(__clang__)
-#define GLA_DECODE_MULTI_ISA 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-namespace decode_avx2 {
-#define GLA_VEC_BYTES 32
-#include "decode_core_impl.h"
-#undef GLA_VEC_BYTES
-const DecodeCoreKernels kCore{&core_heads, &swiglu, "avx2"};
-}  // namespace decode_avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
-namespace decode_avx512 {
-#define GLA_VEC_BYTES 64
-#include "decode_core_impl.h"
-#undef GLA_VEC_BYTES
-const DecodeCoreKernels kCore{&core_heads, &swiglu, "avx512"};
-}  // namespace decode_avx512
-#pragma GCC pop_options
-#else
-#define GLA_DECODE_MULTI_ISA 0
-#endif
+#define GLA_ISA_NS decode
+#define GLA_ISA_BODY "cpu/decode_core_impl.h"
+#include "cpu/simd/per_isa.h"
+
+namespace gla {
 
 namespace {
 
@@ -96,31 +67,10 @@ const char* kOp = "gla_ext.CpuDecoder";
 
 // The core kernels of the ISA the packed matrices use (linear_isa_now at packing time).
 const DecodeCoreKernels* core_for(const std::string& isa) {
-#if GLA_DECODE_MULTI_ISA
-  if (isa == "avx512") return &decode_avx512::kCore;
-  if (isa == "avx2") return &decode_avx2::kCore;
-#endif
-  (void)isa;
-  return &decode_generic::kCore;
-}
-
-// y = (x - mean) / sqrt(var + eps) * w + b over each of the B rows of length n.
-void layer_norm_rows(const float* x, float* y, const float* w, const float* b, int64_t B,
-                     int64_t n, float eps) {
-  for (int64_t row = 0; row < B; ++row) {
-    const float* xr = x + row * n;
-    float* yr = y + row * n;
-    float sum = 0;
-    for (int64_t i = 0; i < n; ++i) sum += xr[i];
-    const float mean = sum / n;
-    float sq = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const float c = xr[i] - mean;
-      sq += c * c;
-    }
-    const float rstd = 1.f / std::sqrt(sq / n + eps);
-    for (int64_t i = 0; i < n; ++i) yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
-  }
+  const CpuIsa c = isa == "avx512" ? CpuIsa::kAvx512
+                   : isa == "avx2" ? CpuIsa::kAvx2
+                                   : CpuIsa::kGeneric;
+  return GLA_ISA_PICK(c, decode, kCore);
 }
 
 at::Tensor required(const std::optional<at::Tensor>& t, const char* name, int64_t layer) {
@@ -514,7 +464,7 @@ void CpuDecoder::run_thread(int64_t B, Workspace& ws, const float* x, float* y, 
   const int64_t nl = num_layers();
   for (int64_t l = 0; l < nl; ++l) {
     const Layer& L = layers_[l];
-    layer_norm_rows(h, xn, L.ln1_w.data(), L.ln1_b.data(), B, d, eps_);
+    core_->layer_norm_rows(h, xn, L.ln1_w.data(), L.ln1_b.data(), B, d, eps_);
     split(L.proj.num_panels(), t, T, &p0, &p1);
     L.proj.apply(xn, d, B, proj, P, false, p0, p1);
     sync();
@@ -541,7 +491,7 @@ void CpuDecoder::run_thread(int64_t B, Workspace& ws, const float* x, float* y, 
     split(L.wo.num_panels(), t, T, &p0, &p1);
     L.wo.apply(o, a, B, h, d, true, p0, p1);
     sync();
-    layer_norm_rows(h, xn, L.ln2_w.data(), L.ln2_b.data(), B, d, eps_);
+    core_->layer_norm_rows(h, xn, L.ln2_w.data(), L.ln2_b.data(), B, d, eps_);
     split(L.w13.num_panels(), t, T, &p0, &p1);
     L.w13.apply(xn, d, B, u, 2 * f_pad_, false, p0, p1);
     for (int64_t p = p0; p < p1; ++p) {  // SwiGLU of this thread's own panels
@@ -559,7 +509,8 @@ void CpuDecoder::run_thread(int64_t B, Workspace& ws, const float* x, float* y, 
   }
   int64_t r0, r1;
   split(B, t, T, &r0, &r1);
-  layer_norm_rows(h + r0 * d, y + r0 * d, norm_w_.data(), norm_b_.data(), r1 - r0, d, eps_);
+  core_->layer_norm_rows(h + r0 * d, y + r0 * d, norm_w_.data(), norm_b_.data(), r1 - r0, d,
+                         eps_);
 }
 
 void CpuDecoder::run(int64_t B, Workspace& ws, const float* x, float* y) {
