@@ -108,8 +108,11 @@ def test_default_model_window_every_isa(isa, monkeypatch):
             y, s = fused(model, x, return_state=True)
             y_gen = generic(model, x)
             y64, s64 = m64(x.double(), return_state=True)
-        assert rel_err(y, y_gen) < 1e-5 and rel_err(y, y64) < 1e-5
-        assert max(rel_err(a, b) for a, b in zip(s, s64)) < 1e-5
+        # 1e-5, or wider on an ill-conditioned draw (20-seed sweep: a state reached 0.68x of
+        # a fixed 1e-5; benchmarks/results/seed_sweep_model_generic_20.md)
+        tol_y, *tol_s = float32_model_tolerance(model, _y_and_states, x, None)
+        assert rel_err(y, y_gen) < tol_y and rel_err(y, y64) < tol_y
+        assert all(rel_err(a, b) < tol for a, b, tol in zip(s, s64, tol_s))
 
 
 def test_through_model_forward_and_threads():
