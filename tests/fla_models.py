@@ -20,9 +20,10 @@ except Exception as exc:  # pragma: no cover - the CI installs fla
 VOCAB = 97
 
 
-def random_fla_model(seed=None, hidden_size=64, num_hidden_layers=2, **options):
-    """A tiny fla GLAForCausalLM (eval mode) with every parameter perturbed by 0.2 * randn
-    (norm weights and biases too). seed=None keeps the test's own seeded random stream."""
+def random_fla_model(seed=None, hidden_size=64, num_hidden_layers=2, perturb=0.2, **options):
+    """A tiny fla GLAForCausalLM (eval mode) with every parameter perturbed by perturb * randn
+    (norm weights and biases too; perturb=0: fla's own initialization). seed=None keeps the
+    test's own seeded random stream."""
     if seed is not None:
         torch.manual_seed(seed)
     with warnings.catch_warnings():
@@ -32,5 +33,5 @@ def random_fla_model(seed=None, hidden_size=64, num_hidden_layers=2, **options):
                                          vocab_size=VOCAB, **options)).eval()
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
+            p.add_(perturb * torch.randn_like(p))
     return model

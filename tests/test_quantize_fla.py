@@ -53,10 +53,17 @@ def test_fla_logits_and_decode(fmt, tied):
     logits = lm(ids)
     ref = _dequantized_lm(lm)(ids)
     assert rel_err(logits, ref) < 1e-5
-    # a random 2-layer model with perturbed weights amplifies weight error (its logits are
-    # noise-like): loose bounds here; benchmarks/quant_accuracy.py measures a trained model
-    bound = 0.08 if fmt == "int8" else 0.7
-    assert rel_err(logits, float_logits_model(ids)) < bound
+    # Quantization error against the float model, on fla's default initialization: perturbed
+    # random weights make the logits chaotic (int8 measured up to 0.27 at one seed, 0.16 over
+    # 30). Default init, 30 seeds (AMD): int8 <= 0.0155, int4 <= 0.171 relative.
+    # benchmarks/quant_accuracy.py measures a trained model.
+    plain = _load(random_fla_model(num_heads=4, num_kv_heads=2, tie_word_embeddings=tied,
+                                   perturb=0.0))
+    float_plain = gla_fla.load(plain._source)
+    gla_ext.quantize_(plain, fmt)
+    bound = 0.04 if fmt == "int8" else 0.4
+    assert rel_err(plain(ids), float_plain(ids)) < bound
+    assert rel_err(logits, float_logits_model(ids)) < 10 * bound    # gross check only
     # decode steps (the generate loop) equal the full forward
     last, states = lm.prefill(ids[:, :8])
     assert rel_err(last, logits[:, 7]) < 1e-5

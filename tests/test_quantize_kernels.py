@@ -62,7 +62,9 @@ def test_packed_quantized_vs_float64(monkeypatch, isa, fmt, out, inp, group, bia
         if bias:
             ref = ref + q.bias.double()
         y = lin(x)
-        assert rel_err(y, ref) < 1e-6, n
+        # float32 accumulation over up to 128 inputs: the contract's 1e-5 (a 1e-6 bound was
+        # reached at 1.007e-6 by one seed; a format or packing mistake is 1e-3 or more)
+        assert rel_err(y, ref) < 1e-5, n
         buf = torch.full((n, out), float("nan"))
         lin(x, out=buf)
         assert torch.equal(buf, y)
