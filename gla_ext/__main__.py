@@ -30,8 +30,9 @@ def quantized_kernels() -> str:
         return "quantized weights (int8, int4): dequantized per call (no compiled kernels)"
     isa = _ext._C.linear_isa()
     return (f"quantized weights (int8, int4): packed {isa} kernels on this CPU (weights widened "
-            "in registers, float32 activations) for the fla decode step; dequantized per call "
-            "elsewhere (prefill, GLA.step, CUDA)")
+            "in registers, float32 activations) for the decode step of GLA models (GLA.step, "
+            "StatePool.step) and fla LMs; dequantized per call elsewhere (prefill, training, "
+            "CUDA)")
 
 
 def cmd_info(_args) -> int:
