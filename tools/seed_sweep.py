@@ -50,7 +50,9 @@ def run(args) -> tuple[list[dict], str, float]:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         elapsed = time.time() - t0
         rows = [json.loads(l) for l in open(log)] if os.path.exists(log) else []
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        out = (proc.stdout + proc.stderr).strip().splitlines()
+        failed = [l for l in out if l.startswith("FAILED ")]    # every one, not only the tail
+        tail = "\n".join(failed + out[-15:])
         return rows, tail, elapsed
 
 
@@ -126,6 +128,7 @@ def main():
              "", f"{meta['date']}, commit {commit}, {meta['cpu']}, GLA_EXT_CPU_ISA={meta['isa']}, "
              f"{args.reps} seeds per case, {meta['seconds']} s. Worst = largest value/bound "
              "over the seeds.", "", "pytest: " + tail.splitlines()[-1] if tail else "", "",
+             *[f"- `{l}`" for l in tail.splitlines() if l.startswith("FAILED ")], "",
              "| test | assertion | runs | median | worst | bound | worst/bound |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in table:
