@@ -93,6 +93,13 @@ def float32_model_tolerance(model: torch.nn.Module, run, *inputs, floor: float =
     return tols[0] if single else tols
 
 
+def forward_y_and_states(m, x, state):
+    """[last output, each final state] of a GLA model's forward from `state` (a `run` for
+    float32_model_tolerance)."""
+    y, s = m(x, state=state, return_state=True)
+    return [y, *s]
+
+
 def make_inputs(B, T, H, K, V, dtype=torch.float32, device="cpu", normalizer=1.0, n_states=None,
                 with_h0=True, gate=None):
     """q, k, v, g, h0 with gates logsigmoid(randn) / normalizer (or `gate` if given)."""

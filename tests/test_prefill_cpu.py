@@ -8,7 +8,7 @@ import torch
 import gla_ext
 from gla_ext import GLA
 from gla_ext import prefill as pf
-from helpers import float32_model_tolerance, rel_err
+from helpers import float32_model_tolerance, forward_y_and_states, rel_err
 
 pytestmark = pytest.mark.skipif(not gla_ext.extension_loaded(),
                                 reason="gla_ext._C is not built (the fast path needs it)")
@@ -58,11 +58,6 @@ def float64_model(model):
     return copy.deepcopy(model).double()   # float64 parameters: the generic path, in float64
 
 
-def _y_and_states(m, x, state):
-    y, s = m(x, state=state, return_state=True)
-    return [y, *s]
-
-
 OPTIONS = [{}, dict(use_norm=False), dict(use_output_gate=False),
            dict(use_norm=False, use_output_gate=False), dict(embed_dim=32),
            dict(num_heads=3, head_dim=24, hidden_size=40),
@@ -86,7 +81,7 @@ def test_fused_equals_generic_and_float64(options, T):
         seq_gen = generic(model, x, return_sequence=True)
         seq64 = m64(x.double(), return_sequence=True)
     # the contract's 1e-5, or wider where this draw is ill-conditioned (tests/helpers.py)
-    tol_y, *tol_s = float32_model_tolerance(model, _y_and_states, x, state)
+    tol_y, *tol_s = float32_model_tolerance(model, forward_y_and_states, x, state)
     tol_seq = float32_model_tolerance(model, lambda m, x: m(x, return_sequence=True), x)
     assert y.shape == (B, model.hidden_size) and seq.shape == (B, T, model.hidden_size)
     assert rel_err(y, y_gen) < tol_y and rel_err(y, y64) < tol_y
@@ -110,7 +105,7 @@ def test_default_model_window_every_isa(isa, monkeypatch):
             y64, s64 = m64(x.double(), return_state=True)
         # 1e-5, or wider on an ill-conditioned draw (20-seed sweep: a state reached 0.68x of
         # a fixed 1e-5; benchmarks/results/seed_sweep_model_generic_20.md)
-        tol_y, *tol_s = float32_model_tolerance(model, _y_and_states, x, None)
+        tol_y, *tol_s = float32_model_tolerance(model, forward_y_and_states, x, None)
         assert rel_err(y, y_gen) < tol_y and rel_err(y, y64) < tol_y
         assert all(rel_err(a, b) < tol for a, b, tol in zip(s, s64, tol_s))
 

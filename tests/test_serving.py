@@ -7,7 +7,7 @@ import torch
 import gla_ext
 from gla_ext import GLA, decode
 
-from helpers import float32_model_tolerance, rel_err
+from helpers import float32_model_tolerance, forward_y_and_states, rel_err
 
 SMALL = dict(embed_dim=11, hidden_size=24, num_layers=2, num_heads=2, head_dim=8, dropout=0.1)
 TOL = 1e-5       # float32 on the CPU (docs/design.md "Numerics")
@@ -35,11 +35,6 @@ def assert_state_close(pool, slot, state, tols=None):
         assert rel_err(a, b) <= tol if b.abs().max() > 0 else torch.equal(a, b)
 
 
-def _forward_y_and_states(m, x, state):
-    y, s = m(x, state=state, return_state=True)
-    return [y, *s]
-
-
 def _step_y_and_states(m, x_t, state):
     y, s = m.step(x_t, state)
     return [y, *s]
@@ -48,7 +43,7 @@ def _step_y_and_states(m, x_t, state):
 def forward_tolerances(model, x, state):
     """[tolerance of y, of each state] of model(x, state): TOL, or wider where this draw is
     ill-conditioned (a one-token prompt whose q.k nearly cancels; tests/helpers.py)."""
-    return float32_model_tolerance(model, _forward_y_and_states, x, state, floor=TOL)
+    return float32_model_tolerance(model, forward_y_and_states, x, state, floor=TOL)
 
 
 def step_tolerances(model, x_t, state):
