@@ -18,11 +18,11 @@ void fwd_share(const GlaParams& p, idx begin, idx end) {
   const acc_t scale = static_cast<acc_t>(p.scale);
   const int64_t K = p.K, V = p.V;
 
-  // K-first dense states are carried in place of ht; a pool row or a V-first layout uses a
-  // private K x V buffer, loaded from and stored to the state row by strides.
-  const bool direct = !p.state_idx && !p.state_v_first && !p.inplace_final;
-  const int64_t sk = state_k_stride(p), sv = state_v_stride(p);
-  std::vector<acc_t> qa(K), ka(K), decay(K), va(V), oa(V), own(direct ? 0 : K * V);
+  // The state is carried in place in its output row (ht's row n, or with inplace_final the
+  // pool row itself), in the caller's layout: K-first rows update along V, V-first rows
+  // (fla's and vLLM's layout) along K, both over contiguous memory with no transposed copy.
+  const bool v_first = p.state_v_first;
+  std::vector<acc_t> qa(K), ka(K), decay(K), va(V), oa(V);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / p.H, h = task % p.H;
     const int64_t in_row = h0_row(p, n), out_row = ht_row(p, n);
@@ -30,14 +30,9 @@ void fwd_share(const GlaParams& p, idx begin, idx end) {
       if (!p.inplace_final) std::fill(ht + L.state(n, h), ht + L.state(n, h) + K * V, acc_t(0));
       continue;
     }
-    acc_t* S = direct ? ht + L.state(n, h) : own.data();
-    if (direct) {
-      init_state(S, h0 ? h0 + L.state(n, h) : nullptr, K * V);
-    } else {
-      const acc_t* src = h0 ? h0 + L.state(in_row, h) : nullptr;
-      for (int64_t i = 0; i < K; ++i)
-        for (int64_t j = 0; j < V; ++j) S[i * V + j] = src ? src[i * sk + j * sv] : acc_t(0);
-    }
+    acc_t* S = ht + L.state(out_row, h);
+    const acc_t* src = h0 ? h0 + L.state(in_row, h) : nullptr;
+    if (src != S) init_state(S, src, K * V);   // equal only for a pool row updated in place
     int64_t row, start, stop;
     sequence_bounds(p, n, &row, &start, &stop);
     for (int64_t step = 0; step < stop - start; ++step) {
@@ -52,20 +47,28 @@ void fwd_share(const GlaParams& p, idx begin, idx end) {
         va[j] = static_cast<acc_t>(v[v_off + j]);
         oa[j] = 0;
       }
-      for (int64_t i = 0; i < K; ++i) {
-        acc_t* Si = S + i * V;
-        const acc_t a = decay[i], ki = ka[i], qi = qa[i];
+      if (v_first) {
         for (int64_t j = 0; j < V; ++j) {
-          Si[j] = a * Si[j] + ki * va[j];
-          oa[j] += qi * Si[j];
+          acc_t* Sj = S + j * K;
+          const acc_t vj = va[j];
+          acc_t acc = 0;
+          for (int64_t i = 0; i < K; ++i) {
+            Sj[i] = decay[i] * Sj[i] + ka[i] * vj;
+            acc += qa[i] * Sj[i];
+          }
+          oa[j] = acc;
+        }
+      } else {
+        for (int64_t i = 0; i < K; ++i) {
+          acc_t* Si = S + i * V;
+          const acc_t a = decay[i], ki = ka[i], qi = qa[i];
+          for (int64_t j = 0; j < V; ++j) {
+            Si[j] = a * Si[j] + ki * va[j];
+            oa[j] += qi * Si[j];
+          }
         }
       }
       for (int64_t j = 0; j < V; ++j) o[v_off + j] = static_cast<scalar_t>(oa[j]);
-    }
-    if (!direct) {
-      acc_t* dst = ht + L.state(out_row, h);
-      for (int64_t i = 0; i < K; ++i)
-        for (int64_t j = 0; j < V; ++j) dst[i * sk + j * sv] = S[i * V + j];
     }
   }
 }
