@@ -1,8 +1,11 @@
 // Fused CPU prefill (issue 10): the whole GLA model forward over a short window in one C++
-// call and one OpenMP parallel region (prefill_impl.h has the per-thread body). Exposed to
-// Python as gla_ext._C.CpuPrefill; gla_ext/prefill.py decides when GLA.forward uses it.
-// Like CpuDecoder it keeps packed copies of the weights and watches the parameters they were
-// made from (version counter, data pointer) so status() can say when they are stale.
+// call, in OpenMP parallel regions split only by vendor GEMMs (prefill_impl.h has the
+// per-thread body). Exposed to Python as gla_ext._C.CpuPrefill; gla_ext/prefill.py decides
+// when GLA.forward uses it.
+// Each matrix product runs on the engine's own kernel or the vendor GEMM, measured per shape
+// (prefill.cpp). It keeps packed float32 panels only of the float32 products its own kernel
+// runs (16-bit weights are read in place) and watches the parameters (version counter, data
+// pointer) so status() can say when they are stale.
 #pragma once
 
 #include <ATen/ATen.h>
