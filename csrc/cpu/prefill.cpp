@@ -364,7 +364,8 @@ std::vector<std::tuple<int64_t, int64_t, std::vector<bool>>> CpuPrefill::choices
   return out;
 }
 
-CpuPrefill::Choice CpuPrefill::choose(int64_t M, int nt, int64_t gemm) {
+CpuPrefill::Choice CpuPrefill::choose(int64_t M, int nt, int64_t gemm, const float* x,
+                                      float* const* bufs) {
   Choice c{};
   if (gemm == kGemmOwn || gemm == kGemmVendor) {
     c.fill(gemm == kGemmVendor);
@@ -373,7 +374,7 @@ CpuPrefill::Choice CpuPrefill::choose(int64_t M, int nt, int64_t gemm) {
   const auto key = std::make_pair(bucket(M), nt);
   auto it = choices_.find(key);
   if (it == choices_.end()) {
-    it = choices_.emplace(key, measure(M, nt)).first;
+    it = choices_.emplace(key, measure(M, nt, x, bufs)).first;
     release_unused_panels();
   }
   return it->second;
@@ -383,8 +384,11 @@ CpuPrefill::Choice CpuPrefill::choose(int64_t M, int nt, int64_t gemm) {
 // pairs (more, up to 20, while a pair takes under 20 ms; one pair when each run takes over
 // 50 ms and they differ by more than 1.5x, two otherwise). Before the vendor GEMM's first
 // full run, one on 16 rows scaled up: a vendor GEMM far behind (bf16 without AMX /
-// AVX512-BF16 runs at about 1 GFLOP/s) is not run on all rows.
-CpuPrefill::Choice CpuPrefill::measure(int64_t M, int nt) {
+// AVX512-BF16 runs at about 1 GFLOP/s) is not run on all rows. Inputs and outputs are the
+// call's own buffers (inputs other than x filled with 0.5 first): a transient allocation of
+// tens of MB here would stay in the process's heap after the call (glibc keeps freed heap
+// below its trim threshold; measured: RSS +0.4x of a bf16 50M model's parameter bytes).
+CpuPrefill::Choice CpuPrefill::measure(int64_t M, int nt, const float* x, float* const* bufs) {
   Choice c{};
   const IsaFns fns = isa_fns(packed_isa_);
   const bool thread_time = nt == 1;
@@ -395,8 +399,15 @@ CpuPrefill::Choice CpuPrefill::measure(int64_t M, int nt) {
     if (!has_kind(kind)) continue;
     pack_kind(kind);
     const int64_t K = kind_k(kind), cols = kind_cols(kind), panels = cols / np_;
-    const at::Tensor A = at::full({M, K}, 0.5f, at::kFloat);
-    const at::Tensor out = at::empty({M, cols}, at::kFloat);
+    const int64_t dp = round_up(d_, np_), fp = round_up(f_, np_);
+    // (input, its leading dimension, output buffer) as the call uses them
+    const float* a_ptr = kind == kMatIn ? x : kind == kMatWo ? bufs[3] : kind == kMatW2 ? bufs[5]
+                                                                                      : bufs[1];
+    const int64_t lda = kind == kMatIn ? E_ : kind == kMatWo ? a_ : kind == kMatW2 ? fp : dp;
+    float* out_ptr = kind == kMatProj ? bufs[2] : kind == kMatW13 ? bufs[4] : bufs[0];
+    const at::Tensor A = view(const_cast<float*>(a_ptr), M, K, lda);
+    if (kind != kMatIn) A.fill_(0.5f);
+    const at::Tensor out = view(out_ptr, M, cols, cols);
     const PrefillMat m = mat(0, kind);
     const std::vector<at::Tensor> ws_w = vendor_weights(0, kind);
     auto own = [&] {
@@ -405,7 +416,7 @@ CpuPrefill::Choice CpuPrefill::measure(int64_t M, int nt) {
 #pragma omp parallel num_threads(nt)
       {
         FlushDenormals ftz;
-        fns.gemm_all(M, K, A.data_ptr<float>(), K, m, panels, out.data_ptr<float>(), cols, &next,
+        fns.gemm_all(M, K, a_ptr, lda, m, panels, out_ptr, cols, &next,
                      ws[omp_get_thread_num()], C, D_);
       }
       return now_seconds(thread_time) - t0;
@@ -490,11 +501,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> CpuPrefill::forward(
     if (thread_ws_[i].size() < ws_bytes) thread_ws_[i].assign(ws_bytes, 0);
     ws[i] = thread_ws_[i].data();
   }
-  const Choice vendor = choose(M, nt, gemm);
-  for (int kind = 0; kind < kNumMatKinds; ++kind)
-    if (!vendor[kind] && has_kind(kind)) pack_kind(kind);
-  last_ = vendor;
-
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   std::vector<at::Tensor> h0_keep;
   std::vector<const float*> h0;
@@ -517,6 +523,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> CpuPrefill::forward(
     bufs[i] = base;
     base += round_up(sizes[i], 16);
   }
+  const Choice vendor = choose(M, nt, gemm, x.data_ptr<float>(), bufs);
+  for (int kind = 0; kind < kNumMatKinds; ++kind)
+    if (!vendor[kind] && has_kind(kind)) pack_kind(kind);
+  last_ = vendor;
   if (dp > d_) view(bufs[0], M, dp, dp).narrow(1, d_, dp - d_).zero_();  // h's padding
 
   std::vector<PrefillLayerPtrs> lp;

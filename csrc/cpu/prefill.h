@@ -98,8 +98,10 @@ class GLA_PREFILL_HIDDEN CpuPrefill {
   void pack(int isa);                 // vectors and 16-bit row tables for this ISA's panels
   void pack_kind(int kind);           // float32 panels of one kind, every layer
   PrefillMat mat(int64_t l, int kind) const;
-  Choice choose(int64_t M, int nt, int64_t gemm);
-  Choice measure(int64_t M, int nt);
+  // bufs: the call's activation buffers (h, xn, proj, o, u, act; see PrefillPlan), x its
+  // float32 input: the measurement runs in them (no allocation that the heap would keep)
+  Choice choose(int64_t M, int nt, int64_t gemm, const float* x, float* const* bufs);
+  Choice measure(int64_t M, int nt, const float* x, float* const* bufs);
   void release_unused_panels();
 
   std::vector<Src> src_;
