@@ -115,25 +115,26 @@ def weight_bytes(model):
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def forced(mode, fn):
+def setting(module, name, value, fn):
+    """fn with module.name set to value while it runs."""
     def run():
-        saved, choice.MODE = choice.MODE, mode
+        saved = getattr(module, name)
+        setattr(module, name, value)
         try:
             return fn()
         finally:
-            choice.MODE = saved
+            setattr(module, name, saved)
     return run
+
+
+def forced(mode, fn):
+    """fn with gla_ext.engine_choice.MODE forced."""
+    return setting(choice, "MODE", mode, fn)
 
 
 def gemm_forced(gemm, fn):
     """fn with the fused prefill's matrix engine forced (gla_ext.prefill.GEMM)."""
-    def run():
-        saved, pf.GEMM = pf.GEMM, gemm
-        try:
-            return fn()
-        finally:
-            pf.GEMM = saved
-    return run
+    return setting(pf, "GEMM", gemm, fn)
 
 
 def gla_cells(name, dtype_name, quick):
