@@ -12,7 +12,12 @@ Each cell times, interleaved, best of repeats:
            the pool's layer path; fla: FlaGLALM.hidden_states + logits)
   auto     what GLA.forward / step / pool.step run by default (engine_choice measured per
            shape class on this machine; its choice is printed)
-and reports auto / pytorch (the rule: <= 1.05) and the best time as a fraction of the
+Prefill cells also time the fused engine with every matrix product forced onto its own
+kernels and onto the vendor GEMM (gla_ext.prefill.GEMM = "own" / "vendor"; vendor skipped
+where estimated > 20 s), and list the engine's measured choice per product kind.
+With one thread (--threads 1) times are this thread's CPU time (time.thread_time: time spent
+descheduled on a shared machine does not count), else wall time.
+It reports auto / pytorch (the rule: <= 1.05) and the best time as a fraction of the
 matching rate: torch.mm's FLOP/s in the weights' dtype (measured in this run) for cells
 with many rows, the weight-read time (weight bytes / measured read bandwidth) for batch 1.
 
@@ -56,12 +61,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PREFILL = [(1, 60), (4, 512)]
 DECODE = [1, 8, 64]
 POOL_ROWS = 256
+CLOCK = {"fn": time.perf_counter, "name": "wall time"}   # main() sets thread time for 1 thread
 
 
-def best_of(fns, min_reps=3, max_reps=100, min_seconds=0.5, clock=time.perf_counter):
+def best_of(fns, min_reps=3, max_reps=100, min_seconds=0.5, clock=None):
     """Best seconds per call of each fn, interleaved (so load changes hit all alike); a fn
     that is None (skipped) gives NaN. clock=time.thread_time: CPU time of this thread (for
-    single-threaded calls on a shared machine: time spent descheduled does not count)."""
+    single-threaded calls on a shared machine: time spent descheduled does not count);
+    default: CLOCK."""
+    clock = clock or CLOCK["fn"]
     for fn in fns:
         if fn is not None:
             fn()                              # warm: packing, oneDNN primitives, choices
@@ -93,7 +101,7 @@ def mm_rate(dtype, n):
     return 2 * n ** 3 / t
 
 
-def read_bandwidth(clock=time.perf_counter):
+def read_bandwidth(clock=None):
     big = torch.ones(64 * 2 ** 20)            # 256 MB float32, well past the caches
     (t,) = best_of([lambda: big.sum()], min_reps=5, clock=clock)
     return big.numel() * 4 / t
@@ -107,14 +115,26 @@ def weight_bytes(model):
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def forced(mode, fn):
+def setting(module, name, value, fn):
+    """fn with module.name set to value while it runs."""
     def run():
-        saved, choice.MODE = choice.MODE, mode
+        saved = getattr(module, name)
+        setattr(module, name, value)
         try:
             return fn()
         finally:
-            choice.MODE = saved
+            setattr(module, name, saved)
     return run
+
+
+def forced(mode, fn):
+    """fn with gla_ext.engine_choice.MODE forced."""
+    return setting(choice, "MODE", mode, fn)
+
+
+def gemm_forced(gemm, fn):
+    """fn with the fused prefill's matrix engine forced (gla_ext.prefill.GEMM)."""
+    return setting(pf, "GEMM", gemm, fn)
 
 
 def gla_cells(name, dtype_name, quick):
@@ -133,9 +153,15 @@ def gla_cells(name, dtype_name, quick):
             ok = affordable(flops_per_row * B * T, dtype_name)
             times = best_of([fused, (lambda: model.forward_layers(x)) if ok else None,
                              (lambda: model(x)) if ok else None])
+            fused()
+            engines = pf.engine_of(model)
+            own, vendor = best_of([gemm_forced("own", fused),
+                                   gemm_forced("vendor", fused) if ok else None], min_reps=2)
             cells.append(dict(cell=f"prefill [{B},{T}]", rows=B * T, kind="prefill",
                               times=times, flops=flops_per_row * B * T,
-                              choice=_choice_of(model, "prefill", B, T)))
+                              choice=_choice_of(model, "prefill", B, T),
+                              own_ms=own * 1e3, vendor_ms=vendor * 1e3,
+                              engines=" ".join(f"{k}:{v[0]}" for k, v in engines.items())))
         for B in DECODE:
             if quick and B > 8:
                 continue
@@ -304,6 +330,8 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if torch.get_num_threads() == 1:
+        CLOCK.update(fn=time.thread_time, name="thread CPU time")
     if not gla_ext.extension_loaded():
         sys.exit("gla_ext._C is not built: the fused engine needs it")
     if args.rss:
@@ -384,7 +412,8 @@ def _line(r):
 def _table(rows, rates, bandwidth):
     head = (f"torch.mm: fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.1f} "
             f"GFLOP/s; read bandwidth {bandwidth / 1e9:.1f} GB/s; threads "
-            f"{torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}\n")
+            f"{torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}; times: "
+            f"{CLOCK['name']}\n")
     cols = (f"{'model':8} {'dtype':5} {'cell':16} {'fused ms':>10} {'pytorch ms':>10} "
             f"{'auto ms':>10} {'auto/pt':>7} {'fused/pt':>8} {'mm %':>6} {'read x':>6}  choice")
     lines = [head, cols, "-" * len(cols)]
@@ -394,6 +423,17 @@ def _table(rows, rates, bandwidth):
                      f"{r['pytorch_ms']:10.2f} {r['auto_ms']:10.2f} "
                      f"{r['auto_over_pytorch']:7.2f} {r['fused_over_pytorch']:8.2f} "
                      f"{100 * r['mm_fraction']:6.1f} {rt}  {r['choice']}")
+    pre = [r for r in rows if "own_ms" in r]
+    if pre:
+        lines.append("\nfused prefill by matrix engine (own / vendor: every product forced onto "
+                     "one; fused: the measured choice per kind, o = own, v = vendor)")
+        cols = (f"{'model':8} {'dtype':5} {'cell':16} {'own ms':>10} {'vendor ms':>10} "
+                f"{'fused ms':>10} {'fused/pt':>8}  kinds")
+        lines += [cols, "-" * len(cols)]
+        for r in pre:
+            lines.append(f"{r['model']:8} {r['dtype']:5} {r['cell']:16} {r['own_ms']:10.2f} "
+                         f"{r['vendor_ms']:10.2f} {r['fused_ms']:10.2f} "
+                         f"{r['fused_over_pytorch']:8.2f}  {r['engines']}")
     lines.append("\nauto/pt: the default path over the plain PyTorch path (rule: <= 1.05); "
                  "mm %: model FLOPs per second of the fastest path over torch.mm's rate in "
                  "the same dtype; read x: weight-read time over the fastest path's time "

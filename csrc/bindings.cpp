@@ -618,8 +618,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "0 ready, 1 stale (parameters changed since packing), 2 autograd needed")
       .def("forward", &gla::CpuPrefill::forward, pybind11::arg("x"), pybind11::arg("states"),
            pybind11::arg("return_state"), pybind11::arg("all_positions"),
+           pybind11::arg("lengths") = std::nullopt, pybind11::arg("gemm") = 0,
            pybind11::call_guard<pybind11::gil_scoped_release>(),
-           "x [B, T, E], states: list of [B, H, D, D] (or []) -> (y, new_states)")
+           "x [B, T, E], states: list of [B, H, D, D] (or []), lengths: int [B] or None, "
+           "gemm: 0 measured per shape, 1 own kernels, 2 vendor GEMM -> (y, new_states)")
+      .def("last_vendor", &gla::CpuPrefill::last_vendor,
+           "per matrix kind (in, proj, wo, w13, w2): whether the last forward used the vendor GEMM")
+      .def("choices", &gla::CpuPrefill::choices,
+           "measured engine choices: [(rows bucket, threads, vendor GEMM per matrix kind)]")
+      .def_property_readonly("packed_bytes", &gla::CpuPrefill::packed_bytes,
+                             "bytes of float32 weight panels held (16-bit weights: 0)")
       .def_property_readonly("num_layers", &gla::CpuPrefill::num_layers);
 #ifdef GLA_WITH_CUDA
   m.def("cuda_chunk_max_k", [](int64_t device) {

@@ -140,6 +140,10 @@ class PackedCache:
     def __contains__(self, model) -> bool:
         return model in self._entries
 
+    def peek(self, model):
+        """The model's entry as it is (None when there is none); builds nothing."""
+        return self._entries.get(model)
+
     def build(self, model):
         """A fresh entry for model, or None when the fused path cannot run it."""
         _install_hooks()

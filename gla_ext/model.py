@@ -81,15 +81,16 @@ class GLA(nn.Module):
             return self._forward_cp(x, cp_group, lengths, state, return_state, return_sequence)
         B, T = self._check_input(x)
         self._check_state(state, B)
-        if lengths is None:   # fused C++ prefill on the CPU when it can run and is faster
-            return _choice.run(
-                self, "prefill", (B, T, return_sequence),
-                lambda: _prefill.try_forward(self, x, state, return_state, return_sequence),
-                lambda: self.forward_layers(x, None, state, return_state, return_sequence),
-                lambda rows: self._prefill_probes(x, state, rows))
-        return self.forward_layers(x, lengths, state, return_state, return_sequence)
+        if lengths is not None:
+            lengths = self._check_lengths(lengths, B, T, x.device)
+        # fused C++ prefill on the CPU when it can run and is faster
+        return _choice.run(
+            self, "prefill", (B, T, return_sequence) + (() if lengths is None else ("padded",)),
+            lambda: _prefill.try_forward(self, x, state, return_state, return_sequence, lengths),
+            lambda: self.forward_layers(x, lengths, state, return_state, return_sequence),
+            lambda rows: self._prefill_probes(x, state, lengths, rows))
 
-    def _prefill_probes(self, x, state, rows):
+    def _prefill_probes(self, x, state, lengths, rows):
         """(fused, plain, share): both paths on about the first `rows` rows of a prefill
         (whole rows first, then positions), and their share of the call's B * T rows, for
         engine_choice to measure on instead of the whole call."""
@@ -97,8 +98,9 @@ class GLA(nn.Module):
         b = min(B, rows)
         t = max(1, min(T, rows // b))
         xs, ss = x[:b, :t], None if state is None else [s[:b] for s in state]
-        return (lambda: _prefill.try_forward(self, xs, ss, False, False),
-                lambda: self.forward_layers(xs, None, ss), b * t / (B * T))
+        ls = None if lengths is None else lengths[:b].clamp(max=t)
+        return (lambda: _prefill.try_forward(self, xs, ss, False, False, ls),
+                lambda: self.forward_layers(xs, ls, ss), b * t / (B * T))
 
     def forward_layers(self, x, lengths=None, state=None, return_state=False,
                        return_sequence=False):

@@ -6,8 +6,14 @@ B*T positions in one parallel region, with the chunked kernel's loop for the att
 (see csrc/cpu/prefill_impl.h). It pays most for short windows (window_size 60), where the
 generic path's per-op overhead and thread wake-ups dominate.
 
-try_forward(model, x, state, return_state, return_sequence) returns what GLA.forward would,
-or None when the generic path must run. Same eligibility as gla_ext.decode.try_step:
+Each matrix product (input projection, q/k/v/r/gate, output, W1|W3, W2) runs on the engine's
+own kernel or on the vendor GEMM (at::mm on the model's own weight: MKL / oneDNN), whichever
+was measured faster for the call's rows on this machine (csrc/cpu/prefill.cpp); GEMM forces
+one. float32 weights are packed once for the own kernel (only the kinds it runs); bf16 /
+float16 weights are never copied (widened per block as they are used).
+
+try_forward(model, x, state, return_state, return_sequence, lengths) returns what
+GLA.forward would, or None when the generic path must run. Same eligibility as gla_ext.decode.try_step:
   - the extension is not built, or ENABLED is False; the model's backend is not auto/cpu;
   - x or a parameter is not a CPU tensor of one dtype (float32, or bfloat16 / float16 weights:
     then x has that dtype too, the math runs in float32 and y comes back in that dtype), a
@@ -23,17 +29,28 @@ through `param.data` call clear_cache(model).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from . import _ext
 from ._packed_cache import DTYPES, PackedCache, collect_params
 
-__all__ = ["ENABLED", "try_forward", "clear_cache", "is_cached"]
+__all__ = ["ENABLED", "GEMM", "try_forward", "clear_cache", "is_cached", "engine_of"]
 
 # Set to False to make GLA.forward always take the PyTorch layers (GLA.forward_layers); which
 # of the two runs where both can is gla_ext.engine_choice's measured per-shape choice.
 ENABLED = True
+
+# The matrix engine inside the fused prefill (or GLA_EXT_PREFILL_GEMM, read at import):
+#   "auto"   measured per kind of product and rows bucket on first use (default);
+#   "own"    the engine's own kernels for every product;
+#   "vendor" the vendor GEMM (at::mm) for every product.
+GEMM = os.environ.get("GLA_EXT_PREFILL_GEMM", "auto")
+_GEMMS = {"auto": 0, "own": 1, "vendor": 2}
+# what CpuPrefill.last_vendor() lists, in order
+MATRIX_KINDS = ("input", "proj", "wo", "w13", "w2")
 
 
 def _layer_tensors(block):
@@ -69,10 +86,29 @@ def is_cached(model) -> bool:
     return model in _cache
 
 
-def try_forward(model, x, state, return_state, return_sequence):
+def _gemm_code():
+    if GEMM not in _GEMMS:
+        raise ValueError(f"gla_ext.prefill.GEMM must be one of {tuple(_GEMMS)}, got {GEMM!r}")
+    return _GEMMS[GEMM]
+
+
+def engine_of(model):
+    """{matrix kind: "own" | "vendor"} of the model's last fused prefill, or None (none ran)."""
+    entry = _cache.peek(model)
+    if entry is None:
+        return None
+    return {k: "vendor" if v else "own"
+            for k, v in zip(MATRIX_KINDS, entry.packed.last_vendor())}
+
+
+def try_forward(model, x, state, return_state, return_sequence, lengths=None):
     """GLA.forward's result from the fused C++ prefill, or None (see the module docstring).
-    Inputs are already checked by GLA.forward; lengths (padding masks) take the generic path."""
+    Inputs (lengths too: int64 [B] in 1..T) are already checked by GLA.forward; padded rows
+    with return_sequence take the generic path."""
+    gemm = _gemm_code()
     if not ENABLED or _ext._C is None or not hasattr(_ext._C, "CpuPrefill"):
+        return None
+    if lengths is not None and (return_sequence or lengths.device.type != "cpu"):
         return None
     if model.config.backend not in ("auto", "cpu"):
         return None
@@ -96,5 +132,6 @@ def try_forward(model, x, state, return_state, return_sequence):
     if entry is None:
         return None
     y, new_state = entry.packed.forward(x, [] if state is None else list(state),
-                                        bool(return_state), bool(return_sequence))
+                                        bool(return_state), bool(return_sequence), lengths,
+                                        gemm)
     return (y, new_state) if return_state else y

@@ -20,8 +20,10 @@ call model.eval() for serving.
 On the CPU, step() takes the fused C++ decode (gla_ext.decode.try_step_pool) when it can run
 (float32 / 16-bit / int8 / int4 weights, extension built, no autograd, dropout off) and
 gla_ext.engine_choice measured it faster for this many rows; otherwise, and on CUDA, the
-layers run with the pool through fused_recurrent_gla / chunk_gla. prefill() packs the valid tokens of
-the right-padded batch along T and runs the chunked kernels with cu_seqlens.
+layers run with the pool through fused_recurrent_gla / chunk_gla. prefill() takes the fused
+C++ prefill (gla_ext.prefill, right-padded rows) on the same terms, with the named slots'
+states gathered before and written back after; otherwise it packs the valid tokens of the
+right-padded batch along T and runs the chunked kernels with cu_seqlens.
 
 Bad arguments raise ValueError (TypeError for a non-tensor x) before anything is written:
 slots out of range, repeated within one call, or not open (closed or never opened), and
@@ -36,6 +38,7 @@ import torch
 
 from . import decode as _decode
 from . import engine_choice as _choice
+from . import prefill as _prefill
 from ._checks import check_pool_rows
 
 __all__ = ["StatePool", "PoolCUDAGraphStep"]
@@ -144,6 +147,9 @@ class StatePool:
         model = self.model
         with torch.no_grad():
             index = torch.tensor(slot_list, dtype=torch.int64, device=self.device)
+            y = self._fused_prefill(x, index, lengths)
+            if y is not None:
+                return y
             # Pack the valid tokens of every row along T (B = 1): no work on padding.
             if lengths is None:
                 packed = x.reshape(1, n * T, x.shape[-1])
@@ -175,6 +181,28 @@ class StatePool:
         return _choice.prefer_fused(model, "step", (n,),
                                     lambda: _decode.try_step(model, x_t, state()),
                                     lambda: model.step_layers(x_t, state()))
+
+    def _fused_prefill(self, x, index, lengths):
+        """prefill() through the fused C++ prefill when it can run and engine_choice measured
+        it faster for this class (measured side-effect free, from the slots' states): the
+        slots' states are gathered, advanced, and written back. None: the layers run."""
+        model, (n, T) = self.model, x.shape[:2]
+        if self.device.type != "cpu":
+            return None
+        state = [s.index_select(0, index) for s in self.states]
+        key = (n, T, False) + (() if lengths is None else ("padded",))
+        if not _choice.prefer_fused(
+                model, "prefill", key,
+                lambda: _prefill.try_forward(model, x, state, False, False, lengths),
+                lambda: model.forward_layers(x, lengths, state)):
+            return None
+        out = _prefill.try_forward(model, x, state, True, False, lengths)
+        if out is None:
+            return None
+        y, new_state = out
+        for pool, s in zip(self.states, new_state):
+            pool.index_copy_(0, index, s)
+        return y
 
     def _generic_step(self, x_t, index):
         """The layers with the pool: fused_recurrent_gla reads and writes pool[index] in place."""
