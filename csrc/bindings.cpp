@@ -4,6 +4,9 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <string>
 #include <tuple>
 #include <vector>
@@ -573,6 +576,18 @@ TORCH_LIBRARY_IMPL(gla_ext, CUDA, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gla_ext compiled kernels; the ops live under torch.ops.gla_ext";
+  // One-off work (packing weights, measuring both engines once) frees large temporaries that
+  // glibc keeps in its heap; giving them back keeps RSS at what the model really holds.
+  m.def(
+      "trim_heap",
+      []() {
+#if defined(__GLIBC__)
+        return malloc_trim(0) != 0;
+#else
+        return false;
+#endif
+      },
+      "return freed heap memory to the OS (glibc malloc_trim); True if any was released");
   gla::bind_cpu_linear(m);  // gla_ext._C.PackedLinear, linear_isa (csrc/cpu/linear_bindings.cpp)
   gla::bind_cpu_simd(m);    // cpu_features, cpu_isa, simd_eval (csrc/cpu/simd/simd_bindings.cpp)
   // Whole-model CPU decode step used by GLA.step (built and cached by gla_ext/decode.py).

@@ -36,3 +36,10 @@ def has_cpu() -> bool:
 
 def has_cuda() -> bool:
     return _C is not None and bool(_C.build_info().get("cuda", False))
+
+
+def trim_heap() -> None:
+    """Gives the heap memory that one-off work freed (weight packing, the engine choice's
+    first measurement) back to the OS, so RSS shows what the model holds (glibc only)."""
+    if _C is not None:
+        _C.trim_heap()

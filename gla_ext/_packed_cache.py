@@ -17,6 +17,8 @@ import weakref
 import torch
 from torch import nn
 
+from . import _ext
+
 READY, STALE, NEEDS_AUTOGRAD = 0, 1, 2   # status() of the packed C++ objects
 
 # Parameter dtypes the fused paths take (16-bit weights: float32 math and state).
@@ -157,6 +159,7 @@ class PackedCache:
         entry = Entry(self._pack(glob, layers, *settings), flat,
                       tuple(b.dropout for b in model.blocks), generation, dtype)
         self._entries[model] = entry
+        _ext.trim_heap()          # packing's temporaries
         return entry
 
     def get(self, model):

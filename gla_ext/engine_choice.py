@@ -28,6 +28,7 @@ import weakref
 
 import torch
 
+from . import _ext
 from ._checks import _is_tracing
 
 __all__ = ["MODE", "run", "prefer_fused", "decisions", "forget"]
@@ -113,6 +114,7 @@ def _record(model, ck, fused, plain, fused_first=float("inf")):
     table[ck] = "fused" if t_fused <= t_plain else "pytorch"
     if table[ck] == "pytorch":
         _drop_unused_copy(model, ck[0], table)
+    _ext.trim_heap()              # the losing path's one-off buffers
     return table[ck]
 
 
