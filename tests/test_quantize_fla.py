@@ -15,7 +15,7 @@ import gla_ext  # noqa: E402
 from gla_ext.integrations import fla as gla_fla  # noqa: E402
 from gla_ext.integrations.fla_decode import Decoder  # noqa: E402
 from gla_ext.quantize import QuantizedLinear  # noqa: E402
-from helpers import EMULATION_BOUND, qdot_linear_float64, record_diagnostic, rel_err  # noqa: E402
+from helpers import EMULATION_BOUND, emulating_fla_decoder, record_diagnostic, rel_err  # noqa: E402
 
 # The packed decode step vs the dequantized path on these perturbed random LMs (int8
 # activations; measured <= MEASURED over a 50-seed sweep, AMD AVX2).
@@ -36,27 +36,6 @@ def _dequantized_lm(lm):
             owner = fresh.model.get_submodule(parent) if parent else fresh.model
             setattr(owner, attr, mod.dequantize(torch.float32))
     return fresh
-
-
-class _Emulated:
-    """A QuantizedLinear computed as the packed kernels do, in float64 (tests/helpers.py)."""
-
-    def __init__(self, qlin):
-        self.qlin = qlin
-
-    def __call__(self, x):
-        return qdot_linear_float64(x, self.qlin).to(x.dtype)
-
-
-def _emulating_decoder(lm):
-    """lm's decode step with the dequantize-per-call linears replaced by _Emulated."""
-    dec = Decoder(lm.model, packed=False)
-    lins = [dec.head] + [getattr(b, n) for b in dec.blocks
-                         for n in ("in_proj", "gk_up", "o_proj", "gate_up", "down")]
-    for lin in lins:
-        assert isinstance(lin.qlin, QuantizedLinear)
-        lin.qlin = _Emulated(lin.qlin)
-    return dec
 
 
 def _load(source, *args, **kwargs):
@@ -95,7 +74,7 @@ def test_fla_logits_and_decode(fmt, tied):
     torch_states = [s.clone() for s in states]
     torch_dec = Decoder(lm.model, packed=False)
     emu_states = [s.clone() for s in states]
-    emu_dec = _emulating_decoder(lm)
+    emu_dec = emulating_fla_decoder(lm)
     for t in range(8, 20):
         # the packed step rounds its activations to int8 per group (linear_qdot_impl.h): the
         # same decoder with those linears emulated in float64, and the dequantized path

@@ -218,8 +218,10 @@ inline QActs quantize_acts(const float* x, idx ldx, idx n, idx in, idx group) {
         __builtin_memcpy(&bits, xs + k, 4);
         bad |= (bits & 0x7f800000u) == 0x7f800000u;
       }
-      const float d = amax * kInv127;
-      const float id = d > 0.f ? 1.f / d : 0.f;   // d may flush to 0 (FTZ)
+      // opaque: -ffast-math must not refold 1 / (amax * (1/127)) into 127 / amax (an ulp
+      // apart, which moves a near-tie x * id to the other int8 value)
+      const float d = opaque(amax * kInv127);
+      const float id = opaque(d > 0.f ? 1.f / d : 0.f);   // d may flush to 0 (FTZ)
       int32_t qsum = 0;
       k = 0;
 #if GLA_VEC_BYTES == 64
