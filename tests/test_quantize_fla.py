@@ -18,8 +18,9 @@ from gla_ext.quantize import QuantizedLinear  # noqa: E402
 from helpers import EMULATION_BOUND, emulating_fla_decoder, record_diagnostic, rel_err  # noqa: E402
 
 # The packed decode step vs the dequantized path on these perturbed random LMs (int8
-# activations; measured <= MEASURED over a 50-seed sweep, AMD AVX2).
-FLA_ACT_QUANT_BOUND = 0.1
+# activations, amplified by the perturbed weights; worst 6.8e-2 over a 15-seed sweep of both
+# cases, AMD AVX2). The emulation check before it is the tight one.
+FLA_ACT_QUANT_BOUND = 0.15
 
 
 
