@@ -28,7 +28,7 @@ OPTS = dict(embed_dim=24, hidden_size=64, num_layers=2, num_heads=2, head_dim=32
 # (format, group size): both formats at a small and at their largest group
 FORMATS = [("int8", 8), ("int8", 32), ("int4", 16), ("int4", 64)]
 OPTIONS = [{}, dict(gate_low_rank_dim=4), dict(use_output_gate=False)]
-ISAS = ["generic", "avx2"]
+ISAS = ["generic", "avx2", "avx512"]   # an ISA this CPU lacks skips (decoder_for_isa)
 
 
 @pytest.fixture(autouse=True)
