@@ -6,7 +6,8 @@ trained with gla_ext's own model code: gla_ext.integrations.fla_model on the CPU
 the CPython standard-library sources of the running Python (every 10th file, by sorted name,
 held out), caches the trained weights outside git, and reports held-out bits per byte for
 float32, bf16, int8 and int4 at several group sizes, plus plain symmetric int4 rounding as
-the baseline to beat.
+the baseline to beat: once through the forward (dequantized weights, float activations) and
+once token by token through the packed decode step (int8 / int4: int8 activations).
 
     python benchmarks/quant_accuracy.py [--train-seconds 600] [--cache DIR] [--retrain]
 """
@@ -105,6 +106,24 @@ def bits_per_byte(model, held, window=512, limit=None):
     return total / count / math.log(2)
 
 
+@torch.no_grad()
+def bits_per_byte_decode(model, held, window=512, limit=None):
+    """bits_per_byte's windows token by token through the fla decode step (Decoder: the packed
+    CPU kernels; for int8 / int4 the integer dot products on int8 activations of
+    csrc/cpu/linear_qdot_impl.h), all windows as one batch from zero states."""
+    from gla_ext.integrations.fla_decode import Decoder
+    data = held[: limit] if limit else held
+    n = (data.numel() - 1) // window
+    batch = torch.stack([data[j * window: j * window + window + 1] for j in range(n)])
+    dec, s = Decoder(model), model.settings
+    states = [torch.zeros(n, s.num_kv_heads, s.head_k_dim, s.head_v_dim) for _ in model.blocks]
+    total = 0.0
+    for t in range(window):
+        logits = dec.step(batch[:, t], states)
+        total += F.cross_entropy(logits, batch[:, t + 1], reduction="sum").item()
+    return total / (n * window) / math.log(2)
+
+
 def to_bf16(model):
     m = copy.deepcopy(model)
     for blk in m.blocks:   # matrices bf16, norms and the gate bias float32 (as load(dtype=bf16))
@@ -178,23 +197,32 @@ def main(argv=None):
     for g in (16, 32, 64):
         variants.append(("int4", g, quantized(model, "int4", g)))
         variants.append(("int4 symmetric (baseline)", g, symmetric_int4(model, g)))
-    rows, base = [], None
+    rows, base, base_dec = [], None, None
     for name, g, m in variants:
         bpb = bits_per_byte(m, held, limit=args.eval_bytes)
+        bpb_dec = bits_per_byte_decode(m, held, limit=args.eval_bytes)
         base = bpb if base is None else base
+        base_dec = bpb_dec if base_dec is None else base_dec
         bits = next((q.bits_per_weight for q in m.modules() if isinstance(q, QuantizedLinear)
                      and q.group_size == g), None)
         rows.append(dict(format=name, group_size=g, bits_per_weight=bits, bits_per_byte=bpb,
-                         vs_float32_percent=100 * (bpb / base - 1)))
-        print(f"{name:28} group {str(g):4} {bpb:.4f} bits/byte ({rows[-1]['vs_float32_percent']:+.3f} %)")
-    table = "\n".join([f"{'format':28} {'group':>5} {'bits/w':>6} {'bits/byte':>9} {'vs f32':>8}"] + [
+                         vs_float32_percent=100 * (bpb / base - 1), decode_bits_per_byte=bpb_dec,
+                         decode_vs_float32_percent=100 * (bpb_dec / base_dec - 1)))
+        print(f"{name:28} group {str(g):4} {bpb:.4f} bits/byte ({rows[-1]['vs_float32_percent']:+.3f} %),"
+              f" decode {bpb_dec:.4f} ({rows[-1]['decode_vs_float32_percent']:+.3f} %)", flush=True)
+    table = "\n".join([f"{'format':28} {'group':>5} {'bits/w':>6} {'bits/byte':>9} {'vs f32':>8} "
+                       f"{'decode':>9} {'vs f32':>8}"] + [
         f"{r['format']:28} {str(r['group_size']):>5} "
         f"{_fmt_bits(r['bits_per_weight']):>6} "
-        f"{r['bits_per_byte']:9.4f} {r['vs_float32_percent']:+7.3f}%" for r in rows])
+        f"{r['bits_per_byte']:9.4f} {r['vs_float32_percent']:+7.3f}% "
+        f"{r['decode_bits_per_byte']:9.4f} {r['decode_vs_float32_percent']:+7.3f}%" for r in rows])
     save_results("quant_accuracy", rows, table, extra=dict(
         model=dict(CONFIG, parameters=n_params), training=info,
         held_out=f"every 10th stdlib top-level .py file, first {args.eval_bytes} bytes, "
-                 "windows of 512 from a zero state"))
+                 "windows of 512 from a zero state",
+        columns="bits/byte: the forward (prefill path: quantized weights dequantized per call, "
+                "float activations); decode: the same windows token by token through the packed "
+                "decode step (int8 / int4: int8 activations per group, integer dot products)"))
     print(table)
 
 

@@ -70,10 +70,11 @@ class PackedLinear:
 
     @classmethod
     def from_quantized(cls, qlin, bias: torch.Tensor | None = None) -> "PackedLinear":
-        """The packed copy of a gla_ext.quantize.QuantizedLinear (int8 / int4 weights, read
-        and widened in registers by the kernels of csrc/cpu/linear_q_impl.h); `bias`
-        overrides the layer's own. Equals the float32 kernel on the dequantized weight up to
-        float32 rounding of the sums."""
+        """The packed copy of a gla_ext.quantize.QuantizedLinear (int8 / int4 weights, read by
+        the integer dot-product kernels of csrc/cpu/linear_qdot_impl.h); `bias` overrides the
+        layer's own. A call rounds its input rows to int8 per group (scale max|x| / 127) and
+        sums integer products: the float32 product with the dequantized weight up to that
+        rounding (~0.5 % relative; docs/quantization.md)."""
         _require_extension()
         if bias is None:
             bias = qlin.bias

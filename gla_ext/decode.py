@@ -7,9 +7,10 @@ plus preallocated buffers per batch size, and runs every layer per token with on
 per matrix and vectorized loops for the rest (see csrc/cpu/decode.cpp). Weights stay in the
 model's dtype: a model converted with model.to(torch.bfloat16) (or float16) streams half the
 bytes; a model quantized with gla_ext.quantize_ ("int8" / "int4") streams its quantized
-weights as stored (the int8 / int4 kernels of csrc/cpu/linear_q_impl.h, each row's group
-scales kept); activations, accumulation and the state are float32, x_t and y_t have the
-model's (float) dtype.
+weights as stored (the int8 / int4 kernels of csrc/cpu/linear_qdot_impl.h, each row's group
+scales kept; their inputs are rounded to int8 per group for integer dot products, see
+docs/quantization.md); activations, accumulation and the state are float32, x_t and y_t have
+the model's (float) dtype.
 
 try_step(model, x_t, state) returns (y_t, new_state), or None when the generic path must run:
   - the extension is not built, or ENABLED is False;

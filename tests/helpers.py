@@ -214,3 +214,114 @@ def decoder_for_isa(model, isa, monkeypatch):
     if decoder.isa != isa:
         pytest.skip(f"this CPU has no {isa} (got {decoder.isa})")
     return decoder
+
+
+# ---- integer dot products of the quantized CPU kernels (csrc/cpu/linear_qdot_impl.h) ----
+# The kernels round their activations to int8 per group; against the dequantized float path
+# that is an error of about max|x| / 254 per input, not float32 rounding. Bounds (relative,
+# whole tensor), set from measurement (docs/quantization.md; seed sweeps, AMD AVX2):
+# one packed product on N(0, 1) inputs (worst 2.2e-2 over 50 seeds: few outputs, n = 1),
+# and the floor of a whole quantized model's step or sequence (act_quant_tolerance).
+ACT_QUANT_KERNEL_BOUND = 5e-2
+ACT_QUANT_MODEL_BOUND = 2e-2
+# A random small model amplifies the activations' rounding on some draws (measured up to 0.4
+# at one token: a per-head norm after a nearly cancelling q.k, as for float32 rounding), so
+# model-level checks take the larger of ACT_QUANT_MODEL_BOUND and this factor times how far
+# the float64 emulation of the kernels' math (act_quantized_copy) is from the dequantized
+# float64 model on the same draw.
+ACT_QUANT_FACTOR = 2.0
+# A quantized fused step or sequence vs act_quantized_copy (the same math in float64): float32
+# rounding, except where an engine activation (float32, ~1e-6 from float64) and the
+# emulation's round to neighbouring int8 values near a rounding tie (one step of max|x| / 127
+# in one input; about one input in 1e4). Measured (AMD AVX2): ~95 % of draws <= 1e-6, the
+# rest one-step flips, worst 5.5e-3 (GLA fused step, 30 seeds) and 5.3e-3 (fla decode step,
+# 50 seeds); the packed product alone, with the same float32 x, <= 3.9e-7 (1e-6 there).
+EMULATION_BOUND = 1.5e-2
+
+
+def act_quant_tolerance(emulated: torch.Tensor, dequantized: torch.Tensor) -> float:
+    """Tolerance for a quantized fused result vs the dequantized model (see above)."""
+    diagnostic = rel_err(emulated, dequantized)
+    record_diagnostic(act_quant_sensitivity=diagnostic)
+    return max(ACT_QUANT_MODEL_BOUND, ACT_QUANT_FACTOR * diagnostic)
+def quantize_activations(x: torch.Tensor, group: int):
+    """x [..., in] rounded to 8 bits per group exactly as the kernels do, in float32:
+    d = max|x| * float32(1/127), xq = round_half_even(x * (1 / d)). Returns xq and d
+    ([..., groups, group] and [..., groups], float32)."""
+    xg = x.float().reshape(*x.shape[:-1], x.shape[-1] // group, group)
+    d = xg.abs().amax(-1) * torch.tensor(1 / 127, dtype=torch.float32)
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return torch.round(xg * inv[..., None]), d
+
+
+def qdot_linear_float64(x: torch.Tensor, qlin) -> torch.Tensor:
+    """float64 y of a gla_ext.quantize.QuantizedLinear on float32 x as the CPU kernels compute
+    it: activations quantized per group (quantize_activations), then sum over groups of
+    d * (xq . q) * s (+ d * sum(xq) * m for int4) + bias, all in float64."""
+    from gla_ext.quantize import dequantize_weight
+    g = qlin.group_size
+    xq, d = quantize_activations(x, g)
+    xq, d = xq.double(), d.double()
+    s = qlin.scales.double()
+    if qlin.offsets is None:
+        q = dequantize_weight(qlin.qweight, torch.ones_like(qlin.scales), None, "int8", g)
+    else:
+        q = dequantize_weight(qlin.qweight, torch.ones_like(qlin.scales),
+                              torch.zeros_like(qlin.offsets), "int4", g)
+    q = q.double().reshape(q.shape[0], -1, g)                  # [out, groups, g]
+    dots = torch.einsum("...gk,ogk->...og", xq, q)             # exact integers
+    y = (dots * d[..., None, :] * s).sum(-1)
+    if qlin.offsets is not None:
+        y = y + ((d * xq.sum(-1))[..., None, :] * qlin.offsets.double()).sum(-1)
+    if qlin.bias is not None:
+        y = y + qlin.bias.double()
+    return y
+
+
+def act_quantized_copy(model, dtype=torch.float64):
+    """A float64 copy of a quantized GLA model whose quantized linears compute as the CPU
+    kernels do (qdot_linear_float64: int8 activations per group, then exact sums), on the
+    reference backend: the fused quantized step's math, with float64 elsewhere."""
+    from torch import nn
+    from gla_ext.quantize import QuantizedLinear
+
+    class _ActQuantized(nn.Module):
+        def __init__(self, qlin):
+            super().__init__()
+            self.qlin = qlin
+
+        def forward(self, x):
+            return qdot_linear_float64(x, self.qlin).to(x.dtype)
+
+    ref = copy.deepcopy(model)
+    for name, mod in list(ref.named_modules()):
+        if isinstance(mod, QuantizedLinear):
+            parent, _, attr = name.rpartition(".")
+            setattr(ref.get_submodule(parent), attr, _ActQuantized(mod))
+    for blk in ref.blocks:
+        blk.attn.backend = "reference"
+    return ref.to(dtype)
+
+
+class _EmulatedLinear:
+    """A QuantizedLinear computed as the packed kernels do, in float64 (qdot_linear_float64)."""
+
+    def __init__(self, qlin):
+        self.qlin = qlin
+
+    def __call__(self, x):
+        return qdot_linear_float64(x, self.qlin).to(x.dtype)
+
+
+def emulating_fla_decoder(lm):
+    """An fla LM's decode step (gla_ext.integrations.fla_decode.Decoder) whose quantized
+    linears compute the packed kernels' math in float64 instead of dequantizing."""
+    from gla_ext.integrations.fla_decode import Decoder
+    from gla_ext.quantize import QuantizedLinear
+    dec = Decoder(lm.model, packed=False)
+    lins = [dec.head] + [getattr(b, n) for b in dec.blocks
+                         for n in ("in_proj", "gk_up", "o_proj", "gate_up", "down")]
+    for lin in lins:
+        assert isinstance(lin.qlin, QuantizedLinear)
+        lin.qlin = _EmulatedLinear(lin.qlin)
+    return dec

@@ -1,8 +1,11 @@
 """Quantized GLA models (gla_ext.quantize_) on the fused CPU decode step (issue 18).
 
-The fused step reads the packed int8 / int4 weights; it must equal the PyTorch path of the
-same quantized model (GLA.step_layers, which dequantizes per call) and the float64 model
-holding the dequantized weights (the format's definition).
+The fused step reads the packed int8 / int4 weights with integer dot products on int8
+activations (csrc/cpu/linear_qdot_impl.h). It must equal a float64 emulation of that math
+(tests/helpers.act_quantized_copy) to within float32 rounding carried through the model,
+and the PyTorch path of the same quantized model (GLA.step_layers, which dequantizes per
+call) and the float64 model of the dequantized weights (the format's definition) to within
+the activations' 8-bit rounding (helpers.ACT_QUANT_MODEL_BOUND).
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ import torch
 import gla_ext
 from gla_ext import GLA
 from gla_ext import decode as dec
-from helpers import decoder_for_isa, dequantized_copy, float32_model_tolerance, rel_err
+from helpers import (EMULATION_BOUND, act_quant_tolerance, act_quantized_copy, decoder_for_isa,
+                     dequantized_copy, rel_err, record_diagnostic)
 
 pytestmark = pytest.mark.skipif(not gla_ext.extension_loaded(),
                                 reason="gla_ext._C is not built (the fast path needs it)")
@@ -24,7 +28,7 @@ OPTS = dict(embed_dim=24, hidden_size=64, num_layers=2, num_heads=2, head_dim=32
 # (format, group size): both formats at a small and at their largest group
 FORMATS = [("int8", 8), ("int8", 32), ("int4", 16), ("int4", 64)]
 OPTIONS = [{}, dict(gate_low_rank_dim=4), dict(use_output_gate=False)]
-ISAS = ["generic", "avx2"]
+ISAS = ["generic", "avx2", "avx512"]   # an ISA this CPU lacks skips (decoder_for_isa)
 
 
 @pytest.fixture(autouse=True)
@@ -52,16 +56,10 @@ def stream(step, model, x):
     return torch.stack(ys, 1), state
 
 
-def _sequence_and_states(m, x):
-    seq, s = m(x, return_sequence=True, return_state=True)
-    return [seq, *s]
-
-
-def tolerances(model, x):
-    """[sequence, each state]: 1e-5, or wider on an ill-conditioned draw (tests/helpers.py),
-    measured on the float model of the dequantized weights."""
-    return float32_model_tolerance(dequantized_copy(model, torch.float32, "auto"),
-                                   _sequence_and_states, x)
+def emulated_step(model, x, state=None):
+    """GLA.step_layers of the float64 emulation of the fused quantized math."""
+    state = None if state is None else [t.double() for t in state]
+    return act_quantized_copy(model).step_layers(x.double(), state)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -69,8 +67,8 @@ def tolerances(model, x):
 @pytest.mark.parametrize("options", OPTIONS,
                          ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
 @pytest.mark.parametrize("fmt,group", FORMATS)
-def test_fused_quantized_step_equals_pytorch_path_and_float64(fmt, group, options, batch, isa,
-                                                              monkeypatch):
+def test_fused_quantized_step_vs_emulation_pytorch_path_and_float64(fmt, group, options, batch,
+                                                                    isa, monkeypatch):
     model = quantized_model(fmt, group, **options)
     decoder = decoder_for_isa(model, isa, monkeypatch)
     assert decoder.weight_format == fmt
@@ -78,14 +76,22 @@ def test_fused_quantized_step_equals_pytorch_path_and_float64(fmt, group, option
     with torch.no_grad():
         ys, state = stream(fused_step, model, x)
         gen, gen_state = stream(lambda m, x_t, s: m.step_layers(x_t, s), model, x)
+        emu, emu_state = act_quantized_copy(model)(x.double(), return_sequence=True,
+                                                   return_state=True)
         ref, ref_state = dequantized_copy(model)(x.double(), return_sequence=True,
                                                  return_state=True)
     assert dec.decoder(model) is decoder           # the same packed copy ran every step
-    tol_seq, *tol_s = tolerances(model, x)
-    assert rel_err(ys, gen) < tol_seq and rel_err(ys, ref) < tol_seq
-    for s, g, r, tol in zip(state, gen_state, ref_state, tol_s):
-        assert s.dtype == torch.float32
-        assert rel_err(s, g) < tol and rel_err(s, r) < tol
+    errs = [rel_err(ys, emu)] + [rel_err(s, e) for s, e in zip(state, emu_state)]
+    record_diagnostic(emulation=max(errs))
+    assert max(errs) < EMULATION_BOUND
+    assert all(s.dtype == torch.float32 for s in state)
+    # vs the dequantized model (PyTorch path and float64): the activations' rounding, as far
+    # as the emulation moves from it on this draw (random small models amplify it on some
+    # draws, as float32 rounding: tests/helpers.act_quant_tolerance)
+    for out, out_gen, out_emu, out_ref in zip([ys, *state], [gen, *gen_state],
+                                              [emu, *emu_state], [ref, *ref_state]):
+        tol = act_quant_tolerance(out_emu, out_ref)
+        assert rel_err(out, out_gen) < tol and rel_err(out, out_ref) < tol
 
 
 @pytest.mark.parametrize("fmt,group", [("int8", 32), ("int4", 32)])
@@ -103,15 +109,12 @@ def test_generic_step_and_pool_step_take_the_fused_path(fmt):
     with torch.no_grad():
         y, state = model.step(x)                   # GLA.step
         assert dec.is_cached(model) and dec.decoder(model).weight_format == fmt
-        y_ref, s_ref = model.step_layers(x)
+        y_ref, s_ref = emulated_step(model, x)
         pool = model.state_pool(5)
         slots = [pool.open() for _ in range(5)][1:4]
         y_pool = pool.step(x, slots)
-    tol_y, *tol_s = float32_model_tolerance(
-        dequantized_copy(model, torch.float32, "auto"),
-        lambda m, x_t: [*(lambda y, s: [y, *s])(*m.step_layers(x_t))], x)
-    assert rel_err(y, y_ref) < tol_y
-    assert all(rel_err(a, b) < tol for a, b, tol in zip(state, s_ref, tol_s))
+    assert rel_err(y, y_ref) < EMULATION_BOUND
+    assert all(rel_err(a, b) < EMULATION_BOUND for a, b in zip(state, s_ref))
     assert torch.equal(y_pool, y)                  # same kernels, same rows: bitwise
     for layer, s in zip(pool.states, state):
         assert torch.equal(layer[slots], s)
@@ -128,11 +131,11 @@ def test_pool_rows_with_padding(fmt):
     x = torch.randn(4, 1, model.embed_dim)
     with torch.no_grad():
         y = dec.try_step_pool(model, x, pool, slots)
-        y_ref, s_ref = model.step_layers(x[valid], [p[slots[valid]] for p in before])
+        y_ref, s_ref = emulated_step(model, x[valid], [p[slots[valid]] for p in before])
     assert y is not None and not y[~valid].any()
-    assert rel_err(y[valid], y_ref) < 1e-5         # from random states: well conditioned
+    assert rel_err(y[valid], y_ref) < EMULATION_BOUND
     for p, b, s in zip(pool, before, s_ref):
-        assert rel_err(p[slots[valid]], s) < 1e-5
+        assert rel_err(p[slots[valid]], s) < EMULATION_BOUND
         assert torch.equal(p[[1, 2, 4]], b[[1, 2, 4]])   # other rows untouched
 
 
@@ -144,10 +147,9 @@ def test_quantize_after_a_float_step_repacks():
         assert dec.decoder(model).weight_format == "float32"
         gla_ext.quantize_(model, "int8")
         y, _ = fused_step(model, x, None)
-        y_ref, _ = model.step_layers(x)
+        y_ref, _ = emulated_step(model, x)
     assert dec.decoder(model).weight_format == "int8"
-    assert rel_err(y, y_ref) < float32_model_tolerance(
-        dequantized_copy(model, torch.float32, "auto"), lambda m, x_t: m.step_layers(x_t)[0], x)
+    assert rel_err(y, y_ref) < EMULATION_BOUND
 
 
 def test_load_state_dict_and_buffer_changes_repack():
@@ -162,17 +164,17 @@ def test_load_state_dict_and_buffer_changes_repack():
         buf.seek(0)
         model.load_state_dict(torch.load(buf))     # copies into the same buffers (in place)
         y_loaded, _ = fused_step(model, x, state)
-        y_other, _ = other.step_layers(x, state)
+        y_other, _ = emulated_step(other, x, state)
         assert dec.decoder(model) is not decoder   # repacked
         # a buffer assigned anew (not written in place) is noticed too
         lin = model.blocks[1].ffn.w2
         lin.scales = lin.scales * 2
         y_scaled, _ = fused_step(model, x, state)
-        y_scaled_ref, _ = model.step_layers(x, state)
+        y_scaled_ref, _ = emulated_step(model, x, state)
     assert rel_err(y_before, y_other) > 1e-2       # the load changed the model
-    assert rel_err(y_loaded, y_other) < 1e-5
-    assert rel_err(y_scaled, y_loaded) > 1e-3
-    assert rel_err(y_scaled, y_scaled_ref) < 1e-5
+    assert rel_err(y_loaded, y_other) < EMULATION_BOUND
+    assert rel_err(y_scaled, y_loaded) > 1e-2
+    assert rel_err(y_scaled, y_scaled_ref) < EMULATION_BOUND
 
 
 def test_bfloat16_quantized_model_takes_the_fused_step():
@@ -180,10 +182,11 @@ def test_bfloat16_quantized_model_takes_the_fused_step():
     x = torch.randn(2, 8, model.embed_dim).bfloat16()
     with torch.no_grad():
         ys, state = stream(fused_step, model, x)
-        ref, _ = dequantized_copy(model)(x.double(), return_sequence=True, return_state=True)
+        ref, _ = act_quantized_copy(model)(x.double(), return_sequence=True, return_state=True)
     assert dec.decoder(model).weight_format == "int8" and ys.dtype == torch.bfloat16
     assert all(s.dtype == torch.float32 for s in state)
-    # bf16 inputs / outputs and norms around float32 math (the 16-bit bound of the contract)
+    # bf16 inputs / outputs and norms around float32 math (the 16-bit bound of the contract),
+    # against the float64 emulation of the int8-activation kernels
     assert rel_err(ys, ref) < 1e-2
 
 

@@ -18,7 +18,7 @@ struct LinearKernels {
   using Fn = void (*)(const void*, int64_t, int64_t, const float*, const float*, int64_t,
                       int64_t, float*, int64_t, bool, int64_t, int64_t);
   Fn f32, bf16, f16;
-  // quantized weights (linear_q_impl.h): the extra argument is the group size
+  // quantized weights (linear_qdot_impl.h): the extra argument is the group size
   using QFn = void (*)(const void*, int64_t, int64_t, int64_t, const float*, const float*,
                        int64_t, int64_t, float*, int64_t, bool, int64_t, int64_t);
   QFn q8, q4;
@@ -39,25 +39,27 @@ const LinearKernels& pick_kernels() { return *GLA_ISA_PICK(pick_cpu_isa(), linea
 
 size_t elem_bytes(LinearWeight t) { return t == LinearWeight::kFloat32 ? 4 : 2; }
 
-// Quantized panels (layout in linear_q_impl.h): per panel of nr rows and group of g columns,
-// nr float16 scales (int4: + nr offsets), then g k-rows of nr int8 / nr / 2 bytes of nibbles.
-int64_t q_row_bytes(LinearWeight t, int64_t nr) { return t == LinearWeight::kInt8 ? nr : nr / 2; }
+// Quantized panels (layout in linear_qdot_impl.h): per panel of nr rows and group of g
+// columns, nr float16 scales (int4: + nr offsets), then round_up(g, 4) / 4 quads of 4 k:
+// int8 nr * 4 bytes (row j's 4 bytes at 4 j), int4 nr * 2 bytes (row j in the low nibble of
+// byte 4 (j % (nr / 2)) + t, rows j >= nr / 2 in the high one). Padding weights are 0.
+int64_t q_quad_bytes(LinearWeight t, int64_t nr) { return t == LinearWeight::kInt8 ? nr * 4 : nr * 2; }
 int64_t q_group_bytes(LinearWeight t, int64_t nr, int64_t g) {
-  return (t == LinearWeight::kInt8 ? 1 : 2) * nr * 2 + g * q_row_bytes(t, nr);
+  return (t == LinearWeight::kInt8 ? 1 : 2) * nr * 2 + (g + 3) / 4 * q_quad_bytes(t, nr);
 }
 
 void pack_quantized(const uint8_t* q, const uint16_t* scales, const uint16_t* offsets,
                     LinearWeight t, int64_t rows, int64_t cols, int64_t g, int64_t nr,
                     uint8_t* dst) {
   const int64_t panels = (rows + nr - 1) / nr, groups = cols / g, half = nr / 2;
-  const int64_t gbytes = q_group_bytes(t, nr, g), rb = q_row_bytes(t, nr);
+  const int64_t gbytes = q_group_bytes(t, nr, g), qb = q_quad_bytes(t, nr);
   const int64_t qcols = t == LinearWeight::kInt8 ? cols : cols / 2;
-  std::memset(dst, 0, static_cast<size_t>(panels * groups * gbytes));  // padding rows: all 0
+  std::memset(dst, 0, static_cast<size_t>(panels * groups * gbytes));  // padding: all 0
   for (int64_t p = 0; p < panels; ++p)
     for (int64_t gi = 0; gi < groups; ++gi) {
       uint8_t* gp = dst + (p * groups + gi) * gbytes;
       uint16_t* hdr = reinterpret_cast<uint16_t*>(gp);
-      uint8_t* kr = gp + (t == LinearWeight::kInt8 ? 1 : 2) * nr * 2;
+      uint8_t* quads = gp + (t == LinearWeight::kInt8 ? 1 : 2) * nr * 2;
       for (int64_t j = 0; j < nr; ++j) {
         const int64_t r = p * nr + j;
         if (r >= rows) continue;
@@ -66,11 +68,12 @@ void pack_quantized(const uint8_t* q, const uint16_t* scales, const uint16_t* of
         const uint8_t* src = q + r * qcols;
         for (int64_t kk = 0; kk < g; ++kk) {
           const int64_t k = gi * g + kk;
+          uint8_t* quad = quads + kk / 4 * qb;
           if (t == LinearWeight::kInt8) {
-            kr[kk * rb + j] = src[k];
-          } else {  // lane j -> low nibble of byte j, lane j + nr / 2 -> high nibble
+            quad[4 * j + kk % 4] = src[k];
+          } else {  // column 2i is the low nibble of source byte i
             const uint8_t v = (src[k / 2] >> (4 * (k % 2))) & 15;
-            kr[kk * rb + j % half] |= static_cast<uint8_t>(j < half ? v : v << 4);
+            quad[4 * (j % half) + kk % 4] |= static_cast<uint8_t>(j < half ? v : v << 4);
           }
         }
       }

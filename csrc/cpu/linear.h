@@ -23,7 +23,8 @@
 namespace gla {
 
 // kInt8 / kInt4: quantized weights (gla_ext.quantize, docs/quantization.md), packed by the
-// second constructor below; the kernels are in linear_q_impl.h.
+// second constructor below; the kernels are in linear_qdot_impl.h (they round x to int8 per
+// group and sum integer products: apply() below then holds up to that rounding).
 enum class LinearWeight : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt8 = 3, kInt4 = 4 };
 
 // The kernel set one packed matrix uses (one per instruction set).
