@@ -235,8 +235,11 @@ ACT_QUANT_FACTOR = 2.0
 # emulation's round to neighbouring int8 values near a rounding tie (one step of max|x| / 127
 # in one input; about one input in 1e4). Measured (AMD AVX2): ~95 % of draws <= 1e-6, the
 # rest one-step flips, worst 5.5e-3 (GLA fused step, 30 seeds) and 5.3e-3 (fla decode step,
-# 50 seeds); the packed product alone, with the same float32 x, <= 3.9e-7 (1e-6 there).
-EMULATION_BOUND = 1.5e-2
+# 50 seeds); a later 8-seed sweep of the fla decode test (96 steps per case, a flip carried on
+# through the recurrent state) reached 1.04e-2 (benchmarks/results/seed_sweep_fla_8.md), so
+# the bound is about 3x that worst; the packed product alone, with the same float32 x,
+# <= 3.9e-7 (1e-6 there).
+EMULATION_BOUND = 3e-2
 
 
 def act_quant_tolerance(emulated: torch.Tensor, dequantized: torch.Tensor) -> float:
