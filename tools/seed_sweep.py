@@ -116,17 +116,20 @@ def main():
     ap.add_argument("--seed", type=int, default=None, help="base seed (default: fresh)")
     ap.add_argument("--out", default=None, help="markdown file (a .json beside it)")
     args = ap.parse_args()
+    if args.seed is None:     # a fresh base seed, recorded so a failure can be replayed
+        args.seed = int.from_bytes(os.urandom(4), "little") >> 1
     rows, tail, elapsed = run(args)
     table = summarize(rows)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 commit=commit, cpu=cpu_model(), isa=os.environ.get("GLA_EXT_CPU_ISA", "auto"),
-                reps=args.reps, tests=args.tests, k=args.k, seconds=round(elapsed),
+                reps=args.reps, tests=args.tests, k=args.k, seconds=round(elapsed), seed=args.seed,
                 pytest_tail=tail)
     lines = [f"# Seed sweep: {' '.join(args.tests)}" + (f" -k '{args.k}'" if args.k else ""),
              "", f"{meta['date']}, commit {commit}, {meta['cpu']}, GLA_EXT_CPU_ISA={meta['isa']}, "
-             f"{args.reps} seeds per case, {meta['seconds']} s. Worst = largest value/bound "
+             f"{args.reps} seeds per case, base seed {args.seed} (--seed to replay), "
+             f"{meta['seconds']} s. Worst = largest value/bound "
              "over the seeds.", "", "pytest: " + tail.splitlines()[-1] if tail else "", "",
              *[f"- `{l}`" for l in tail.splitlines() if l.startswith("FAILED ")], "",
              "| test | assertion | runs | median | worst | bound | worst/bound |",
