@@ -127,13 +127,13 @@ def _shuffled_error_sensitivity(float_model, quantized, x, trials=3):
     quantization error (dequantized - float) back in a random order: noise of exactly the
     format's size with no structure. Quantization should cost about that much."""
     deq = dict(_dequantized_copy(quantized, torch.float32, backend="auto").named_modules())
+    quantized_names = {n for n, m in quantized.named_modules() if isinstance(m, QuantizedLinear)}
     y0 = float_model(x, return_sequence=True)
     worst = 0.0
     for _ in range(trials):
         noisy = copy.deepcopy(float_model)
         for name, mod in noisy.named_modules():
-            if isinstance(mod, nn.Linear) and isinstance(
-                    dict(quantized.named_modules()).get(name), QuantizedLinear):
+            if isinstance(mod, nn.Linear) and name in quantized_names:
                 err = (deq[name].weight - mod.weight).flatten()
                 mod.weight.add_(err[torch.randperm(err.numel())].view_as(mod.weight))
         worst = max(worst, rel_err(noisy(x, return_sequence=True), y0))
