@@ -35,9 +35,11 @@ def _off_after_each_test():
     gla_fla.accelerate(False)
 
 
-def _model(seed=0, **options):
+def _model(seed=None, **options):
     """fla's default GLAConfig at a tiny size (fuse_norm / fuse_swiglu / fuse_cross_entropy
-    on), every parameter random; in training mode as GLAForCausalLM builds it."""
+    on), every parameter random; in training mode as GLAForCausalLM builds it. seed=None: a
+    fresh model per run from the test seed (tests/conftest.py); greedy-token tests pass a
+    fixed seed, since a near-tie between two logits would flip a token whatever the kernels."""
     return random_fla_model(seed, **{"num_heads": 2, **options}).train()
 
 
@@ -180,7 +182,6 @@ def test_without_accelerate_fla_fails_on_cpu():
 def test_logits_match_loader_and_reference_ops(options):
     model = _model(**options).eval()
     lm = gla_fla.load(model)
-    torch.manual_seed(1)
     for T in (5, 80):     # fla's recurrent mode up to 64 tokens, chunked above
         ids = torch.randint(0, VOCAB, (2, T))
         with fla_reference_ops(), torch.no_grad():
@@ -196,7 +197,6 @@ def test_training_step_matches_reference_ops():
     after an optimizer step equal fla's model run with its reference ops (SGD: its update is
     proportional to the gradient; Adam's first step divides by |grad| and would magnify the
     last bits of near-zero gradients)."""
-    torch.manual_seed(2)
     ids = torch.randint(0, VOCAB, (2, 72))
     models = {"ours": _model().train(), "ref": None}
     models["ref"] = copy.deepcopy(models["ours"])
@@ -226,7 +226,7 @@ def test_training_step_matches_reference_ops():
 def test_cached_loop_generate_and_loader_agree():
     """20 greedy tokens: fla's cached loop under accelerate() == gla_ext's loader ==
     transformers' generate under accelerate()."""
-    model = _model(num_heads=4, num_kv_heads=2).eval()
+    model = _model(0, num_heads=4, num_kv_heads=2).eval()     # fixed: token equality
     torch.manual_seed(3)
     prompt = torch.randint(0, VOCAB, (2, 9))
     ours = gla_fla.load(model).generate(prompt, max_new_tokens=20)
@@ -263,7 +263,6 @@ def test_attention_mask_and_cu_seqlens():
     """Left-padded rows with attention_mask, and packed sequences with cu_seqlens, give each
     sequence's logits as if it ran alone (loss and backward run too)."""
     model = _model().eval()
-    torch.manual_seed(4)
     lengths = (70, 9)
     seqs = [torch.randint(0, VOCAB, (1, n)) for n in lengths]
     gla_fla.accelerate()
@@ -295,7 +294,6 @@ def test_gated_linear_attention_layer_alone(mode, fuse_norm):
     """fla's GatedLinearAttention in a user's own model: output and every gradient (inputs
     and parameters) equal the layer on fla's reference ops."""
     from fla.layers import GatedLinearAttention
-    torch.manual_seed(5)
     layer = GatedLinearAttention(mode=mode, hidden_size=64, num_heads=2, fuse_norm=fuse_norm)
     with torch.no_grad():
         for p in layer.parameters():
@@ -323,7 +321,6 @@ def test_op_adapters_conventions_and_unsupported_arguments():
     import fla.ops.gla as fla_ops_gla
     from gla_ext.reference import naive_recurrent_gla
     gla_fla.accelerate()
-    torch.manual_seed(6)
     q, k = torch.randn(1, 12, 2, 8), torch.randn(1, 12, 2, 8)
     v, g = torch.randn(1, 12, 2, 16), F.logsigmoid(torch.randn(1, 12, 2, 8)) / 4
     h0 = torch.randn(2, 2, 16, 8)                    # V-first, two packed sequences
@@ -348,7 +345,6 @@ def test_op_adapters_conventions_and_unsupported_arguments():
 def test_cross_entropy_modules(kw):
     from fla.modules import FusedCrossEntropyLoss, FusedLinearCrossEntropyLoss
     gla_fla.accelerate()
-    torch.manual_seed(7)
     x, w = torch.randn(10, 16), torch.randn(VOCAB, 16)
     target = torch.randint(0, VOCAB, (10,))
     target[3] = -100
@@ -372,7 +368,6 @@ def test_attention_layer_alone_matches_softmax_oracle(window):
     from fla.layers.attn import Attention
     from fla.modules.rotary.ops import rotary_embedding_ref
     gla_fla.accelerate()
-    torch.manual_seed(12)
     layer = Attention(hidden_size=64, num_heads=4, num_kv_heads=2, window_size=window,
                       layer_idx=0)
     B, T, H, D = 2, 20, 4, 16
@@ -401,7 +396,6 @@ def test_hybrid_model_decode_padding_and_training():
     gla_fla.accelerate()          # fla builds the attn layer only with flash-attn's functions
     model = _model(attn={"layers": [1], "num_heads": 2}).eval()
     assert type(model.model.layers[1].attn).__name__ == "Attention"
-    torch.manual_seed(13)
     ids = torch.randint(0, VOCAB, (2, 20))
     full = _check_decode_equals_forward(model, ids, 12)
     with torch.no_grad():
@@ -423,7 +417,6 @@ def test_short_convolution_against_conv1d():
     sequences == each alone, and decode steps from the final state == the full sequence."""
     from fla.modules import ShortConvolution
     gla_fla.accelerate()
-    torch.manual_seed(8)
     D, W, T = 16, 4, 10
     conv = ShortConvolution(hidden_size=D, kernel_size=W, bias=True, activation="silu")
 
@@ -457,7 +450,6 @@ def test_short_conv_model_decode_equals_forward():
     """use_short_conv=True: each cached decode step's logits == the full forward's."""
     model = _model(use_short_conv=True).eval()
     gla_fla.accelerate()
-    torch.manual_seed(10)
     ids = torch.randint(0, VOCAB, (2, 20))
     _check_decode_equals_forward(model, ids, 12)
     model.train()
@@ -482,18 +474,24 @@ def test_cuda_tensors_keep_fla_or_take_gla_ext_ops_when_asked():  # pragma: no c
 
 
 def test_bfloat16_model_trains():
-    """A bf16 fla model on CPU: logits near the float32 model's (bf16 tolerance), a loss and
-    finite gradients for every parameter."""
-    model = _model()
-    torch.manual_seed(11)
+    """A bf16 fla model on CPU: logits near float32 logits of the same bf16-rounded weights
+    (so only the bf16 computation is measured), a loss and finite gradients for every
+    parameter. Fresh model and tokens per run (the test seed)."""
+    model = _model(seed=None)
     ids = torch.randint(0, VOCAB, (2, 70))
     gla_fla.accelerate()
     with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
         full = model(ids).logits
     model = model.to(torch.bfloat16)
     out = model(ids, labels=ids)
     out.loss.backward()
     assert out.logits.dtype == torch.bfloat16
-    assert rel_err(out.logits.float(), full) < 3e-2
+    # Every activation of the whole 2-layer model rounded to bf16 (fla's modules and ours):
+    # 60 fresh seeds on AMD gave median 0.0134, max 0.0165 (against the float32 model with
+    # unrounded weights the weight rounding adds a tail up to 0.076, which the fixed seed
+    # this test used to have hid). Bound: over 2x the worst.
+    assert rel_err(out.logits.float(), full) < 4e-2
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad.float()).all(), name

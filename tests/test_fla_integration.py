@@ -42,7 +42,7 @@ CONFIGS = [
 ]
 
 
-def _fla_model(seed=0, hidden=64, layers=2, **options):
+def _fla_model(seed=None, hidden=64, layers=2, **options):
     return random_fla_model(seed, hidden, layers, **options)
 
 
@@ -81,7 +81,7 @@ def _fla_greedy(model, prompt, n):
 @pytest.fixture(scope="module", params=CONFIGS, ids=[c[0] for c in CONFIGS])
 def saved(request, tmp_path_factory):
     name, options, safetensors = request.param
-    model = _fla_model(**options)
+    model = _fla_model(0, **options)    # fixed: test_greedy_generation_matches_fla uses it
     directory = _save(model, str(tmp_path_factory.mktemp(name)), safetensors)
     return model, directory, safetensors
 
@@ -96,7 +96,6 @@ def test_checkpoint_format(saved):
 def test_logits_match_fla(saved):
     model, directory, _ = saved
     lm = gla_fla.load(directory)
-    torch.manual_seed(1)
     for T in (5, 80):   # fla takes its recurrent path up to 64 tokens, chunked above
         ids = torch.randint(0, VOCAB, (2, T))
         err = rel_err(lm(ids), _fla_logits(model, ids))
@@ -116,7 +115,6 @@ def test_greedy_generation_matches_fla(saved):
 
 def test_load_from_model_object(saved):
     model, directory, _ = saved
-    torch.manual_seed(3)
     ids = torch.randint(0, VOCAB, (1, 70))
     a, b = gla_fla.load(model)(ids), gla_fla.load(directory)(ids)
     assert rel_err(a, b) < 1e-6
@@ -126,7 +124,6 @@ def test_load_from_model_object(saved):
 def test_decode_steps_equal_full_forward():
     """Every decode step's logits equal the full forward at that position (GQA, clamp)."""
     lm = gla_fla.load(_fla_model(num_heads=4, num_kv_heads=2, clamp_min=-0.2))
-    torch.manual_seed(4)
     ids = torch.randint(0, VOCAB, (3, 30))
     full = lm(ids)
     logits, states = lm.prefill(ids[:, :10])
@@ -143,10 +140,10 @@ def test_decode_steps_equal_full_forward():
 
 def test_output_norm_without_weight(tmp_path):
     """elementwise_affine=False: fla's per-head output norm has no weight."""
-    model = _fla_model(num_heads=2, elementwise_affine=False)
+    model = _fla_model(0, num_heads=2, elementwise_affine=False)    # fixed: token equality
     assert not any("g_norm" in n for n, _ in model.named_parameters())
     directory = _save(model, str(tmp_path))
-    ids = torch.randint(0, VOCAB, (2, 12))
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
     lm = gla_fla.load(directory)
     assert rel_err(lm(ids), _fla_logits(model, ids)) < 1e-4
     assert torch.equal(lm.generate(ids[:, :4], max_new_tokens=8), _fla_greedy(model, ids[:, :4], 8))
