@@ -20,6 +20,9 @@ from torch.utils.cpp_extension import (  # noqa: E402
     CUDA_HOME, BuildExtension, CppExtension, CUDAExtension)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Test builds only: the AVX-512 kernel copies through SIMDe's portable intrinsics, so an
+# AVX2-only CPU can run them with GLA_EXT_CPU_ISA=avx512 (csrc/cpu/simd/avx512_emulated.h).
+EMULATE_AVX512 = os.environ.get("GLA_EXT_EMULATE_AVX512", "0") == "1"
 DEFAULT_ARCHS = "80;90a"
 
 
@@ -58,6 +61,7 @@ def write_build_config(with_cuda, archs, reason):
         f.write(f"WITH_CUDA = {with_cuda!r}\n")
         f.write(f"CUDA_ARCHS = {archs if with_cuda else []!r}\n")
         f.write(f"CUDA_SKIPPED_BECAUSE = {reason!r}\n")
+        f.write(f"EMULATED_AVX512 = {EMULATE_AVX512!r}\n")
 
 
 def extension():
@@ -69,16 +73,17 @@ def extension():
     if os.environ.get("GLA_EXT_NATIVE", "0") == "1":
         cxx.append("-march=native")
     include_dirs = [os.path.join(HERE, "csrc")]
+    macros = [("GLA_EMULATE_AVX512", "1")] if EMULATE_AVX512 else []
     if with_cuda:
         # Our -gencode flags make torch skip its own TORCH_CUDA_ARCH_LIST handling.
         nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr",
                 "-lineinfo"] + gencode_flags(archs)
         return CUDAExtension(
             "gla_ext._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
-            include_dirs=include_dirs, define_macros=[("GLA_WITH_CUDA", None)],
+            include_dirs=include_dirs, define_macros=[("GLA_WITH_CUDA", None)] + macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
     print(f"gla_ext: building CPU kernels only ({reason})")
-    return CppExtension("gla_ext._C", sources, include_dirs=include_dirs,
+    return CppExtension("gla_ext._C", sources, include_dirs=include_dirs, define_macros=macros,
                         extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
 

@@ -99,6 +99,10 @@ CpuIsa pick_cpu_isa() {
   const CpuIsa best = best_cpu_isa();
   const char* env = std::getenv("GLA_EXT_CPU_ISA");
   const std::string want = env ? env : "";
+#if GLA_EMULATE_AVX512
+  // Test build (simd/avx512_emulated.h): the AVX-512 copy runs on any AVX2 CPU, when asked.
+  if (want == "avx512" && best != CpuIsa::kGeneric) return CpuIsa::kAvx512;
+#endif
   if (want.empty() || want == "auto" || want == "avx512") return best;
   if (want == "generic") return CpuIsa::kGeneric;
   if (want == "avx2") return best == CpuIsa::kGeneric ? best : CpuIsa::kAvx2;
@@ -124,8 +128,13 @@ std::string cpu_isa_summary() {
       {f.amx_tile, "AMX_TILE"}, {f.amx_bf16, "AMX_BF16"}, {f.amx_int8, "AMX_INT8"}};
   for (const auto& n : names)
     if (n.first) s += std::string(s.empty() ? "" : " ") + n.second;
+#if GLA_EMULATE_AVX512
+  const char* build = "; test build: avx512 emulated by SIMDe";
+#else
+  const char* build = "";
+#endif
   return std::string(cpu_isa_name(pick_cpu_isa())) + " (best " + cpu_isa_name(best_cpu_isa()) +
-         "; " + (s.empty() ? "no vector extensions" : s) + ")";
+         "; " + (s.empty() ? "no vector extensions" : s) + build + ")";
 }
 
 }  // namespace gla

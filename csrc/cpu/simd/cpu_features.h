@@ -13,6 +13,15 @@
 #define GLA_MULTI_ISA 0
 #endif
 
+// 1 only in the test build whose AVX-512 copy runs on SIMDe (setup.py GLA_EXT_EMULATE_AVX512,
+// simd/avx512_emulated.h, tools/avx512_emulated_check.sh).
+#ifndef GLA_EMULATE_AVX512
+#define GLA_EMULATE_AVX512 0
+#endif
+#if GLA_EMULATE_AVX512 && !GLA_MULTI_ISA
+#error "GLA_EMULATE_AVX512 needs the per-ISA build (x86-64, GCC)"
+#endif
+
 namespace gla {
 
 // Each flag means "usable by this process": the CPU reports it (cpuid) and the OS saves the

@@ -23,6 +23,9 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
+#if GLA_EMULATE_AVX512
+#include "cpu/simd/avx512_emulated.h"
+#endif
 
 #include "cpu/simd/cpu_features.h"
 
@@ -71,7 +74,11 @@ constexpr CpuIsa kIsa = CpuIsa::kAvx2;
 #pragma GCC pop_options
 
 #pragma GCC push_options
+#if GLA_EMULATE_AVX512  // the _mm512_* names are SIMDe's portable code (avx512_emulated.h)
+#pragma GCC target("avx2,fma,f16c")
+#else
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
+#endif
 // GCC 12 flags the deliberately undefined operand inside its own AVX-512 shuffle intrinsics.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"

@@ -78,6 +78,8 @@ void bind_cpu_simd(pybind11::module_& m) {
   m.def("cpu_best_isa", []() { return std::string(cpu_isa_name(best_cpu_isa())); },
         "widest vector code path this CPU runs");
   m.def("cpu_isa_summary", &cpu_isa_summary, "one line for `python -m gla_ext info`");
+  m.def("cpu_avx512_emulated", []() { return bool(GLA_EMULATE_AVX512); },
+        "True in the test build whose AVX-512 copy runs on SIMDe (simd/avx512_emulated.h)");
   m.def("simd_eval", &simd_eval, pybind11::arg("fn"), pybind11::arg("x"),
         pybind11::arg("w") = pybind11::none(), pybind11::arg("b") = pybind11::none(),
         pybind11::arg("eps") = 1e-5,

@@ -47,7 +47,11 @@ inline vf splat(float x) { return vf{} + x; }
 // Keeps x as computed (no reassociation into a later product under -ffast-math).
 template <typename V> inline V opaque(V x) {
 #if defined(__x86_64__) || defined(__i386__)
+#if GLA_EMULATE_AVX512  // no 64-byte registers in the emulated AVX-512 copy: via memory
+  if constexpr (sizeof(V) > 32) __asm__("" : "+m"(x)); else __asm__("" : "+v"(x));
+#else
   __asm__("" : "+v"(x));
+#endif
 #endif
   return x;
 }
