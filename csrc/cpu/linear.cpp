@@ -41,9 +41,8 @@ size_t elem_bytes(LinearWeight t) { return t == LinearWeight::kFloat32 ? 4 : 2; 
 
 // Quantized panels (layout in linear_qdot_impl.h): per panel of nr rows and group of g
 // columns, nr float16 scales (int4: + nr offsets), then round_up(g, 4) / 4 quads of 4 k:
-// int8 nr * 4 bytes (per half of nr / 2 rows: the rows' (k, k+1) pairs, then their (k+2, k+3)
-// pairs), int4 nr * 2 bytes (row j in the low nibble of byte 4 (j % (nr / 2)) + t, rows
-// j >= nr / 2 in the high one). Padding weights are 0.
+// int8 nr * 4 bytes (row j's 4 bytes at 4 j), int4 nr * 2 bytes (row j in the low nibble of
+// byte 4 (j % (nr / 2)) + t, rows j >= nr / 2 in the high one). Padding weights are 0.
 int64_t q_quad_bytes(LinearWeight t, int64_t nr) { return t == LinearWeight::kInt8 ? nr * 4 : nr * 2; }
 int64_t q_group_bytes(LinearWeight t, int64_t nr, int64_t g) {
   return (t == LinearWeight::kInt8 ? 1 : 2) * nr * 2 + (g + 3) / 4 * q_quad_bytes(t, nr);
@@ -71,8 +70,7 @@ void pack_quantized(const uint8_t* q, const uint16_t* scales, const uint16_t* of
           const int64_t k = gi * g + kk;
           uint8_t* quad = quads + kk / 4 * qb;
           if (t == LinearWeight::kInt8) {
-            const int64_t t = kk % 4;
-            quad[j / half * 2 * nr + t / 2 * nr + 2 * (j % half) + t % 2] = src[k];
+            quad[4 * j + kk % 4] = src[k];
           } else {  // column 2i is the low nibble of source byte i
             const uint8_t v = (src[k / 2] >> (4 * (k % 2))) & 15;
             quad[4 * (j % half) + kk % 4] |= static_cast<uint8_t>(j < half ? v : v << 4);

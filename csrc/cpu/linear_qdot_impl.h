@@ -17,23 +17,20 @@
 // Why (measured, docs/quantization.md): widening every weight to float32 made the step
 // compute-bound (convert + FMA per weight per batch row; int4's nibble unpacking cost as
 // much as int8), 1.5x (int8) / 2.5x (int4) its weight-read time at batch 1 and 3.4x / 5.2x
-// at batch 8 vs 1 (50M GLA, AMD AVX2). Integer products cost a few vector ops per 32
-// weights per batch row; the scales cost one FMA per group.
+// at batch 8 vs 1 (50M GLA, AMD AVX2). Integer products do 32 multiply-adds per
+// vpmaddubsw + vpmaddwd pair per batch row; the scales cost one FMA per group.
 //
 // Packed layout (one panel = NR = 2W output rows, like the float panels): per group a header
 // of NR float16 scales (int4: then NR float16 offsets), then g4 / 4 quads (g4 = g rounded up
-// to 4, the padding weights are 0) of 4 consecutive k of all NR rows.
-// int8 quad (NR * 4 bytes): per half of W rows, W pairs (q[j, k], q[j, k+1]) then W pairs
-// (q[j, k+2], q[j, k+3]): sign-extended to int16, one vector of pairs holds one k-pair of W
-// rows, and vpmaddwd with x's pair broadcast gives each row's 2 products summed in its own
-// 32-bit lane (no cross-lane folding, linear_qdot_i16.h).
-// int4 quad: W * 4 bytes, byte 4j+t = q[j, k+t] in the low nibble, q[j+W, k+t] in the high
-// one, so one load + mask / shift gives both vectors of a quad, row j's 4 nibbles in one
-// 32-bit lane (vpmaddubsw + a 16-bit sum of up to 8 quads + one vpmaddwd per 8 quads).
+// to 4, the padding weights are 0): 4 consecutive k of all NR rows, row j's 4 bytes together,
+// so one 32-bit lane of a vector holds one row's 4 products (vpmaddubsw + vpmaddwd, or
+// vpdpbusd, sum them in place). int8: bytes 4j..4j+3 = q[j, k..k+3] (NR * 4 bytes). int4:
+// W * 4 bytes, byte 4j+t = q[j, k+t] in the low nibble, q[j+W, k+t] in the high one, so one
+// load + mask / shift gives both vectors of a quad.
 //
-// int8 on AVX2 / AVX-512BW: linear_qdot_i16.h (int16 weights x int16 activations, vpmaddwd).
-// int4 weights are unsigned already (q in [0, 15]): the unsigned operand of vpmaddubsw, x the
-// signed one; |2 products| <= 2 * 15 * 127, 8 quads fit 16 bits. The generic path does the
+// AVX2 / AVX-512BW: int8 uses the sign trick (|x| as the unsigned operand of vpmaddubsw, the
+// weight with x's sign as the signed one): |products| <= 127 * 127, two per 16-bit lane, no
+// saturation. int4 weights are unsigned already (q in [0, 15]). The generic path does the
 // same sums in plain int32 code.
 
 #ifndef GLA_VEC_BYTES
@@ -70,32 +67,50 @@ inline vf q_float(const qv& a) {
 }
 #endif
 
-// One quad of x (4 int8 of one batch row, broadcast; generic: the 4 bytes).
+// One quad of x (4 int8 of one batch row, broadcast) and its per-ISA helpers.
 struct QX {
-#if GLA_VEC_BYTES >= 32
-  qv x;
-  explicit QX(const int8_t* p) : x(q_bcast(p)) {}
+#if GLA_VEC_BYTES == 64
+  qv x, ax;
+  __mmask64 neg;
+  explicit QX(const int8_t* p) : x(q_bcast(p)), ax(_mm512_abs_epi8(x)), neg(_mm512_movepi8_mask(x)) {}
+#elif GLA_VEC_BYTES == 32
+  qv x, ax;
+  explicit QX(const int8_t* p) : x(q_bcast(p)), ax(_mm256_abs_epi8(x)) {}
 #else
   int8_t x[4];
   explicit QX(const int8_t* p) { __builtin_memcpy(x, p, 4); }
 #endif
 };
 
-// int8 quads, generic path (AVX2 / AVX-512: linear_qdot_i16.h): NR * 4 bytes, two halves of
-// W rows; dot(): the quad's int32 sums of one batch row for one half.
+// int8 quads: NR * 4 bytes, two vectors of W rows.
+// dot(): the quad's products of one batch row, in 16-bit pairs (AVX2 / AVX-512) or 32-bit
+// sums (generic); kQuads16: how many quads' 16-bit results add up without overflow before
+// q_widen (int8: 2 * 127 * 127 per lane leaves room for one).
 struct Q8Quads {
   static constexpr idx kQuadBytes = NR * 4;
   static constexpr int kHeaders = 1;   // scales
   static constexpr idx kQuads16 = 1;
-#if GLA_VEC_BYTES < 32
+#if GLA_VEC_BYTES >= 32
+  using WV = qv;
+  static inline void load(const uint8_t* p, WV& a, WV& b) {
+    a = q_load(p);
+    b = q_load(p + GLA_VEC_BYTES);
+  }
+  static inline qv dot(const QX& x, WV w) {   // the sign trick, see the top
+#if GLA_VEC_BYTES == 64
+    return q_dot16(x.ax, _mm512_mask_sub_epi8(w, x.neg, _mm512_setzero_si512(), w));
+#else
+    return q_dot16(x.ax, _mm256_sign_epi8(w, x.x));
+#endif
+  }
+#else
   using WV = const uint8_t*;
   static inline void load(const uint8_t* p, WV& a, WV& b) { a = p; b = p + 4 * W; }
   static inline qv dot(const QX& x, WV w) {
     qv r;
     for (int j = 0; j < W; ++j) {
       int32_t s = 0;
-      for (int t = 0; t < 4; ++t)   // k-pair t / 2 of row j: bytes (t / 2) * 2W + 2j + t % 2
-        s += static_cast<int8_t>(w[(t >> 1) * 2 * W + 2 * j + (t & 1)]) * x.x[t];
+      for (int t = 0; t < 4; ++t) s += static_cast<int8_t>(w[4 * j + t]) * x.x[t];
       r.s[j] = s;
     }
     return r;
@@ -377,22 +392,12 @@ inline void qrows_tail(idx rest, const uint8_t* wp, idx pb, const QActs& xa, idx
 // Panels [p0, p1) for all n rows (the order of apply_panels in linear_impl.h). Each call
 // quantizes x itself (threads splitting the panels each do it: n * in work against the
 // panels' in * NR * (p1 - p0) products).
-#if GLA_VEC_BYTES >= 32
-#include "linear_qdot_i16.h"  // int8 on AVX2 / AVX-512: int16 products (apply_q8_i16)
-#endif
-
 template <class QR>
 void apply_q(const void* w, idx in, idx out, idx group, const float* bias, const float* x,
              idx ldx, idx n, float* y, idx ldy, bool acc, idx p0, idx p1) {
   const auto* base = static_cast<const uint8_t*>(w);
   const QActs xa = quantize_acts(x, ldx, n, in, group);
   const idx pb = xa.groups * q_group_bytes<QR>(xa.g4);
-#if GLA_VEC_BYTES >= 32
-  if constexpr (std::is_same_v<QR, Q8Quads>) {
-    apply_q8_i16(base, pb, xa, acts_int16(xa, n), out, bias, n, y, ldy, acc, p0, p1);
-    return;
-  } else {
-#endif
   for (idx p = p0; p < p1; p += 2) {
     const int np = p + 1 < p1 ? 2 : 1;
     for (int q = 0; q < np; ++q) {
@@ -418,9 +423,6 @@ void apply_q(const void* w, idx in, idx out, idx group, const float* bias, const
       }
     }
   }
-#if GLA_VEC_BYTES >= 32
-  }
-#endif
 }
 
 inline void apply_q8(const void* w, idx in, idx out, idx group, const float* bias,
