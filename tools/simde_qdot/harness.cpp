@@ -1,5 +1,5 @@
-// Runs the AVX-512 copy of the quantized linear kernels (csrc/cpu/linear_qdot_impl.h and
-// linear_qdot_i16.h, GLA_VEC_BYTES = 64) on a CPU without AVX-512, through the SIMDe
+// Runs the AVX-512 copy of the quantized linear kernels (csrc/cpu/linear_qdot_impl.h,
+// GLA_VEC_BYTES = 64) on a CPU without AVX-512, through the SIMDe
 // emulation headers, and compares it with the generic copy (plain C++) on random matrices:
 // the activation rounding must match exactly (int8 values, scales), the products up to the
 // float32 rounding of the per-group FMA (generic has no FMA). How to run: tools/simde_qdot/run.sh
