@@ -17,9 +17,11 @@ from helpers import dequantized_copy, rel_err
 # relative (Frobenius) error 3e-3 over 12 draws; the contract's bf16 bound.
 BF16_OP_BOUND = 1e-2
 # A whole model in bf16 products (2 blocks x 9 products; each rounds its input and output)
-# compounds: GLA model measured up to 6.5e-3 over 12 seeds x {int8, int4} (mean 3.3e-3), so
-# the model check uses twice the op bound.
-BF16_MODEL_BOUND = 2e-2
+# compounds, and these random models amplify it chaotically: GLA model median ~5e-3, worst
+# 1.6e-2 over 300 draws (seeds 0-11 and 100-249 x {int8, int4}); fla logits worst 7.6e-3
+# over 50. The model check is a gross-error check at 5e-2 (the op check above is the
+# contract's); a path that skipped the bf16 rounding fails its lower limit instead.
+BF16_MODEL_BOUND = 5e-2
 # forced float32: the float32 model of the dequantized weights (test_quantize.py's bound)
 FLOAT32_BOUND = 1e-5
 
