@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quant_matmul import resolve_mode, use_bf16
+
 __all__ = ["FORMATS", "QuantizedLinear", "quantize_", "check_format", "is_quantized",
            "quantize_weight", "dequantize_weight"]
 
@@ -147,8 +149,9 @@ def dequantize_weight(qweight, scales, offsets, fmt: str, group: int,
 class QuantizedLinear(nn.Module):
     """y = x W^T (+ b) with W stored in a quantized format (buffers qweight, scales, offsets).
 
-    forward dequantizes W to x's dtype per call (every backend); the fused CPU engine reads
-    the packed buffers directly. The bias (if any) stays a trainable parameter. Converting
+    forward dequantizes W to x's dtype per call (every backend; float32 prefill may run as a
+    bf16 GEMM where that is faster, see `matmul` and gla_ext/quant_matmul.py); the fused CPU
+    engine reads the packed buffers directly. The bias (if any) stays a trainable parameter. Converting
     the module's dtype (model.to(torch.bfloat16)) changes the bias, not the stored weight.
     """
 
@@ -185,7 +188,15 @@ class QuantizedLinear(nn.Module):
         return dequantize_weight(self.qweight, self.scales, self.offsets, self.format,
                                  self.group_size, dtype)
 
+    # the per-call product's engine, "auto" | "float32" | "bf16" (None: GLA_EXT_QUANT_MATMUL,
+    # else "auto"); see gla_ext/quant_matmul.py
+    matmul: str | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_bf16(resolve_mode(self.matmul), x, self.in_features, self.out_features):
+            # bf16 GEMM (float32 accumulation), its bf16 output widened; bias in float32
+            y = F.linear(x.to(torch.bfloat16), self.dequantize(torch.bfloat16)).to(x.dtype)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize(x.dtype), bias)
 
