@@ -347,16 +347,18 @@ inline void qtile(const uint8_t* __restrict wp, idx panel_bytes, const QActs& xa
 #pragma GCC unroll 8
       for (int b = 0; b < MB; ++b) {
         const float d = xa.d[(r0 + b) * xa.groups + gi];
-        c[q][b][0] += (q_float(a[q][b][0]) * d) * s0;
-        c[q][b][1] += (q_float(a[q][b][1]) * d) * s1;
+        // opaque: one order of operations in every MB instantiation (under -ffast-math GCC
+        // reassociated some of them), so a row's result does not depend on its batch
+        c[q][b][0] = opaque(c[q][b][0] + opaque(q_float(a[q][b][0]) * d) * s0);
+        c[q][b][1] = opaque(c[q][b][1] + opaque(q_float(a[q][b][1]) * d) * s1);
       }
       if constexpr (kOffsets) {
         const vf m0 = F16Weights::widen(hdr + NR), m1 = F16Weights::widen(hdr + NR + W);
 #pragma GCC unroll 8
         for (int b = 0; b < MB; ++b) {
           const float ds = xa.dsum[(r0 + b) * xa.groups + gi];
-          c[q][b][0] += ds * m0;
-          c[q][b][1] += ds * m1;
+          c[q][b][0] = opaque(c[q][b][0] + ds * m0);
+          c[q][b][1] = opaque(c[q][b][1] + ds * m1);
         }
       }
     }
