@@ -4,31 +4,14 @@
 // the activation rounding must match exactly (int8 values, scales), the products up to the
 // float32 rounding of the per-group FMA (generic has no FMA). How to run: tools/simde_qdot/run.sh
 //
-// linear.cpp is included whole: its packer (pack_quantized) and its generic kernels are the
-// ones the extension uses; the AVX-512 body is then compiled a second time below, in
-// namespace gla::emu512, with SIMDe's native aliases turning _mm512_* into emulated calls.
+// linear.cpp is included whole, built as the emulated test build builds it
+// (GLA_EMULATE_AVX512: csrc/cpu/simd/avx512_emulated.h supplies _mm512_* from SIMDe): its
+// packer (pack_quantized) and its generic and avx512 kernel copies are the extension's.
+#define GLA_EMULATE_AVX512 1
 #include "cpu/linear.cpp"
-
-#define SIMDE_ENABLE_NATIVE_ALIASES
-#include <simde/x86/avx512.h>
-#include <simde/x86/f16c.h>
-
-#include "simde_shims.h"  // what SIMDe 0.7.4 lacks or aliases wrongly
 
 #include <cstdio>
 #include <random>
-
-namespace gla {
-namespace emu512 {
-#define GLA_VEC_BYTES 64
-#define GLA_ISA_FMA 1
-constexpr CpuIsa kIsa = CpuIsa::kAvx512;
-#include "cpu/simd/vec.h"
-#include "cpu/linear_impl.h"
-#undef GLA_ISA_FMA
-#undef GLA_VEC_BYTES
-}  // namespace emu512
-}  // namespace gla
 
 namespace {
 
@@ -60,7 +43,7 @@ double run_case(const Case& c, std::mt19937& rng) {
   const auto ge = gla::linear_generic::quantize_acts(x.data(), c.in, c.n, c.in, c.group);
   std::vector<int8_t> gq(ge.q, ge.q + c.n * groups * ge.g4);
   std::vector<float> gd(ge.d, ge.d + 2 * c.n * groups);
-  const auto ee = gla::emu512::quantize_acts(x.data(), c.in, c.n, c.in, c.group);
+  const auto ee = gla::linear_avx512::quantize_acts(x.data(), c.in, c.n, c.in, c.group);
   if (std::memcmp(gq.data(), ee.q, gq.size()) || std::memcmp(gd.data(), ee.d, gd.size() * 4)) {
     std::printf("FAIL activation rounding differs (in %ld group %ld n %ld)\n", (long)c.in,
                 (long)c.group, (long)c.n);
@@ -83,7 +66,7 @@ double run_case(const Case& c, std::mt19937& rng) {
     return y;
   };
   const auto apply_g = c.int4 ? gla::linear_generic::apply_q4 : gla::linear_generic::apply_q8;
-  const auto apply_e = c.int4 ? gla::emu512::apply_q4 : gla::emu512::apply_q8;
+  const auto apply_e = c.int4 ? gla::linear_avx512::apply_q4 : gla::linear_avx512::apply_q8;
   const auto yg = run(2 * 4, apply_g), ye = run(2 * 16, apply_e);
   if (yg.empty() || ye.empty()) {
     std::printf("FAIL a kernel wrote past its columns\n");

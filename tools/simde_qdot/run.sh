@@ -8,7 +8,7 @@ PY=${1:-python}
 TORCH_INC=$("$PY" -c "import torch.utils.cpp_extension as c; print(c.include_paths()[0])")
 TORCH_LIB=$("$PY" -c "import torch.utils.cpp_extension as c; print(c.library_paths()[0])")
 OUT=${TMPDIR:-/tmp}/gla_simde_qdot
-g++ -std=c++20 -O1 -mavx2 -mfma -mf16c -Wno-psabi -Icsrc -Itools/simde_qdot -I"$TORCH_INC" \
+g++ -std=c++20 -O1 -mavx2 -mfma -mf16c -Wno-psabi -Icsrc -I"$TORCH_INC" \
   tools/simde_qdot/harness.cpp csrc/cpu/simd/cpu_features.cpp -o "$OUT" \
   -L"$TORCH_LIB" -lc10 -Wl,-rpath,"$TORCH_LIB"
 "$OUT"
