@@ -1,8 +1,6 @@
 """The one fused CPU engine (gla_ext.cpu_engine, issue 17): the vendor-GEMM route of the token
 step at large batches, the low-rank gate in the window loop, one engine object per model, and
 quantized models in the step only. Each against the plain PyTorch layers and float64."""
-import copy
-
 import pytest
 import torch
 
@@ -11,18 +9,13 @@ from gla_ext import GLA, cpu_engine
 from gla_ext import decode as dec
 from gla_ext import prefill as pf
 from helpers import float32_model_tolerance, forward_y_and_states, rel_err
+# the odd shapes, dtypes and bf16 bounds of the window's engine tests
+from test_prefill_gemm import BF16_TOL, BF16_VS_PYTORCH, DTYPES, ODD, float64_model
 
 pytestmark = pytest.mark.skipif(not gla_ext.extension_loaded(),
                                 reason="gla_ext._C is not built (the fast path needs it)")
 
-# panels straddle q/k/v/r/gate (a = 72) and the FFN width is no multiple of the panel width
-ODD = dict(embed_dim=32, hidden_size=40, num_layers=2, num_heads=3, head_dim=24)
 LOW_RANK = dict(ODD, embed_dim=29, gate_low_rank_dim=5)
-DTYPES = [torch.float32, torch.bfloat16]
-# bf16 (as tests/test_prefill_gemm.py): the engine computes in float32 from bf16 weights,
-# 1e-2 of float64; the PyTorch layers keep bf16 activations between ops, so engine vs
-# PyTorch takes the sum of both
-BF16_TOL, BF16_VS_PYTORCH = 1e-2, 5e-2
 
 
 @pytest.fixture(autouse=True)
@@ -35,10 +28,6 @@ def _fused_engine(monkeypatch):
 
 def build(dtype, **options):
     return GLA.build(**options).eval().to(dtype)
-
-
-def float64_model(model):
-    return copy.deepcopy(model).double()   # the same (rounded) weights, generic path in float64
 
 
 def step_y_and_states(m, x, state):

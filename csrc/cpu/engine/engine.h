@@ -155,9 +155,9 @@ class GLA_ENGINE_HIDDEN CpuEngine {
   using Choice = std::array<bool, kNumMatKinds>;  // per kind: vendor GEMM
   using ChoiceTable = std::map<std::pair<int64_t, int>, Choice>;  // (rows bucket, threads)
   // The own kernel of a loop alone on one product: (product, A, lda, M rows, out, ldo, nt
-  // threads) -> seconds; the choice's measurement (engine_gemm.cpp) times it.
-  using OwnRun = std::function<double(const PackedMatrix&, const float*, int64_t, int64_t,
-                                      float*, int64_t, int)>;
+  // threads); the choice's measurement (engine_gemm.cpp) times it like the vendor GEMM.
+  using OwnRun = std::function<void(const PackedMatrix&, const float*, int64_t, int64_t,
+                                    float*, int64_t, int)>;
   struct Workspace {  // token step, per batch size B: float32 buffers (EngineBufs)
     std::vector<float> x, h, xn, xn_threads, proj, o, u, act, scratch, y;
     std::vector<const float*> old_states;
@@ -177,7 +177,7 @@ class GLA_ENGINE_HIDDEN CpuEngine {
   void vendor_product(const EngineProduct& p, const float* A, int64_t lda, int64_t M, float* out,
                       int64_t ldo, bool accumulate) const;
   Choice choose(ChoiceTable& table, int64_t M, int nt, int64_t gemm, const float* x,
-                const EngineBufs& b, const OwnRun& own);
+                const EngineBufs& b, const OwnRun& own, bool all_layers);
   EngineModel model(const std::vector<EngineLayerPtrs>& layers) const;
   std::vector<EngineLayerPtrs> layer_ptrs() const;
   // the stages: runs of own stages through region(s0, s1), vendor ones here
@@ -193,6 +193,9 @@ class GLA_ENGINE_HIDDEN CpuEngine {
   void run_step(int64_t B, Workspace& ws, const float* x, float* y, int64_t gemm);
 
   int64_t kind_k(int kind) const;
+  // argument checks shared by the calls (engine_load.cpp)
+  void check_gemm(int64_t gemm) const;
+  void check_states(const std::vector<at::Tensor>& states, int64_t B) const;
 
   std::vector<Layer> layers_;
   EngineProduct in_;

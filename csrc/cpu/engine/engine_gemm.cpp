@@ -120,16 +120,21 @@ void CpuEngine::run_stages(const std::vector<EngineStage>& stages, const float* 
   }
 }
 
-// Per kind, layer 0's product on M rows with each engine, interleaved, best of at least 3
+// Per kind, layer 0's product (all_layers: every layer's, one after the other) on M rows
+// with each engine, interleaved, best of at least 3
 // pairs (more, up to 20, while a pair takes under 20 ms; one pair when each run takes over
 // 50 ms and they differ by more than 1.5x, two otherwise). Before the vendor GEMM's first
 // full run, one on 16 rows scaled up: a vendor GEMM far behind (bf16 without AMX /
 // AVX512-BF16 runs at about 1 GFLOP/s) is not run on all rows. Inputs and outputs are the
 // call's own buffers (inputs other than x filled with 0.5 first): a transient allocation of
 // tens of MB here would stay in the process's heap after the call (glibc keeps freed heap
-// below its trim threshold).
+// below its trim threshold). all_layers is for the token step: its products are small, and
+// one layer's weights repeated stay in the caches, where the GEMV kernels gain less from
+// that than the vendor GEMM (measured: 50M float32 batch 64, layer 0 alone picked the vendor
+// GEMM for proj and w13, the whole step then 111 ms against 90 ms on the own kernels).
 CpuEngine::Choice CpuEngine::choose(ChoiceTable& table, int64_t M, int nt, int64_t gemm,
-                                    const float* x, const EngineBufs& b, const OwnRun& own) {
+                                    const float* x, const EngineBufs& b, const OwnRun& own,
+                                    bool all_layers) {
   Choice c{};
   if (quantized_) return c;  // no vendor route for quantized weights
   if (gemm == kGemmOwn || gemm == kGemmVendor) {
@@ -144,13 +149,19 @@ CpuEngine::Choice CpuEngine::choose(ChoiceTable& table, int64_t M, int nt, int64
   for (int kind = 0; kind < kNumMatKinds; ++kind) {
     if (kind == kMatIn && in_.parts.empty()) continue;
     ensure_packed(kind);
-    const EngineProduct& p = *products(kind, 0)[0];
+    const int64_t layers = kind == kMatIn || !all_layers ? 1 : num_layers();
     const KindIO io = kind_io(kind, x, E_, b, dp_, a_, f_pad_);
     if (kind != kMatIn) view(io.A, M, kind_k(kind), io.lda).fill_(0.5f);
-    auto t_own_run = [&] { return own(p.packed, io.A, io.lda, M, io.out, io.ldo, nt); };
+    auto t_own_run = [&] {
+      const double t0 = now_seconds(thread_time);
+      for (int64_t l = 0; l < layers; ++l)
+        own(products(kind, l)[0]->packed, io.A, io.lda, M, io.out, io.ldo, nt);
+      return now_seconds(thread_time) - t0;
+    };
     auto vendor = [&](int64_t rows) {
       const double t0 = now_seconds(thread_time);
-      vendor_product(p, io.A, io.lda, rows, io.out, io.ldo, false);
+      for (int64_t l = 0; l < layers; ++l)
+        vendor_product(*products(kind, l)[0], io.A, io.lda, rows, io.out, io.ldo, false);
       return now_seconds(thread_time) - t0;
     };
     double t_own = t_own_run();

@@ -9,6 +9,10 @@
 
 #include <algorithm>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 namespace gla {
 
 namespace {
@@ -266,6 +270,9 @@ void CpuEngine::ensure_packed(int kind) {
                                                    : zip_rows(p->parts, cat0);
       p->packed = pack(rows, isa_);
     }
+#if defined(__GLIBC__)
+  malloc_trim(0);  // packing's temporaries (concatenated rows): glibc would keep that heap
+#endif
 }
 
 // Drops the packed copies of kinds that no measured choice and no step runs on the own
@@ -351,6 +358,24 @@ CpuEngine::ChoiceList CpuEngine::choices() const {
 CpuEngine::ChoiceList CpuEngine::step_choices() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return list(step_choices_);
+}
+
+void CpuEngine::check_gemm(int64_t gemm) const {
+  TORCH_CHECK_VALUE(gemm >= kGemmAuto && gemm <= kGemmVendor, kOp,
+                    ": gemm must be 0 (auto), 1 (own) or 2 (vendor), got ", gemm);
+  TORCH_CHECK_VALUE(!(quantized_ && gemm == kGemmVendor), kOp,
+                    ": quantized weights have no vendor GEMM route (gemm=2)");
+}
+
+void CpuEngine::check_states(const std::vector<at::Tensor>& states, int64_t B) const {
+  const int64_t nl = num_layers();
+  TORCH_CHECK_VALUE(states.empty() || static_cast<int64_t>(states.size()) == nl, kOp,
+                    ": expected ", nl, " states (or none), got ", states.size());
+  for (const auto& s : states)
+    TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat && s.device().is_cpu() &&
+                          s.sizes() == at::IntArrayRef({B, H_, D_, D_}),
+                      kOp, ": each state must be a float32 CPU tensor [", B, ", ", H_, ", ", D_,
+                      ", ", D_, "], got ", s.scalar_type(), " ", s.sizes());
 }
 
 std::vector<EngineStage> engine_stages(int64_t num_layers, const bool* vendor, bool low_rank,

@@ -177,16 +177,14 @@ void CpuEngine::run_step(int64_t B, Workspace& ws, const float* x, float* y, int
   // the step's own kernel alone on one product (the choice's measurement), panels split
   const OwnRun own = [](const PackedMatrix& w, const float* A, int64_t lda, int64_t M, float* out,
                         int64_t ldo, int nt) {
-    const auto t0 = std::chrono::steady_clock::now();
     on_threads(nt, [&](int t, int n) {
       const int64_t np = w.num_panels();
       w.apply(A, lda, M, out, ldo, false, np * t / n, np * (t + 1) / n);
     });
-    return seconds_since(t0);
   };
   const Choice vendor = gemm == kGemmAuto && (B < kStepVendorRows || quantized_)
                             ? Choice{}
-                            : choose(step_choices_, B, T, gemm, x, bufs, own);
+                            : choose(step_choices_, B, T, gemm, x, bufs, own, true);
   for (int kind = 0; kind < kNumMatKinds; ++kind)
     if (!vendor[kind]) {
       ensure_packed(kind);
@@ -263,18 +261,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> CpuEngine::step(
     const at::Tensor& x, const std::vector<at::Tensor>& states, int64_t gemm) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_x(x);
-  TORCH_CHECK_VALUE(gemm >= kGemmAuto && gemm <= kGemmVendor, kOp,
-                    ": gemm must be 0 (auto), 1 (own) or 2 (vendor), got ", gemm);
-  TORCH_CHECK_VALUE(!(quantized_ && gemm == kGemmVendor), kOp,
-                    ": quantized weights have no vendor GEMM route (gemm=2)");
+  check_gemm(gemm);
   const int64_t B = x.size(0), nl = num_layers();
-  TORCH_CHECK_VALUE(states.empty() || static_cast<int64_t>(states.size()) == nl, kOp,
-                    ": expected ", nl, " states (or none), got ", states.size());
-  for (const auto& s : states)
-    TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat && s.device().is_cpu() &&
-                          s.sizes() == at::IntArrayRef({B, H_, D_, D_}),
-                      kOp, ": each state must be a float32 CPU tensor [", B, ", ", H_, ", ", D_,
-                      ", ", D_, "], got ", s.scalar_type(), " ", s.sizes());
+  check_states(states, B);
 
   // Outputs are allocated in the caller's mode (inference tensors under inference_mode, like
   // the generic path); everything below writes into buffers without autograd bookkeeping.
@@ -314,10 +303,7 @@ at::Tensor CpuEngine::step_pool(const at::Tensor& x, const std::vector<at::Tenso
                                 const at::Tensor& slots, int64_t gemm) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_x(x);
-  TORCH_CHECK_VALUE(gemm >= kGemmAuto && gemm <= kGemmVendor, kOp,
-                    ": gemm must be 0 (auto), 1 (own) or 2 (vendor), got ", gemm);
-  TORCH_CHECK_VALUE(!(quantized_ && gemm == kGemmVendor), kOp,
-                    ": quantized weights have no vendor GEMM route (gemm=2)");
+  check_gemm(gemm);
   const int64_t n = x.size(0), nl = num_layers();
   TORCH_CHECK_VALUE(static_cast<int64_t>(pools.size()) == nl, kOp, ": expected ", nl,
                     " pool tensors (one per layer), got ", pools.size());

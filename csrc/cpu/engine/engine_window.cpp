@@ -34,16 +34,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> CpuEngine::forward(
                     x_in.scalar_type(), " on ", x_in.device());
   TORCH_CHECK_VALUE(x_in.dim() == 3 && x_in.size(2) == E_ && x_in.size(0) >= 1 && x_in.size(1) >= 1,
                     kOp, ": x must be [batch, seq_len, ", E_, "], got ", x_in.sizes());
-  TORCH_CHECK_VALUE(gemm >= kGemmAuto && gemm <= kGemmVendor, kOp,
-                    ": gemm must be 0 (auto), 1 (own) or 2 (vendor), got ", gemm);
+  check_gemm(gemm);
   const int64_t B = x_in.size(0), T = x_in.size(1), M = B * T, nl = num_layers();
-  TORCH_CHECK_VALUE(states.empty() || static_cast<int64_t>(states.size()) == nl, kOp,
-                    ": expected ", nl, " states (or none), got ", states.size());
-  for (const auto& s : states)
-    TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat && s.device().is_cpu() &&
-                          s.sizes() == at::IntArrayRef({B, H_, D_, D_}),
-                      kOp, ": each state must be a float32 CPU tensor [", B, ", ", H_, ", ", D_,
-                      ", ", D_, "], got ", s.scalar_type(), " ", s.sizes());
+  check_states(states, B);
   at::Tensor lengths;
   if (lengths_in && lengths_in->defined()) {
     TORCH_CHECK_VALUE(!all_positions, kOp, ": lengths cannot be combined with all positions");
@@ -100,7 +93,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> CpuEngine::forward(
   }
   const EngineBufs bufs{p[0], p[1], p[2], p[3], p[4], p[5], ldp};
 
-  // the window's own kernel alone on one product (the choice's measurement)
+  // the window's own kernel alone on one product (the choice's measurement): the input
+  // projection's stage of a one-product model
   const EngineKernels* kern = kern_;
   const OwnRun own = [&](const PackedMatrix& w, const float* A, int64_t lda, int64_t rows,
                          float* out, int64_t ldo, int threads) {
@@ -121,20 +115,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> CpuEngine::forward(
     pl.stages = &in;
     std::atomic<int64_t> counter{0};
     pl.counters = &counter;
-    const bool thread_time = threads == 1;
-    timespec t0, t1;
-    const auto w0 = std::chrono::steady_clock::now();
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
 #pragma omp parallel num_threads(threads)
     {
       FlushDenormals ftz;
       kern->window_run(pl, 0, 1);
     }
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1);
-    return thread_time ? (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec)
-                       : std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
   };
-  const Choice vendor = choose(window_choices_, M, nt, gemm, x.data_ptr<float>(), bufs, own);
+  const Choice vendor =
+      choose(window_choices_, M, nt, gemm, x.data_ptr<float>(), bufs, own, false);
   for (int kind = 0; kind < kNumMatKinds; ++kind)
     if (!vendor[kind]) ensure_packed(kind);
   last_ = vendor;

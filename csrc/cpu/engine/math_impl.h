@@ -43,6 +43,26 @@ inline void swiglu(const float* u1, const float* u3, float* act, idx n, idx npad
   for (idx j = n; j < npad; ++j) act[j] = 0.f;
 }
 
+// SwiGLU rows [r0, r1) of act [., f_pad] from u [., 2 f_pad] = [u1 | u3] (the vendor GEMM's
+// layout of the [W1 | W3] product).
+inline void swiglu_rows(const float* u, float* act, idx r0, idx r1, idx f, idx f_pad) {
+  for (idx r = r0; r < r1; ++r) {
+    const float* ur = u + r * 2 * f_pad;
+    swiglu(ur, ur + f_pad, act + r * f_pad, f, f);
+  }
+}
+
+// SwiGLU of panel p of the own kernel's [W1 | W3] product for rows [0, M): the panel holds
+// u1 then u3 of half columns each (act columns [p * half, +half)).
+inline void swiglu_panel(const float* u, float* act, idx M, idx p, idx half, idx f, idx f_pad) {
+  const idx j0 = p * half, n = std::min(half, f - j0);
+  if (n <= 0) return;
+  for (idx r = 0; r < M; ++r) {
+    const float* ur = u + r * 2 * f_pad + 2 * j0;
+    swiglu(ur, ur + half, act + r * f_pad + j0, n, n);
+  }
+}
+
 inline void split(idx n, int t, int T, idx* b, idx* e) {
   *b = n * t / T;
   *e = n * (t + 1) / T;

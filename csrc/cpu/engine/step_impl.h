@@ -142,26 +142,14 @@ inline void step_thread(const StepPlan& p, idx s0, idx s1, int t, int T) {
         split(L->wo->num_panels(), t, T, &p0, &p1);
         L->wo->apply(b.o, m.a, B, b.h, dp, true, p0, p1);
         break;
-      case kOpW13: {  // own kernel: LN2 per thread, SwiGLU of this thread's own panels
+      case kOpW13:  // own kernel: LN2 per thread, SwiGLU of this thread's own panels
         layer_norm_rows(b.h, dp, xn_own, dp, L->ln2_w, L->ln2_b, B, d, m.eps);
         split(L->w13->num_panels(), t, T, &p0, &p1);
-        const idx ldu = 2 * m.f_pad, half = m.half;
-        L->w13->apply(xn_own, dp, B, b.u, ldu, false, p0, p1);
-        for (idx q = p0; q < p1; ++q) {
-          const idx j0 = q * half, n = std::min(half, m.f - j0);
-          if (n <= 0) continue;
-          for (idx r = 0; r < B; ++r) {
-            const float* ur = b.u + r * ldu + 2 * j0;
-            swiglu(ur, ur + half, b.act + r * m.f_pad + j0, n, n);
-          }
-        }
+        L->w13->apply(xn_own, dp, B, b.u, 2 * m.f_pad, false, p0, p1);
+        for (idx q = p0; q < p1; ++q) swiglu_panel(b.u, b.act, B, q, m.half, m.f, m.f_pad);
         break;
-      }
-      case kOpSwiGlu:  // vendor layout: u = [xn W1^T (f_pad columns), xn W3^T (f_pad)]
-        for (idx r = r0; r < r1; ++r) {
-          const float* ur = b.u + r * 2 * m.f_pad;
-          swiglu(ur, ur + m.f_pad, b.act + r * m.f_pad, m.f, m.f);
-        }
+      case kOpSwiGlu:  // after a vendor [W1 | W3]
+        swiglu_rows(b.u, b.act, r0, r1, m.f, m.f_pad);
         break;
       case kOpW2:
         split(L->w2->num_panels(), t, T, &p0, &p1);

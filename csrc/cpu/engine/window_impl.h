@@ -188,25 +188,12 @@ inline void window_run(const WindowPlan& pl, idx s0, idx s1) {
       case kOpWo:
         product(*L.wo, b.o, m.a, b.h, dp, true, nothing);
         break;
-      case kOpW13: {  // panel p holds w1 rows [p*half, +half) then the same w3 rows
-        const idx ldu = 2 * m.f_pad, half = m.half;
-        product(*L.w13, b.xn, dp, b.u, ldu, false, [&](idx p) {
-          const idx j0 = p * half, n = std::min(half, m.f - j0);
-          if (n <= 0) return;
-          for (idx r = 0; r < M; ++r) {
-            const float* ur = b.u + r * ldu + 2 * j0;
-            swiglu(ur, ur + half, b.act + r * m.f_pad + j0, n, n);
-          }
-        });
+      case kOpW13:  // panel p holds w1 rows [p*half, +half) then the same w3 rows
+        product(*L.w13, b.xn, dp, b.u, 2 * m.f_pad, false,
+                [&](idx p) { swiglu_panel(b.u, b.act, M, p, m.half, m.f, m.f_pad); });
         break;
-      }
-      case kOpSwiGlu:  // vendor layout: u = [xn W1^T (f_pad columns), xn W3^T (f_pad)]
-        rows([&](idx r0, idx r1) {
-          for (idx r = r0; r < r1; ++r) {
-            const float* ur = b.u + r * 2 * m.f_pad;
-            swiglu(ur, ur + m.f_pad, b.act + r * m.f_pad, m.f, m.f);
-          }
-        });
+      case kOpSwiGlu:  // after a vendor [W1 | W3]
+        rows([&](idx r0, idx r1) { swiglu_rows(b.u, b.act, r0, r1, m.f, m.f_pad); });
         break;
       case kOpW2:
         product(*L.w2, b.act, m.f_pad, b.h, dp, true, nothing);
