@@ -48,6 +48,13 @@ def vs_pytorch(dtype, tol):
     return tol if dtype == torch.float32 else BF16_VS_PYTORCH
 
 
+def vs_float64(dtype, gemm, tol):
+    """bf16 on the vendor GEMM rounds each product's input to bf16 as nn.Linear does: the
+    PyTorch path's error level (BF16_VS_PYTORCH), not the engine's float32 math (1e-2). With
+    the low-rank gate that reached 1.3e-2 of float64 in a 50-seed sweep."""
+    return BF16_VS_PYTORCH if dtype == torch.bfloat16 and gemm == "vendor" else tol
+
+
 def kinds_ran(model, vendor_list):
     """{kind: vendor?} of the engine's products (the input projection only where there is one)."""
     kinds = dict(zip(pf.MATRIX_KINDS, vendor_list))
@@ -149,10 +156,12 @@ def test_low_rank_gate_prefill_equals_pytorch_and_float64(gemm, dtype, monkeypat
         seq64 = m64(x.double(), return_sequence=True)
     tol_y, *tol_s = tolerances(model, forward_y_and_states, x, state)
     tol_seq, = tolerances(model, lambda m, xs: [m(xs, return_sequence=True)], x)
-    assert rel_err(y, y64) < tol_y and rel_err(y, y_pt) < vs_pytorch(dtype, tol_y)
-    assert rel_err(seq, seq64) < tol_seq and rel_err(seq, seq_pt) < vs_pytorch(dtype, tol_seq)
+    assert rel_err(y, y64) < vs_float64(dtype, gemm, tol_y)
+    assert rel_err(y, y_pt) < vs_pytorch(dtype, tol_y)
+    assert rel_err(seq, seq64) < vs_float64(dtype, gemm, tol_seq)
+    assert rel_err(seq, seq_pt) < vs_pytorch(dtype, tol_seq)
     for a, b, c, tol in zip(s, s_pt, s64, tol_s):
-        assert rel_err(a, c) < tol and rel_err(a, b) < vs_pytorch(dtype, tol)
+        assert rel_err(a, c) < vs_float64(dtype, gemm, tol) and rel_err(a, b) < vs_pytorch(dtype, tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -182,8 +191,9 @@ def test_low_rank_gate_lengths_and_pool_prefill(gemm, dtype, monkeypatch):
             y64 = m64(xi.double())
             yp64, sp64 = m64(xi.double(), state=None if st is None else [t.double() for t in st],
                              return_state=True)
-        tol_y = tolerances(model, lambda m, xs: [m(xs)], xi)[0]
-        tol_py, *tol_ps = tolerances(model, forward_y_and_states, xi, st)
+        tol_y = vs_float64(dtype, gemm, tolerances(model, lambda m, xs: [m(xs)], xi)[0])
+        tol_py, *tol_ps = (vs_float64(dtype, gemm, t)
+                           for t in tolerances(model, forward_y_and_states, xi, st))
         assert rel_err(y_len[i:i + 1], y64) < tol_y
         assert rel_err(y_pool[i:i + 1], yp64) < tol_py
         for pool_s, ref, tol in zip(pool.states, sp64, tol_ps):

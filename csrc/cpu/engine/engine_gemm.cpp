@@ -109,10 +109,13 @@ void CpuEngine::run_stages(const std::vector<EngineStage>& stages, const float* 
         if (!in_b_.empty()) view(b.h, M, d_, dp_).add_(view(in_b_.data(), 1, d_, d_));
         break;
       case kOpProj: vendor_product(L.proj, b.xn, dp_, M, b.proj, b.ldp, false); break;
-      case kOpGate2:
-        vendor_product(L.gate2, b.proj + off_gate_, b.ldp, M, b.proj + (rank_ ? Pp_ : off_gate_),
-                       b.ldp, false);
+      case kOpGate2: {  // in float32: the [a, rank] weight widened costs nothing, and its
+        // rank-wide input is not rounded to bf16 a second time
+        const at::Tensor w = L.gate2.parts[0].w.to(at::kFloat);
+        vendor_mm(view(b.proj + Pp_, M, a_, b.ldp), view(b.proj + off_gate_, M, rank_, b.ldp), w,
+                  false);
         break;
+      }
       case kOpWo: vendor_product(L.wo, b.o, a_, M, b.h, dp_, true); break;
       case kOpW13: vendor_product(L.w13, b.xn, dp_, M, b.u, 2 * f_pad_, false); break;
       default: vendor_product(L.w2, b.act, f_pad_, M, b.h, dp_, true); break;
