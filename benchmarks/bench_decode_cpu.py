@@ -34,7 +34,7 @@ from gla_ext import engine_choice as choice
 
 OPTIONS = dict(embed_dim=287, hidden_size=256, num_layers=6, num_heads=4)
 BATCHES = (1, 8, 32)
-NOTE = ("The decode kernels are gla_ext's own (csrc/cpu/linear_impl.h, decode_core_impl.h): "
+NOTE = ("The decode kernels are gla_ext's own (csrc/cpu/linear_impl.h, engine/step_impl.h): "
         "the same AVX-512 / AVX2+FMA / generic code on Intel and AMD CPUs, picked from the "
         "CPU's feature flags only, no vendor BLAS and no vendor-specific path.")
 

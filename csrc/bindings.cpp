@@ -17,10 +17,9 @@
 #endif
 
 #include "gla.h"
-#include "cpu/decode.h"
+#include "cpu/engine/engine.h"
 #include "cpu/linear_bindings.h"
 #include "cpu/simd/simd_bindings.h"
-#include "cpu/prefill.h"
 
 namespace {
 
@@ -590,60 +589,55 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "return freed heap memory to the OS (glibc malloc_trim); True if any was released");
   gla::bind_cpu_linear(m);  // gla_ext._C.PackedLinear, linear_isa (csrc/cpu/linear_bindings.cpp)
   gla::bind_cpu_simd(m);    // cpu_features, cpu_isa, simd_eval (csrc/cpu/simd/simd_bindings.cpp)
-  // Whole-model CPU decode step used by GLA.step (built and cached by gla_ext/decode.py).
-  pybind11::class_<gla::CpuDecoder, std::shared_ptr<gla::CpuDecoder>>(m, "CpuDecoder")
-      .def(pybind11::init<const std::vector<std::optional<Tensor>>&,
-                          const std::vector<std::vector<std::optional<Tensor>>>&, int64_t,
-                          int64_t, double, double, double,
-                          const std::vector<std::vector<std::optional<Tensor>>>&,
-                          const std::vector<std::vector<std::optional<Tensor>>>&>(),
+  // The fused CPU engine of the GLA model (built and cached by gla_ext/cpu_engine.py).
+  using OptList = std::vector<std::vector<std::optional<Tensor>>>;
+  pybind11::class_<gla::CpuEngine, std::shared_ptr<gla::CpuEngine>>(m, "CpuEngine")
+      .def(pybind11::init<const std::vector<std::optional<Tensor>>&, const OptList&, int64_t,
+                          int64_t, double, double, double, const OptList&, const OptList&>(),
            pybind11::arg("globals"), pybind11::arg("layers"), pybind11::arg("num_heads"),
            pybind11::arg("head_dim"), pybind11::arg("gate_normalizer"), pybind11::arg("eps"),
-           pybind11::arg("scale"),
-           pybind11::arg("scales") = std::vector<std::vector<std::optional<Tensor>>>{},
-           pybind11::arg("offsets") = std::vector<std::vector<std::optional<Tensor>>>{},
+           pybind11::arg("scale"), pybind11::arg("scales") = OptList{},
+           pybind11::arg("offsets") = OptList{},
            "scales / offsets: per layer, per slot the float16 scales / int4 offsets of the "
            "quantized matrix whose qweight is in that slot (None elsewhere)")
-      .def("status", &gla::CpuDecoder::status, pybind11::arg("grad_enabled"),
+      .def("status", &gla::CpuEngine::status, pybind11::arg("grad_enabled"),
            "0 ready, 1 stale (parameters changed since packing), 2 autograd needed")
-      .def("step", &gla::CpuDecoder::step, pybind11::arg("x"), pybind11::arg("states"),
+      .def("step", &gla::CpuEngine::step, pybind11::arg("x"), pybind11::arg("states"),
+           pybind11::arg("gemm") = 0, pybind11::call_guard<pybind11::gil_scoped_release>(),
+           "x [B, E] or [B, 1, E], states: list of [B, H, D, D] (or []) -> (y, new_states); "
+           "gemm: 0 measured (own kernels below 16 rows), 1 own kernels, 2 vendor GEMM")
+      .def("step_pool", &gla::CpuEngine::step_pool, pybind11::arg("x"), pybind11::arg("pools"),
+           pybind11::arg("slots"), pybind11::arg("gemm") = 0,
            pybind11::call_guard<pybind11::gil_scoped_release>(),
-           "x [B, E] or [B, 1, E], states: list of [B, H, D, D] (or []) -> (y, new_states)")
-      .def("step_pool", &gla::CpuDecoder::step_pool, pybind11::arg("x"), pybind11::arg("pools"),
-           pybind11::arg("slots"), pybind11::call_guard<pybind11::gil_scoped_release>(),
            "x [n, E] or [n, 1, E], pools: list of [P, H, D, D], slots [n] -> y; pools advanced "
            "in place (negative slot = padding row: zero output, no state touched)")
-      .def("threads_for", &gla::CpuDecoder::threads_for, pybind11::arg("batch"))
-      .def_readwrite("thread_limit", &gla::CpuDecoder::thread_limit,
-                     "0 = measured threading policy, n > 0 = at most n threads per step")
-      .def_property_readonly("isa", &gla::CpuDecoder::isa)
-      .def_property_readonly("weight_bytes", &gla::CpuDecoder::weight_bytes)
-      .def_property_readonly("weight_format", &gla::CpuDecoder::weight_format)
-      .def_property_readonly("num_layers", &gla::CpuDecoder::num_layers)
-      .def_property_readonly("num_workspaces", &gla::CpuDecoder::num_workspaces);
-  // Whole-model CPU prefill used by GLA.forward (built and cached by gla_ext/prefill.py).
-  pybind11::class_<gla::CpuPrefill, std::shared_ptr<gla::CpuPrefill>>(m, "CpuPrefill")
-      .def(pybind11::init<const std::vector<std::optional<Tensor>>&,
-                          const std::vector<std::vector<std::optional<Tensor>>>&, int64_t,
-                          int64_t, double, double, double>(),
-           pybind11::arg("globals"), pybind11::arg("layers"), pybind11::arg("num_heads"),
-           pybind11::arg("head_dim"), pybind11::arg("gate_normalizer"), pybind11::arg("eps"),
-           pybind11::arg("scale"))
-      .def("status", &gla::CpuPrefill::status, pybind11::arg("grad_enabled"),
-           "0 ready, 1 stale (parameters changed since packing), 2 autograd needed")
-      .def("forward", &gla::CpuPrefill::forward, pybind11::arg("x"), pybind11::arg("states"),
+      .def("forward", &gla::CpuEngine::forward, pybind11::arg("x"), pybind11::arg("states"),
            pybind11::arg("return_state"), pybind11::arg("all_positions"),
            pybind11::arg("lengths") = std::nullopt, pybind11::arg("gemm") = 0,
            pybind11::call_guard<pybind11::gil_scoped_release>(),
            "x [B, T, E], states: list of [B, H, D, D] (or []), lengths: int [B] or None, "
            "gemm: 0 measured per shape, 1 own kernels, 2 vendor GEMM -> (y, new_states)")
-      .def("last_vendor", &gla::CpuPrefill::last_vendor,
+      .def("threads_for", &gla::CpuEngine::threads_for, pybind11::arg("batch"))
+      .def_readwrite("thread_limit", &gla::CpuEngine::thread_limit,
+                     "0 = measured threading policy, n > 0 = at most n threads per step")
+      .def("last_vendor", &gla::CpuEngine::last_vendor,
            "per matrix kind (in, proj, wo, w13, w2): whether the last forward used the vendor GEMM")
-      .def("choices", &gla::CpuPrefill::choices,
-           "measured engine choices: [(rows bucket, threads, vendor GEMM per matrix kind)]")
-      .def_property_readonly("packed_bytes", &gla::CpuPrefill::packed_bytes,
-                             "bytes of float32 weight panels held (16-bit weights: 0)")
-      .def_property_readonly("num_layers", &gla::CpuPrefill::num_layers);
+      .def("last_step_vendor", &gla::CpuEngine::last_step_vendor,
+           "per matrix kind: whether the last step used the vendor GEMM")
+      .def("choices", &gla::CpuEngine::choices,
+           "measured window choices: [(rows bucket, threads, vendor GEMM per matrix kind)]")
+      .def("step_choices", &gla::CpuEngine::step_choices,
+           "measured step choices: [(rows bucket, threads, vendor GEMM per matrix kind)]")
+      .def_property_readonly("packed_bytes", &gla::CpuEngine::packed_bytes,
+                             "bytes of packed weight copies held now (any format)")
+      .def_property_readonly("packed_float32_bytes", &gla::CpuEngine::packed_float32_bytes,
+                             "bytes of float32 packed copies held now")
+      .def_property_readonly("isa", &gla::CpuEngine::isa)
+      .def_property_readonly("weight_bytes", &gla::CpuEngine::weight_bytes)
+      .def_property_readonly("weight_format", &gla::CpuEngine::weight_format)
+      .def_property_readonly("quantized", &gla::CpuEngine::quantized)
+      .def_property_readonly("num_layers", &gla::CpuEngine::num_layers)
+      .def_property_readonly("num_workspaces", &gla::CpuEngine::num_workspaces);
 #ifdef GLA_WITH_CUDA
   m.def("cuda_chunk_max_k", [](int64_t device) {
         c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));

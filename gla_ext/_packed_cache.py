@@ -1,13 +1,13 @@
-"""Per-model caches of packed weights for the fused CPU paths (gla_ext.decode, gla_ext.prefill).
+"""The weak per-model cache of the fused CPU engine (gla_ext.cpu_engine) and its model checks.
 
-Both fused paths keep a C++ object holding packed copies of a model's weights. This module
-holds what they share: the model checks (one head layout, eps and gate normalizer for every
-layer; CPU parameters of one supported dtype) and a weak cache that notices when the model's
-parameter set changes. The C++ objects themselves notice in-place writes and new data (their
-status()); a parameter, buffer or submodule registered anywhere (assignment included) bumps
-one process-wide generation, after which the model's tensors are compared one by one.
-A layer slot may hold a gla_ext.quantize.QuantizedLinear instead of a weight (the fused decode
-reads quantized weights): its buffers are watched like parameters, and only the float
+The engine is a C++ object holding packed copies of a model's weights. This module holds the
+model checks (one head layout, eps and gate normalizer for every layer; CPU parameters of one
+supported dtype) and a weak cache that notices when the model's parameter set changes. The
+C++ object itself notices in-place writes and new data (its status()); a parameter, buffer or
+submodule registered anywhere (assignment included) bumps one process-wide generation,
+after which the model's tensors are compared one by one.
+A layer slot may hold a gla_ext.quantize.QuantizedLinear instead of a weight (the engine's
+step reads quantized weights): its buffers are watched like parameters, and only the float
 tensors need the common dtype.
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def quantized_tensors(layer):
     return tuple(t for t in (layer.qweight, layer.scales, layer.offsets) if t is not None)
 
 
-def collect_params(model, layer_tensors, proj_needs_bias=False):
+def collect_params(model, layer_tensors):
     """(globals, layers, flat tensor tuple, float tensor tuple) of a model in the slot order
     of the C++ side, or None when its structure is not the fused one. layer_tensors(block)
     gives one block's tensors (None = not supported); a slot may hold a QuantizedLinear,
@@ -92,7 +92,7 @@ def collect_params(model, layer_tensors, proj_needs_bias=False):
     proj = model.input_proj
     if isinstance(proj, nn.Identity):
         glob = [None, None]
-    elif isinstance(proj, nn.Linear) and (proj.bias is not None or not proj_needs_bias):
+    elif isinstance(proj, nn.Linear):
         glob = [proj.weight, proj.bias]
     else:
         return None

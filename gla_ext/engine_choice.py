@@ -12,8 +12,8 @@ than the PyTorch path of the same model.
 
 A shape class is (kind, rows bucket (next power of two), dtype, threads, kind-specific
 key): "step" classes are keyed by batch size, "prefill" classes by batch size and window
-length. When the PyTorch path wins every class of a kind that was measured, the model's
-packed copy for that kind is dropped (no weight copy is kept for nothing).
+length. When the PyTorch path wins every class that was measured, the model's engine (one
+for steps and prefills, gla_ext.cpu_engine) is dropped (no weight copy is kept for nothing).
 
 MODE (or the environment variable GLA_EXT_CPU_ENGINE, read at import):
   "auto"    measure per shape class (default);
@@ -93,11 +93,12 @@ def _measure(fused, plain, fused_first=float("inf")):
 
 
 def _drop_unused_copy(model, kind, table):
-    """Frees the packed weights of `kind` when no measured class of it runs fused."""
-    if any(k[0] == kind and v == "fused" for k, v in table.items()):
+    """Frees the model's engine (gla_ext.cpu_engine: one for steps and prefills) when no
+    measured class of any kind runs fused."""
+    if any(v == "fused" for v in table.values()):
         return
-    from . import decode, prefill
-    (decode if kind == "step" else prefill).clear_cache(model)
+    from . import cpu_engine
+    cpu_engine.clear_cache(model)
 
 
 def _check_mode():

@@ -143,9 +143,9 @@ def test_declines_when_it_must():
         assert pf.try_forward(model, x.double(), None, False, False) is None
         ref = small_model(backend="reference")
         assert pf.try_forward(ref, x, None, False, False) is None
-        # the low-rank gate is not fused: generic, same results as ever
+        # the low-rank gate is fused since issue 17 (tests/test_cpu_engine.py)
         low = small_model(gate_low_rank_dim=4)
-        assert pf.try_forward(low, x, None, False, False) is None
+        assert pf.try_forward(low, x, None, False, False) is not None
         assert rel_err(low(x), float64_model(low)(x.double())) < 1e-5
         # padded batches (lengths) take the generic path through GLA.forward
         lengths = torch.tensor([20, 7])

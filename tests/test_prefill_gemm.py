@@ -8,7 +8,7 @@ import torch
 
 import gla_ext
 from gla_ext import GLA
-from gla_ext import prefill as pf
+from gla_ext import cpu_engine, prefill as pf
 from helpers import float32_model_tolerance, forward_y_and_states, rel_err
 
 pytestmark = pytest.mark.skipif(not gla_ext.extension_loaded(),
@@ -186,6 +186,7 @@ def test_own_kernels_on_every_isa(dtype, monkeypatch):
     tol_y, *tol_s = tolerances(model, forward_y_and_states, x, None)
     for isa in supported_isas():
         monkeypatch.setenv("GLA_EXT_CPU_ISA", isa)
+        pf.clear_cache(model)                       # the engine packs for the ISA it is built on
         with torch.no_grad():
             y, s = model(x, return_state=True)
             check()
@@ -203,12 +204,12 @@ def test_measured_choice_per_rows_bucket_and_no_float32_copy_of_bf16():
         with torch.no_grad():
             for B, T in ((1, 5), (2, 3), (2, 40)):          # rows 5, 6 (bucket 8), 80
                 model(torch.randn(B, T, model.embed_dim).to(dtype))
-        entry = pf._cache.peek(model).packed
+        entry = cpu_engine.peek(model)
         choices = entry.choices()
         assert sorted(c[0] for c in choices) == [8, 128]
         assert all(c[1] == torch.get_num_threads() and len(c[2]) == 5 for c in choices)
         if dtype == torch.bfloat16:
-            assert entry.packed_bytes == 0
+            assert entry.packed_float32_bytes == 0
         else:
             own_kinds = {k for c in choices for k, v in enumerate(c[2]) if not v}
             assert (entry.packed_bytes > 0) == bool(own_kinds)
@@ -220,7 +221,7 @@ def test_forced_vendor_packs_nothing_and_bad_gemm_raises(monkeypatch):
     monkeypatch.setattr(pf, "GEMM", "vendor")
     with torch.no_grad():
         model(x)
-    assert pf._cache.peek(model).packed.packed_bytes == 0
+    assert cpu_engine.peek(model).packed_bytes == 0
     monkeypatch.setattr(pf, "GEMM", "blas")
     with pytest.raises(ValueError, match="GEMM"):
         with torch.no_grad():

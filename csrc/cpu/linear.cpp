@@ -35,7 +35,9 @@ namespace gla {
 
 namespace {
 
-const LinearKernels& pick_kernels() { return *GLA_ISA_PICK(pick_cpu_isa(), linear, kKernels); }
+const LinearKernels& pick_kernels(int isa = -1) {
+  return *GLA_ISA_PICK(isa < 0 ? pick_cpu_isa() : static_cast<CpuIsa>(isa), linear, kKernels);
+}
 
 size_t elem_bytes(LinearWeight t) { return t == LinearWeight::kFloat32 ? 4 : 2; }
 
@@ -117,8 +119,8 @@ void PackedMatrix::set_bias(const float* bias) {
 
 PackedMatrix::PackedMatrix(const void* q, const uint16_t* scales, const uint16_t* offsets,
                            LinearWeight type, int64_t rows, int64_t cols, int64_t group,
-                           const float* bias)
-    : kern_(&pick_kernels()), type_(type), rows_(rows), cols_(cols), group_(group) {
+                           const float* bias, int isa)
+    : kern_(&pick_kernels(isa)), type_(type), rows_(rows), cols_(cols), group_(group) {
   const bool int4 = type == LinearWeight::kInt4;
   if ((type != LinearWeight::kInt8 && !int4) || rows < 0 || cols < 1 || group < 1 ||
       cols % group || (int4 && (group % 2 || !offsets)) || !scales)
@@ -131,8 +133,8 @@ PackedMatrix::PackedMatrix(const void* q, const uint16_t* scales, const uint16_t
 }
 
 PackedMatrix::PackedMatrix(const void* w, LinearWeight type, int64_t rows, int64_t cols,
-                           int64_t row_stride, const float* bias)
-    : kern_(&pick_kernels()), type_(type), rows_(rows), cols_(cols) {
+                           int64_t row_stride, const float* bias, int isa)
+    : kern_(&pick_kernels(isa)), type_(type), rows_(rows), cols_(cols) {
   if (rows < 0 || cols < 0 || row_stride < cols || type == LinearWeight::kInt8 ||
       type == LinearWeight::kInt4)
     throw std::invalid_argument("gla_ext PackedMatrix: bad shape");

@@ -35,13 +35,14 @@ class PackedMatrix {
   PackedMatrix() = default;
   // w: rows x cols elements of `type` (row r at w + r * row_stride elements); bias: `rows`
   // floats or null. Copies everything: the caller's buffers are not kept.
+  // isa: a CpuIsa value (cpu/simd/cpu_features.h) to pack for, -1 = pick_cpu_isa() now.
   PackedMatrix(const void* w, LinearWeight type, int64_t rows, int64_t cols, int64_t row_stride,
-               const float* bias);
+               const float* bias, int isa = -1);
   // Quantized weights in gla_ext.quantize's layout: q int8 [rows, cols] (kInt8) or uint8
   // [rows, cols / 2] with column 2j in the low nibble (kInt4); scales (and, int4, offsets)
   // float16 bit patterns [rows, cols / group]. W[r, c] = scale * q (+ offset), exactly.
   PackedMatrix(const void* q, const uint16_t* scales, const uint16_t* offsets, LinearWeight type,
-               int64_t rows, int64_t cols, int64_t group, const float* bias);
+               int64_t rows, int64_t cols, int64_t group, const float* bias, int isa = -1);
 
   // y[r, c] = (accumulate ? y[r, c] : 0) + bias[c] + sum_k x[r, k] W[c, k] for r < n and the
   // columns of panels [p0, p1) (p1 < 0: all). Single-threaded; callers split panels.
@@ -59,6 +60,9 @@ class PackedMatrix {
   size_t weight_bytes() const { return bytes_; }
   bool empty() const { return kern_ == nullptr; }
   int64_t group_size() const { return group_; }
+  // The packed panels (float32 / 16-bit: panel p, row k, lane j at (p * cols + k) * nr + j),
+  // for kernels that read the same layout (the CPU engine's window products).
+  const void* data() const { return data_.get(); }
 
  private:
   std::shared_ptr<void> data_;  // 64-byte aligned panels

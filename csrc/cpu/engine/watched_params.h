@@ -1,4 +1,4 @@
-// The parameters a packed CPU model (CpuDecoder, CpuPrefill) was packed from, and whether the
+// The parameters a packed CPU model (CpuEngine) was packed from, and whether the
 // packed copy still matches them: a parameter written in place (version counter), re-pointed
 // (data pointer) or changed dtype/device makes it stale. Each tensor keeps the dtype it was
 // packed from (quantized weights mix int8 / uint8 data with float16 scales).
