@@ -29,10 +29,10 @@ def quantized_kernels() -> str:
     if not _ext.loaded():
         return "quantized weights (int8, int4): dequantized per call (no compiled kernels)"
     isa = _ext._C.linear_isa()
-    return (f"quantized weights (int8, int4): packed {isa} kernels on this CPU (weights widened "
-            "in registers, float32 activations) for the decode step of GLA models (GLA.step, "
-            "StatePool.step) and fla LMs; dequantized per call elsewhere (prefill, training, "
-            "CUDA)")
+    return (f"quantized weights (int8, int4): packed {isa} integer kernels on this CPU "
+            "(activations rounded to int8 per group, integer dot products) for the decode "
+            "step of GLA models (GLA.step, StatePool.step) and fla LMs; dequantized per call "
+            "elsewhere (prefill: float32 or, where measured faster, bf16 GEMM; training; CUDA)")
 
 
 def cmd_info(_args) -> int:

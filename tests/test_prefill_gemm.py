@@ -51,13 +51,18 @@ def forced(monkeypatch, model, gemm):
     return check
 
 
-def tolerances(model, run, *inputs):
-    """float32: the contract's 1e-5 or wider on an ill-conditioned draw (tests/helpers.py)."""
+def tolerances(model, run, *inputs, gemm="own"):
+    """float32: the contract's 1e-5 or wider on an ill-conditioned draw (tests/helpers.py).
+    bf16: 1e-2 on the own kernels (float32 activations); on the vendor GEMM (or "auto", which
+    may pick it) each product's input is rounded to bf16 as nn.Linear does, so the bound is
+    the PyTorch path's: over 40 seeds the forced vendor route's sequence output reached
+    0.0177 of float64 once (median 0.0038; own kernels: median 0.0017, worst 0.0019)."""
     if model.norm.weight.dtype == torch.float32:
         return float32_model_tolerance(model, run, *inputs)
     with torch.no_grad():
         out = run(model, *inputs)
-    return BF16_TOL if isinstance(out, torch.Tensor) else [BF16_TOL] * len(out)
+    tol = BF16_TOL if gemm == "own" else BF16_VS_PYTORCH
+    return tol if isinstance(out, torch.Tensor) else [tol] * len(out)
 
 
 def pytorch_layers(model, *args, **kwargs):
@@ -96,8 +101,8 @@ def test_forced_engine_equals_pytorch_and_float64(gemm, options, dtype, monkeypa
         seq_pt = pytorch_layers(model, x, return_sequence=True)
         y64, s64 = m64(x.double(), state=[t.double() for t in state], return_state=True)
         seq64 = m64(x.double(), return_sequence=True)
-    tol_y, *tol_s = tolerances(model, forward_y_and_states, x, state)
-    tol_seq = tolerances(model, lambda m, x: m(x, return_sequence=True), x)
+    tol_y, *tol_s = tolerances(model, forward_y_and_states, x, state, gemm=gemm)
+    tol_seq = tolerances(model, lambda m, x: m(x, return_sequence=True), x, gemm=gemm)
     vs_pt = (lambda t: t) if dtype == torch.float32 else (lambda t: BF16_VS_PYTORCH)
     assert y.dtype == dtype and all(t.dtype == torch.float32 for t in s)
     assert rel_err(y, y64) < tol_y and rel_err(y, y_pt) < vs_pt(tol_y)
@@ -134,7 +139,7 @@ def test_lengths_run_in_the_engine(gemm, dtype, monkeypatch):
     def padded_y_and_states(m, xc, st):
         y, s = m(xc, lengths=lengths, state=st, return_state=True)
         return [y, *s]
-    tol_y, *tol_s = tolerances(model, padded_y_and_states, x_clean, state)
+    tol_y, *tol_s = tolerances(model, padded_y_and_states, x_clean, state, gemm=gemm)
     vs_pt = (lambda t: t) if dtype == torch.float32 else (lambda t: BF16_VS_PYTORCH)
     assert rel_err(y, y64) < tol_y and rel_err(y, y_pt) < vs_pt(tol_y)
     for a, b, c, tol in zip(s, s_pt, s64, tol_s):
@@ -166,7 +171,8 @@ def test_pool_prefill_runs_in_the_engine(gemm, dtype, monkeypatch):
             y64, s64 = m64(x[i:i + 1, :lengths[i]].double(),
                            state=None if st is None else [t.double() for t in st],
                            return_state=True)
-        tol_y, *tol_s = tolerances(model, forward_y_and_states, x[i:i + 1, :lengths[i]], st)
+        tol_y, *tol_s = tolerances(model, forward_y_and_states, x[i:i + 1, :lengths[i]], st,
+                                   gemm=gemm)
         assert rel_err(y[i:i + 1], y64) < tol_y
         for pool_s, ref, tol in zip(pool.states, s64, tol_s):
             assert rel_err(pool_s[slot:slot + 1], ref) < tol
