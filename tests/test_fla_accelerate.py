@@ -477,7 +477,7 @@ def test_bfloat16_model_trains():
     """A bf16 fla model on CPU: logits near float32 logits of the same bf16-rounded weights
     (so only the bf16 computation is measured), a loss and finite gradients for every
     parameter. Fresh model and tokens per run (the test seed)."""
-    model = _model(seed=None)
+    model = _model(seed=None, perturb=0.0)      # fla's own initialization (see below)
     ids = torch.randint(0, VOCAB, (2, 70))
     gla_fla.accelerate()
     with torch.no_grad():
@@ -488,10 +488,10 @@ def test_bfloat16_model_trains():
     out = model(ids, labels=ids)
     out.loss.backward()
     assert out.logits.dtype == torch.bfloat16
-    # Every activation of the whole 2-layer model rounded to bf16 (fla's modules and ours):
-    # 60 fresh seeds on AMD gave median 0.0134, max 0.0165 (against the float32 model with
-    # unrounded weights the weight rounding adds a tail up to 0.076, which the fixed seed
-    # this test used to have hid). Bound: over 2x the worst.
+    # Every activation of the whole 2-layer model rounded to bf16 (fla's modules and ours).
+    # With perturbed random weights this reached 0.0284 in 30 fresh seeds (0.076 against the
+    # float32 model of unrounded weights, which the fixed seed this test used to have hid);
+    # fla's own initialization is well conditioned (see the sweep in the commit).
     assert rel_err(out.logits.float(), full) < 4e-2
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad.float()).all(), name
