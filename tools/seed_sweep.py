@@ -8,6 +8,11 @@ is over 0.5 needs a kernel fix or an explained tolerance (issue: "flaky toleranc
     python tools/seed_sweep.py --reps 100 tests/test_ops_cpu.py tests/test_cpu_chunk.py
     python tools/seed_sweep.py --reps 500 -k "backward_kernel_source and norm:0.1" \\
         tests/test_cuda_chunk_emu.py --out benchmarks/results/seed_sweep_emu_bwd.md
+    python tools/seed_sweep.py --reps 100 --chunk 10 tests/test_fla_integration.py --out F.md
+
+--chunk N runs the reps as separate pytest runs of N reps each (base seeds seed, seed + 1, ...)
+and rewrites --out after every one: a long sweep that is stopped keeps what it measured, and
+the file says how many reps that was.
 """
 from __future__ import annotations
 
@@ -35,15 +40,14 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def run(args) -> tuple[list[dict], str, float]:
+def run(args, reps: int, seed: int) -> tuple[list[dict], str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         log = os.path.join(tmp, "errors.jsonl")
         env = dict(os.environ, GLA_EXT_ERR_LOG=log,
                    PYTHONPYCACHEPREFIX=os.path.join(tmp, "pyc"))  # rewrite asserts afresh
-        if args.seed is not None:
-            env["GLA_EXT_TEST_SEED"] = str(args.seed)
+        env["GLA_EXT_TEST_SEED"] = str(seed)
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-               "-o", "enable_assertion_pass_hook=true", f"--sweep={args.reps}", *args.tests]
+               "-o", "enable_assertion_pass_hook=true", f"--sweep={reps}", *args.tests]
         if args.k:
             cmd += ["-k", args.k]
         t0 = time.time()
@@ -115,20 +119,51 @@ def main():
     ap.add_argument("-k", default=None)
     ap.add_argument("--seed", type=int, default=None, help="base seed (default: fresh)")
     ap.add_argument("--out", default=None, help="markdown file (a .json beside it)")
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="reps per pytest run; --out is rewritten after each (default: all in one)")
     args = ap.parse_args()
     if args.seed is None:     # a fresh base seed, recorded so a failure can be replayed
         args.seed = int.from_bytes(os.urandom(4), "little") >> 1
-    rows, tail, elapsed = run(args)
+    chunk = args.chunk or args.reps
+    rows, tails, elapsed, done = [], [], 0.0, 0
+    while done < args.reps:
+        n = min(chunk, args.reps - done)
+        seed = args.seed + done // chunk
+        r, tail, t = run(args, n, seed)
+        rows += r
+        tails.append(tail)
+        elapsed += t
+        done += n
+        write_report(args, rows, tails, elapsed, done)
+
+
+def pytest_counts(tails: list[str]) -> str:
+    """The pytest result lines of every run, summed ("660 passed, 12 skipped")."""
+    import re
+    total = collections.Counter()
+    for t in tails:
+        last = t.splitlines()[-1] if t else ""
+        for n, what in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?)", last):
+            total[what] += int(n)
+    return ", ".join(f"{n} {what}" for what, n in total.items())
+
+
+def write_report(args, rows, tails, elapsed, done):
+    tail = "\n".join(l for t in tails for l in t.splitlines() if l.startswith("FAILED "))
+    tail = "\n".join(x for x in (tail, pytest_counts(tails)) if x)
+    seeds = (f"base seed {args.seed}" if not args.chunk else
+             f"base seeds {args.seed}..{args.seed + (done - 1) // args.chunk} ({args.chunk} reps each)")
     table = summarize(rows)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 commit=commit, cpu=cpu_model(), isa=os.environ.get("GLA_EXT_CPU_ISA", "auto"),
-                reps=args.reps, tests=args.tests, k=args.k, seconds=round(elapsed), seed=args.seed,
-                pytest_tail=tail)
+                reps=done, reps_asked=args.reps, chunk=args.chunk, tests=args.tests, k=args.k,
+                seconds=round(elapsed), seed=args.seed, pytest_tail=tail)
     lines = [f"# Seed sweep: {' '.join(args.tests)}" + (f" -k '{args.k}'" if args.k else ""),
              "", f"{meta['date']}, commit {commit}, {meta['cpu']}, GLA_EXT_CPU_ISA={meta['isa']}, "
-             f"{args.reps} seeds per case, base seed {args.seed} (--seed to replay), "
+             f"{done} seeds per case" + (f" (of {args.reps} asked)" if done < args.reps else "")
+             + f", {seeds} (--seed to replay), "
              f"{meta['seconds']} s. Worst = largest value/bound "
              "over the seeds.", "", "pytest: " + tail.splitlines()[-1] if tail else "", "",
              *[f"- `{l}`" for l in tail.splitlines() if l.startswith("FAILED ")], "",
