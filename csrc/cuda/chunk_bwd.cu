@@ -54,7 +54,7 @@ constexpr int kTileV = 64;                // V columns per chunk-kernel tile
 // Shared memory of the chunk kernel. Region R holds the V-loop tiles (v, dO, S0, dS as the
 // input dtype), and after the loop is reused for dA (float) and the dg terms (float).
 template <int KT>
-struct BwdLayout {
+struct BwdHead {
   static constexpr int kQKStride = KT + 8;    // q, k, k * exp2(b_last - b): 16-bit
   static constexpr int kBStride = KT + 8;     // cumulative gates: float
   static constexpr int kAStride = kC + 8;     // scores A: 16-bit
@@ -68,28 +68,19 @@ struct BwdLayout {
   static constexpr int kBOff = kKbOff + kC * kQKStride * 2;
   static constexpr int kAOff = kBOff + kC * kBStride * 4;
   static constexpr int kROff = kAOff + kC * kAStride * 2;
-  // region R, V loop
-  static constexpr int kVOff = kROff;
-  static constexpr int kDOOff = kVOff + kC * kVStride * 2;
-  static constexpr int kSOff = kDOOff + kC * kVStride * 2;
-  static constexpr int kDSOff = kSOff + KT * kSStride * 2;
-  static constexpr int kLoopEnd = kDSOff + KT * kSStride * 2;
-  // region R, after the loop
+  // region R after the loop: dA, then q dq - k dk
   static constexpr int kDAOff = kROff;
   static constexpr int kDOff = kDAOff + kC * kDAStride * 4;
-  static constexpr int kAfterEnd = kDOff + kC * kDStride * 4;
-  static constexpr int kREnd = kLoopEnd > kAfterEnd ? kLoopEnd : kAfterEnd;
-  // small arrays
-  static constexpr int kTotOff = kREnd;  // gate scan scratch, then dg segment totals (float)
-  static constexpr int kTotFloats = gate_scratch_floats<KT>() > kBwdThreads
-                                        ? gate_scratch_floats<KT>() : kBwdThreads;
-  static constexpr int kRowOff = kTotOff + kTotFloats * 4;  // [KT] rowsum(S0 * dS)
-  static constexpr int kPartOff = kRowOff + KT * 4;      // [4][KT] per row block
-  static constexpr int kBytes = kPartOff + 4 * KT * 4;
+  static constexpr int kAfter = kC * kDAStride * 4 + kC * kDStride * 4;
   static_assert(kKOff % 16 == 0 && kKbOff % 16 == 0 && kBOff % 16 == 0 && kAOff % 16 == 0 &&
-                    kROff % 16 == 0 && kDOOff % 16 == 0 && kSOff % 16 == 0 &&
-                    kDSOff % 16 == 0 && kDOff % 16 == 0 && kTotOff % 16 == 0,
+                    kDOff % 16 == 0,
                 "tiles must start 16-byte aligned");
+};
+template <int KT>
+struct BwdLayout : BwdHead<KT>,
+                   BwdRegions<KT, BwdHead<KT>::kROff, BwdHead<KT>::kVStride,
+                              BwdHead<KT>::kSStride, 2, BwdHead<KT>::kAfter> {
+  static constexpr int kROff = BwdHead<KT>::kROff;
 };
 // sm_80 allows 163 KB per block with the opt-in, sm_90 227 KB.
 static_assert(BwdLayout<128>::kBytes <= 163 * 1024, "chunk backward shared memory too large");

@@ -17,6 +17,29 @@ namespace {
 constexpr int kBwdWarps = 8;              // chunk kernels
 constexpr int kBwdThreads = 32 * kBwdWarps;
 
+// Shared memory shared by the layouts of both chunk kernels: region R from byte R0, holding
+// the V loop's v, dO ([kC][VS]) and S0, dS ([KT][SS]) tiles of ESZ-byte elements, and after the
+// loop the kernel's own AFTER bytes; then the small float arrays.
+template <int KT, int R0, int VS, int SS, int ESZ, int AFTER>
+struct BwdRegions {
+  static constexpr int kROff = R0;
+  static constexpr int kVOff = R0;
+  static constexpr int kDOOff = kVOff + kC * VS * ESZ;
+  static constexpr int kSOff = kDOOff + kC * VS * ESZ;
+  static constexpr int kDSOff = kSOff + KT * SS * ESZ;
+  static constexpr int kLoopEnd = kDSOff + KT * SS * ESZ;
+  static constexpr int kREnd = kLoopEnd > R0 + AFTER ? kLoopEnd : R0 + AFTER;
+  static constexpr int kTotOff = kREnd;  // gate scan scratch, then dg segment totals (float)
+  static constexpr int kTotFloats = gate_scratch_floats<KT>() > kBwdThreads
+                                        ? gate_scratch_floats<KT>() : kBwdThreads;
+  static constexpr int kRowOff = kTotOff + kTotFloats * 4;  // [KT] rowsum(S0 * dS)
+  static constexpr int kPartOff = kRowOff + KT * 4;         // [4][KT] per row block
+  static constexpr int kBytes = kPartOff + 4 * KT * 4;
+  static_assert(R0 % 16 == 0 && kDOOff % 16 == 0 && kSOff % 16 == 0 && kDSOff % 16 == 0 &&
+                    kTotOff % 16 == 0,
+                "tiles must start 16-byte aligned");
+};
+
 // Elements i, i + 1 (i even) of a q / k tile as floats.
 template <typename T>
 __device__ __forceinline__ void tile_pair(const uint16_t* x, int i, float& a, float& b) {
@@ -123,33 +146,25 @@ __device__ __forceinline__ void bwd_diag_blocks(float (&dq)[KT / 16][4], float (
   constexpr int kCols = 4 * KT / kBwdThreads;  // columns per thread: 2 (KT = 128) or 1
   static_assert((4 * KT) % kBwdThreads == 0, "whole columns per thread");
   // owners' fragments <-> sD (rows 16rb + g (+8), key dims kh0 + 8x + 2c (+1))
-  auto frag_to_sd = [&](const float (&f)[kKN][4]) {
+  auto frag_sd = [&](float (&f)[kKN][4], bool to_sd) {
 #pragma unroll
     for (int x = 0; x < kKN; ++x) {
       const int kd = kh0 + 8 * x + 2 * c4;
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         const int t = 16 * rb + g8 + 8 * hr;
-        *reinterpret_cast<float2*>(sD + t * L::kDStride + kd) =
-            make_float2(f[x][2 * hr], f[x][2 * hr + 1]);
-      }
-    }
-  };
-  auto frag_from_sd = [&](float (&f)[kKN][4]) {
-#pragma unroll
-    for (int x = 0; x < kKN; ++x) {
-      const int kd = kh0 + 8 * x + 2 * c4;
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int t = 16 * rb + g8 + 8 * hr;
-        const float2 v2 = *reinterpret_cast<const float2*>(sD + t * L::kDStride + kd);
-        f[x][2 * hr] = v2.x;
-        f[x][2 * hr + 1] = v2.y;
+        float2* const p = reinterpret_cast<float2*>(sD + t * L::kDStride + kd);
+        if (to_sd) {
+          *p = make_float2(f[x][2 * hr], f[x][2 * hr + 1]);
+        } else {
+          f[x][2 * hr] = p->x;
+          f[x][2 * hr + 1] = p->y;
+        }
       }
     }
   };
   float ddk[kCols][16];  // the columns' dk part, held until dk passes through sD
-  frag_to_sd(dq);  // sD is free: nothing reads it before this step
+  frag_sd(dq, true);  // sD is free: nothing reads it before this step
   __syncthreads();
 #pragma unroll
   for (int cl = 0; cl < kCols; ++cl) {
@@ -178,8 +193,8 @@ __device__ __forceinline__ void bwd_diag_blocks(float (&dq)[KT / 16][4], float (
     for (int r = 0; r < 16; ++r) sD[(t0 + r) * L::kDStride + kd] += ddq[r];
   }
   __syncthreads();
-  frag_from_sd(dq);  // final dq
-  frag_to_sd(dk);    // same elements of the same thread: no barrier in between
+  frag_sd(dq, false);  // final dq
+  frag_sd(dk, true);   // same elements of the same thread: no barrier in between
   __syncthreads();
 #pragma unroll
   for (int cl = 0; cl < kCols; ++cl) {
@@ -189,7 +204,7 @@ __device__ __forceinline__ void bwd_diag_blocks(float (&dq)[KT / 16][4], float (
     for (int r = 0; r < 16; ++r) sD[(t0 + r) * L::kDStride + kd] += ddk[cl][r];
   }
   __syncthreads();
-  frag_from_sd(dk);  // final dk
+  frag_sd(dk, false);  // final dk
 }
 
 // dq, dk -> global (16-bit, pairs when kPairQK; or float), and sD <- q dq - k dk, element by

@@ -31,7 +31,7 @@ namespace {
 constexpr int kF32TileV = 16;  // V columns per chunk-kernel tile
 
 template <int KT>
-struct F32BwdLayout {
+struct F32BwdHead {
   static constexpr int kQKStride = KT + 4;        // q (k * exp2(b_last - b) in the V loop), k
   static constexpr int kBStride = KT + 8;         // cumulative gates
   static constexpr int kAStride = kC + 4;         // A, then dA over it
@@ -44,26 +44,15 @@ struct F32BwdLayout {
   static constexpr int kBOff = kKOff + kC * kQKStride * 4;
   static constexpr int kAOff = kBOff + kC * kBStride * 4;
   static constexpr int kROff = kAOff + kC * kAStride * 4;
-  // region R, V loop
-  static constexpr int kVOff = kROff;
-  static constexpr int kDOOff = kVOff + kC * kVStride * 4;
-  static constexpr int kSOff = kDOOff + kC * kVStride * 4;
-  static constexpr int kDSOff = kSOff + KT * kSStride * 4;
-  static constexpr int kLoopEnd = kDSOff + KT * kSStride * 4;
-  // region R, after the loop
-  static constexpr int kDOff = kROff;
-  static constexpr int kAfterEnd = kDOff + kC * kDStride * 4;
-  static constexpr int kREnd = kLoopEnd > kAfterEnd ? kLoopEnd : kAfterEnd;
-  static constexpr int kTotOff = kREnd;  // gate scan scratch, then dg segment totals
-  static constexpr int kTotFloats = gate_scratch_floats<KT>() > kBwdThreads
-                                        ? gate_scratch_floats<KT>() : kBwdThreads;
-  static constexpr int kRowOff = kTotOff + kTotFloats * 4;  // [KT] rowsum(S0 * dS)
-  static constexpr int kPartOff = kRowOff + KT * 4;         // [4][KT] per row block
-  static constexpr int kBytes = kPartOff + 4 * KT * 4;
-  static_assert(kKOff % 16 == 0 && kBOff % 16 == 0 && kAOff % 16 == 0 && kROff % 16 == 0 &&
-                    kDOOff % 16 == 0 && kSOff % 16 == 0 && kDSOff % 16 == 0 &&
-                    kTotOff % 16 == 0,
+  static constexpr int kDOff = kROff;  // region R after the loop: q dq - k dk
+  static_assert(kKOff % 16 == 0 && kBOff % 16 == 0 && kAOff % 16 == 0,
                 "tiles must start 16-byte aligned");
+};
+template <int KT>
+struct F32BwdLayout : F32BwdHead<KT>,
+                      BwdRegions<KT, F32BwdHead<KT>::kROff, F32BwdHead<KT>::kVStride,
+                                 F32BwdHead<KT>::kSStride, 4, kC * F32BwdHead<KT>::kDStride * 4> {
+  static constexpr int kROff = F32BwdHead<KT>::kROff;
 };
 static_assert(F32BwdLayout<128>::kBytes <= 163 * 1024, "K = 128 must fit sm_80 (163 KB)");
 static_assert(F32BwdLayout<64>::kBytes <= 99 * 1024, "K = 64 must fit sm_86/sm_89 (99 KB)");
@@ -345,60 +334,43 @@ __global__ void __launch_bounds__(kBwdThreads, 1) gla_chunk_bwd_f32_kernel(const
   cp_async_wait_all();
   __syncthreads();
 
-  // ---- intra-chunk dq, off-diagonal blocks j < i = rb, relative to r = 16i ---------------
-  //   dq_t += exp2(b_t - b_r) * sum_s dA[t][s] * (k_s * exp2(b_r - b_s))
-  if (rb > 0) {
-    const int ref = r0;
-    float tmp[kKN][4];
-#pragma unroll
-    for (int j = 0; j < kKN; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) tmp[j][r] = 0.0f;
-    const float* const br = sB + ref * L::kBStride + kh0;
-    warp_mma_tiles<kPasses, kKN>(
-        tmp, 0, r0, lane, [&](int i, int kk) { return sDA[(r0 + i) * L::kDAStride + kk]; },
-        [&](int kk, int j) {
-          return sK[kk * L::kQKStride + kh0 + j] * exp2f(br[j] - sB[kk * L::kBStride + kh0 + j]);
-        });
+  // ---- intra-chunk dq and dk, off-diagonal blocks, on the tensor cores ------------------
+  // out += exp2(+-(b_row - b_ref)) * (the product of fa and fb over tokens [k_begin, k_end)),
+  // the gates folded into both factors through the reference token ref (both exponents <= 0)
+  auto add_off_diagonal = [&](float (&out)[kKN][4], int ref, int k_begin, int k_end,
+                              bool row_after_ref, auto&& fa, auto&& fb) {
+    float tmp[kKN][4] = {};
+    warp_mma_tiles<kPasses, kKN>(tmp, k_begin, k_end, lane, fa, fb);
+    const float* const br = sB + ref * L::kBStride;
 #pragma unroll
     for (int j = 0; j < kKN; ++j) {
       const int kd = kh0 + 8 * j + 2 * c4;
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int t = r0 + g8 + 8 * hr;
-        dq[j][2 * hr] += tmp[j][2 * hr] * exp2f(sB[t * L::kBStride + kd] - br[kd - kh0]);
-        dq[j][2 * hr + 1] +=
-            tmp[j][2 * hr + 1] * exp2f(sB[t * L::kBStride + kd + 1] - br[kd + 1 - kh0]);
+      for (int r = 0; r < 4; ++r) {
+        const float b = sB[(r0 + g8 + 8 * (r >> 1)) * L::kBStride + kd + (r & 1)];
+        const float bref = br[kd + (r & 1)];
+        out[j][r] += tmp[j][r] * exp2f(row_after_ref ? b - bref : bref - b);
       }
     }
-  }
-  // ---- intra-chunk dk, off-diagonal blocks i > j = rb, relative to r = 16j + 15 ----------
-  //   dk_s += exp2(b_r - b_s) * sum_t dA[t][s] * (q_t * exp2(b_t - b_r))
-  if (rb < 3) {
-    const int ref = r0 + 15;
-    float tmp[kKN][4];
-#pragma unroll
-    for (int j = 0; j < kKN; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) tmp[j][r] = 0.0f;
-    const float* const br = sB + ref * L::kBStride + kh0;
-    warp_mma_tiles<kPasses, kKN>(
-        tmp, r0 + 16, kC, lane, [&](int i, int kk) { return sDA[kk * L::kDAStride + r0 + i]; },
+  };
+  const float* const bk = sB + kh0;  // this warp's key dims
+  // dq_t += exp2(b_t - b_r) sum_{s < r} dA[t][s] (k_s exp2(b_r - b_s)), r = 16 rb
+  if (rb > 0)
+    add_off_diagonal(
+        dq, r0, 0, r0, true, [&](int i, int kk) { return sDA[(r0 + i) * L::kDAStride + kk]; },
         [&](int kk, int j) {
-          return sQ[kk * L::kQKStride + kh0 + j] * exp2f(sB[kk * L::kBStride + kh0 + j] - br[j]);
+          return sK[kk * L::kQKStride + kh0 + j] *
+                 exp2f(bk[r0 * L::kBStride + j] - bk[kk * L::kBStride + j]);
         });
-#pragma unroll
-    for (int j = 0; j < kKN; ++j) {
-      const int kd = kh0 + 8 * j + 2 * c4;
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int s = r0 + g8 + 8 * hr;
-        dk[j][2 * hr] += tmp[j][2 * hr] * exp2f(br[kd - kh0] - sB[s * L::kBStride + kd]);
-        dk[j][2 * hr + 1] +=
-            tmp[j][2 * hr + 1] * exp2f(br[kd + 1 - kh0] - sB[s * L::kBStride + kd + 1]);
-      }
-    }
-  }
+  // dk_s += exp2(b_r - b_s) sum_{t > r} dA[t][s] (q_t exp2(b_t - b_r)), r = 16 rb + 15
+  if (rb < 3)
+    add_off_diagonal(
+        dk, r0 + 15, r0 + 16, kC, false,
+        [&](int i, int kk) { return sDA[kk * L::kDAStride + r0 + i]; },
+        [&](int kk, int j) {
+          return sQ[kk * L::kQKStride + kh0 + j] *
+                 exp2f(bk[kk * L::kBStride + j] - bk[(r0 + 15) * L::kBStride + j]);
+        });
 
   // ---- diagonal blocks (dq, dk final); dq, dk out, q dq - k dk -> sD; dg ------------------
   bwd_diag_blocks<float, KT, L>(dq, dk, sQ, sK, sB, sDA, sD, tid, rb, half, lane);
