@@ -496,22 +496,34 @@ def evaluate(expr, env):
     return eval(expr, {"__builtins__": {}}, {k: env[k] for k in names})  # noqa: S307
 
 
+CALL_SITES = [  # calls whose arguments give warp_mma_tiles' k range: (pattern, groups)
+    r"warp_mma_tiles<[^>]*>\s*\(\s*\w+,\s*([^,]+),\s*([^,]+),",
+    r"add_off_diagonal\(\s*\w+,\s*[^,]+,\s*([^,]+),\s*([^,]+),",
+]
+
+
 def call_site_trips(loop, c):
     """warp_mma_tiles' `for (k0 = k_begin; k0 < k_end; k0 += 8)`: k_begin and k_end from the
-    call site's arguments (with r0 = 16 rb, rb = warp % 4), trips averaged over the warps."""
+    innermost call site whose arguments evaluate (with r0 = 16 rb, rb = warp % 4; a helper
+    that passes its own k_begin / k_end on is looked through), trips averaged over the warps."""
     for path, line in loop["chain"][1:]:
         # the call's line info may name the line of its arguments: look a few lines up too
-        m = next((m for d in (0, 1, 2) if line - d >= 1 for m in [re.search(
-            r"warp_mma_tiles<[^>]*>\s*\(\s*\w+,\s*([^,]+),\s*([^,]+),",
-            src_statement(path, line - d))] if m), None)
-        if not m:
-            continue
-        trips = []
-        for w in range(c["NWARPS"]):
-            env = dict(c, r0=16 * (w % 4), warp=w)
-            trips.append(max(0, math.ceil((evaluate(m.group(2), env) -
-                                           evaluate(m.group(1), env)) / 8)))
-        return sum(trips) / len(trips)
+        for d in (0, 1, 2):
+            if line - d < 1:
+                break
+            text = src_statement(path, line - d)
+            m = next((m for pat in CALL_SITES for m in [re.search(pat, text)] if m), None)
+            if not m:
+                continue
+            try:
+                trips = []
+                for w in range(c["NWARPS"]):
+                    env = dict(c, r0=16 * (w % 4), warp=w)
+                    trips.append(max(0, math.ceil((evaluate(m.group(2), env) -
+                                                   evaluate(m.group(1), env)) / 8)))
+            except KeyError:  # k_begin / k_end passed on: the next call site out
+                break
+            return sum(trips) / len(trips)
     return None
 
 

@@ -67,18 +67,25 @@ def test_warp_mma_tiles_trips_follow_call_sites():
     with open(path) as f:
         lines = f.read().splitlines()
 
+    helper = next(i + 1 for i, ln in enumerate(lines)
+                  if "warp_mma_tiles<kPasses, kKN>(tmp, k_begin, k_end" in ln)
+
     def trips(call):
         line = next(i + 1 for i, ln in enumerate(lines) if call in ln)
-        loop = {"chain": [("loop", 0), (path, line)]}
+        # through add_off_diagonal: its inner call passes k_begin / k_end on
+        inner = [(path, helper)] if "add_off_diagonal" in lines[line - 1] else []
+        loop = {"chain": [("loop", 0)] + inner + [(path, line)]}
         return sass_stats.call_site_trips(loop, c)
     rows = [16 * (w % 4) for w in range(8)]
     assert trips("dA, 0, kF32TileV, lane") == 2                      # 16 V columns, step 8
     assert trips("acc, 0, KT, lane") == 128 / 8                      # Kb @ dS over all K
     assert trips("acc, r0, kC, lane") == pytest.approx(
         sum((64 - r) / 8 for r in rows) / 8)                         # A^T dO: tokens >= r0
-    assert trips("tmp, 0, r0, lane") == pytest.approx(sum(r / 8 for r in rows) / 8)
-    assert trips("tmp, r0 + 16, kC, lane") == pytest.approx(
-        sum(max(0, (64 - r - 16) / 8) for r in rows) / 8)
+    assert trips("add_off_diagonal(") == pytest.approx(sum(r / 8 for r in rows) / 8)  # dq
+    line = next(i for i, ln in enumerate(lines) if "dk, r0 + 15, r0 + 16, kC, false," in ln)
+    loop = {"chain": [("loop", 0), (path, helper), (path, line + 1)]}
+    assert sass_stats.call_site_trips(loop, c) == pytest.approx(
+        sum(max(0, (64 - r - 16) / 8) for r in rows) / 8)              # dk: tokens > r0 + 15
 
 
 def _cpu_timer(fn):
