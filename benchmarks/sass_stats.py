@@ -498,7 +498,7 @@ def evaluate(expr, env):
 
 CALL_SITES = [  # calls whose arguments give warp_mma_tiles' k range: (pattern, groups)
     r"warp_mma_tiles<[^>]*>\s*\(\s*\w+,\s*([^,]+),\s*([^,]+),",
-    r"add_off_diagonal\(\s*\w+,\s*[^,]+,\s*([^,]+),\s*([^,]+),",
+    r"add_off_diagonal<[^>]*>\(\s*\w+,\s*\w+,\s*[^,]+,\s*([^,]+),\s*([^,]+),",
 ]
 
 

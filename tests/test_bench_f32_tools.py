@@ -81,8 +81,9 @@ def test_warp_mma_tiles_trips_follow_call_sites():
     assert trips("acc, 0, KT, lane") == 128 / 8                      # Kb @ dS over all K
     assert trips("acc, r0, kC, lane") == pytest.approx(
         sum((64 - r) / 8 for r in rows) / 8)                         # A^T dO: tokens >= r0
-    assert trips("add_off_diagonal(") == pytest.approx(sum(r / 8 for r in rows) / 8)  # dq
-    line = next(i for i, ln in enumerate(lines) if "dk, r0 + 15, r0 + 16, kC, false," in ln)
+    assert trips("add_off_diagonal<KT, kPasses, L>(") == pytest.approx(  # dq: tokens < r0
+        sum(r / 8 for r in rows) / 8)
+    line = next(i for i, ln in enumerate(lines) if "dk, sB, r0 + 15, r0 + 16, kC, false," in ln)
     loop = {"chain": [("loop", 0), (path, helper), (path, line + 1)]}
     assert sass_stats.call_site_trips(loop, c) == pytest.approx(
         sum(max(0, (64 - r - 16) / 8) for r in rows) / 8)              # dk: tokens > r0 + 15

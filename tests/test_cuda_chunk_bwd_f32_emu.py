@@ -21,7 +21,7 @@ from helpers import record_diagnostic
 from test_cuda_chunk_emu import _build, _bwd_inputs, _case_id, bwd_errors
 
 BOUND = {3: 1e-5, 1: 1e-3}
-# Two input families where "highest" cannot reach 1e-5 with float32 cumulative gates (shared by
+# Input families where "highest" cannot reach 1e-5 with float32 cumulative gates (shared by
 # every chunk kernel, forward too: gate_cumsum), bounded separately, measured in
 # docs/cuda_float32.md:
 # - "mixed" gates (full forget, -1e4, no decay among drawn ones): after a -inf / -1e4 gate (the
@@ -31,8 +31,12 @@ BOUND = {3: 1e-5, 1: 1e-3}
 # - dg under strong decay (normalizer 0.1): dg is the reverse running sum of q dq - k dk,
 #   whose terms cancel to a few percent of their size (the bf16 kernel's
 #   CUDA_BF16_DG_STRONG_DECAY_TOL case), so their ~7e-7 relative error becomes ~1e-5.
+# - dg of one tf32 pass ("high"): the same cancellation on ~3e-4 terms gives up to 5.7e-4 in
+#   200 draws (0.57 of the contract's 1e-3), so it is checked at 2e-3 to keep the sweep's worst
+#   under half the bound; dq, dk, dv, dh0 keep 1e-3 (worst 0.37).
 MIXED_GATE_BOUND = {"dq": 6e-5, "dk": 6e-5, "dv": 6e-5, "dg": 1e-4, "dh0": 1e-5}
 STRONG_DECAY_DG_BOUND = 3e-5
+HIGH_DG_BOUND = 2e-3
 
 
 def _bound(prec, gate, name):
@@ -40,6 +44,8 @@ def _bound(prec, gate, name):
         return MIXED_GATE_BOUND[name]
     if prec == 3 and gate == "norm:0.1" and name == "dg":
         return STRONG_DECAY_DG_BOUND
+    if prec == 1 and name == "dg":
+        return HIGH_DG_BOUND
     return BOUND[prec]
 
 

@@ -80,7 +80,6 @@ template <int KT>
 struct BwdLayout : BwdHead<KT>,
                    BwdRegions<KT, BwdHead<KT>::kROff, BwdHead<KT>::kVStride,
                               BwdHead<KT>::kSStride, 2, BwdHead<KT>::kAfter> {
-  static constexpr int kROff = BwdHead<KT>::kROff;
 };
 // sm_80 allows 163 KB per block with the opt-in, sm_90 227 KB.
 static_assert(BwdLayout<128>::kBytes <= 163 * 1024, "chunk backward shared memory too large");

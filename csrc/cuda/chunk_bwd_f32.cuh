@@ -52,7 +52,6 @@ template <int KT>
 struct F32BwdLayout : F32BwdHead<KT>,
                       BwdRegions<KT, F32BwdHead<KT>::kROff, F32BwdHead<KT>::kVStride,
                                  F32BwdHead<KT>::kSStride, 4, kC * F32BwdHead<KT>::kDStride * 4> {
-  static constexpr int kROff = F32BwdHead<KT>::kROff;
 };
 static_assert(F32BwdLayout<128>::kBytes <= 163 * 1024, "K = 128 must fit sm_80 (163 KB)");
 static_assert(F32BwdLayout<64>::kBytes <= 99 * 1024, "K = 64 must fit sm_86/sm_89 (99 KB)");
@@ -205,6 +204,33 @@ __device__ __forceinline__ void add_state_rowsums_f32(const float* sS, const flo
   if (tid % kTPR == 0) sRow[kd] += dot;
 }
 
+// The off-diagonal blocks of the intra-chunk dq or dk for one warp's rows r0.. and key dims
+// kh0..: out += exp2(+-(b_row - b_ref)) * (the product of fa and fb over tokens
+// [k_begin, k_end), warp_mma_tiles), the gates folded into both factors through the reference
+// token ref so that both exponents are <= 0 (row_after_ref: rows after ref, i.e. dq).
+// (A function, not a generic lambda: cicc 13.0 crashed on the lambda.)
+template <int KT, int kPasses, typename L, typename FA, typename FB>
+__device__ __forceinline__ void add_off_diagonal(float (&out)[KT / 16][4], const float* sB,
+                                                 int ref, int k_begin, int k_end,
+                                                 bool row_after_ref, int r0, int kh0, int lane,
+                                                 FA&& fa, FB&& fb) {
+  constexpr int kKN = KT / 16;
+  const int g8 = lane >> 2, c4 = lane & 3;
+  float tmp[kKN][4] = {};
+  warp_mma_tiles<kPasses, kKN>(tmp, k_begin, k_end, lane, fa, fb);
+  const float* const br = sB + ref * L::kBStride;
+#pragma unroll
+  for (int j = 0; j < kKN; ++j) {
+    const int kd = kh0 + 8 * j + 2 * c4;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const float b = sB[(r0 + g8 + 8 * (r >> 1)) * L::kBStride + kd + (r & 1)];
+      const float bref = br[kd + (r & 1)];
+      out[j][r] += tmp[j][r] * exp2f(row_after_ref ? b - bref : bref - b);
+    }
+  }
+}
+
 // ---- launch 2: everything per chunk ------------------------------------------------------
 // Grid: x = chunk index (over all sequences; blocks past the last chunk return), y = head.
 template <int KT, int kPasses>
@@ -335,37 +361,20 @@ __global__ void __launch_bounds__(kBwdThreads, 1) gla_chunk_bwd_f32_kernel(const
   __syncthreads();
 
   // ---- intra-chunk dq and dk, off-diagonal blocks, on the tensor cores ------------------
-  // out += exp2(+-(b_row - b_ref)) * (the product of fa and fb over tokens [k_begin, k_end)),
-  // the gates folded into both factors through the reference token ref (both exponents <= 0)
-  auto add_off_diagonal = [&](float (&out)[kKN][4], int ref, int k_begin, int k_end,
-                              bool row_after_ref, auto&& fa, auto&& fb) {
-    float tmp[kKN][4] = {};
-    warp_mma_tiles<kPasses, kKN>(tmp, k_begin, k_end, lane, fa, fb);
-    const float* const br = sB + ref * L::kBStride;
-#pragma unroll
-    for (int j = 0; j < kKN; ++j) {
-      const int kd = kh0 + 8 * j + 2 * c4;
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const float b = sB[(r0 + g8 + 8 * (r >> 1)) * L::kBStride + kd + (r & 1)];
-        const float bref = br[kd + (r & 1)];
-        out[j][r] += tmp[j][r] * exp2f(row_after_ref ? b - bref : bref - b);
-      }
-    }
-  };
   const float* const bk = sB + kh0;  // this warp's key dims
   // dq_t += exp2(b_t - b_r) sum_{s < r} dA[t][s] (k_s exp2(b_r - b_s)), r = 16 rb
   if (rb > 0)
-    add_off_diagonal(
-        dq, r0, 0, r0, true, [&](int i, int kk) { return sDA[(r0 + i) * L::kDAStride + kk]; },
+    add_off_diagonal<KT, kPasses, L>(
+        dq, sB, r0, 0, r0, true, r0, kh0, lane,
+        [&](int i, int kk) { return sDA[(r0 + i) * L::kDAStride + kk]; },
         [&](int kk, int j) {
           return sK[kk * L::kQKStride + kh0 + j] *
                  exp2f(bk[r0 * L::kBStride + j] - bk[kk * L::kBStride + j]);
         });
   // dk_s += exp2(b_r - b_s) sum_{t > r} dA[t][s] (q_t exp2(b_t - b_r)), r = 16 rb + 15
   if (rb < 3)
-    add_off_diagonal(
-        dk, r0 + 15, r0 + 16, kC, false,
+    add_off_diagonal<KT, kPasses, L>(
+        dk, sB, r0 + 15, r0 + 16, kC, false, r0, kh0, lane,
         [&](int i, int kk) { return sDA[kk * L::kDAStride + r0 + i]; },
         [&](int kk, int j) {
           return sQ[kk * L::kQKStride + kh0 + j] *
