@@ -217,17 +217,9 @@ __global__ void __launch_bounds__(kBwdThreads)
   __syncthreads();
 
   // ---- V loop: dA, dv, and the inter-chunk parts of dq and dk ---------------------------
-  float dA[4][4];        // rows 16rb + g (+8), tokens 32 half + 8j + 2c (+1)
-  float dq[kKN][4];      // rows 16rb + g (+8), key dims kKH half + 8j + 2c (+1)
-  float dk[kKN][4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) dA[j][r] = 0.0f;
-#pragma unroll
-  for (int j = 0; j < kKN; ++j)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) dq[j][r] = dk[j][r] = 0.0f;
+  float dA[4][4] = {};    // rows 16rb + g (+8), tokens 32 half + 8j + 2c (+1)
+  float dq[kKN][4] = {};  // rows 16rb + g (+8), key dims kKH half + 8j + 2c (+1)
+  float dk[kKN][4] = {};
 
   const int kh0 = kKH * half;  // first key dim of this warp's half
   for (int v0 = 0; v0 < V; v0 += kTileV) {

@@ -290,17 +290,9 @@ __global__ void __launch_bounds__(kBwdThreads, 1) gla_chunk_bwd_f32_kernel(const
   }
 
   // ---- V loop: dA, dv, and the inter-chunk parts of dq and dk ---------------------------
-  float dA[4][4];    // rows 16rb + g (+8), tokens 32 half + 8j + 2c (+1)
-  float dq[kKN][4];  // rows 16rb + g (+8), key dims kKH half + 8j + 2c (+1)
-  float dk[kKN][4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) dA[j][r] = 0.0f;
-#pragma unroll
-  for (int j = 0; j < kKN; ++j)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) dq[j][r] = dk[j][r] = 0.0f;
+  float dA[4][4] = {};    // rows 16rb + g (+8), tokens 32 half + 8j + 2c (+1)
+  float dq[kKN][4] = {};  // rows 16rb + g (+8), key dims kKH half + 8j + 2c (+1)
+  float dk[kKN][4] = {};
   const int kh0 = kKH * half;
   const int r0 = 16 * rb;
   const float* const v = static_cast<const float*>(a.v);
