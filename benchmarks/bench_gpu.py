@@ -215,12 +215,12 @@ def dry_run(args) -> int:
     print(f"fla: {FLA_ERROR or 'importable'}; GPU: {torch.cuda.is_available()}")
     rows, lines = [], []
     cpu_timer = lambda fn: (time_fn(fn, "cpu"), 0)  # noqa: E731
-    bench_gpu_f32.bench_f32([(1, 80, 2, 16)], cpu_timer, rows, lines, fla=None,
-                            fla_error="dry run: fla runs on the GPU only", device="cpu")
-    # the peer's code path, with gla_ext's float32 recurrent reference standing in for fla
-    print("(fla columns below: gla_ext.reference.naive_recurrent_gla standing in for fla)")
-    bench_gpu_f32.bench_f32([(1, 80, 2, 16)], cpu_timer, rows, lines,
-                            fla=naive_recurrent_gla, device="cpu")
+    for bench in (bench_gpu_f32.bench_f32, bench_gpu_f32.bench_f32_bwd):
+        bench([(1, 80, 2, 16)], cpu_timer, rows, lines, fla=None,
+              fla_error="dry run: fla runs on the GPU only", device="cpu")
+        # the peer's code path, with gla_ext's float32 recurrent reference standing in for fla
+        print("(fla columns below: gla_ext.reference.naive_recurrent_gla standing in for fla)")
+        bench([(1, 80, 2, 16)], cpu_timer, rows, lines, fla=naive_recurrent_gla, device="cpu")
     bad = [k for r in rows for k, x in r.items() if "err" in k and "fla" not in k and
            not x < 1e-4]
     print("dry run: " + ("float32 section ran on the CPU" if not bad else f"errors {bad}"))
@@ -259,8 +259,9 @@ def main() -> int:
         bench_prefill(shapes, bandwidth, rows, lines, save)
     if "f32" in run:  # after the bf16 rows: the float32 kernels' first GPU numbers
         f32_shapes = bench_gpu_f32.SHAPES[:1] if args.quick else bench_gpu_f32.SHAPES
-        bench_gpu_f32.bench_f32(f32_shapes, lambda fn: timed(fn, False), rows, lines,
-                                fla_chunk_gla, FLA_ERROR, "cuda", save)
+        for bench in (bench_gpu_f32.bench_f32, bench_gpu_f32.bench_f32_bwd):
+            bench(f32_shapes, lambda fn: timed(fn, False), rows, lines, fla_chunk_gla,
+                  FLA_ERROR, "cuda", save)
     if "paths" in run:
         bench_forward_paths(shapes, bandwidth, rows, lines, save)
     if "decode" in run:

@@ -38,10 +38,11 @@ GPU_TESTS="tests/test_cuda_recurrent.py tests/test_cuda_chunk_fwd.py tests/test_
 timeout 200 "$PY" -m pytest -q -rs --durations=10 -p no:cacheprovider $GPU_TESTS \
     > "$OUT/tests.log" 2>&1
 echo "gpu tests: $(tail -n 1 "$OUT/tests.log")"
-# (its float32 section, bench_gpu_f32.py: "highest"/"high" vs fla and bf16, errors vs float64)
+# (its float32 section, bench_gpu_f32.py: forward, then forward + backward, "highest"/"high"
+# vs fla and bf16, errors vs float64)
 (cd benchmarks && timeout 200 "$PY" bench_gpu.py --out "$OUT") > "$OUT/bench.log" 2>&1
 echo "bench: exit $?"; tail -n 30 "$OUT/bench.log"
-grep -E "^    (highest:|fla not importable)" "$OUT/bench.log" | sed 's/^ */float32: /' || true
+grep -E "^    (highest:|bwd highest:|fla not importable)" "$OUT/bench.log" | sed 's/^ */float32: /' || true
 timeout 45 "$PY" -m gla_ext check > "$OUT/check.txt" 2>&1
 echo "check: $(tail -n 1 "$OUT/check.txt")"
 timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests --ignore=tests/test_cuda_chunk_emu.py \

@@ -21,6 +21,12 @@ and 64 V columns walks all the chunks) is modelled at both precisions and compar
 bf16 forward the launcher picks for the same shape (issue 20's targets: "high" <= 1.6x,
 "highest" <= 3x; TARGETS). The issue bound assumes a warp issues every clock: optimistic for
 a kernel with one 4-warp block per SM (one warp per scheduler hides no latency).
+
+The float32 backward (gla_chunk_state_scans_f32_kernel + gla_chunk_bwd_f32_kernel, float32
+states in the workspace) is modelled at both precisions; forward + backward is compared with
+the bf16 forward + backward, and the backward workspaces (bf16, float32 chunked, float32
+recurrent: what float32 ran before) are given in bytes at the issue's shapes (target:
+float32 chunked <= 2x bf16).
 """
 from __future__ import annotations
 
@@ -184,6 +190,75 @@ def backward(stats, B, T, H, K, A, esz=2):
             "roofline_ms": io / (A["hbm_tb_s"] * 1e12) * 1e3}
 
 
+def backward_f32(stats, B, T, H, K, passes, A):
+    """The float32 backward: both state scans in one grid (2 x N x H x ceil(V / 64) blocks of
+    4 warps, each walking all the chunks of its sequence), then one block per (chunk, head)."""
+    V = K
+    KT = 64 if K <= 64 else 128
+    cpr = math.ceil(T / A["kC"])
+    chunks = B * cpr
+    vt = math.ceil(V / 64)
+    tok = B * T * H
+    state = chunks * H * K * V * 4  # one float32 workspace state array
+    scans = find(stats, "gla_chunk_state_scans_f32_kernel", [KT, passes], [], dtype="f32")
+    # each scan block reads its sequence's key-side tile and gates (all K) and its 64 V columns
+    scans_bytes = 2 * tok * (vt * 2 * K * 4 + V * 4) + 2 * state + B * H * K * V * 4 * 2
+    bw = find(stats, "gla_chunk_bwd_f32_kernel", [KT, passes], [], dtype="f32")
+    # q (twice), k, g, v, dO read; both states read; dq, dk, dg, dv written
+    bw_bytes = tok * (4 * K * 4 + 2 * V * 4) + 2 * state + tok * (3 * K * 4 + V * 4)
+    ks = [kernel_time(f"state_scans_f32 ({passes}xtf32)", scans, 2 * B * H * vt,
+                      per_block(scans, cpr), scans_bytes, A, per_warp_scale=0.5),
+          kernel_time(f"chunk_bwd_f32 ({passes}xtf32)", bw, chunks * H, per_block(bw, 1),
+                      bw_bytes, A)]
+    io = tok * (3 * K * 4 + 2 * V * 4) + tok * (3 * K * 4 + V * 4)
+    return {"kernels": ks, "ms": sum(k["ms"] for k in ks),
+            "roofline_ms": io / (A["hbm_tb_s"] * 1e12) * 1e3, "passes": passes}
+
+
+def bwd_workspace_bytes(B, T, H, K, A):
+    """Backward workspaces in bytes (dense inputs): the 16-bit chunked backward's two 16-bit
+    states per chunk and head, the float32 chunked backward's two float32 ones, and the float32
+    recurrent backward's (what float32 ran before; recurrent_bwd_cuda_workspace_floats: dq and
+    dk partials per 32-column V tile, plus rowsum partials)."""
+    V = K
+    chunks = B * math.ceil(T / A["kC"])
+    nt = math.ceil(V / 32)
+    return {"bf16": 2 * chunks * H * K * V * 2, "f32_chunked": 2 * chunks * H * K * V * 4,
+            "f32_recurrent": 4 * nt * (2 * B * T * H * K + B * H * K)}
+
+
+def f32_backward_lines(stats, rows, A):
+    if not any(r["kernel"] == "gla_chunk_bwd_f32_kernel" for r in stats["rows"]):
+        return ["(no float32 backward in the stats: rerun sass_stats.py)"]
+    bf = {tuple(r["shape"][:4]): r for r in rows if r.get("dtype") == "bf16"}
+    out = ["float32 forward + backward vs the bf16 forward + backward above",
+           f"{'shape (B,T,H,K=V)':<22}{'precision':<10}{'bwd ms':>8}{'fwd+bwd':>9}"
+           f"{'x bf16':>8}  backward kernels (ms, bound)"]
+    for B, T, H, K in TARGET_SHAPES:
+        for prec, (passes, _) in TARGETS.items():
+            fw = forward_f32(stats, B, T, H, K, passes, A)
+            bw = backward_f32(stats, B, T, H, K, passes, A)
+            fb = fw["ms"] + bw["ms"]
+            ref = bf[(B, T, H, K)]["forward_backward_ms"]
+            desc = "; ".join(f"{k['kernel']} {k['ms']:.3f} {k['bound']}" for k in bw["kernels"])
+            out.append(f"{str((B, T, H, K)):<22}{prec:<10}{bw['ms']:>8.3f}{fb:>9.3f}"
+                       f"{fb / ref:>8.2f}  {desc}")
+            rows.append({"shape": [B, T, H, K, K], "dtype": "f32", "precision": prec,
+                         "backward": bw, "backward_ms": bw["ms"], "forward_backward_ms": fb,
+                         "bf16_forward_backward_ms": ref, "fwd_bwd_ratio_vs_bf16": fb / ref})
+    out.append("")
+    out.append(f"{'backward workspace (bytes)':<28}{'bf16':>14}{'f32 chunked':>14}{'x bf16':>8}"
+               f"  {'(target <= 2x)':<16}{'f32 recurrent':>14}")
+    for B, T, H, K in TARGET_SHAPES:
+        ws = bwd_workspace_bytes(B, T, H, K, A)
+        ratio = ws["f32_chunked"] / ws["bf16"]
+        out.append(f"{str((B, T, H, K)):<28}{ws['bf16']:>14}{ws['f32_chunked']:>14}"
+                   f"{ratio:>8.2f}  {'met' if ratio <= 2 else 'missed':<16}"
+                   f"{ws['f32_recurrent']:>14}")
+        rows.append({"shape": [B, T, H, K, K], "workspace_bytes": ws})
+    return out
+
+
 def decode(BH, K, A, esz=2):
     """fused_recurrent_gla, one token: the float32 state is read and written once; memory
     bound (its per-token work is a few hundred instructions per state column)."""
@@ -287,6 +362,8 @@ def main():
     lines.append("")
     lines += f32_lines(stats, rows, A)
     lines.append("")
+    lines += f32_backward_lines(stats, rows, A)
+    lines.append("")
     lines.append(f"{'decode B*H':<12}{'K=V':>5}{'model ms':>10}{'bytes':>12}")
     for bh in DECODE_BH:
         d = decode(bh, 128, A)
@@ -306,7 +383,7 @@ def main():
     with open(os.path.join(out_dir, args.name + ".md"), "w") as f:
         f.write(f"# {args.name}\n\n{meta['date']}, commit {meta['commit']}, counts from "
                 f"{meta['stats']} (commit {meta['stats_commit']}). Estimated H200 times, bf16 "
-                f"forward + backward and the float32 forward, no GPU run; method: "
+                f"forward + backward and the float32 forward and backward, no GPU run; method: "
                 f"benchmarks/gpu_model.py docstring.\n\n```\n{text}\n```\n")
 
 

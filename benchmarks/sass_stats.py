@@ -36,6 +36,10 @@ Shapes for the trip counts: K = V = KT (64 or 128) for the chunk kernels.
   flops each; the 16-bit kernels' m16n8k16 do 8192), and its per-chunk counts are also split
   by phase (PHASES), with the instructions that round operands to tf32 (cvt.rna.tf32.f32 and
   the 3xTF32 split, TF32_CVT) counted per phase.
+- float32 backward (chunk_bwd_f32.cuh, dtype "f32"): gla_chunk_state_scans_f32_kernel<KT,
+  passes> (both scans in one grid; per (chunk, head) the forward and gradient halves are
+  summed, each block runs one) and gla_chunk_bwd_f32_kernel<KT, passes>. The trips of
+  warp_mma_tiles' k loop come from the arguments at each call site (evaluated per warp).
 """
 from __future__ import annotations
 
@@ -213,6 +217,9 @@ def find_loops(fn):
 
 
 # ---- kernels: names, constants, trip counts -----------------------------------------------
+F32_KERNELS = ("gla_chunk_fwd_f32_kernel", "gla_chunk_state_scans_f32_kernel",
+               "gla_chunk_bwd_f32_kernel")
+
 def describe(mangled):
     """Kernel name and template arguments from the mangled name."""
     name, pos = mangled, mangled.find("_ZN") + 3
@@ -223,7 +230,7 @@ def describe(mangled):
         start = pos + len(m.group())
         name, pos = mangled[start:start + int(m.group())], start + int(m.group())
     dtype = "bf16" if "nv_bfloat16" in mangled else ("fp16" if "6__half" in mangled else "")
-    if name == "gla_chunk_fwd_f32_kernel":
+    if name in F32_KERNELS:
         dtype = "f32"  # template <KT, kPasses>: 1 = one tf32 pass, 3 = 3xTF32
     ints = [int(x) for x in re.findall(r"Li(\d+)E", mangled)]
     bools = [x == "1" for x in re.findall(r"Lb([01])E", mangled)]
@@ -248,6 +255,21 @@ def kernel_constants(name, ints, bools, file):
         c["kind"] = "fwd_f32"
         c["blocks_per_chunk_head"] = math.ceil(KT / 64)  # one block per 64 V columns
         c["walks_chunks"] = True
+    elif name == "gla_chunk_state_scans_f32_kernel":
+        KT, passes = ints[0], ints[1]
+        c.update(KT=KT, K=KT, V=KT, NTHREADS=128, NWARPS=4, kF32Threads=128, kF32BV=64,
+                 kNT=KT // 8, kPerRow=16, passes=passes)
+        c["kind"] = "scans_f32"
+        c["blocks_per_chunk_head"] = math.ceil(KT / 64)  # per half: one block per 64 V columns
+        c["walks_chunks"] = True
+    elif name == "gla_chunk_bwd_f32_kernel":
+        KT, passes = ints[0], ints[1]
+        c.update(KT=KT, K=KT, V=KT, NTHREADS=256, NWARPS=8, kBwdThreads=256, kF32Threads=256,
+                 kKH=KT // 2, kKN=KT // 16, kNT=KT // 8, kPerRow=KT // 4, kTPR=256 // KT,
+                 kF32TileV=16, kPairs=16 * 17 // 2, kRows=64 // (256 // KT), passes=passes)
+        c["kind"] = "bwd_f32"
+        c["blocks_per_chunk_head"] = 1
+        c["walks_chunks"] = False
     elif name in ("gla_chunk_state_scan_kernel", "gla_chunk_state_scans_kernel"):
         warps = scan_warps()
         c.update(KT=64, NTHREADS=32 * warps, NWARPS=warps, kScanThreads=32 * warps, kNT=8,
@@ -302,12 +324,13 @@ COLD = [
     "gnext[r] = r < rows ? *gp : 0.0f;",           # scan: gates of a sequence's last chunk
     "for (int i = tid; i < ROWS * COLS; i += NTHREADS) {",       # scalar load_tile (set-up)
     "for (int i = tid; i < KT * kScanV; i += kScanThreads) {",   # scan's scalar state save
+    "if (v0 + vl < V) dst[static_cast<int64_t>(kd) * V + v0 + vl] = sS[",  # f32 scan, V % 8
 ]
 def diag_index_trips(c):
     """`while (rest > tl)` of the float32 forward's diagonal pairs: a lane's trips are its
     pair's row tl (0..15) in the 16 x 16 block; a warp runs until its slowest lane is done.
     Trips per trip of the enclosing pair loop, over all warps."""
-    pairs, threads = c["kPairs"], c["kF32Threads"]
+    pairs, threads = c["kPairs"], c["NTHREADS"]
     row = [tl for tl in range(16) for _ in range(tl + 1)]
     loops = trips = 0
     for w in range(c["NWARPS"]):
@@ -325,6 +348,7 @@ TRIP_RULES = [
     ("__nvvm_shfl_bfly_sync", lambda c: 1),
     ("for (int i = tid; i < ROWS * COLS; i += NTHREADS)", lambda c: 0),  # scalar load_tile
     ("for (int i = tid; i < KT * kScanV; i += kScanThreads)", lambda c: 0),  # scalar save
+    ("for (int i = tid; i < K * kF32BV; i += kF32Threads)", lambda c: 0),  # f32 scalar save
     ("for (int64_t c0 = start; c0 < end; c0 += kC)", lambda c: c["NCHUNK"]),
     ("for (int64_t ci = 0; ci < nchunks; ++ci)", lambda c: c["NCHUNK"]),
     ("for (int64_t base = 0; base < a.N; base += kOffsetThreads)", lambda c: 1),
@@ -358,6 +382,8 @@ FRACTION_RULES = [
     ("state_scan<T, kGrad, false>(a, key_tile);", lambda c: 0.0),
     ("if (v0 != v_first) {  // the first V tile came with q, k, g",
      lambda c: 1 - 1 / math.ceil(c["V"] / 64)),
+    # float32 backward: dA by the warps whose token half lies at or before their rows (6 of 8)
+    ("if (2 * half <= rb)", lambda c: 0.75),
 ]
 
 
@@ -367,7 +393,7 @@ FRACTION_RULES = [
 F32 = "chunk_fwd_f32.cuh"
 PHASES = {"gla_chunk_fwd_f32_kernel": [
     ("scores: 6 off-diagonal 16x16 blocks (mma)", F32,
-     "for (int u = warp; u < 6; u += kF32Warps)", "// the diagonal blocks, pair by pair"),
+     "for (int u = warp; u < 6; u += NTHREADS / 32)", "// the diagonal blocks, pair by pair"),
     ("scores: 4 diagonal blocks (FMA + exp2 per pair, key dim)", F32,
      "// the diagonal blocks, pair by pair", "for (int e = tid; e < kC * kC;"),
     ("scores: zeros above the diagonal", F32, "for (int e = tid; e < kC * kC;", "// grid x = N"),
@@ -453,7 +479,8 @@ def load_tile_symbols(chain, c):
         env = dict(c)
         env.update(COLS=evaluate(targs[0], c), NTHREADS=evaluate(targs[2], c),
                    ROWS=evaluate(targs[3], c) if len(targs) > 3 else KC)
-        is_float = "float" in m.group(2).split(",")[0] or re.match(r"\s*sB\b", m.group(2))
+        is_float = (c.get("passes") is not None or "float" in m.group(2).split(",")[0] or
+                    re.match(r"\s*sB\b", m.group(2)))  # float32 kernels: every tile float
         env["kVec"] = 4 if is_float else 8
         env["kPerRow"] = env["COLS"] // env["kVec"]
         return env
@@ -469,10 +496,43 @@ def evaluate(expr, env):
     return eval(expr, {"__builtins__": {}}, {k: env[k] for k in names})  # noqa: S307
 
 
+CALL_SITES = [  # calls whose arguments give warp_mma_tiles' k range: (pattern, groups)
+    r"warp_mma_tiles<[^>]*>\s*\(\s*\w+,\s*([^,]+),\s*([^,]+),",
+    r"add_off_diagonal<[^>]*>\(\s*\w+,\s*\w+,\s*[^,]+,\s*([^,]+),\s*([^,]+),",
+]
+
+
+def call_site_trips(loop, c):
+    """warp_mma_tiles' `for (k0 = k_begin; k0 < k_end; k0 += 8)`: k_begin and k_end from the
+    innermost call site whose arguments evaluate (with r0 = 16 rb, rb = warp % 4; a helper
+    that passes its own k_begin / k_end on is looked through), trips averaged over the warps."""
+    for path, line in loop["chain"][1:]:
+        # the call's line info may name the line of its arguments: look a few lines up too
+        for d in (0, 1, 2):
+            if line - d < 1:
+                break
+            text = src_statement(path, line - d)
+            m = next((m for pat in CALL_SITES for m in [re.search(pat, text)] if m), None)
+            if not m:
+                continue
+            try:
+                trips = []
+                for w in range(c["NWARPS"]):
+                    env = dict(c, r0=16 * (w % 4), warp=w)
+                    trips.append(max(0, math.ceil((evaluate(m.group(2), env) -
+                                                   evaluate(m.group(1), env)) / 8)))
+            except KeyError:  # k_begin / k_end passed on: the next call site out
+                break
+            return sum(trips) / len(trips)
+    return None
+
+
 def loop_trips(fn, loop, c):
     """Trips per warp (averaged over the block's warps) of one SASS loop; None = no rule."""
     path, line = loop["chain"][0]
     text = src_line(path, line).strip()
+    if "for (int k0 = k_begin; k0 < k_end; k0 += 8)" in text:
+        return call_site_trips(loop, c), text
     for key, rule in TRIP_RULES:
         if key in text:
             if isinstance(rule, tuple) and rule[0] == "sass_bound":
@@ -627,6 +687,10 @@ LAYOUTS = {
                      "f32_128": "gla::F32Layout<128>::kBytes",
                      "scan": "gla::ScanLayout::kBytes", "offsets": "gla::kOffsetSmem"},
     "chunk_bwd.cu": {"bwd64": "gla::BwdLayout<64>::kBytes", "bwd128": "gla::BwdLayout<128>::kBytes",
+                     "f32bwd64": "gla::F32BwdLayout<64>::kBytes",
+                     "f32bwd128": "gla::F32BwdLayout<128>::kBytes",
+                     "f32scan64": "gla::F32ScanLayout<64>::kBytes",
+                     "f32scan128": "gla::F32ScanLayout<128>::kBytes",
                      "scan": "gla::ScanLayout::kBytes", "offsets": "gla::kOffsetSmem"},
 }
 
@@ -661,6 +725,10 @@ def smem_key(name, c):
         return f"bwd{c['KT']}"
     if name == "gla_chunk_fwd_f32_kernel":
         return f"f32_{c['KT']}"
+    if name == "gla_chunk_bwd_f32_kernel":
+        return f"f32bwd{c['KT']}"
+    if name == "gla_chunk_state_scans_f32_kernel":
+        return f"f32scan{c['KT']}"
     if "scan" in name and "offsets" not in name:
         return "scan"
     if "offsets" in name:
@@ -715,6 +783,10 @@ def analyse(mangled, fn, ptx, smem_table, file):
         row["shape"] = "K=V=128 (per block: 64 key dims x 64 V columns)"
         if c["kind"] == "scans":
             row["note"] = "forward + gradient halves summed (each block runs one)"
+    elif c["kind"] == "scans_f32":
+        bpch = c["blocks_per_chunk_head"]
+        row["shape"] = f"K=V={c['KT']} (per block: all key dims x 64 V columns)"
+        row["note"] = "forward + gradient halves summed (each block runs one)"
     else:
         bpch = c["blocks_per_chunk_head"]
         row["shape"] = f"K=V={c['KT']}"
@@ -753,8 +825,9 @@ def table(rows):
                        f"{r['smem_bytes']:>8}{r.get('blocks_per_sm', '-'):>7}"
                        f"{'static ' + str(r['static_instructions']):>12}")
     out.append("")
-    out.append("dt f32: the float32 forward, tmpl KT,passes (1 = one tf32 pass, 3 = 3xTF32); its "
-               "HMMA are m16n8k8 tf32 (a quarter of an m16n8k16's flops).")
+    out.append("dt f32: the float32 kernels (forward; backward scans_f32 + bwd_f32), tmpl "
+               "KT,passes (1 = one tf32 pass, 3 = 3xTF32); their HMMA are m16n8k8 tf32 (a "
+               "quarter of an m16n8k16's flops); scans_f32: both halves, K=V=KT.")
     out.append("ins/warp/ch: warp-instructions one warp issues per chunk (scan: per chunk of its "
                "64x64 state tile; scans: both halves). /ch,h: per (chunk, head) at K=V=KT "
                "(scans: K=V=128), all warps and blocks; HMMA/LDSM/LDGSTS/BAR as warp "

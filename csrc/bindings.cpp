@@ -494,19 +494,24 @@ std::tuple<Tensor, Tensor> chunk_fwd_cuda(const Tensor& q, const Tensor& k, cons
 }
 
 // chunk_gla backward on CUDA: bf16/fp16 run the tensor-core chunked backward (two launches;
-// workspace of two 16-bit states per chunk and head); float32 runs the fused recurrent
-// backward, as the forward does.
+// workspace of two 16-bit states per chunk and head); float32 runs the tf32 chunked backward
+// (chunk_bwd_f32.cuh; float32 states, twice that workspace; precision from torch, f32_passes)
+// exactly where the forward ran its chunked kernel (f32_chunk_forward), and the fused
+// recurrent backward for wider K, as the forward does.
 BwdOut chunk_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                       const Tensor& dout, const OptTensor& dht, const OptTensor& h0,
                       const OptTensor& cu_seqlens, double scale, int64_t /*chunk_size*/) {
-  if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16)
+  c10::cuda::CUDAGuard guard(q.device());
+  const bool f32 = f32_chunk_forward(q);
+  if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16 && !f32)
     return recurrent_bwd_cuda(q, k, v, g, dout, dht, h0, cu_seqlens, scale, false);
   const char* op = "gla_ext.chunk_bwd (CUDA)";
-  c10::cuda::CUDAGuard guard(q.device());
   auto p = chunk_cuda_params(op, q, k, v, g, h0, cu_seqlens, scale);
   auto out = alloc_bwd(op, p, q, v, g, dout, dht);
   Tensor workspace = attach_workspace(p, gla::chunk_bwd_cuda_workspace_floats(p), q);
-  check_cuda(gla::chunk_bwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_cuda(f32 ? gla::chunk_bwd_f32_cuda(p, f32_passes(), stream) : gla::chunk_bwd_cuda(p, stream),
+             op);
   return out;
 }
 #endif
@@ -666,7 +671,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef GLA_WITH_CUDA
     info["chunk_cuda"] = std::string(
         "tensor-core chunked kernels for bf16/fp16 (K <= 128 per pass); float32: chunked "
-        "tf32 forward (K <= 128), fused recurrent backward");
+        "tf32 forward and backward (K <= 128; wider K: fused recurrent kernels)");
 #endif
     return info;
   });

@@ -137,6 +137,10 @@ const char* chunk_fwd_f32_cuda(const GlaParams& p, int passes, void* stream);
 // float32 workspace of chunk_bwd_cuda_workspace_floats(p) elements (two states per chunk).
 int64_t chunk_bwd_cuda_workspace_floats(const GlaParams& p);
 const char* chunk_bwd_cuda(const GlaParams& p, void* stream);
+// Float32 chunked backward on the tf32 tensor cores (csrc/cuda/chunk_bwd_f32.cuh): passes as
+// for chunk_fwd_f32_cuda, K <= chunk_cuda_max_k(); workspace of
+// chunk_bwd_cuda_workspace_floats(p) floats (float32 states: twice the 16-bit backward's).
+const char* chunk_bwd_f32_cuda(const GlaParams& p, int passes, void* stream);
 // Shared memory per block of the K=128 chunked backward (checked in chunk_bwd.cu). GPUs with
 // less per-block opt-in shared memory (sm_86/sm_89: 99 KB) take K in slices of 64.
 constexpr int64_t kCudaChunkBwdSmemBytesK128 = 156160;

@@ -52,8 +52,8 @@ def cmd_info(_args) -> int:
             archs = ", ".join("sm_" + a for a in info.get("cuda_archs", []))
             print(f"CUDA kernels: built for {archs or '?'}")
             prec = torch.get_float32_matmul_precision()  # read again at every call
-            print(f"float32 chunk_gla forward on CUDA: tf32 tensor cores, matmul precision "
-                  f"'{prec}' -> {'3xTF32' if prec == 'highest' else '1xTF32'} "
+            print(f"float32 chunk_gla forward and backward on CUDA: tf32 tensor cores, "
+                  f"matmul precision '{prec}' -> {'3xTF32' if prec == 'highest' else '1xTF32'} "
                   "(docs/cuda_float32.md)")
         else:
             print(f"CUDA kernels: not built ({info.get('cuda_skipped_because') or 'unknown reason'})")

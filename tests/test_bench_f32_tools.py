@@ -1,6 +1,7 @@
-"""The float32 forward's benchmark tooling on the CPU (no GPU, no nvcc): sass_stats.py's kernel
-names and its trip rule for the diagonal-pair walk, and bench_gpu_f32.py's measuring code (run
-with the CPU kernels; on a GPU the same code times the CUDA kernels)."""
+"""The float32 forward's and backward's benchmark tooling on the CPU (no GPU, no nvcc):
+sass_stats.py's kernel names, its trip rule for the diagonal-pair walk and for warp_mma_tiles'
+call sites, and bench_gpu_f32.py's measuring code (run with the CPU kernels; on a GPU the same
+code times the CUDA kernels)."""
 import math
 import os
 import sys
@@ -24,6 +25,10 @@ NAMES = [
      "Li128ELb1EEEvNS0_9ChunkArgsE", ("gla_chunk_fwd_kernel", "bf16", [128], [True])),
     ("_ZN3gla45_GLOBAL__N__4b0a54b9_12_chunk_bwd_cu_b30ef25424gla_chunk_offsets_kernelENS0_9Chunk"
      "ArgsE", ("gla_chunk_offsets_kernel", "", [], [])),
+    ("_ZN3gla45_GLOBAL__N__4b0a54b9_12_chunk_bwd_cu_b30ef25424gla_chunk_bwd_f32_kernelILi64ELi1EE"
+     "EvNS0_9ChunkArgsE", ("gla_chunk_bwd_f32_kernel", "f32", [64, 1], [])),
+    ("_ZN3gla45_GLOBAL__N__4b0a54b9_12_chunk_bwd_cu_b30ef25432gla_chunk_state_scans_f32_kernelILi"
+     "128ELi3EEEvNS0_9ChunkArgsE", ("gla_chunk_state_scans_f32_kernel", "f32", [128, 3], [])),
 ]
 
 
@@ -52,6 +57,36 @@ def test_diag_pair_walk_trips():
             trips += max(lane_trips)
     assert sass_stats.diag_index_trips(c) == pytest.approx(trips / loops)
     assert 11 < trips / loops < 15  # rows of 16, mostly the lower ones in a 32-lane group
+
+
+def test_warp_mma_tiles_trips_follow_call_sites():
+    """The float32 backward's k loops (one source loop, inlined at each call) take their trips
+    from the call's k range, per warp (r0 = 16 * (warp % 4)), as the kernel runs them."""
+    c = sass_stats.kernel_constants("gla_chunk_bwd_f32_kernel", [128, 3], [], "chunk_bwd.cu")
+    path = os.path.join(sass_stats.ROOT, "csrc", "cuda", "chunk_bwd_f32.cuh")
+    with open(path) as f:
+        lines = f.read().splitlines()
+
+    helper = next(i + 1 for i, ln in enumerate(lines)
+                  if "warp_mma_tiles<kPasses, kKN>(tmp, k_begin, k_end" in ln)
+
+    def trips(call):
+        line = next(i + 1 for i, ln in enumerate(lines) if call in ln)
+        # through add_off_diagonal: its inner call passes k_begin / k_end on
+        inner = [(path, helper)] if "add_off_diagonal" in lines[line - 1] else []
+        loop = {"chain": [("loop", 0)] + inner + [(path, line)]}
+        return sass_stats.call_site_trips(loop, c)
+    rows = [16 * (w % 4) for w in range(8)]
+    assert trips("dA, 0, kF32TileV, lane") == 2                      # 16 V columns, step 8
+    assert trips("acc, 0, KT, lane") == 128 / 8                      # Kb @ dS over all K
+    assert trips("acc, r0, kC, lane") == pytest.approx(
+        sum((64 - r) / 8 for r in rows) / 8)                         # A^T dO: tokens >= r0
+    assert trips("add_off_diagonal<KT, kPasses, L>(") == pytest.approx(  # dq: tokens < r0
+        sum(r / 8 for r in rows) / 8)
+    line = next(i for i, ln in enumerate(lines) if "dk, sB, r0 + 15, r0 + 16, kC, false," in ln)
+    loop = {"chain": [("loop", 0), (path, helper), (path, line + 1)]}
+    assert sass_stats.call_site_trips(loop, c) == pytest.approx(
+        sum(max(0, (64 - r - 16) / 8) for r in rows) / 8)              # dk: tokens > r0 + 15
 
 
 def _cpu_timer(fn):
@@ -102,3 +137,21 @@ def test_rel_err_flags_unwritten_outputs():
     assert bench_gpu_f32.rel_err(x, ref) < 1e-6
     x[2, 1] = float("nan")
     assert bench_gpu_f32.rel_err(x, ref) == math.inf
+
+
+def test_bench_f32_bwd_measures_against_float64():
+    """A forward + backward row at a small shape: the gradient errors are measured against
+    float64 (the CPU kernels are float32-accurate), a perturbed peer shows its error, and the
+    verdict names both precisions."""
+    def peer(q, k, v, g):
+        o, ht = bench_gpu_f32.chunk_gla_reference(q, k, v, g)
+        return o * (1 + 1e-3), ht
+    rows, lines = [], []
+    bench_gpu_f32.bench_f32_bwd([(1, 90, 2, 24)], _cpu_timer, rows, lines, fla=peer,
+                                device="cpu")
+    row = rows[0]
+    for prec in bench_gpu_f32.TARGETS:
+        assert 0 < row[f"{prec}_err"] < 1e-5
+        assert row[f"{prec}_over_bf16"] == pytest.approx(row[f"{prec}_s"] / row["bf16_s"])
+    assert row["fla_err"] == pytest.approx(1e-3, rel=1e-2)
+    assert lines[-1].startswith("    bwd highest:") and "high:" in lines[-1]

@@ -1,4 +1,6 @@
-"""Gradients of chunk_gla(backend="cuda") in bfloat16 and float16 (csrc/cuda/chunk_bwd.cu).
+"""Gradients of chunk_gla(backend="cuda") in bfloat16 and float16 (csrc/cuda/chunk_bwd.cu), and
+in float32 on the tf32 tensor cores under both matmul precisions (csrc/cuda/chunk_bwd_f32.cuh:
+"highest" <= 1e-5, "high" <= 1e-3; these have only run in the CPU emulator so far).
 
 The backward is reached the way users reach it: through the autograd of chunk_gla, with
 torch.autograd.grad and random gradients arriving on the output (do) and on the final state
@@ -136,7 +138,7 @@ def rel_err(x, ref, floor=0.0):
     return diff / denom if denom > 0 else diff
 
 
-def check(c, reference=run_reference, dg_tol=None):
+def check(c, reference=run_reference, dg_tol=None, tol=None):
     outs, grads = run_cuda(c)
     outs_r, grads_r = reference(c)
     dtype, desc = c["dtype"], c["desc"]
@@ -157,7 +159,7 @@ def check(c, reference=run_reference, dg_tol=None):
                 + (c["k"].double() * grads_r["k"]).norm()).item()
     floors = {"dg": 1e-2 * dg_terms}
     errors = {name: rel_err(x, refs[name], floors.get(name, 0.0)) for name, x in found.items()}
-    tol = TOLERANCE[("cuda", dtype)]
+    tol = TOLERANCE[("cuda", dtype)] if tol is None else tol
     bounds = {n: (dg_tol if n == "dg" and dg_tol is not None else tol) for n in errors}
     too_big = {n: f"{e:.2e}" for n, e in errors.items() if not e <= bounds[n]}
     assert not too_big, (f"relative errors above {tol}: {too_big} ({desc}); "
@@ -259,3 +261,36 @@ def test_k_slice_matches_device():
     assert ops._cuda_max_k("chunk", torch.bfloat16, torch.device("cuda")) == expected
     if torch.cuda.get_device_capability() in ((8, 0), (9, 0)):
         assert expected == 128, f"{props.name} should take K=128 in one pass"
+
+
+# ---- float32 (tf32 tensor cores) ---------------------------------------------------------
+
+F32_BOUND = {"highest": 1e-5, "high": 1e-3}  # docs/design.md "Numerics"
+
+
+def check_f32(c, precision, **kwargs):
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)  # read by the kernels at every call
+    try:
+        errors = check(c, tol=F32_BOUND[precision], **kwargs)
+    finally:
+        torch.set_float32_matmul_precision(old)
+    if precision == "high":  # one tf32 pass is measurably less accurate than 3xTF32
+        assert max(errors[n] for n in ("dq", "dk", "dv")) > 1e-6, errors
+    return errors
+
+
+@pytest.mark.parametrize("precision", ["highest", "high"])
+@pytest.mark.parametrize("K,V", [(64, 64), (128, 128), (60, 100)])
+@pytest.mark.parametrize("normalizer", [1.0, 16.0])
+def test_float32_gradients(precision, K, V, normalizer):
+    check_f32(make_case(2, 200, 2, K, V, torch.float32, gate=normalizer), precision)
+
+
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_float32_varlen_and_long(precision):
+    check_f32(make_case(1, 201, 2, 96, 40, torch.float32, offsets=[0, 0, 70, 70, 200, 201]),
+              precision)
+    c = make_case(1, 2048, 2, 128, 128, torch.float32, gate=16.0)
+    check_f32(c, precision,
+              reference=lambda c: run_reference(c, fn=chunk_gla_reference, chunk_size=64))

@@ -154,7 +154,7 @@ BWD_CASES = [
     ("bf16", 2, 0, 1, 64, 64, "norm:1", 1, 1, "-", 0),
 ]
 
-_TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "f32": torch.float32}
 
 
 def _bwd_inputs(dtype, B, T, H, K, V, gate, N):
@@ -187,6 +187,36 @@ def _rel(x, ref):
     return (x - ref).norm().item() / den if den > 0 else (x - ref).norm().item()
 
 
+def bwd_errors(grads, q, k, v, do, g, h0, dht, with_h0, with_dht, offsets, report):
+    """Relative errors of the kernel's (dq, dk, dv, dg, dh0) against torch autograd through the
+    float64 reference on the same (rounded) inputs; also how much of q*dq and k*dk cancels in
+    dg (small = strong cancellation). Asserts every gradient is finite."""
+    K = q.shape[-1]
+    # Without h0 the kernel still writes dh0, the gradient on a zero initial state, so the
+    # reference always starts from one (the same math).
+    h0_ref = h0 if with_h0 else torch.zeros_like(h0)
+    leaves = [x.double().requires_grad_() for x in (q, k, v, g, h0_ref)]
+    cu_t = None if offsets is None else torch.tensor(offsets)
+    o_ref, ht_ref = naive_recurrent_gla(*leaves[:4], scale=K ** -0.5, initial_state=leaves[4],
+                                        output_final_state=True, cu_seqlens=cu_t)
+    loss = (o_ref * do.double()).sum()
+    if with_dht:
+        loss = loss + (ht_ref * dht.double()).sum()
+    refs = torch.autograd.grad(loss, leaves, allow_unused=True)
+    refs = [torch.zeros_like(x) if r is None else r for r, x in zip(refs, leaves)]
+    errors, dg_ref_over_terms = {}, None
+    for name, x, ref in zip(["dq", "dk", "dv", "dg", "dh0"], grads, refs):
+        assert torch.isfinite(x).all(), f"{name} not finite\n{report}"
+        if name == "dg":  # exact zeros for full forget: measure against the terms it sums
+            terms = (leaves[0] * refs[0]).norm().item() + (leaves[1] * refs[1]).norm().item()
+            den = max(ref.norm().item(), 1e-2 * terms)
+            errors[name] = (x - ref).norm().item() / den if den > 0 else (x - ref).norm().item()
+            dg_ref_over_terms = ref.norm().item() / max(terms, 1e-30)
+        else:
+            errors[name] = _rel(x, ref)
+    return errors, dg_ref_over_terms
+
+
 @pytest.mark.parametrize("case", BWD_CASES, ids=_case_id)
 def test_backward_kernel_source_on_cpu(bwd_emulator, tmp_path, case):
     dtype, B, T, H, K, V, gate, with_h0, with_dht, cu, misalign = case
@@ -215,34 +245,11 @@ def test_backward_kernel_source_on_cpu(bwd_emulator, tmp_path, case):
         pos += nbytes
     assert pos == out.size, report
 
-    # float64 reference on the same rounded inputs. Without h0 the kernel still writes dh0, the
-    # gradient on a zero initial state, so the reference always starts from one (the same math).
-    h0_ref = h0 if with_h0 else torch.zeros_like(h0)
-    leaves = [x.double().requires_grad_() for x in (q, k, v, g, h0_ref)]
-    cu_t = None if offsets is None else torch.tensor(offsets)
-    o_ref, ht_ref = naive_recurrent_gla(*leaves[:4], scale=K ** -0.5, initial_state=leaves[4],
-                                        output_final_state=True, cu_seqlens=cu_t)
-    loss = (o_ref * do.double()).sum()
-    if with_dht:
-        loss = loss + (ht_ref * dht.double()).sum()
-    refs = torch.autograd.grad(loss, leaves, allow_unused=True)
-    refs = [torch.zeros_like(x) if r is None else r for r, x in zip(refs, leaves)]
-
-    tol = TOLERANCE[("cuda", _TORCH_DTYPE[dtype])]
-    names = ["dq", "dk", "dv", "dg", "dh0"]
-    errors = {}
-    for name, x, ref in zip(names, grads, refs):
-        assert torch.isfinite(x).all(), f"{name} not finite\n{report}"
-        if name == "dg":  # exact zeros for full forget: measure against the terms it sums
-            terms = (leaves[0] * refs[0]).norm().item() + (leaves[1] * refs[1]).norm().item()
-            den = max(ref.norm().item(), 1e-2 * terms)
-            errors[name] = (x - ref).norm().item() / den if den > 0 else (x - ref).norm().item()
-            # for the sweep: how much of q*dq and k*dk cancels in dg (small = strong cancellation)
-            dg_ref_over_terms = ref.norm().item() / max(terms, 1e-30)
-        else:
-            errors[name] = _rel(x, ref)
+    errors, dg_ref_over_terms = bwd_errors(grads, q, k, v, do, g, h0, dht, with_h0, with_dht,
+                                           offsets, report)
     print(" ".join(f"{n}={e:.2e}" for n, e in errors.items()))
     record_diagnostic(**{f"{n}_err": e for n, e in errors.items()}, dg_ref_over_terms=dg_ref_over_terms)
+    tol = TOLERANCE[("cuda", _TORCH_DTYPE[dtype])]
     for name, err in errors.items():  # one assertion per gradient (the seed sweep reads each)
         bound = tol
         if name == "dg" and dtype == "bf16" and gate == "norm:0.1":

@@ -40,6 +40,8 @@
 #include <cstdio>
 #include <cstring>
 
+#include "chunk_bwd_common.cuh"
+#include "chunk_bwd_f32.cuh"
 #include "chunk_common.cuh"
 #include "chunk_scan.cuh"
 #include "gla.h"
@@ -47,14 +49,12 @@
 namespace gla {
 namespace {
 
-constexpr int kBwdWarps = 8;              // chunk kernel
-constexpr int kBwdThreads = 32 * kBwdWarps;
 constexpr int kTileV = 64;                // V columns per chunk-kernel tile
 
 // Shared memory of the chunk kernel. Region R holds the V-loop tiles (v, dO, S0, dS as the
 // input dtype), and after the loop is reused for dA (float) and the dg terms (float).
 template <int KT>
-struct BwdLayout {
+struct BwdHead {
   static constexpr int kQKStride = KT + 8;    // q, k, k * exp2(b_last - b): 16-bit
   static constexpr int kBStride = KT + 8;     // cumulative gates: float
   static constexpr int kAStride = kC + 8;     // scores A: 16-bit
@@ -68,28 +68,18 @@ struct BwdLayout {
   static constexpr int kBOff = kKbOff + kC * kQKStride * 2;
   static constexpr int kAOff = kBOff + kC * kBStride * 4;
   static constexpr int kROff = kAOff + kC * kAStride * 2;
-  // region R, V loop
-  static constexpr int kVOff = kROff;
-  static constexpr int kDOOff = kVOff + kC * kVStride * 2;
-  static constexpr int kSOff = kDOOff + kC * kVStride * 2;
-  static constexpr int kDSOff = kSOff + KT * kSStride * 2;
-  static constexpr int kLoopEnd = kDSOff + KT * kSStride * 2;
-  // region R, after the loop
+  // region R after the loop: dA, then q dq - k dk
   static constexpr int kDAOff = kROff;
   static constexpr int kDOff = kDAOff + kC * kDAStride * 4;
-  static constexpr int kAfterEnd = kDOff + kC * kDStride * 4;
-  static constexpr int kREnd = kLoopEnd > kAfterEnd ? kLoopEnd : kAfterEnd;
-  // small arrays
-  static constexpr int kTotOff = kREnd;  // gate scan scratch, then dg segment totals (float)
-  static constexpr int kTotFloats = gate_scratch_floats<KT>() > kBwdThreads
-                                        ? gate_scratch_floats<KT>() : kBwdThreads;
-  static constexpr int kRowOff = kTotOff + kTotFloats * 4;  // [KT] rowsum(S0 * dS)
-  static constexpr int kPartOff = kRowOff + KT * 4;      // [4][KT] per row block
-  static constexpr int kBytes = kPartOff + 4 * KT * 4;
+  static constexpr int kAfter = kC * kDAStride * 4 + kC * kDStride * 4;
   static_assert(kKOff % 16 == 0 && kKbOff % 16 == 0 && kBOff % 16 == 0 && kAOff % 16 == 0 &&
-                    kROff % 16 == 0 && kDOOff % 16 == 0 && kSOff % 16 == 0 &&
-                    kDSOff % 16 == 0 && kDOff % 16 == 0 && kTotOff % 16 == 0,
+                    kDOff % 16 == 0,
                 "tiles must start 16-byte aligned");
+};
+template <int KT>
+struct BwdLayout : BwdHead<KT>,
+                   BwdRegions<KT, BwdHead<KT>::kROff, BwdHead<KT>::kVStride,
+                              BwdHead<KT>::kSStride, 2, BwdHead<KT>::kAfter> {
 };
 // sm_80 allows 163 KB per block with the opt-in, sm_90 227 KB.
 static_assert(BwdLayout<128>::kBytes <= 163 * 1024, "chunk backward shared memory too large");
@@ -165,17 +155,12 @@ __global__ void __launch_bounds__(kBwdThreads)
 
   // which sequence and chunk this block is
   const int64_t gc = blockIdx.x;
-  int64_t n = 0, c = 0;
-  if (!locate_chunk(a, gc, &n, &c)) return;  // past the last chunk (the grid is a bound)
-  int64_t row, start, end;
-  seq_range(a, n, &row, &start, &end);
-  const int64_t c0 = start + c * kC;
-  const int len = static_cast<int>(end - c0 < kC ? end - c0 : kC);
+  BwdChunk cp;
+  if (!bwd_chunk(a, gc, h, &cp)) return;  // past the last chunk (the grid is a bound)
+  const int len = cp.len;
   const int64_t qk_tok = static_cast<int64_t>(H) * K;
   const int64_t v_tok = static_cast<int64_t>(H) * V;
-  const int64_t qk_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(K);
-  const int64_t v_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(V);
-  const int64_t state_off = (gc * H + h) * static_cast<int64_t>(K) * V;
+  const int64_t qk_base = cp.qk_base, v_base = cp.v_base, state_off = cp.state_off;
 
   // ---- q, k, gates; cumulative gates; scores A; k * exp2(b_last - b) ----------------------
   const uint16_t* const q = static_cast<const uint16_t*>(a.q);
@@ -232,17 +217,9 @@ __global__ void __launch_bounds__(kBwdThreads)
   __syncthreads();
 
   // ---- V loop: dA, dv, and the inter-chunk parts of dq and dk ---------------------------
-  float dA[4][4];        // rows 16rb + g (+8), tokens 32 half + 8j + 2c (+1)
-  float dq[kKN][4];      // rows 16rb + g (+8), key dims kKH half + 8j + 2c (+1)
-  float dk[kKN][4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) dA[j][r] = 0.0f;
-#pragma unroll
-  for (int j = 0; j < kKN; ++j)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) dq[j][r] = dk[j][r] = 0.0f;
+  float dA[4][4] = {};    // rows 16rb + g (+8), tokens 32 half + 8j + 2c (+1)
+  float dq[kKN][4] = {};  // rows 16rb + g (+8), key dims kKH half + 8j + 2c (+1)
+  float dk[kKN][4] = {};
 
   const int kh0 = kKH * half;  // first key dim of this warp's half
   for (int v0 = 0; v0 < V; v0 += kTileV) {
@@ -337,49 +314,8 @@ __global__ void __launch_bounds__(kBwdThreads)
     __syncthreads();  // tiles are reloaded (or the region reused) next
   }
 
-  // ---- gate the inter-chunk parts; partial sums for the dg carry -------------------------
-  // dq *= scale * exp2(b_t), dk *= exp2(b_last - b_s); sPart[rb][key] = sum over the rows of
-  // k * dk (the inter part only).
-#pragma unroll
-  for (int j = 0; j < kKN; ++j) {
-    const int kd = kh0 + 8 * j + 2 * c4;
-    float part0 = 0.0f, part1 = 0.0f;
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int t = 16 * rb + g8 + 8 * hr;
-      const float2 b = *reinterpret_cast<const float2*>(sB + t * L::kBStride + kd);
-      const float2 bl = *reinterpret_cast<const float2*>(blast + kd);
-      dq[j][2 * hr] *= scale * exp2f(b.x);
-      dq[j][2 * hr + 1] *= scale * exp2f(b.y);
-      dk[j][2 * hr] *= exp2f(bl.x - b.x);
-      dk[j][2 * hr + 1] *= exp2f(bl.y - b.y);
-      float k0, k1;
-      E::unpack2(*reinterpret_cast<const uint32_t*>(sK + t * L::kQKStride + kd), k0, k1);
-      part0 += k0 * dk[j][2 * hr];
-      part1 += k1 * dk[j][2 * hr + 1];
-    }
-    // sum over the 8 row groups g (lanes with the same c), fixed order
-#pragma unroll
-    for (int m = 4; m < 32; m <<= 1) {
-      part0 += __shfl_xor_sync(0xffffffffu, part0, m);
-      part1 += __shfl_xor_sync(0xffffffffu, part1, m);
-    }
-    if (g8 == 0) {
-      sPart[rb * KT + kd] = part0;
-      sPart[rb * KT + kd + 1] = part1;
-    }
-  }
-
-  // dA (scale included, causal) -> shared memory as float
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int t = 16 * rb + g8 + 8 * (r >> 1);
-      const int s = 32 * half + 8 * j + 2 * c4 + (r & 1);
-      sDA[t * L::kDAStride + s] = s <= t ? dA[j][r] * scale : 0.0f;
-    }
-  }
+  // ---- gate the inter-chunk parts; partial sums for the dg carry; dA -> sDA ---------------
+  bwd_gate_inter<T, KT, L>(dq, dk, dA, sB, sK, sPart, sDA, scale, rb, half, lane);
   __syncthreads();
 
   // ---- intra-chunk dq: row block i = rb ----------------------------------------------------
@@ -491,139 +427,10 @@ __global__ void __launch_bounds__(kBwdThreads)
     }
   }
 
-  // ---- diagonal blocks, dq and dk together ----------------------------------------------------
-  // One thread per (diagonal block, key dim) column: each exp2(b_t - b_s), s <= t in the
-  // block, is computed once and used twice, P = dA[t][s] exp2(b_t - b_s):
-  //   dq_t += P k_s,  dk_s += P q_t        (b never increases, so no exponent is positive)
-  // The owners' dq, then dk, pass through sD, where the column threads add their part.
-  constexpr int kCols = 4 * KT / kBwdThreads;  // columns per thread: 2 (KT = 128) or 1
-  static_assert((4 * KT) % kBwdThreads == 0, "whole columns per thread");
-  // owners' fragments <-> sD (rows 16rb + g (+8), key dims kh0 + 8x + 2c (+1))
-  auto frag_to_sd = [&](const float (&f)[kKN][4]) {
-#pragma unroll
-    for (int x = 0; x < kKN; ++x) {
-      const int kd = kh0 + 8 * x + 2 * c4;
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int t = 16 * rb + g8 + 8 * hr;
-        *reinterpret_cast<float2*>(sD + t * L::kDStride + kd) =
-            make_float2(f[x][2 * hr], f[x][2 * hr + 1]);
-      }
-    }
-  };
-  auto frag_from_sd = [&](float (&f)[kKN][4]) {
-#pragma unroll
-    for (int x = 0; x < kKN; ++x) {
-      const int kd = kh0 + 8 * x + 2 * c4;
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int t = 16 * rb + g8 + 8 * hr;
-        const float2 v2 = *reinterpret_cast<const float2*>(sD + t * L::kDStride + kd);
-        f[x][2 * hr] = v2.x;
-        f[x][2 * hr + 1] = v2.y;
-      }
-    }
-  };
-  float ddk[kCols][16];  // the columns' dk part, held until dk passes through sD
-  frag_to_sd(dq);
-  __syncthreads();
-#pragma unroll
-  for (int cl = 0; cl < kCols; ++cl) {
-    const int w = tid + cl * kBwdThreads;
-    const int blk = w / KT, kd = w % KT, t0 = 16 * blk;
-    float bc[16], qc[16], kc[16], ddq[16];
-#pragma unroll
-    for (int r = 0; r < 16; ++r) {
-      bc[r] = sB[(t0 + r) * L::kBStride + kd];
-      qc[r] = E::to_float(sQ[(t0 + r) * L::kQKStride + kd]);
-      kc[r] = E::to_float(sK[(t0 + r) * L::kQKStride + kd]);
-      ddq[r] = 0.0f;
-      ddk[cl][r] = 0.0f;
-    }
-#pragma unroll
-    for (int tt = 0; tt < 16; ++tt) {
-      const float* const da_row = sDA + (t0 + tt) * L::kDAStride + t0;  // same for the warp
-#pragma unroll
-      for (int ss = 0; ss <= tt; ++ss) {
-        const float pp = da_row[ss] * exp2f(bc[tt] - bc[ss]);
-        ddq[tt] = fmaf(pp, kc[ss], ddq[tt]);
-        ddk[cl][ss] = fmaf(pp, qc[tt], ddk[cl][ss]);
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 16; ++r) sD[(t0 + r) * L::kDStride + kd] += ddq[r];
-  }
-  __syncthreads();
-  frag_from_sd(dq);  // final dq
-  frag_to_sd(dk);    // same elements of the same thread: no barrier in between
-  __syncthreads();
-#pragma unroll
-  for (int cl = 0; cl < kCols; ++cl) {
-    const int w = tid + cl * kBwdThreads;
-    const int t0 = 16 * (w / KT), kd = w % KT;
-#pragma unroll
-    for (int r = 0; r < 16; ++r) sD[(t0 + r) * L::kDStride + kd] += ddk[cl][r];
-  }
-  __syncthreads();
-  frag_from_sd(dk);  // final dk; sD is overwritten below with q dq - k dk, element by element
-
-  // ---- write dq, dk; q dq - k dk -> sD ---------------------------------------------------
-  {
-    uint16_t* const dqp = static_cast<uint16_t*>(a.dq) + qk_base;
-    uint16_t* const dkp = static_cast<uint16_t*>(a.dk) + qk_base;
-    const bool pair = (a.flags & kPairQK) != 0;
-#pragma unroll
-    for (int x = 0; x < kKN; ++x) {
-      const int kd = kh0 + 8 * x + 2 * c4;
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int t = 16 * rb + g8 + 8 * hr;
-        float q0, q1, k0, k1;
-        E::unpack2(*reinterpret_cast<const uint32_t*>(sQ + t * L::kQKStride + kd), q0, q1);
-        E::unpack2(*reinterpret_cast<const uint32_t*>(sK + t * L::kQKStride + kd), k0, k1);
-        const float dq0 = dq[x][2 * hr], dq1 = dq[x][2 * hr + 1];
-        const float dk0 = dk[x][2 * hr], dk1 = dk[x][2 * hr + 1];
-        sD[t * L::kDStride + kd] = q0 * dq0 - k0 * dk0;
-        sD[t * L::kDStride + kd + 1] = q1 * dq1 - k1 * dk1;
-        if (t >= len || kd >= K) continue;
-        const int64_t off = t * qk_tok + kd;
-        if (pair) {  // K even, so kd even < K implies kd + 1 < K
-          *reinterpret_cast<uint32_t*>(dqp + off) = E::pack2(dq0, dq1);
-          *reinterpret_cast<uint32_t*>(dkp + off) = E::pack2(dk0, dk1);
-        } else {
-          dqp[off] = E::from_float(dq0);
-          dkp[off] = E::from_float(dk0);
-          if (kd + 1 < K) {
-            dqp[off + 1] = E::from_float(dq1);
-            dkp[off + 1] = E::from_float(dk1);
-          }
-        }
-      }
-    }
-  }
-  __syncthreads();
-
-  // ---- dg: reverse cumulative sum of sD down each key column, plus the carry ---------------
-  {
-    constexpr int kP = kBwdThreads / KT;  // threads per key column
-    constexpr int kRows = kC / kP;        // rows of each
-    const int col = tid % KT, seg = tid / KT;
-    const int r0 = seg * kRows;
-    float tot = 0.0f;
-    for (int r = 0; r < kRows; ++r) tot += sD[(r0 + r) * L::kDStride + col];
-    sTot[tid] = tot;
-    __syncthreads();
-    // carry: everything after this chunk, collapsed onto its end state (see the top)
-    float run = exp2f(blast[col]) * sRow[col] + sPart[col] + sPart[KT + col] +
-                sPart[2 * KT + col] + sPart[3 * KT + col];
-    for (int p = kP - 1; p > seg; --p) run += sTot[p * KT + col];  // later segments
-    float* const dgp = a.dg + qk_base;
-    for (int r = kRows - 1; r >= 0; --r) {
-      const int t = r0 + r;
-      run += sD[t * L::kDStride + col];
-      if (t < len && col < K) dgp[t * qk_tok + col] = run;
-    }
-  }
+  // ---- diagonal blocks (dq, dk final); dq, dk out, q dq - k dk -> sD; dg ------------------
+  bwd_diag_blocks<T, KT, L>(dq, dk, sQ, sK, sB, sDA, sD, tid, rb, half, lane);
+  bwd_write_dq_dk<T, KT, L>(dq, dk, sQ, sK, sD, a, cp, rb, half, lane);
+  bwd_dg<KT, L>(sD, sB, sRow, sPart, sTot, a, cp, tid);
 }
 
 // ---- launcher ------------------------------------------------------------------------
@@ -635,10 +442,19 @@ struct BwdGrid {
   bool empty = false;                 // nothing to launch at all
 };
 
-// Checks p and fills the kernel arguments and grids. Returns an error message, or nullptr.
-const char* prepare_bwd(const GlaParams& p, ChunkArgs* args, BwdGrid* grid) {
+// Elements of one float32 workspace state array, rounded up to whole 16-byte vectors.
+inline int64_t f32_state_floats(int64_t chunks, int64_t H, int64_t K, int64_t V) {
+  return (chunks * H * K * V + 3) / 4 * 4;
+}
+
+// Checks p and fills the kernel arguments and grids (16-bit inputs, or float32 ones for the
+// tf32 backward: f32). Returns an error message, or nullptr.
+const char* prepare_bwd(const GlaParams& p, ChunkArgs* args, BwdGrid* grid, bool f32 = false) {
   *grid = BwdGrid{};
-  if (const char* err = check_chunk_params(p, "chunk_bwd_cuda")) return err;
+  if (const char* err = check_chunk_params(p, f32 ? "chunk_bwd_f32_cuda" : "chunk_bwd_cuda", f32))
+    return err;
+  if (p.state_idx != nullptr || p.state_v_first)
+    return "chunk_bwd_cuda: the backward takes dense K-first states (no pools, no V-first)";
   if (p.N * p.H == 0) {
     grid->empty = true;
     return nullptr;
@@ -660,8 +476,13 @@ const char* prepare_bwd(const GlaParams& p, ChunkArgs* args, BwdGrid* grid) {
   if (p.workspace != nullptr) {  // [chunk offsets (varlen)] [states] [dstates]
     args->chunk_offsets =
         p.cu_seqlens != nullptr ? reinterpret_cast<int64_t*>(p.workspace) : nullptr;
-    args->states = reinterpret_cast<uint16_t*>(p.workspace + offsets_floats(p));
-    args->dstates = args->states + state_elems(max_chunks(p), p.H, p.K, p.V);
+    if (f32) {
+      args->fstates = p.workspace + offsets_floats(p);
+      args->fdstates = args->fstates + f32_state_floats(max_chunks(p), p.H, p.K, p.V);
+    } else {
+      args->states = reinterpret_cast<uint16_t*>(p.workspace + offsets_floats(p));
+      args->dstates = args->states + state_elems(max_chunks(p), p.H, p.K, p.V);
+    }
   }
   if (!(p.V % 8 == 0 && aligned(p.dout, 16))) args->flags &= ~kVecV;  // dout loads like v
   if (p.V % 8 == 0 && aligned(p.workspace, 16)) args->flags |= kVecS;
@@ -705,12 +526,36 @@ const char* launch_all(const ChunkArgs& args, const BwdGrid& grid, cudaStream_t 
                              kBwdThreads, BwdLayout<KT>::kBytes, stream, args, kOp,
                              "gla_chunk_bwd_kernel");
 }
+
+// The float32 backward: both state scans in one grid, then the chunk kernel.
+template <int KT, int kPasses>
+const char* launch_all_f32(const ChunkArgs& args, const BwdGrid& grid, cudaStream_t stream) {
+  constexpr const char* op = "chunk_bwd_f32_cuda";
+  if (!grid.scan_only && args.chunk_offsets != nullptr) {
+    if (const char* e = launch_chunk_kernel(gla_chunk_offsets_kernel, dim3(1), kOffsetThreads,
+                                            kOffsetSmem, stream, args, op,
+                                            "gla_chunk_offsets_kernel"))
+      return e;
+  }
+  if (const char* e = launch_chunk_kernel(
+          gla_chunk_state_scans_f32_kernel<KT, kPasses>,
+          dim3(grid.scan_x, (args.V + kF32BV - 1) / kF32BV, 2), kF32Threads,
+          F32ScanLayout<KT>::kBytes, stream, args, op, "gla_chunk_state_scans_f32_kernel"))
+    return e;
+  if (grid.scan_only) return nullptr;
+  return launch_chunk_kernel(gla_chunk_bwd_f32_kernel<KT, kPasses>,
+                             dim3(grid.chunk_x, grid.chunk_y), kBwdThreads,
+                             F32BwdLayout<KT>::kBytes, stream, args, op,
+                             "gla_chunk_bwd_f32_kernel");
+}
 #endif  // GLA_CHUNK_EMULATE
 
 }  // namespace
 
 int64_t chunk_bwd_cuda_workspace_floats(const GlaParams& p) {
   if (p.T <= 0) return 0;
+  if (p.dtype == DType::kFloat32)  // float32 states (chunk_bwd_f32.cuh)
+    return offsets_floats(p) + 2 * f32_state_floats(max_chunks(p), p.H, p.K, p.V);
   // chunk start states and end-state gradients, 16-bit each
   return offsets_floats(p) + state_elems(max_chunks(p), p.H, p.K, p.V);
 }
@@ -744,6 +589,25 @@ const char* chunk_bwd_cuda(const GlaParams& p, void* stream_ptr) {
                 : launch_all<__half, 64>(args, grid, stream);
   return bf16 ? launch_all<__nv_bfloat16, 128>(args, grid, stream)
               : launch_all<__half, 128>(args, grid, stream);
+}
+
+const char* chunk_bwd_f32_cuda(const GlaParams& p, int passes, void* stream_ptr) {
+  if (passes != 1 && passes != 3) return "chunk_bwd_f32_cuda: passes must be 1 or 3";
+  ChunkArgs args;
+  BwdGrid grid;
+  if (const char* err = prepare_bwd(p, &args, &grid, true)) return err;
+  if (grid.empty) return nullptr;
+  int sm_count = 0;
+  if (const char* err = check_device("chunk_bwd_f32_cuda", &sm_count)) return err;
+  if (p.K > 64 && chunk_cuda_max_k() < 128)
+    return "chunk_bwd_f32_cuda: K > 64 needs 159 KB of shared memory per block and this GPU "
+           "has less";
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  if (p.K <= 64)
+    return passes == 1 ? launch_all_f32<64, 1>(args, grid, stream)
+                       : launch_all_f32<64, 3>(args, grid, stream);
+  return passes == 1 ? launch_all_f32<128, 1>(args, grid, stream)
+                     : launch_all_f32<128, 3>(args, grid, stream);
 }
 #endif  // GLA_CHUNK_EMULATE
 

@@ -66,6 +66,9 @@ struct ChunkArgs {
   // workspace, in the input dtype (the tensor cores take the states rounded to it anyway):
   uint16_t* states;    // [chunks, H, K, V]: state at the start of each chunk
   uint16_t* dstates;   // [chunks, H, K, V]: gradient on each chunk's end state
+  // the float32 backward keeps them in float32 (chunk_bwd_f32.cuh)
+  float* fstates;
+  float* fdstates;
   const int64_t* cu_seqlens;  // device pointer, may be null
   int64_t* chunk_offsets;     // with cu_seqlens: [N + 1], see gla_chunk_offsets_kernel
   int64_t T;

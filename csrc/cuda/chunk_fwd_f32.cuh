@@ -54,26 +54,39 @@ struct F32Layout {
 static_assert(F32Layout<64>::kBytes <= 99 * 1024, "K <= 64 must fit sm_86/sm_89 (99 KB)");
 static_assert(F32Layout<128>::kBytes <= 163 * 1024, "K = 128 must fit sm_80 (163 KB)");
 
-// d += a @ b on float32 operands: one tf32 pass or 3xTF32 (small terms first).
+// A fragment's float32 values as tf32 operands: rounded (1 pass) or split into hi + lo (3
+// passes), once per fragment so a fragment used by several mma is converted once.
+template <int N, int kPasses>
+struct Tf32Frag {
+  static_assert(kPasses == 1 || kPasses == 3, "1xTF32 or 3xTF32");
+  uint32_t hi[N], lo[N];
+  __device__ __forceinline__ explicit Tf32Frag(const float (&x)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if constexpr (kPasses == 1) {
+        hi[i] = cvt_rna_tf32(x[i]);
+      } else {
+        tf32_split(x[i], hi[i], lo[i]);
+      }
+    }
+  }
+};
+
+// d += a @ b: one tf32 pass or 3xTF32 (small terms first).
+template <int kPasses>
+__device__ __forceinline__ void mma_frags(float (&d)[4], const Tf32Frag<4, kPasses>& a,
+                                          const Tf32Frag<2, kPasses>& b) {
+  if constexpr (kPasses == 3) {
+    mma_tf32(d, a.lo, b.hi[0], b.hi[1]);
+    mma_tf32(d, a.hi, b.lo[0], b.lo[1]);
+  }
+  mma_tf32(d, a.hi, b.hi[0], b.hi[1]);
+}
+
+// d += a @ b on float32 operands.
 template <int kPasses>
 __device__ __forceinline__ void mma_f32(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
-  static_assert(kPasses == 1 || kPasses == 3, "1xTF32 or 3xTF32");
-  uint32_t ah[4], bh[2];
-  if constexpr (kPasses == 1) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) ah[i] = cvt_rna_tf32(a[i]);
-    bh[0] = cvt_rna_tf32(b[0]);
-    bh[1] = cvt_rna_tf32(b[1]);
-  } else {
-    uint32_t al[4], bl[2];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) tf32_split(a[i], ah[i], al[i]);
-    tf32_split(b[0], bh[0], bl[0]);
-    tf32_split(b[1], bh[1], bl[1]);
-    mma_tf32(d, al, bh[0], bh[1]);
-    mma_tf32(d, ah, bl[0], bl[1]);
-  }
-  mma_tf32(d, ah, bh[0], bh[1]);
+  mma_frags<kPasses>(d, Tf32Frag<4, kPasses>(a), Tf32Frag<2, kPasses>(b));
 }
 
 // Fragments of m16n8k8 from float tiles in shared memory (g = lane / 4, c = lane % 4).
@@ -103,15 +116,77 @@ __device__ __forceinline__ void frag_b(float (&b)[2], const float* x, int stride
   b[1] = p[4 * stride];
 }
 
+// acc[nb] += A @ B for one warp's 16 x 8NB tile over k in [k_begin, k_end) (steps of 8):
+// A(i, kk) = fa(i, kk) for tile rows i in [0, 16), B(kk, j) = fb(kk, j) for tile columns j in
+// [0, 8NB); the callers' lambdas hold the tile offsets, layouts and any gate factors. Each
+// operand element is read (and gated) once per warp; A is converted once per k step.
+template <int kPasses, int NB, typename FA, typename FB>
+__device__ __forceinline__ void warp_mma_tiles(float (&acc)[NB][4], int k_begin, int k_end,
+                                               int lane, FA&& fa, FB&& fb) {
+  const int g8 = lane >> 2, c4 = lane & 3;
+  for (int k0 = k_begin; k0 < k_end; k0 += 8) {
+    const float av[4] = {fa(g8, k0 + c4), fa(g8 + 8, k0 + c4), fa(g8, k0 + c4 + 4),
+                         fa(g8 + 8, k0 + c4 + 4)};
+    const Tf32Frag<4, kPasses> af(av);
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+      const float bv[2] = {fb(k0 + c4, 8 * nb + g8), fb(k0 + c4 + 4, 8 * nb + g8)};
+      mma_frags<kPasses>(acc[nb], af, Tf32Frag<2, kPasses>(bv));
+    }
+  }
+}
+
+// One warp's slice of the state (S^T for V columns wc + g (+8) by key dims 8nt + 2c (+1), the
+// layout of the m16n8 accumulators) -> sS[key dim][column], row stride SS.
+template <int NT, int SS>
+__device__ __forceinline__ void state_to_smem(const float (&s)[NT][4], float* sS, int wc,
+                                              int lane) {
+  const int g8 = lane >> 2, c4 = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      sS[(8 * nt + 2 * c4 + (r & 1)) * SS + wc + g8 + 8 * (r >> 1)] = s[nt][r];
+}
+
+// S^T <- S^T * exp2(b_last) + Y^T @ X for one warp's 16 columns wc.. of the value-side tile sY
+// ([token][column], stride YS) and the gated key-side tile sX ([token][key dim], stride XS);
+// sLast: b_last per key dim. The forward's state update and the backward's state scans.
+template <int KT, int kPasses, int YS, int XS>
+__device__ __forceinline__ void f32_state_update(float (&s)[KT / 8][4], const float* sY,
+                                                 const float* sX, const float* sLast, int wc,
+                                                 int lane) {
+  const int c4 = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < KT / 8; ++nt) {
+    const float e0 = exp2f(sLast[8 * nt + 2 * c4]), e1 = exp2f(sLast[8 * nt + 2 * c4 + 1]);
+    s[nt][0] *= e0;
+    s[nt][1] *= e1;
+    s[nt][2] *= e0;
+    s[nt][3] *= e1;
+  }
+  for (int t0 = 0; t0 < kC; t0 += 8) {
+    float av[4];
+    frag_a_trans(av, sY, YS, wc, t0, lane);
+    const Tf32Frag<4, kPasses> af(av);
+#pragma unroll
+    for (int nt = 0; nt < KT / 8; ++nt) {
+      float bv[2];
+      frag_b(bv, sX, XS, t0, 8 * nt, lane);
+      mma_frags<kPasses>(s[nt], af, Tf32Frag<2, kPasses>(bv));
+    }
+  }
+}
+
 // sA (kC x kC, float, stride L::kAStride) <- scale * A from raw q, k and cumulative gates sB.
 // Entries above the diagonal are 0. No barrier at the end.
-template <int KT, int kPasses, typename L>
+template <int KT, int kPasses, typename L, int NTHREADS = kF32Threads>
 __device__ __forceinline__ void f32_scores(const float* sQ, const float* sK, const float* sB,
                                            float* sA, float scale, int tid, int warp,
                                            int lane) {
   const int g8 = lane >> 2, c4 = lane & 3;
   // below the diagonal blocks: pair u = (i, j), i > j, of the 6; warp w takes u = w, w + 4
-  for (int u = warp; u < 6; u += kF32Warps) {
+  for (int u = warp; u < 6; u += NTHREADS / 32) {
     const int i = u < 3 ? u + 1 : (u < 5 ? u - 1 : 3);  // (1,0) (2,0) (3,0) (2,1) (3,1) (3,2)
     const int j = u < 3 ? 0 : (u < 5 ? 1 : 2);
     const float* const br = sB + (16 * j + 15) * L::kBStride;  // b of the reference token r
@@ -145,7 +220,7 @@ __device__ __forceinline__ void f32_scores(const float* sQ, const float* sK, con
   }
   // the diagonal blocks, pair by pair (136 pairs s <= t per block), and zeros above them
   constexpr int kPairs = 16 * 17 / 2;
-  for (int p = tid; p < 4 * kPairs; p += kF32Threads) {
+  for (int p = tid; p < 4 * kPairs; p += NTHREADS) {
     const int blk = p / kPairs;
     int tl = 0, rest = p % kPairs;  // row tl of the block's lower triangle holds tl + 1 pairs
     while (rest > tl) rest -= ++tl;
@@ -158,7 +233,7 @@ __device__ __forceinline__ void f32_scores(const float* sQ, const float* sK, con
     for (int kd = 0; kd < KT; ++kd) acc = fmaf(qt[kd] * ks[kd], exp2f(bt[kd] - bs[kd]), acc);
     sA[t * L::kAStride + s] = acc * scale;
   }
-  for (int e = tid; e < kC * kC; e += kF32Threads) {
+  for (int e = tid; e < kC * kC; e += NTHREADS) {
     const int t = e / kC, s = e % kC;
     if (s > t) sA[t * L::kAStride + s] = 0.0f;
   }
@@ -231,11 +306,7 @@ __global__ void __launch_bounds__(kF32Threads, 1) gla_chunk_fwd_f32_kernel(const
       for (int kd = tid; kd < KT; kd += kF32Threads) sLast[kd] = blast[kd];
     }
     __syncthreads();  // the gates are done with: the state goes over them
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-        sS[(8 * nt + 2 * c4 + (r & 1)) * L::kSStride + wc + g8 + 8 * (r >> 1)] = s[nt][r];
+    state_to_smem<kNT, L::kSStride>(s, sS, wc, lane);
     __syncthreads();
 
     // ---- 5. o = q~ @ S + A @ v for this warp's 16 columns ---------------------------------
@@ -287,24 +358,7 @@ __global__ void __launch_bounds__(kF32Threads, 1) gla_chunk_fwd_f32_kernel(const
     }
 
     // ---- 6. S^T <- S^T * exp2(b_last) + v^T @ k~ -------------------------------------------
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-      const float e0 = exp2f(sLast[8 * nt + 2 * c4]), e1 = exp2f(sLast[8 * nt + 2 * c4 + 1]);
-      s[nt][0] *= e0;
-      s[nt][1] *= e1;
-      s[nt][2] *= e0;
-      s[nt][3] *= e1;
-    }
-    for (int t0 = 0; t0 < kC; t0 += 8) {
-      float af[4];
-      frag_a_trans(af, sV, L::kVStride, wc, t0, lane);
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        float bf[2];
-        frag_b(bf, sK, L::kQKStride, t0, 8 * nt, lane);
-        mma_f32<kPasses>(s[nt], af, bf);
-      }
-    }
+    f32_state_update<KT, kPasses, L::kVStride, L::kQKStride>(s, sV, sK, sLast, wc, lane);
     __syncthreads();  // every warp is done with this chunk's tiles before they are reloaded
   }
 
