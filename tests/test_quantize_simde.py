@@ -23,4 +23,4 @@ def test_avx512_qdot_under_simde_matches_generic(tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     last = r.stdout.strip().splitlines()[-1]
-    assert " 0 failures" in last and int(last.split()[0]) > 300, last
+    assert " 0 failures" in last and int(last.split()[0]) >= 600, last
