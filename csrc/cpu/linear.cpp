@@ -2,6 +2,7 @@
 // in linear_impl.h (compiled per instruction set by cpu/simd/per_isa.h, picked at run time).
 #include "linear.h"
 #include "cpu/simd/cpu_features.h"
+#include "cpu/simd/vnni_asm.h"   // the VNNI tiles' vpdpbusd (linear_qdot_tile.h)
 
 #include <c10/util/Half.h>
 

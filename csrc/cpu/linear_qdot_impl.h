@@ -65,7 +65,6 @@ inline vf q_float(const qv& a) {
 }
 #endif
 
-
 #if GLA_VEC_BYTES >= 32
 // One int4 quad-vector: the low nibbles (rows j < W) and the high ones (rows j + W).
 inline void q4_unpack(const uint8_t* p, qv& a, qv& b) {
@@ -190,7 +189,6 @@ inline void biased_acts(QActs& xa, idx n) {
   for (idx i = 0; i < bytes; ++i) buf[i] = static_cast<uint8_t>(xa.q[i]) ^ 0x80u;
   xa.qu = buf.data();
 }
-
 
 // Bytes of one group (header + quads).
 template <class QR>

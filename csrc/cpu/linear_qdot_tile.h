@@ -13,15 +13,14 @@
 //    16-bit step, no saturation (that is vpdpbusds). int4: vpdpbusd(acc, q, xq) directly.
 //    int8, the offset trick: vpdpbusd(acc, xq + 128, q) sums (xq + 128) q, and
 //    sum xq q = that - 128 sum q, with sum q taken per call by one more vpdpbusd(ones, q)
-//    per weight vector, shared by the tile's batch rows. Per 4 weight vectors (one quad of
-//    NR rows, 2 vectors, of a 2-panel or 1-panel tile) and MB rows that is 2 MB + 2
-//    vpdpbusd and MB broadcasts. The sign trick would cost per row and weight vector a
-//    masked vpsubb / vpsignb besides the vpdpbusd (and per row a vpabsb and a sign mask):
-//    2 MB vector ops more on the same multiply-heavy ports, so the offset trick costs at
-//    most as much at MB = 1 and about half at MB = 8 (counts: docs/quantization.md). Both
-//    sums are exact in int32 (|(xq + 128) q| <= 255 * 127 per product, <= 32 products per
-//    group; the wrap-around of the subtraction cancels), so the integer sums, and with them
-//    the outputs, are bitwise those of the GLA_QDOT_VNNI 0 tiles.
+//    per weight vector, shared by the tile's batch rows. Per quad of one panel (2 weight
+//    vectors) and MB rows: 2 MB + 2 vpdpbusd (and MB broadcasts, which are loads). The sign
+//    trick would take 6 MB vector ops (per row a vpabsb and a sign mask, per row and vector
+//    a masked vpsubb + vpdpbusd): per 32 products per row (zmm) 1.5 against 0.5 + 0.5 / MB,
+//    i.e. 1.0 vs 1.5 at MB = 1, 0.56 at MB = 8 (docs/quantization.md). Both sums are exact
+//    in int32 (|(xq + 128) q| <= 255 * 127 per product, <= 64 products per group: < 2^21),
+//    so the integer sums, and with them the outputs, are bitwise those of the
+//    GLA_QDOT_VNNI 0 tiles.
 
 // The calls below are written (f<...>)(args): the copy in namespace vnni takes the enclosing
 // namespace's QActs, and the parentheses keep argument-dependent lookup from also finding
@@ -32,22 +31,19 @@
 // Inline asm, not the intrinsic, in real builds: around the intrinsic's tied accumulator GCC
 // 12 copies every accumulator of the quad loop into another register and back (2 moves per
 // vpdpbusd; 42 in the 8-row avx512 tile's loop, tools/qdot_loops/loop_stats.py); "+v" keeps
-// it in place. Operands in AT&T order (signed bytes, unsigned bytes, accumulator), as GCC
-// encodes the intrinsic; AVX-VNNI needs the {vex} prefix, written %{vex%} in asm text (the
-// assembler's default for the ymm form is AVX512-VNNI's EVEX encoding, which an AVX2-only
-// CPU lacks). The emulated test
-// build keeps the intrinsics (SIMDe's code), so it checks the kernels' use of the
-// instruction, not this asm.
+// it in place. The asm text and its operand order: cpu/simd/vnni_asm.h (checked against
+// GCC's encoding of the intrinsics by tests/test_quantize_simde.py). The emulated test build
+// keeps the intrinsics (SIMDe's code).
 inline qv q_dpbusd(qv acc, qv u8, qv s8) {
 #if GLA_EMULATE_AVX512 && GLA_VEC_BYTES == 64
   return _mm512_dpbusd_epi32(acc, u8, s8);
 #elif GLA_EMULATE_AVX512
   return _mm256_dpbusd_avx_epi32(acc, u8, s8);
 #elif GLA_VEC_BYTES == 64
-  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "vm"(s8));
+  asm(GLA_ASM_VPDPBUSD : "+v"(acc) : "v"(u8), "vm"(s8));
   return acc;
 #else
-  asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u8), "xm"(s8));
+  asm(GLA_ASM_VPDPBUSD_VEX : "+x"(acc) : "x"(u8), "xm"(s8));
   return acc;
 #endif
 }

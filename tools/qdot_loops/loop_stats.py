@@ -6,6 +6,8 @@ for the cycles per iteration on a given CPU model (its scheduling model, not a m
 
     python tools/qdot_loops/loop_stats.py [--mcpu icelake-server] [--obj linear.o]
 
+(--obj build/temp.*/csrc/cpu/linear.o: the in-place build's object.)
+
 One loop iteration = one quad (4 k) of the tile's panels for MB batch rows. Per 32 products
 per batch row = per iteration / (MB * NP * NR * 4 / 32).
 """
@@ -31,8 +33,9 @@ MULS = ("vpdpbusd", "vpmaddubsw", "vpmaddwd")
 def compile_obj(out):
     import torch.utils.cpp_extension as ce
     inc = sum((["-I", p] for p in ce.include_paths()), [])
-    subprocess.run(["g++", "-std=c++20", "-O3", "-fPIC", "-ffast-math", "-fno-finite-math-only",
-                    "-c", "-I", os.path.join(ROOT, "csrc"), *inc,
+    # setup.py's flags for the CPU sources (torch's extension builder adds -fwrapv -DNDEBUG)
+    subprocess.run(["g++", "-std=c++20", "-O3", "-fPIC", "-fwrapv", "-DNDEBUG", "-fopenmp",
+                    "-ffast-math", "-fno-finite-math-only", "-c", "-I", os.path.join(ROOT, "csrc"), *inc,
                     os.path.join(ROOT, "csrc", "cpu", "linear.cpp"), "-o", out], check=True)
 
 
