@@ -28,10 +28,10 @@ def quantized_kernels() -> str:
     """Which kernels run gla_ext.quantize_'s int8 / int4 weights on this install and CPU."""
     if not _ext.loaded():
         return "quantized weights (int8, int4): dequantized per call (no compiled kernels)"
-    isa = _ext._C.linear_isa()
-    return (f"quantized weights (int8, int4): packed {isa} integer kernels on this CPU "
-            "(activations rounded to int8 per group, integer dot products) for the decode "
-            "step of GLA models (GLA.step, StatePool.step) and fla LMs; dequantized per call "
+    kernels = _ext._C.linear_qdot_kernels()   # e.g. "avx512 + AVX512-VNNI (vpdpbusd)"
+    return (f"quantized weights (int8, int4): packed {kernels} integer kernels on this CPU "
+            "[GLA_EXT_CPU_VNNI] (activations rounded to int8 per group, integer dot products) "
+            "for the decode step of GLA models (GLA.step, StatePool.step) and fla LMs; dequantized per call "
             "elsewhere (prefill: float32 or, where measured faster, bf16 GEMM; training; CUDA)")
 
 

@@ -91,6 +91,29 @@ def test_env_unknown_value_is_an_error(monkeypatch):
             op(q, q, q, g, backend="cpu")
 
 
+def test_vnni_env_choice(monkeypatch):
+    """GLA_EXT_CPU_VNNI (read with GLA_EXT_CPU_ISA in cpu_features.cpp): auto / unset uses
+    vpdpbusd for the quantized kernels where the copy's VNNI extension is present (avx512:
+    AVX512-VNNI, avx2: AVX-VNNI; in the emulated build both, through SIMDe), off never; any
+    other value is a ValueError naming the variable. info's line says which runs."""
+    f, emulated = _C().cpu_features(), _C().cpu_avx512_emulated()
+    present = {"generic": False, "avx2": f["avx_vnni"] or emulated,
+               "avx512": f["avx512_vnni"] or emulated}
+    import gla_ext.__main__
+    for asked in ISAS:
+        monkeypatch.setenv("GLA_EXT_CPU_ISA", asked)
+        isa = _C().cpu_isa()   # asking for an ISA the CPU lacks gives the best one
+        for value, want in [("", present[isa]), ("auto", present[isa]), ("off", False)]:
+            monkeypatch.setenv("GLA_EXT_CPU_VNNI", value)
+            assert _C().linear_vnni() == want, (isa, value)
+            kernels = _C().linear_qdot_kernels()
+            assert kernels.startswith(isa) and (("VNNI" in kernels) == want), kernels
+            assert f"packed {kernels} integer kernels" in gla_ext.__main__.quantized_kernels()
+        monkeypatch.setenv("GLA_EXT_CPU_VNNI", "on")
+        with pytest.raises(ValueError, match="GLA_EXT_CPU_VNNI"):
+            _C().linear_vnni()
+
+
 def ev(fn, x, **kw):
     return _C().simd_eval(fn, x.contiguous(), **kw)
 

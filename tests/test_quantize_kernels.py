@@ -20,25 +20,23 @@ from helpers import (ACT_QUANT_KERNEL_BOUND, EMULATION_BOUND, emulating_fla_deco
 pytestmark = pytest.mark.skipif(not _ext.loaded(), reason="compiled extension not built")
 
 
-def _isas():
-    """The ISAs this CPU can run (asking for one it lacks gives the best available)."""
+def _under_isa(isa, query):
+    """query() with GLA_EXT_CPU_ISA=isa (the variable restored afterwards)."""
     import os
-    out = []
-    for isa in ("generic", "avx2", "avx512"):
-        old = os.environ.get("GLA_EXT_CPU_ISA")
-        os.environ["GLA_EXT_CPU_ISA"] = isa
-        try:
-            if _ext._C.linear_isa() == isa:
-                out.append(isa)
-        finally:
-            if old is None:
-                del os.environ["GLA_EXT_CPU_ISA"]
-            else:
-                os.environ["GLA_EXT_CPU_ISA"] = old
-    return out
+    old = os.environ.get("GLA_EXT_CPU_ISA")
+    os.environ["GLA_EXT_CPU_ISA"] = isa
+    try:
+        return query()
+    finally:
+        if old is None:
+            del os.environ["GLA_EXT_CPU_ISA"]
+        else:
+            os.environ["GLA_EXT_CPU_ISA"] = old
 
 
-RUNNABLE = _isas()
+# the ISAs this CPU can run (asking for one it lacks gives the best available)
+RUNNABLE = [isa for isa in ("generic", "avx2", "avx512")
+            if _ext.loaded() and _under_isa(isa, _ext._C.linear_isa) == isa]
 # every ISA the kernels are built for; the ones this CPU lacks show as skipped (the AVX-512
 # kernels run only on an AVX-512 machine; the development AMD EPYC has AVX2 only)
 ISAS = [pytest.param(isa, marks=pytest.mark.skipif(isa not in RUNNABLE,
@@ -185,3 +183,102 @@ def test_fla_decode_step_packed_vs_dequantized(monkeypatch, isa, fmt):
         # the same math (int8 activations, integer sums) in float64 inside the float32 step
         record_diagnostic(emulation=rel_err(a, b))
         assert rel_err(a, b) < EMULATION_BOUND, t
+
+
+# --- VNNI (vpdpbusd) kernels: csrc/cpu/linear_qdot_tile.h with GLA_QDOT_VNNI, picked per packed
+# matrix by pick_cpu_vnni (GLA_EXT_CPU_VNNI=auto|off). They run where the CPU has AVX512-VNNI
+# (avx512) / AVX-VNNI (avx2), and in the emulated test build (tools/avx512_emulated_check.sh,
+# SIMDe) on any AVX2 CPU; elsewhere these tests skip.
+
+# where the quantized kernels run VNNI (GLA_EXT_CPU_VNNI unset or auto)
+VNNI_RUNNABLE = [isa for isa in RUNNABLE if _under_isa(isa, _ext._C.linear_vnni)]
+VNNI_ISAS = [pytest.param(isa, marks=pytest.mark.skipif(
+    isa not in VNNI_RUNNABLE, reason=f"no VNNI for the {isa} kernels here (needs "
+    f"{'AVX512-VNNI' if isa == 'avx512' else 'AVX-VNNI'}, or the SIMDe-emulated build: "
+    "tools/avx512_emulated_check.sh)")) for isa in ("avx2", "avx512")]
+VNNI_BATCHES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 64)
+# every group size the quantized tests use; 6 and 2 leave the group (and `in`) not a
+# multiple of 4 (zero-padded quads)
+VNNI_FORMATS = [("int8", 32), ("int8", 16), ("int8", 6), ("int8", 2),
+                ("int4", 64), ("int4", 32), ("int4", 16), ("int4", 6), ("int4", 2)]
+
+
+def _packed(monkeypatch, q, isa, vnni):
+    from gla_ext.cpu_linear import PackedLinear
+    monkeypatch.setenv("GLA_EXT_CPU_ISA", isa)
+    monkeypatch.setenv("GLA_EXT_CPU_VNNI", "auto" if vnni else "off")
+    lin = PackedLinear.from_quantized(q)
+    assert lin.isa == isa and lin._impl.vnni == vnni
+    return lin
+
+
+def _integer_qlin(fmt, out, inp, group):
+    """A QuantizedLinear with scale 1 and offset 0: the dequantized weight is q itself, drawn
+    over the whole range (int8 +-127 included, int4 0 and 15 included)."""
+    q = QuantizedLinear(inp, out, fmt, group)
+    if fmt == "int8":
+        w = torch.randint(-127, 128, (out, inp))
+        w[:, ::5] = 127 * torch.sign(torch.randn(out, len(range(0, inp, 5)))).long()
+        q.qweight.copy_(w.to(torch.int8))
+    else:
+        w = torch.randint(0, 16, (out, inp))
+        w[:, ::5] = 15
+        q.qweight.copy_((w[:, 0::2] | (w[:, 1::2] << 4)).to(torch.uint8))
+        q.offsets.zero_()
+    q.scales.fill_(1.0)
+    return q, w
+
+
+@pytest.mark.parametrize("isa", VNNI_ISAS)
+@pytest.mark.parametrize("fmt,group", VNNI_FORMATS)
+def test_vnni_integer_sums_exact(monkeypatch, isa, fmt, group):
+    """Integer inputs with max|x| = 127 in every group (d = 1, xq = x) and unit scales: the
+    output is the integer sum itself (exact in float32 here), so the VNNI and non-VNNI
+    kernels must both give exactly x q^T, extremes (+-127 x +-127) included."""
+    out, inp = 37, 3 * group if group > 2 else 10
+    q, w = _integer_qlin(fmt, out, inp, group)
+    on, off = _packed(monkeypatch, q, isa, True), _packed(monkeypatch, q, isa, False)
+    for n in VNNI_BATCHES:
+        x = torch.randint(-127, 128, (n, inp)).float()
+        x[:, ::group] = 127 * torch.sign(torch.randn(n, inp // group))   # max|x| = 127 per group
+        x[:, ::group][x[:, ::group] == 0] = 127
+        exact = (x.double() @ w.double().t()).float()
+        assert exact.abs().max() < 2 ** 24
+        assert torch.equal(off(x), exact), n
+        assert torch.equal(on(x), exact), n
+
+
+@pytest.mark.parametrize("isa", VNNI_ISAS)
+@pytest.mark.parametrize("fmt,group", VNNI_FORMATS)
+@pytest.mark.parametrize("out,bias", [(37, True), (100, False), (8, True)])
+def test_vnni_matches_non_vnni_and_float64(monkeypatch, isa, fmt, group, out, bias):
+    """Random weights and inputs: the VNNI kernel's output is bitwise the non-VNNI kernel's of
+    the same ISA (the same integer sums, the same float code), for every batch size and output
+    tail, and within float32 rounding of the float64 emulation of the math; rows are
+    independent (bitwise)."""
+    inp = 3 * group if group > 2 else 10
+    q = _qlin(fmt, out, inp, group, bias)
+    on, off = _packed(monkeypatch, q, isa, True), _packed(monkeypatch, q, isa, False)
+    for n in VNNI_BATCHES:
+        x = torch.randn(n, inp) * torch.rand(n, 1).add(0.1) * 3
+        y = on(x)
+        assert torch.equal(y, off(x)), n
+        err = rel_err(y, qdot_linear_float64(x, q))
+        record_diagnostic(emulation=err)
+        assert err < 1e-6, n
+        for r in {0, n // 2, n - 1}:
+            assert torch.equal(on(x[r:r + 1]), y[r:r + 1]), (n, r)
+
+
+@pytest.mark.parametrize("isa", VNNI_ISAS)
+def test_vnni_non_finite_inputs(monkeypatch, isa):
+    """A NaN / inf in a row's group gives that row NaN under VNNI too (through d, as without)."""
+    for fmt in ("int8", "int4"):
+        q = _qlin(fmt, 20, 64, 32, True)
+        on = _packed(monkeypatch, q, isa, True)
+        x = torch.randn(4, 64)
+        x[1, 5], x[2, 40], x[3] = float("nan"), float("inf"), 0
+        y = on(x)
+        assert y[1].isnan().all() and y[2].isnan().all()
+        assert torch.equal(y[3], q.bias)
+        assert rel_err(y[0], qdot_linear_float64(x[:1], q)[0]) < 1e-6

@@ -2,6 +2,7 @@
 // in linear_impl.h (compiled per instruction set by cpu/simd/per_isa.h, picked at run time).
 #include "linear.h"
 #include "cpu/simd/cpu_features.h"
+#include "cpu/simd/vnni_asm.h"   // the VNNI tiles' vpdpbusd (linear_qdot_tile.h)
 
 #include <c10/util/Half.h>
 
@@ -22,6 +23,7 @@ struct LinearKernels {
   using QFn = void (*)(const void*, int64_t, int64_t, int64_t, const float*, const float*,
                        int64_t, int64_t, float*, int64_t, bool, int64_t, int64_t);
   QFn q8, q4;
+  QFn q8_vnni, q4_vnni;   // the same with vpdpbusd (null where the copy has none: generic)
   int nr;
   const char* name;
 };
@@ -35,8 +37,10 @@ namespace gla {
 
 namespace {
 
+CpuIsa resolve_isa(int isa) { return isa < 0 ? pick_cpu_isa() : static_cast<CpuIsa>(isa); }
+
 const LinearKernels& pick_kernels(int isa = -1) {
-  return *GLA_ISA_PICK(isa < 0 ? pick_cpu_isa() : static_cast<CpuIsa>(isa), linear, kKernels);
+  return *GLA_ISA_PICK(resolve_isa(isa), linear, kKernels);
 }
 
 size_t elem_bytes(LinearWeight t) { return t == LinearWeight::kFloat32 ? 4 : 2; }
@@ -122,6 +126,9 @@ PackedMatrix::PackedMatrix(const void* q, const uint16_t* scales, const uint16_t
                            const float* bias, int isa)
     : kern_(&pick_kernels(isa)), type_(type), rows_(rows), cols_(cols), group_(group) {
   const bool int4 = type == LinearWeight::kInt4;
+  // the VNNI kernels read the same panels: the choice is only which function runs
+  // (pick_cpu_vnni first: it also checks GLA_EXT_CPU_VNNI on copies without VNNI kernels)
+  vnni_ = pick_cpu_vnni(resolve_isa(isa)) && kern_->q8_vnni;
   if ((type != LinearWeight::kInt8 && !int4) || rows < 0 || cols < 1 || group < 1 ||
       cols % group || (int4 && (group % 2 || !offsets)) || !scales)
     throw std::invalid_argument("gla_ext PackedMatrix: bad quantized shape or format");
@@ -163,8 +170,10 @@ void PackedMatrix::apply(const float* x, int64_t ldx, int64_t n, float* y, int64
   }
   const float* b = bias_.empty() ? nullptr : bias_.data();
   if (type_ == LinearWeight::kInt8 || type_ == LinearWeight::kInt4) {
-    (type_ == LinearWeight::kInt8 ? kern_->q8 : kern_->q4)(data_.get(), cols_, rows_, group_, b,
-                                                             x, ldx, n, y, ldy, accumulate, p0, p1);
+    const bool int8 = type_ == LinearWeight::kInt8;
+    const LinearKernels::QFn fn = vnni_ ? (int8 ? kern_->q8_vnni : kern_->q4_vnni)
+                                        : (int8 ? kern_->q8 : kern_->q4);
+    fn(data_.get(), cols_, rows_, group_, b, x, ldx, n, y, ldy, accumulate, p0, p1);
     return;
   }
   const LinearKernels::Fn fn = type_ == LinearWeight::kFloat32    ? kern_->f32
@@ -176,6 +185,16 @@ void PackedMatrix::apply(const float* x, int64_t ldx, int64_t n, float* y, int64
 const char* PackedMatrix::isa() const { return kern_ ? kern_->name : "none"; }
 
 const char* linear_isa_now() { return pick_kernels().name; }
+bool linear_vnni_now() {
+  const CpuIsa isa = pick_cpu_isa();
+  return pick_cpu_vnni(isa) && GLA_ISA_PICK(isa, linear, kKernels)->q8_vnni;
+}
+std::string linear_qdot_now() {
+  const CpuIsa isa = pick_cpu_isa();
+  if (linear_vnni_now()) return std::string(cpu_isa_name(isa)) + " + " + cpu_vnni_name(isa) + " (vpdpbusd)";
+  return std::string(cpu_isa_name(isa)) + (isa == CpuIsa::kGeneric ? " (plain int32 sums)"
+                                                                   : " (vpmaddubsw + vpmaddwd)");
+}
 int64_t linear_panel_width_now() { return pick_kernels().nr; }
 
 }  // namespace gla

@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace gla {
@@ -56,6 +57,9 @@ class PackedMatrix {
   LinearWeight weight_type() const { return type_; }
   bool has_bias() const { return !bias_.empty(); }
   const char* isa() const;
+  // Quantized weights: whether the VNNI (vpdpbusd) kernels run them, picked at packing time
+  // (pick_cpu_vnni in cpu/simd/cpu_features.h; GLA_EXT_CPU_VNNI=off turns them off).
+  bool vnni() const { return vnni_; }
   // Bytes of packed weights a call streams (padding included).
   size_t weight_bytes() const { return bytes_; }
   bool empty() const { return kern_ == nullptr; }
@@ -70,6 +74,7 @@ class PackedMatrix {
   const LinearKernels* kern_ = nullptr;
   LinearWeight type_ = LinearWeight::kFloat32;
   int64_t rows_ = 0, cols_ = 0, nr_ = 0, group_ = 0;
+  bool vnni_ = false;
   void alloc_data(size_t bytes);
   void set_bias(const float* bias);
   size_t bytes_ = 0;
@@ -79,5 +84,9 @@ class PackedMatrix {
 // its panel width.
 const char* linear_isa_now();
 int64_t linear_panel_width_now();
+// Whether quantized matrices packed now would run the VNNI kernels, and which integer
+// kernels they would run, e.g. "avx512 + AVX512-VNNI (vpdpbusd)" (`python -m gla_ext info`).
+bool linear_vnni_now();
+std::string linear_qdot_now();
 
 }  // namespace gla

@@ -130,6 +130,7 @@ class TorchPackedLinear {
   int64_t out_features() const { return m_.out_features(); }
   bool has_bias() const { return m_.has_bias(); }
   std::string isa() const { return m_.isa(); }
+  bool vnni() const { return m_.vnni(); }
   int64_t weight_bytes() const { return static_cast<int64_t>(m_.weight_bytes()); }
   int64_t panel_width() const { return m_.panel_width(); }
   at::ScalarType dtype() const { return dtype_; }
@@ -165,6 +166,8 @@ void bind_cpu_linear(pybind11::module_& m) {
       .def_property_readonly("out_features", &TorchPackedLinear::out_features)
       .def_property_readonly("has_bias", &TorchPackedLinear::has_bias)
       .def_property_readonly("isa", &TorchPackedLinear::isa)
+      .def_property_readonly("vnni", &TorchPackedLinear::vnni,
+                             "quantized weights: True when the VNNI (vpdpbusd) kernels run them")
       .def_property_readonly("weight_bytes", &TorchPackedLinear::weight_bytes)
       .def_property_readonly("panel_width", &TorchPackedLinear::panel_width)
       .def_property_readonly("weight_dtype", [](const TorchPackedLinear& self) {
@@ -173,6 +176,11 @@ void bind_cpu_linear(pybind11::module_& m) {
       .def_property_readonly("format", &TorchPackedLinear::format,
                              "float32 / BFloat16 / Half, or int8 / int4 (quantized)")
       .def_property_readonly("group_size", &TorchPackedLinear::group_size);
+  m.def("linear_vnni", &linear_vnni_now,
+        "whether quantized matrices packed now would run the VNNI kernels (GLA_EXT_CPU_VNNI)");
+  m.def("linear_qdot_kernels", &linear_qdot_now,
+        "the integer kernels quantized matrices packed now would run, e.g. 'avx512 + AVX512-VNNI "
+        "(vpdpbusd)'");
   m.def("linear_isa", []() { return std::string(linear_isa_now()); },
         "instruction set a PackedLinear made now would use (GLA_EXT_CPU_ISA overrides)");
 }

@@ -192,7 +192,14 @@ inline void apply_f16(const void* w, idx in, idx out, const float* bias, const f
   apply_panels<F16Weights>(w, in, out, bias, x, ldx, n, y, ldy, acc, p0, p1);
 }
 
-#include "linear_qdot_impl.h"  // int8 / int4 weights: apply_q8, apply_q4 for the same ISA
+#include "linear_qdot_impl.h"  // int8 / int4 weights: apply_q8, apply_q4 (+ vnni::) for this ISA
 
-const LinearKernels kKernels{&apply_f32, &apply_bf16, &apply_f16, &apply_q8, &apply_q4, NR,
-                            kIsa == CpuIsa::kAvx512 ? "avx512" : kIsa == CpuIsa::kAvx2 ? "avx2" : "generic"};
+const LinearKernels kKernels{
+    &apply_f32, &apply_bf16, &apply_f16, &apply_q8, &apply_q4,
+#if GLA_QDOT_HAS_VNNI
+    &vnni::apply_q8, &vnni::apply_q4,
+#else
+    nullptr, nullptr,
+#endif
+    NR, kIsa == CpuIsa::kAvx512 ? "avx512" : kIsa == CpuIsa::kAvx2 ? "avx2" : "generic"};
+#undef GLA_QDOT_HAS_VNNI

@@ -1,8 +1,11 @@
 // Runs the AVX-512 copy of the quantized linear kernels (csrc/cpu/linear_qdot_impl.h,
-// GLA_VEC_BYTES = 64) on a CPU without AVX-512, through the SIMDe
-// emulation headers, and compares it with the generic copy (plain C++) on random matrices:
-// the activation rounding must match exactly (int8 values, scales), the products up to the
-// float32 rounding of the per-group FMA (generic has no FMA). How to run: tools/simde_qdot/run.sh
+// GLA_VEC_BYTES = 64) and the VNNI tiles of the avx512 and avx2 copies (linear_qdot_tile.h,
+// vpdpbusd) on a CPU without AVX-512 or VNNI, through the SIMDe emulation headers, and
+// compares them on random matrices: the avx512 copy with the generic one (plain C++; the
+// activation rounding must match exactly (int8 values, scales), the products up to the
+// float32 rounding of the per-group FMA, generic has no FMA), and each VNNI kernel with the
+// same copy's non-VNNI one: bitwise equal outputs (equal integer sums, the same float code).
+// How to run: tools/simde_qdot/run.sh
 //
 // linear.cpp is included whole, built as the emulated test build builds it
 // (GLA_EMULATE_AVX512: csrc/cpu/simd/avx512_emulated.h supplies _mm512_* from SIMDe): its
@@ -67,9 +70,20 @@ double run_case(const Case& c, std::mt19937& rng) {
   };
   const auto apply_g = c.int4 ? gla::linear_generic::apply_q4 : gla::linear_generic::apply_q8;
   const auto apply_e = c.int4 ? gla::linear_avx512::apply_q4 : gla::linear_avx512::apply_q8;
-  const auto yg = run(2 * 4, apply_g), ye = run(2 * 16, apply_e);
-  if (yg.empty() || ye.empty()) {
+  const auto apply_ev = c.int4 ? gla::linear_avx512::vnni::apply_q4 : gla::linear_avx512::vnni::apply_q8;
+  const auto apply_2 = c.int4 ? gla::linear_avx2::apply_q4 : gla::linear_avx2::apply_q8;
+  const auto apply_2v = c.int4 ? gla::linear_avx2::vnni::apply_q4 : gla::linear_avx2::vnni::apply_q8;
+  const auto yg = run(2 * 4, apply_g), ye = run(2 * 16, apply_e), yev = run(2 * 16, apply_ev);
+  const auto y2 = run(2 * 8, apply_2), y2v = run(2 * 8, apply_2v);
+  if (yg.empty() || ye.empty() || yev.empty() || y2.empty() || y2v.empty()) {
     std::printf("FAIL a kernel wrote past its columns\n");
+    return 1e9;
+  }
+  // VNNI vs the same copy without: bitwise (NaN outputs of non-finite inputs compare as bits)
+  if (std::memcmp(ye.data(), yev.data(), ye.size() * 4) || std::memcmp(y2.data(), y2v.data(), y2.size() * 4)) {
+    std::printf("FAIL %s VNNI output differs from the non-VNNI one (in %ld group %ld n %ld)\n",
+                std::memcmp(ye.data(), yev.data(), ye.size() * 4) ? "avx512" : "avx2", (long)c.in,
+                (long)c.group, (long)c.n);
     return 1e9;
   }
   double worst = 0, ymax = 1e-30;
@@ -88,9 +102,10 @@ int main() {
   double worst = 0;
   for (int int4 = 0; int4 < 2; ++int4)
     for (int64_t out : {1, 31, 32, 33, 70, 96})
-      for (int64_t group : {32, 64, 20, 2})
-        for (int64_t n : {1, 2, 3, 5, 8, 9, 17}) {
+      for (int64_t group : {32, 64, 20, 6, 2})
+        for (int64_t n : {1, 2, 3, 4, 5, 7, 8, 9, 17, 64}) {
           if (int4 && group % 2) continue;
+          // in: 3 groups (group 6: 18 columns, not a multiple of 4; group 2: 10)
           const int64_t in = group * (group == 2 ? 5 : 3);
           const Case c{int4 != 0, out, in, group, n, n % 2 == 1, n % 3 == 0};
           const double e = run_case(c, rng);
@@ -102,7 +117,7 @@ int main() {
                         int4 ? "int4" : "int8", (long)out, (long)in, (long)group, (long)n, e);
           }
         }
-  std::printf("%d cases, %d failures, worst |emulated avx512 - generic| / max|y| = %.3g\n", cases,
-              fails, worst);
+  std::printf("%d cases, %d failures, worst |emulated avx512 - generic| / max|y| = %.3g "
+              "(VNNI = non-VNNI bitwise, avx512 and avx2)\n", cases, fails, worst);
   return fails ? 1 : 0;
 }

@@ -12,11 +12,13 @@
 
 #include <immintrin.h>  // first: SIMDe then keeps GCC's own __m512 / __m512i / __mmask types
 
-// Only the AVX-512 names become SIMDe calls; the AVX2 copy keeps the real instructions.
+// Only the AVX-512 names (and AVX-VNNI's one, at the end) become SIMDe calls; the rest of the
+// AVX2 copy keeps the real instructions.
 #define SIMDE_X86_AVX512F_ENABLE_NATIVE_ALIASES
 #define SIMDE_X86_AVX512BW_ENABLE_NATIVE_ALIASES
 #define SIMDE_X86_AVX512DQ_ENABLE_NATIVE_ALIASES
 #define SIMDE_X86_AVX512VL_ENABLE_NATIVE_ALIASES
+#define SIMDE_X86_AVX512VNNI_ENABLE_NATIVE_ALIASES  // _mm512_dpbusd_epi32 (the VNNI kernels)
 #if __has_include(<simde/x86/avx512.h>)
 #include <simde/x86/avx512.h>
 #else
@@ -102,3 +104,23 @@ inline void stream_ps(float* p, __m512 a) {  // vmovntps faults unless 64-byte a
 #define _mm512_cvtepu16_epi32(a) ::gla_emu512::cvtepu16_epi32(a)
 #define _mm512_stream_ps(p, a) ::gla_emu512::stream_ps(p, a)
 #define _mm512_shuffle_f32x4(a, b, imm) simde_mm512_shuffle_f32x4(a, b, imm)
+// AVX-VNNI's VEX vpdpbusd (the avx2 copy's VNNI kernels) computes what AVX512-VNNI's 256-bit
+// form does (Intel SDM); SIMDe 0.7.4 has only the latter, on its own 256-bit type here (this
+// header is read before the avx2 target is on), hence the copies. In this build the avx2
+// copy's VNNI kernels run on SIMDe too (cpu_features.cpp: pick_cpu_vnni).
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace gla_emu512 {
+inline __m256i dpbusd_avx(__m256i src, __m256i a, __m256i b) {
+  simde__m256i s, x, y;
+  __builtin_memcpy(&s, &src, 32);
+  __builtin_memcpy(&x, &a, 32);
+  __builtin_memcpy(&y, &b, 32);
+  const simde__m256i r = simde_mm256_dpbusd_epi32(s, x, y);
+  __m256i out;
+  __builtin_memcpy(&out, &r, 32);
+  return out;
+}
+}  // namespace gla_emu512
+#pragma GCC pop_options
+#define _mm256_dpbusd_avx_epi32(src, a, b) ::gla_emu512::dpbusd_avx(src, a, b)

@@ -110,6 +110,24 @@ CpuIsa pick_cpu_isa() {
                     "' is not one of auto, generic, avx2, avx512");
 }
 
+const char* cpu_vnni_name(CpuIsa isa) {
+  return isa == CpuIsa::kAvx512 ? "AVX512-VNNI" : isa == CpuIsa::kAvx2 ? "AVX-VNNI" : nullptr;
+}
+
+bool pick_cpu_vnni(CpuIsa isa) {
+  const char* env = std::getenv("GLA_EXT_CPU_VNNI");
+  const std::string want = env ? env : "";
+  TORCH_CHECK_VALUE(want.empty() || want == "auto" || want == "off", "gla_ext: GLA_EXT_CPU_VNNI='",
+                    want, "' is not one of auto, off");
+  if (want == "off" || !GLA_MULTI_ISA) return false;
+  const CpuFeatures& f = cpu_features();
+  // the emulated build: vpdpbusd of either width is SIMDe's portable code (avx512_emulated.h)
+  const bool emulated = GLA_EMULATE_AVX512;
+  if (isa == CpuIsa::kAvx512) return emulated || f.avx512_vnni;
+  if (isa == CpuIsa::kAvx2) return emulated || f.avx_vnni;
+  return false;
+}
+
 const char* cpu_isa_name(CpuIsa isa) {
   switch (isa) {
     case CpuIsa::kAvx512: return "avx512";
@@ -129,7 +147,7 @@ std::string cpu_isa_summary() {
   for (const auto& n : names)
     if (n.first) s += std::string(s.empty() ? "" : " ") + n.second;
 #if GLA_EMULATE_AVX512
-  const char* build = "; test build: avx512 emulated by SIMDe";
+  const char* build = "; test build: avx512, AVX512-VNNI and AVX-VNNI emulated by SIMDe";
 #else
   const char* build = "";
 #endif

@@ -1,6 +1,6 @@
 // The CPU instruction-set layer, host side: what the CPU (and the OS) lets this process run,
 // and which compiled copy of the vector kernels to use. This is the only place that reads
-// GLA_EXT_CPU_ISA. See docs/cpu_isa.md.
+// GLA_EXT_CPU_ISA and GLA_EXT_CPU_VNNI. See docs/cpu_isa.md.
 #pragma once
 
 #include <string>
@@ -53,6 +53,17 @@ CpuIsa best_cpu_isa();
 CpuIsa pick_cpu_isa();
 
 const char* cpu_isa_name(CpuIsa isa);
+
+// Whether copy `isa`'s quantized integer kernels use VNNI's vpdpbusd (csrc/cpu/
+// linear_qdot_tile.h): avx512 where the CPU has AVX512-VNNI, avx2 where it has AVX-VNNI,
+// generic never. GLA_EXT_CPU_VNNI=off turns it off (auto or unset: on where present); any
+// other value throws c10::ValueError naming the variable. Read on every call, like
+// GLA_EXT_CPU_ISA. The emulated test build (GLA_EMULATE_AVX512) emulates both with SIMDe,
+// so there they count as present and the VNNI kernels run on any AVX2 CPU.
+bool pick_cpu_vnni(CpuIsa isa);
+
+// The name of the VNNI extension copy `isa` would use ("AVX512-VNNI", "AVX-VNNI"), or null.
+const char* cpu_vnni_name(CpuIsa isa);
 
 // One line for `python -m gla_ext info`, e.g. "avx2 (best avx2; AVX2 FMA F16C)".
 std::string cpu_isa_summary();
