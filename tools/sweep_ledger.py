@@ -19,11 +19,11 @@ import re
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_sweeps() -> list[dict]:
+def load_sweeps(results: str = os.path.join(ROOT, "benchmarks", "results")) -> list[dict]:
     """Every sweep's meta and cases: from its .json, or parsed from the .md of older sweeps
     that saved none (their assertions are cut at 60 characters there)."""
     sweeps = []
-    for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "seed_sweep_*.md"))):
+    for path in sorted(glob.glob(os.path.join(results, "seed_sweep_*.md"))):
         js = os.path.splitext(path)[0] + ".json"
         if os.path.exists(js):
             with open(js) as f:
