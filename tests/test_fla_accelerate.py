@@ -192,16 +192,31 @@ def test_logits_match_loader_and_reference_ops(options):
         assert rel_err(ours, ref) < 1e-4, T
 
 
+# float32 against float32 fails on ill-conditioned draws whatever the kernels (the seed sweep
+# found weight gradients 1.06e-4 and input gradients 3.0e-4 apart in 1 of 20 draws each, with
+# fla's own float32 run as far from float64 as ours in the draws checked). So both float32 runs are compared with
+# the float64 run of fla's reference ops: ours must be within the contract's floor, or within
+# REF_FACTOR x fla's own float32 error on that draw (60 seeds: at most 0.48 of that bound,
+# benchmarks/results/seed_sweep_fla_vs_float64_60.md).
+REF_FACTOR = 4.0
+
+
+def _float32_error_bound(ref32, ref64, floor):
+    return max(floor, REF_FACTOR * rel_err(ref32, ref64))
+
+
 def test_training_step_matches_reference_ops():
     """loss (== torch cross entropy of the logits), every parameter gradient and the model
     after an optimizer step equal fla's model run with its reference ops (SGD: its update is
     proportional to the gradient; Adam's first step divides by |grad| and would magnify the
-    last bits of near-zero gradients)."""
+    last bits of near-zero gradients), as far as float32 allows (see REF_FACTOR)."""
     ids = torch.randint(0, VOCAB, (2, 72))
-    models = {"ours": _model().train(), "ref": None}
+    models = {"ours": _model().train()}
     models["ref"] = copy.deepcopy(models["ours"])
+    models["ref64"] = copy.deepcopy(models["ours"]).double()
     losses, logits = {}, {}
-    for name, ctx in (("ours", gla_fla.accelerated), ("ref", fla_reference_ops)):
+    for name, ctx in (("ours", gla_fla.accelerated), ("ref", fla_reference_ops),
+                      ("ref64", fla_reference_ops)):
         model = models[name]
         with ctx():
             out = model(ids, labels=ids)
@@ -211,14 +226,17 @@ def test_training_step_matches_reference_ops():
     manual = F.cross_entropy(logits["ours"][:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
     assert rel_err(losses["ours"], manual) < 1e-6
     assert rel_err(losses["ours"], losses["ref"]) < 1e-5
-    grads = dict(models["ref"].named_parameters())
+    ref = dict(models["ref"].named_parameters())
+    ref64 = dict(models["ref64"].named_parameters())
     checked = 0
     for name, p in models["ours"].named_parameters():
         assert p.grad is not None, name
-        assert rel_err(p.grad, grads[name].grad) < 1e-4, name
-        assert rel_err(p.detach(), grads[name].detach()) < 1e-5, name   # after the step
+        bound = _float32_error_bound(ref[name].grad, ref64[name].grad, 1e-4)
+        assert rel_err(p.grad, ref64[name].grad) < bound, name
+        bound = _float32_error_bound(ref[name].detach(), ref64[name].detach(), 1e-5)
+        assert rel_err(p.detach(), ref64[name].detach()) < bound, name   # after the step
         checked += 1
-    assert checked == len(grads)
+    assert checked == len(ref64)
     with gla_fla.accelerated():
         assert models["ours"](ids, labels=ids).loss < losses["ours"]   # the step helped
 
@@ -300,19 +318,20 @@ def test_gated_linear_attention_layer_alone(mode, fuse_norm):
             p.add_(0.2 * torch.randn_like(p))
     x = torch.randn(2, 80, 64)
     results = []
-    for ctx in (gla_fla.accelerated, fla_reference_ops):
-        xi = x.clone().requires_grad_()
-        layer.zero_grad()
+    for ctx, dtype in ((gla_fla.accelerated, torch.float32), (fla_reference_ops, torch.float32),
+                       (fla_reference_ops, torch.float64)):
+        xi = x.clone().to(dtype).requires_grad_()
+        run = copy.deepcopy(layer).to(dtype)
         with ctx():
-            o, _, _ = layer(xi)
-            (o * torch.linspace(-1, 1, o.shape[-1])).sum().backward()
+            o, _, _ = run(xi)
+            (o * torch.linspace(-1, 1, o.shape[-1], dtype=dtype)).sum().backward()
         results.append((o.detach(), xi.grad, {n: p.grad.clone() for n, p in
-                                               layer.named_parameters()}))
-    (o1, dx1, g1), (o2, dx2, g2) = results
-    assert rel_err(o1, o2) < 1e-4
-    assert rel_err(dx1, dx2) < 1e-4
-    for name in g2:
-        assert rel_err(g1[name], g2[name]) < 1e-4, name
+                                               run.named_parameters()}))
+    (o1, dx1, g1), (o2, dx2, g2), (o64, dx64, g64) = results   # ours, fla float32, float64
+    assert rel_err(o1, o64) < _float32_error_bound(o2, o64, 1e-4)
+    assert rel_err(dx1, dx64) < _float32_error_bound(dx2, dx64, 1e-4)
+    for name in g64:
+        assert rel_err(g1[name], g64[name]) < _float32_error_bound(g2[name], g64[name], 1e-4), name
 
 
 # --- the replaced pieces alone ------------------------------------------------------------
