@@ -14,6 +14,7 @@ For the tolerance sweep (tools/seed_sweep.py, not run in CI): `--sweep N` runs e
 test N times with N different seeds, and with GLA_EXT_ERR_LOG=<file> (and pytest's
 `-o enable_assertion_pass_hook=true`) every passing `assert a < b` / `a <= b` between numbers
 is appended to <file> as a JSON line, so the worst error per case can be read off.
+`--sweep-only FILE` keeps only the cases named in FILE (the ledger's cases short of a target).
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def pytest_addoption(parser):
                      help=f"base seed of the random test inputs (default: ${SEED_ENV}, else fresh)")
     parser.addoption("--sweep", type=int, default=0,
                      help="run every selected test this many times, each with its own seed")
+    parser.addoption("--sweep-only", default=None, metavar="FILE",
+                     help="keep only the test cases whose node ids (without the sweep's repN) "
+                          "are lines of FILE (tools/seed_sweep.py --below)")
 
 
 def pytest_configure(config):
@@ -66,6 +70,17 @@ def pytest_generate_tests(metafunc):
     if reps > 0:
         metafunc.parametrize("_sweep_rep", range(reps), indirect=True,
                              ids=[f"rep{i}" for i in range(reps)])
+
+
+def pytest_collection_modifyitems(config, items):
+    path = config.getoption("--sweep-only")
+    if not path:
+        return
+    with open(path) as f:
+        wanted = {line.strip() for line in f if line.strip()}
+    keep = [it for it in items if _without_rep(it.nodeid) in wanted]
+    config.hook.pytest_deselected(items=[it for it in items if _without_rep(it.nodeid) not in wanted])
+    items[:] = keep
 
 
 @pytest.fixture(autouse=True)

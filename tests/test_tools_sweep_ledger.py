@@ -36,3 +36,23 @@ def test_assertions_gone_from_the_tests_are_recognised():
     missing = "".join(["no such ", "assertion < 1"])   # not spelled out: this file is searched too
     assert not sweep_ledger.still_asserted("tests/test_reference.py", missing)
     assert not sweep_ledger.still_asserted("tests/no_such_file.py", "rel_err(o2, o1) < 1e-12")
+
+
+def test_sweep_only_keeps_the_named_cases_under_every_rep(tmp_path):
+    """--sweep-only (what tools/seed_sweep.py --below passes) runs exactly the listed cases,
+    each under every --sweep rep, and deselects the rest."""
+    import shutil
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    shutil.copy(os.path.join(here, "conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "test_cases.py").write_text(
+        "import pytest\n\n@pytest.mark.parametrize('x', [1, 2, 3])\ndef test_p(x):\n    pass\n\n"
+        "def test_q():\n    pass\n")
+    (tmp_path / "only.txt").write_text("test_cases.py::test_p[2]\ntest_cases.py::test_q\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "--sweep=3", f"--sweep-only={tmp_path / 'only.txt'}", "-rA"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "6 passed, 6 deselected" in out, out
+    assert "test_p[rep1-2]" in out and "test_p[rep1-1]" not in out, out

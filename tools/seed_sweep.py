@@ -10,6 +10,12 @@ is over 0.5 needs a kernel fix or an explained tolerance (issue: "flaky toleranc
         tests/test_cuda_chunk_emu.py --out benchmarks/results/seed_sweep_emu_bwd.md
     python tools/seed_sweep.py --reps 100 --chunk 10 tests/test_fla_integration.py --out F.md
 
+--below N keeps only the cases of the given files that the committed sweeps' ledger
+(tools/sweep_ledger.py) has run over fewer than N seeds, so the time goes where seeds are
+missing (tests that record no tolerance are not run at all):
+
+    python tools/seed_sweep.py --reps 20 --chunk 5 --below 100 tests/test_model.py --out F.md
+
 --chunk N runs the reps as separate pytest runs of N reps each (base seeds seed, seed + 1, ...)
 and rewrites --out after every one: a long sweep that is stopped keeps what it measured, and
 the file says how many reps that was.
@@ -50,6 +56,11 @@ def run(args, reps: int, seed: int) -> tuple[list[dict], str, float]:
                "-o", "enable_assertion_pass_hook=true", f"--sweep={reps}", *args.tests]
         if args.k:
             cmd += ["-k", args.k]
+        if args.only:
+            only = os.path.join(tmp, "only.txt")
+            with open(only, "w") as f:
+                f.write("\n".join(args.only) + "\n")
+            cmd += [f"--sweep-only={only}"]
         t0 = time.time()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         elapsed = time.time() - t0
@@ -58,6 +69,19 @@ def run(args, reps: int, seed: int) -> tuple[list[dict], str, float]:
         failed = [l for l in out if l.startswith("FAILED ")]    # every one, not only the tail
         tail = "\n".join(failed + out[-15:])
         return rows, tail, elapsed
+
+
+def cases_below(tests: list[str], target: int) -> list[str]:
+    """Node ids (without rep) in these files that the committed sweeps ran fewer than
+    `target` seeds, counting a case by its least-swept assertion still in the tests."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import sweep_ledger
+    files = {t.split("::")[0] for t in tests}
+    seeds: dict[str, int] = {}
+    for (test, assertion), e in sweep_ledger.ledger(sweep_ledger.load_sweeps()).items():
+        if test.split("::")[0] in files and sweep_ledger.still_asserted(test, assertion):
+            seeds[test] = min(seeds.get(test, e["seeds"]), e["seeds"])
+    return sorted(t for t, n in seeds.items() if n < target)
 
 
 def diagnostics(rows: list[dict]) -> dict[str, list[dict]]:
@@ -121,7 +145,12 @@ def main():
     ap.add_argument("--out", default=None, help="markdown file (a .json beside it)")
     ap.add_argument("--chunk", type=int, default=0,
                     help="reps per pytest run; --out is rewritten after each (default: all in one)")
+    ap.add_argument("--below", type=int, default=0,
+                    help="only the cases the ledger has run over fewer seeds than this")
     args = ap.parse_args()
+    args.only = cases_below(args.tests, args.below) if args.below else None
+    if args.only is not None and not args.only:
+        sys.exit(f"no case of {args.tests} is under {args.below} seeds in the ledger")
     if args.seed is None:     # a fresh base seed, recorded so a failure can be replayed
         args.seed = int.from_bytes(os.urandom(4), "little") >> 1
     chunk = args.chunk or args.reps
@@ -159,8 +188,11 @@ def write_report(args, rows, tails, elapsed, done):
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 commit=commit, cpu=cpu_model(), isa=os.environ.get("GLA_EXT_CPU_ISA", "auto"),
                 reps=done, reps_asked=args.reps, chunk=args.chunk, tests=args.tests, k=args.k,
+                below=args.below or None, cases_selected=len(args.only) if args.only else None,
                 seconds=round(elapsed), seed=args.seed, pytest_tail=tail)
-    lines = [f"# Seed sweep: {' '.join(args.tests)}" + (f" -k '{args.k}'" if args.k else ""),
+    lines = [f"# Seed sweep: {' '.join(args.tests)}" + (f" -k '{args.k}'" if args.k else "")
+             + (f" (the {len(args.only)} cases under {args.below} seeds in the ledger)"
+                if args.only else ""),
              "", f"{meta['date']}, commit {commit}, {meta['cpu']}, GLA_EXT_CPU_ISA={meta['isa']}, "
              f"{done} seeds per case" + (f" (of {args.reps} asked)" if done < args.reps else "")
              + f", {seeds} (--seed to replay), "
