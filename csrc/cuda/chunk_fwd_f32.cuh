@@ -64,7 +64,7 @@ struct Tf32Frag {
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       if constexpr (kPasses == 1) {
-        hi[i] = cvt_rna_tf32(x[i]);
+        hi[i] = cvt_tf32(x[i]);
       } else {
         tf32_split(x[i], hi[i], lo[i]);
       }
