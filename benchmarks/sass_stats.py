@@ -34,8 +34,8 @@ Shapes for the trip counts: K = V = KT (64 or 128) for the chunk kernels.
 - float32 forward (gla_chunk_fwd_f32_kernel<KT, passes>, dtype "f32"; passes 1 = one tf32
   pass, torch's "high"; 3 = 3xTF32, "highest"): its HMMA are m16n8k8 tf32 (HMMA.TF32, 2048
   flops each; the 16-bit kernels' m16n8k16 do 8192), and its per-chunk counts are also split
-  by phase (PHASES), with the instructions that round operands to tf32 (cvt.rna.tf32.f32 and
-  the 3xTF32 split, TF32_CVT) counted per phase.
+  by phase (PHASES), with the instructions that round operands to tf32 (cvt.rna.tf32.f32, or
+  cvt.rn.tf32.f32 on sm_90+, and the 3xTF32 split, TF32_CVT) counted per phase.
 - float32 backward (chunk_bwd_f32.cuh, dtype "f32"): gla_chunk_state_scans_f32_kernel<KT,
   passes> (both scans in one grid; per (chunk, head) the forward and gradient halves are
   summed, each block runs one) and gla_chunk_bwd_f32_kernel<KT, passes>. The trips of
@@ -402,8 +402,10 @@ PHASES = {"gla_chunk_fwd_f32_kernel": [
     ("5. o = q~ S + A v (mma)", F32, "// ---- 5. o =", "// ---- 6. S^T"),
     ("6. state update (mma)", F32, "// ---- 6. S^T", "store_ht(s, a, rows.ht_base"),
 ]}
-# tf32 operand rounding (cvt.rna.tf32.f32 and the 3xTF32 split): counted inside each phase too
+# tf32 operand rounding (cvt.rna.tf32.f32 before sm_90, cvt.rn.tf32.f32 on sm_90+, and the
+# 3xTF32 split): counted inside each phase too
 TF32_CVT = [("chunk_common.cuh", "__device__ __forceinline__ uint32_t cvt_rna_tf32(float x) {"),
+            ("chunk_common.cuh", "__device__ __forceinline__ uint32_t cvt_rn_tf32(float x) {"),
             ("chunk_common.cuh", "void tf32_split(float x, uint32_t& hi, uint32_t& lo) {")]
 
 
