@@ -250,7 +250,7 @@ def kernel_constants(name, ints, bools, file):
         c["walks_chunks"] = not split
     elif name == "gla_chunk_fwd_f32_kernel":
         KT, passes = ints[0], ints[1]
-        c.update(KT=KT, K=KT, V=KT, NTHREADS=128, NWARPS=4, kF32Threads=128, kF32Warps=4,
+        c.update(KT=KT, K=KT, V=KT, NTHREADS=128, NWARPS=4, kNW=4, kF32Threads=128, kF32Warps=4,
                  kF32BV=64, kNT=KT // 8, kPerRow=KT // 4, passes=passes)
         c["kind"] = "fwd_f32"
         c["blocks_per_chunk_head"] = math.ceil(KT / 64)  # one block per 64 V columns
@@ -264,7 +264,7 @@ def kernel_constants(name, ints, bools, file):
         c["walks_chunks"] = True
     elif name == "gla_chunk_bwd_f32_kernel":
         KT, passes = ints[0], ints[1]
-        c.update(KT=KT, K=KT, V=KT, NTHREADS=256, NWARPS=8, kBwdThreads=256, kF32Threads=256,
+        c.update(KT=KT, K=KT, V=KT, NTHREADS=256, NWARPS=8, kNW=8, kBwdThreads=256, kF32Threads=256,
                  kKH=KT // 2, kKN=KT // 16, kNT=KT // 8, kPerRow=KT // 4, kTPR=256 // KT,
                  kF32TileV=16, kRows=64 // (256 // KT), passes=passes)
         c["kind"] = "bwd_f32"

@@ -178,6 +178,9 @@ __device__ __forceinline__ void f32_state_update(float (&s)[KT / 8][4], const fl
   }
 }
 
+// Two consecutive floats of a shared tile (8-byte aligned: even column, rows of 16-byte multiples).
+__device__ __forceinline__ float2 f2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+
 // One diagonal 16 x 16 block of the scores (tokens 16 blk + 0..15) by dyadic levels on the tf32
 // tensor cores, one warp: the scheme of the 16-bit kernels' diag_block_scores
 // (chunk_common.cuh) on float32 tiles. At level L = 2^lv (8, 4, 2, 1) the pairs s < t whose
@@ -213,13 +216,15 @@ __device__ __forceinline__ void f32_diag_block(const float* sQ, const float* sK,
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll 2
     for (int k0 = 0; k0 < KT; k0 += 8) {
-      const int ka = k0 + c4, kb = ka + 4;
-      const float av[4] = {qd[ka], qt[ka] * exp2f(bt[ka] - brf[ka]), qd[kb],
-                           qt[kb] * exp2f(bt[kb] - brf[kb])};
-      float bv[2] = {ks[ka], ks[kb]};
+      const int kd = k0 + 2 * c4;  // mma k columns c, c + 4 = key dims kd, kd + 1 (f2 loads)
+      const float2 q0 = f2(qd + kd), q1 = f2(qt + kd), b1 = f2(bt + kd), r1 = f2(brf + kd);
+      const float av[4] = {q0.x, q1.x * exp2f(b1.x - r1.x), q0.y, q1.y * exp2f(b1.y - r1.y)};
+      const float2 kv = f2(ks + kd);
+      float bv[2] = {kv.x, kv.y};
       if (lv > 0) {  // level 1's columns are their own reference (factor 1)
-        bv[0] *= exp2f(brc[ka] - bs[ka]);
-        bv[1] *= exp2f(brc[kb] - bs[kb]);
+        const float2 bq = f2(brc + kd), bk = f2(bs + kd);
+        bv[0] *= exp2f(bq.x - bk.x);
+        bv[1] *= exp2f(bq.y - bk.y);
       }
       mma_f32<kPasses>(acc, av, bv);
     }
@@ -261,6 +266,7 @@ __device__ __forceinline__ void f32_scores(const float* sQ, const float* sK, con
                                            int lane) {
   constexpr int kNW = NTHREADS / 32;
   static_assert(kNW >= 4, "one warp per diagonal block");
+  static_assert(L::kQKStride % 2 == 0 && L::kBStride % 2 == 0, "float2 loads need even strides");
   const int g8 = lane >> 2, c4 = lane & 3;
   // below the diagonal blocks: pair u = (i, j), i > j, of the 6; warp w takes u = w, w + kNW
   for (int u = warp; u < 6; u += kNW) {
@@ -268,21 +274,20 @@ __device__ __forceinline__ void f32_scores(const float* sQ, const float* sK, con
     const int j = u < 3 ? 0 : (u < 5 ? 1 : 2);
     const float* const br = sB + (16 * j + 15) * L::kBStride;  // b of the reference token r
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    const int t = 16 * i + g8;
     for (int k0 = 0; k0 < KT; k0 += 8) {
-      const int ka = k0 + c4, kb = k0 + c4 + 4;
-      const int t = 16 * i + g8;
-      const float rb_a = br[ka], rb_b = br[kb];
-      float af[4];
-      af[0] = sQ[t * L::kQKStride + ka] * exp2f(sB[t * L::kBStride + ka] - rb_a);
-      af[1] = sQ[(t + 8) * L::kQKStride + ka] * exp2f(sB[(t + 8) * L::kBStride + ka] - rb_a);
-      af[2] = sQ[t * L::kQKStride + kb] * exp2f(sB[t * L::kBStride + kb] - rb_b);
-      af[3] = sQ[(t + 8) * L::kQKStride + kb] * exp2f(sB[(t + 8) * L::kBStride + kb] - rb_b);
+      const int kd = k0 + 2 * c4;  // mma k columns c, c + 4 = key dims kd, kd + 1 (f2 loads)
+      const float2 rb = f2(br + kd);
+      const float2 q0 = f2(sQ + t * L::kQKStride + kd), b0 = f2(sB + t * L::kBStride + kd);
+      const float2 q1 = f2(sQ + (t + 8) * L::kQKStride + kd);
+      const float2 b1 = f2(sB + (t + 8) * L::kBStride + kd);
+      const float af[4] = {q0.x * exp2f(b0.x - rb.x), q1.x * exp2f(b1.x - rb.x),
+                           q0.y * exp2f(b0.y - rb.y), q1.y * exp2f(b1.y - rb.y)};
 #pragma unroll
       for (int nh = 0; nh < 2; ++nh) {
         const int s = 16 * j + 8 * nh + g8;
-        float bf[2];
-        bf[0] = sK[s * L::kQKStride + ka] * exp2f(rb_a - sB[s * L::kBStride + ka]);
-        bf[1] = sK[s * L::kQKStride + kb] * exp2f(rb_b - sB[s * L::kBStride + kb]);
+        const float2 kv = f2(sK + s * L::kQKStride + kd), bs = f2(sB + s * L::kBStride + kd);
+        const float bf[2] = {kv.x * exp2f(rb.x - bs.x), kv.y * exp2f(rb.y - bs.y)};
         mma_f32<kPasses>(acc[nh], af, bf);
       }
     }
