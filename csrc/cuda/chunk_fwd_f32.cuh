@@ -256,6 +256,15 @@ __device__ __forceinline__ void f32_diag_block(const float* sQ, const float* sK,
     for (int m = 16; m >= 1; m >>= 1) d += __shfl_xor_sync(0xffffffffu, d, m);
     if (lane == 0) sA[t * L::kAStride + t] = d * scale;
   }
+  // zeros above the block's diagonal: lane -> row lane / 2, columns 8 (lane & 1) + 0..7
+  {
+    const int t = lane >> 1;
+#pragma unroll
+    for (int x = 0; x < 8; ++x) {
+      const int s = 8 * (lane & 1) + x;
+      if (s > t) sA[(base + t) * L::kAStride + base + s] = 0.0f;
+    }
+  }
 }
 
 // sA (kC x kC, float, stride L::kAStride) <- scale * A from raw q, k and cumulative gates sB.
@@ -267,6 +276,7 @@ __device__ __forceinline__ void f32_scores(const float* sQ, const float* sK, con
   constexpr int kNW = NTHREADS / 32;
   static_assert(kNW >= 4, "one warp per diagonal block");
   static_assert(L::kQKStride % 2 == 0 && L::kBStride % 2 == 0, "float2 loads need even strides");
+  static_assert(L::kAStride % 4 == 0, "16-byte zero stores into sA");
   const int g8 = lane >> 2, c4 = lane & 3;
   // below the diagonal blocks: pair u = (i, j), i > j, of the 6; warp w takes u = w, w + kNW
   for (int u = warp; u < 6; u += kNW) {
@@ -306,9 +316,11 @@ __device__ __forceinline__ void f32_scores(const float* sQ, const float* sK, con
   if (dblk < 4) {  // warp-uniform
     f32_diag_block<KT, kPasses, L>(sQ, sK, sB, sA, scale, dblk, lane);
   }
-  for (int e = tid; e < kC * kC; e += NTHREADS) {
-    const int t = e / kC, s = e % kC;
-    if (s > t) sA[t * L::kAStride + s] = 0.0f;
+  // zeros right of the diagonal blocks, in 16-byte stores (inside them: f32_diag_block)
+  for (int e = tid; e < kC * kC / 4; e += NTHREADS) {
+    const int t = e / (kC / 4), s = 4 * (e % (kC / 4));
+    if (s >= (t | 15) + 1)
+      *reinterpret_cast<float4*>(sA + t * L::kAStride + s) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   }
 }
 
@@ -368,13 +380,19 @@ __global__ void __launch_bounds__(kF32Threads, 1) gla_chunk_fwd_f32_kernel(const
     __syncthreads();  // raw q, k and the gates are read above; changed below
 
     // ---- 4. q <- q * exp2(b) * scale, k <- k * exp2(b_last - b), b_last aside -------------
-    {
+    {  // 16-byte vectors of 4 key dims (rows are 16-byte aligned, KT % 4 == 0)
       const float* const blast = sB + (kC - 1) * L::kBStride;
-      for (int e = tid; e < kC * KT; e += kF32Threads) {
-        const int t = e / KT, kd = e % KT;
-        const float b = sB[t * L::kBStride + kd];
-        sQ[t * L::kQKStride + kd] = sQ[t * L::kQKStride + kd] * exp2f(b) * scale;
-        sK[t * L::kQKStride + kd] = sK[t * L::kQKStride + kd] * exp2f(blast[kd] - b);
+      for (int e = tid; e < kC * KT / 4; e += kF32Threads) {
+        const int t = e / (KT / 4), kd = 4 * (e % (KT / 4));
+        const float4 b = *reinterpret_cast<const float4*>(sB + t * L::kBStride + kd);
+        const float4 bl = *reinterpret_cast<const float4*>(blast + kd);
+        float4* const qp = reinterpret_cast<float4*>(sQ + t * L::kQKStride + kd);
+        float4* const kp = reinterpret_cast<float4*>(sK + t * L::kQKStride + kd);
+        const float4 qv = *qp, kv = *kp;
+        *qp = make_float4(qv.x * exp2f(b.x) * scale, qv.y * exp2f(b.y) * scale,
+                          qv.z * exp2f(b.z) * scale, qv.w * exp2f(b.w) * scale);
+        *kp = make_float4(kv.x * exp2f(bl.x - b.x), kv.y * exp2f(bl.y - b.y),
+                          kv.z * exp2f(bl.z - b.z), kv.w * exp2f(bl.w - b.w));
       }
       for (int kd = tid; kd < KT; kd += kF32Threads) sLast[kd] = blast[kd];
     }
