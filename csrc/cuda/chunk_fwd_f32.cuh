@@ -181,6 +181,12 @@ __device__ __forceinline__ void f32_state_update(float (&s)[KT / 8][4], const fl
 // Two consecutive floats of a shared tile (8-byte aligned: even column, rows of 16-byte multiples).
 __device__ __forceinline__ float2 f2(const float* p) { return *reinterpret_cast<const float2*>(p); }
 
+// The diagonal blocks take 3xTF32 at both precisions: they hold each row's largest scores
+// (A[t][t], no decay), and one tf32 pass there lifted "high"'s o error from ~3e-4 to ~4.4e-4
+// at K = 128 and to 8e-4 of the contract's 1e-3 at K = 3 (worst of 100 draws); the split costs
+// about a tenth of "high"'s instructions per chunk (docs/cuda_float32.md).
+constexpr int kDiagPasses = 3;
+
 // One diagonal 16 x 16 block of the scores (tokens 16 blk + 0..15) by dyadic levels on the tf32
 // tensor cores, one warp: the scheme of the 16-bit kernels' diag_block_scores
 // (chunk_common.cuh) on float32 tiles. At level L = 2^lv (8, 4, 2, 1) the pairs s < t whose
@@ -190,9 +196,8 @@ __device__ __forceinline__ float2 f2(const float* p) { return *reinterpret_cast<
 // level's 8 tokens t, columns its 8 tokens s; rows 0..7 take raw q of the tokens s = r of the
 // level's columns (their factor is 1), so the same mma gives A[r][r]. A[15][15] (no level's r)
 // is a plain dot product. 56 exp2 per key dim and block instead of 136 (one per pair); every
-// entry comes from exactly one level. Operands go through mma_f32 (one tf32 pass or 3xTF32),
-// so the diagonal has the precision of the rest of the scores.
-template <int KT, int kPasses, typename L>
+// entry comes from exactly one level. The products are 3xTF32 at both precisions (kDiagPasses).
+template <int KT, typename L>
 __device__ __forceinline__ void f32_diag_block(const float* sQ, const float* sK, const float* sB,
                                                float* sA, float scale, int blk, int lane) {
   const int g8 = lane >> 2, c4 = lane & 3;
@@ -226,7 +231,7 @@ __device__ __forceinline__ void f32_diag_block(const float* sQ, const float* sK,
         bv[0] *= exp2f(bq.x - bk.x);
         bv[1] *= exp2f(bq.y - bk.y);
       }
-      mma_f32<kPasses>(acc, av, bv);
+      mma_f32<kDiagPasses>(acc, av, bv);
     }
     // acc[r]: (A row g (+8 for r >= 2), column 2c + (r & 1)); keep the entries this level owns
 #pragma unroll
@@ -314,7 +319,7 @@ __device__ __forceinline__ void f32_scores(const float* sQ, const float* sK, con
   // the two that took no off-diagonal block and two that took one)
   const int dblk = kNW - 1 - warp;
   if (dblk < 4) {  // warp-uniform
-    f32_diag_block<KT, kPasses, L>(sQ, sK, sB, sA, scale, dblk, lane);
+    f32_diag_block<KT, L>(sQ, sK, sB, sA, scale, dblk, lane);
   }
   // zeros right of the diagonal blocks, in 16-byte stores (inside them: f32_diag_block)
   for (int e = tid; e < kC * kC / 4; e += NTHREADS) {
