@@ -3,9 +3,10 @@ CPU through tests/cuda_emu/chunk_f32_emu.cpp: one tf32 pass (torch's "high") and
 ("highest") against the float64 reference, with state pools (padding rows, in place), V-first
 states, varlen with empty sequences and a padded tail, odd K and V, -inf / huge / NaN gates at
 chunk and block boundaries, and the gate families of the backward's tests (normalizer 0.1 / 1 /
-16, full forget mixed with no decay, full forget everywhere). Every case runs twice with threads and blocks in opposite orders (bitwise equal),
-inside poisoned guard zones. Accuracy: "high" <= 1e-3 relative (docs/design.md "Numerics" for
-float32 on CUDA), "highest" <= 1e-5.
+16, full forget mixed with no decay, full forget everywhere). Every case runs twice with
+threads and blocks in opposite orders (bitwise equal), inside poisoned guard zones.
+Accuracy: "high" <= 1e-3 relative (docs/design.md "Numerics" for float32 on CUDA), "highest"
+<= 1e-5.
 
 The harness is built twice: as sm_80 device code (tf32 operands rounded by cvt.rna, ties away)
 and as sm_90 code (chunk_f32_emu_sm90.cpp: cvt.rn, ties to even, one SASS instruction there);

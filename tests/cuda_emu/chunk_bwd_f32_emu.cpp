@@ -10,10 +10,10 @@
 //        for; all float32.
 //   out: dq, dk, dv, dg, dh0 (float32), in that order.
 //   misalign=1 offsets every input and gradient pointer by one element (scalar paths).
-// Runs twice, threads and blocks in opposite orders, with the workspace poisoned (NaN): both
-// runs must agree bitwise. chunk_bwd_f32_emu_sm90.cpp builds it as sm_90 code (tf32 operands
-// rounded by cvt.rn); the line reports the roundings of each kind. Prints one line ending in DONE; exit status 0 when guards are
-// intact and the runs agree.
+// Runs twice, threads and blocks in opposite orders, with the workspace poisoned (NaN): both runs
+// must agree bitwise. chunk_bwd_f32_emu_sm90.cpp builds it as sm_90 code (tf32 operands rounded by
+// cvt.rn); the line reports the roundings of each kind. Prints one line ending in DONE; exit status
+// 0 when guards are intact and the runs agree.
 #include "emu.h"
 
 #define GLA_CHUNK_EMULATE 1

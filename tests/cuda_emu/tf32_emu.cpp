@@ -1,9 +1,9 @@
 // The tf32 primitives of csrc/cuda/chunk_common.cuh (cvt_rna_tf32, cvt_rn_tf32, cvt_tf32, mma_tf32,
 // tf32_split) on the emulator: both roundings on chosen values (ties both ways, just below and
-// above, FLT_MAX, subnormals, NaN, inf) and against a float64 reference on random bits; the
-// m16n8k8 fragment layout that chunk_common.cuh documents against a plain float64 product; the
-// accuracy of one tf32 pass (1xTF32) and of the 3xTF32 split over a 16 x 128 x 8 product, with
-// the rounding the kernels use on this build's arch (tf32_emu_sm90.cpp: the sm_90 code, rn).
+// above, FLT_MAX, subnormals, NaN, inf) and against a float64 reference on random bits; the m16n8k8
+// fragment layout that chunk_common.cuh documents against a plain float64 product; the accuracy of
+// one tf32 pass (1xTF32) and of the 3xTF32 split over a 16 x 128 x 8 product, with the rounding the
+// kernels use on this build's arch (tf32_emu_sm90.cpp: the sm_90 code, rn).
 //
 //   tf32_emu seed=1 reps=20
 // Prints one line per check and PASS/FAIL at the end; exit status 0 on PASS.
@@ -133,8 +133,8 @@ const char* kernel_rounding() {
   return r == cvt_rn_tf32(tie) ? "rn" : (r == cvt_rna_tf32(tie) ? "rna" : "other");
 }
 
-// D (16x8) = C + A (16xKD) @ B (KDx8) on one warp, 8 key dims per mma; mode 0: operands
-// rounded by cvt_rna_tf32, 1: raw float32 bits (the tensor cores truncate), 3: 3xTF32.
+// D (16x8) = C + A (16xKD) @ B (KDx8) on one warp, 8 key dims per mma; mode 0: operands rounded by
+// cvt_tf32 (this build's arch), 1: raw float32 bits (the tensor cores truncate), 3: 3xTF32.
 template <int KD>
 void warp_product(const float (&A)[16][KD], const float (&B)[KD][8], const float (&C)[16][8],
                   int mode, float (&D)[16][8]) {
