@@ -34,8 +34,8 @@ Shapes for the trip counts: K = V = KT (64 or 128) for the chunk kernels.
 - float32 forward (gla_chunk_fwd_f32_kernel<KT, passes>, dtype "f32"; passes 1 = one tf32
   pass, torch's "high"; 3 = 3xTF32, "highest"): its HMMA are m16n8k8 tf32 (HMMA.TF32, 2048
   flops each; the 16-bit kernels' m16n8k16 do 8192), and its per-chunk counts are also split
-  by phase (PHASES), with the instructions that round operands to tf32 (cvt.rna.tf32.f32 and
-  the 3xTF32 split, TF32_CVT) counted per phase.
+  by phase (PHASES), with the instructions that round operands to tf32 (cvt.rna.tf32.f32, or
+  cvt.rn.tf32.f32 on sm_90+, and the 3xTF32 split, TF32_CVT) counted per phase.
 - float32 backward (chunk_bwd_f32.cuh, dtype "f32"): gla_chunk_state_scans_f32_kernel<KT,
   passes> (both scans in one grid; per (chunk, head) the forward and gradient halves are
   summed, each block runs one) and gla_chunk_bwd_f32_kernel<KT, passes>. The trips of
@@ -250,8 +250,8 @@ def kernel_constants(name, ints, bools, file):
         c["walks_chunks"] = not split
     elif name == "gla_chunk_fwd_f32_kernel":
         KT, passes = ints[0], ints[1]
-        c.update(KT=KT, K=KT, V=KT, NTHREADS=128, NWARPS=4, kF32Threads=128, kF32Warps=4,
-                 kF32BV=64, kNT=KT // 8, kPerRow=KT // 4, kPairs=16 * 17 // 2, passes=passes)
+        c.update(KT=KT, K=KT, V=KT, NTHREADS=128, NWARPS=4, kNW=4, kF32Threads=128, kF32Warps=4,
+                 kF32BV=64, kNT=KT // 8, kPerRow=KT // 4, passes=passes)
         c["kind"] = "fwd_f32"
         c["blocks_per_chunk_head"] = math.ceil(KT / 64)  # one block per 64 V columns
         c["walks_chunks"] = True
@@ -264,9 +264,9 @@ def kernel_constants(name, ints, bools, file):
         c["walks_chunks"] = True
     elif name == "gla_chunk_bwd_f32_kernel":
         KT, passes = ints[0], ints[1]
-        c.update(KT=KT, K=KT, V=KT, NTHREADS=256, NWARPS=8, kBwdThreads=256, kF32Threads=256,
+        c.update(KT=KT, K=KT, V=KT, NTHREADS=256, NWARPS=8, kNW=8, kBwdThreads=256, kF32Threads=256,
                  kKH=KT // 2, kKN=KT // 16, kNT=KT // 8, kPerRow=KT // 4, kTPR=256 // KT,
-                 kF32TileV=16, kPairs=16 * 17 // 2, kRows=64 // (256 // KT), passes=passes)
+                 kF32TileV=16, kRows=64 // (256 // KT), passes=passes)
         c["kind"] = "bwd_f32"
         c["blocks_per_chunk_head"] = 1
         c["walks_chunks"] = False
@@ -326,20 +326,6 @@ COLD = [
     "for (int i = tid; i < KT * kScanV; i += kScanThreads) {",   # scan's scalar state save
     "if (v0 + vl < V) dst[static_cast<int64_t>(kd) * V + v0 + vl] = sS[",  # f32 scan, V % 8
 ]
-def diag_index_trips(c):
-    """`while (rest > tl)` of the float32 forward's diagonal pairs: a lane's trips are its
-    pair's row tl (0..15) in the 16 x 16 block; a warp runs until its slowest lane is done.
-    Trips per trip of the enclosing pair loop, over all warps."""
-    pairs, threads = c["kPairs"], c["NTHREADS"]
-    row = [tl for tl in range(16) for _ in range(tl + 1)]
-    loops = trips = 0
-    for w in range(c["NWARPS"]):
-        for p0 in range(32 * w, 4 * pairs, threads):
-            loops += 1
-            trips += max(row[p % pairs] for p in range(p0, min(p0 + 32, 4 * pairs)))
-    return trips / loops
-
-
 # Loops whose trip count is not a plain `for` over kernel constants: (text in the loop's
 # source line, function of the constants -> trips per warp). Chunk loops use NCHUNK.
 TRIP_RULES = [
@@ -361,9 +347,8 @@ TRIP_RULES = [
     ("for (int i = j + 1; i < 4; ++i) {", lambda c: 1.5),
     ("for (int p = kP - 1; p > seg; --p)", lambda c: (256 // c["KT"] - 1) / 2),
     ("for (int r = kRows - 1; r >= 0; --r) {", ("unroll", lambda c: 64 // (256 // c["KT"]))),
-    # float32 forward: the pair -> (row, column) walk; A @ v's causal loop (bound 16 i + 16
-    # of the unrolled i: the SASS keeps one loop per i that is not fully unrolled)
-    ("while (rest > tl) rest -= ++tl;", diag_index_trips),
+    # float32 forward: A @ v's causal loop (bound 16 i + 16 of the unrolled i: the SASS keeps
+    # one loop per i that is not fully unrolled)
     ("for (int t0 = 0; t0 < 16 * i + 16; t0 += 8)", ("sass_bound", 8)),
 ]
 # Straight-line code that only some warps / iterations run: (text in the line, fraction).
@@ -382,6 +367,8 @@ FRACTION_RULES = [
     ("state_scan<T, kGrad, false>(a, key_tile);", lambda c: 0.0),
     ("if (v0 != v_first) {  // the first V tile came with q, k, g",
      lambda c: 1 - 1 / math.ceil(c["V"] / 64)),
+    # float32 scores: one warp per diagonal block (4 of the backward's 8 warps)
+    ("if (dblk < 4) {  // warp-uniform", lambda c: min(1.0, 4 / c["NWARPS"])),
     # float32 backward: dA by the warps whose token half lies at or before their rows (6 of 8)
     ("if (2 * half <= rb)", lambda c: 0.75),
 ]
@@ -393,17 +380,20 @@ FRACTION_RULES = [
 F32 = "chunk_fwd_f32.cuh"
 PHASES = {"gla_chunk_fwd_f32_kernel": [
     ("scores: 6 off-diagonal 16x16 blocks (mma)", F32,
-     "for (int u = warp; u < 6; u += NTHREADS / 32)", "// the diagonal blocks, pair by pair"),
-    ("scores: 4 diagonal blocks (FMA + exp2 per pair, key dim)", F32,
-     "// the diagonal blocks, pair by pair", "for (int e = tid; e < kC * kC;"),
-    ("scores: zeros above the diagonal", F32, "for (int e = tid; e < kC * kC;", "// grid x = N"),
+     "for (int u = warp; u < 6; u += kNW)", "// the diagonal blocks, one warp each"),
+    ("scores: 4 diagonal blocks (dyadic levels, mma)", F32,
+     "void f32_diag_block(", "// sA (kC x kC, float, stride L::kAStride)"),
+    ("scores: zeros right of the diagonal blocks", F32,
+     "// zeros right of the diagonal blocks", "// grid x = N"),
     ("1-2. tiles -> shared memory, gate cumsum", F32, "// ---- 1. tiles", "// ---- 3. scores"),
     ("4. gate q, k; state -> shared memory", F32, "// ---- 4. q <- q", "// ---- 5. o ="),
     ("5. o = q~ S + A v (mma)", F32, "// ---- 5. o =", "// ---- 6. S^T"),
     ("6. state update (mma)", F32, "// ---- 6. S^T", "store_ht(s, a, rows.ht_base"),
 ]}
-# tf32 operand rounding (cvt.rna.tf32.f32 and the 3xTF32 split): counted inside each phase too
+# tf32 operand rounding (cvt.rna.tf32.f32 before sm_90, cvt.rn.tf32.f32 on sm_90+, and the
+# 3xTF32 split): counted inside each phase too
 TF32_CVT = [("chunk_common.cuh", "__device__ __forceinline__ uint32_t cvt_rna_tf32(float x) {"),
+            ("chunk_common.cuh", "__device__ __forceinline__ uint32_t cvt_rn_tf32(float x) {"),
             ("chunk_common.cuh", "void tf32_split(float x, uint32_t& hi, uint32_t& lo) {")]
 
 

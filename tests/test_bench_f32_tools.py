@@ -1,7 +1,7 @@
 """The float32 forward's and backward's benchmark tooling on the CPU (no GPU, no nvcc):
-sass_stats.py's kernel names, its trip rule for the diagonal-pair walk and for warp_mma_tiles'
-call sites, and bench_gpu_f32.py's measuring code (run with the CPU kernels; on a GPU the same
-code times the CUDA kernels)."""
+sass_stats.py's kernel names, its counts of the float32 scores' work per warp and of
+warp_mma_tiles' call sites, and bench_gpu_f32.py's measuring code (run with the CPU kernels; on
+a GPU the same code times the CUDA kernels)."""
 import math
 import os
 import sys
@@ -37,26 +37,28 @@ def test_kernel_names(mangled, expected):
     assert sass_stats.describe(mangled) == expected
 
 
-def test_diag_pair_walk_trips():
-    """The rule's trips per pair-loop trip equal a lane-by-lane run of the kernel's loop
-    (`while (rest > tl) rest -= ++tl;`, a warp runs until its slowest lane is done)."""
-    c = sass_stats.kernel_constants("gla_chunk_fwd_f32_kernel", [128, 3], [], "chunk_fwd.cu")
-    pairs, threads = c["kPairs"], c["kF32Threads"]
-    loops = trips = 0
-    for warp in range(c["NWARPS"]):
-        for p0 in range(32 * warp, 4 * pairs, threads):
-            loops += 1
-            lane_trips = []
-            for p in range(p0, min(p0 + 32, 4 * pairs)):
-                tl, rest, n = 0, p % pairs, 0
-                while rest > tl:
-                    tl += 1
-                    rest -= tl
-                    n += 1
-                lane_trips.append(n)
-            trips += max(lane_trips)
-    assert sass_stats.diag_index_trips(c) == pytest.approx(trips / loops)
-    assert 11 < trips / loops < 15  # rows of 16, mostly the lower ones in a 32-lane group
+@pytest.mark.parametrize("name,ints", [("gla_chunk_fwd_f32_kernel", [128, 1]),
+                                       ("gla_chunk_bwd_f32_kernel", [64, 3])])
+def test_score_work_per_warp(name, ints):
+    """f32_scores splits its work over the warps: off-diagonal units u = warp, warp + kNW, ...
+    below 6, and the diagonal block kNW - 1 - warp when below 4. sass_stats' trips for the unit
+    loop (its generic `for` rule on the kernel's source line) and its fraction for the diagonal
+    block equal those splits averaged over the warps (4 in the forward, 8 in the backward)."""
+    c = sass_stats.kernel_constants(name, ints, [], "chunk_fwd.cu")
+    nw = c["NWARPS"]
+    assert c["kNW"] == nw
+    path = os.path.join(sass_stats.ROOT, "csrc", "cuda", "chunk_fwd_f32.cuh")
+    with open(path) as f:
+        lines = f.read().splitlines()
+    line = next(i + 1 for i, ln in enumerate(lines)
+                if "for (int u = warp; u < 6; u += kNW)" in ln)
+    fn = {"ins": [{"text": "BRA `(.L_x_0)", "op": "BRA", "chain": []}], "loops": []}
+    loop = {"chain": [(path, line)], "first": 0, "last": 0}
+    trips, _ = sass_stats.loop_trips(fn, loop, c)
+    assert trips == pytest.approx(sum(len(range(w, 6, nw)) for w in range(nw)) / nw)
+    frac = next(f for key, f in sass_stats.FRACTION_RULES if "if (dblk < 4)" in key)
+    assert frac(c) == pytest.approx(sum(nw - 1 - w < 4 for w in range(nw)) / nw)
+    assert any("if (dblk < 4) {  // warp-uniform" in ln for ln in lines)  # the rule's anchor
 
 
 def test_warp_mma_tiles_trips_follow_call_sites():

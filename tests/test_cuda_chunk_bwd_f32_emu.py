@@ -8,10 +8,13 @@ not multiples of 16, misaligned pointers (scalar paths). Every case runs twice w
 and blocks in opposite orders (bitwise equal) inside poisoned guard zones and a NaN-poisoned
 workspace. The backward takes no state pools or V-first states (the wrapper gathers and
 transposes them before the dense op), so there are none here.
+Two cases also run as sm_90 device code (chunk_bwd_f32_emu_sm90.cpp: cvt.rn instead of cvt.rna
+for the tf32 operands, and no rna left anywhere).
 Accuracy (DESIGN "Numerics" for float32 on CUDA): "highest" <= 1e-5, "high" <= 1e-3 and
 measurably worse than "highest" (the passes are really different).
 """
 import random
+import re
 
 import numpy as np
 import pytest
@@ -101,9 +104,11 @@ def _emulate(emulator, tmp_path, case, blobs, N):
     return grads, report
 
 
-def _check(emulator, tmp_path, case):
+def _check(emulator, tmp_path, case, check_report=None):
     prec, B, T, H, K, V, gate, with_h0, with_dht, cu, misalign = case
     q, k, v, do, g, h0, dht, offsets, N, (grads, report) = _run(emulator, tmp_path, case)
+    if check_report is not None:
+        check_report(report)
     errors, dg_ratio = bwd_errors(grads, q, k, v, do, g, h0, dht, with_h0, with_dht, offsets,
                                   report)
     print(" ".join(f"{n}={e:.2e}" for n, e in errors.items()))
@@ -140,3 +145,23 @@ def test_f32_backward_nan_gate(emulator, tmp_path):
         assert not torch.isnan(x[1]).any(), f"{name}: NaN leaked into the other sequence"
         rel = ((x[1] - ref[1]).norm() / ref[1].norm()).item()
         assert rel <= BOUND[3], f"{name}: {rel:.2e}\n{report}"
+
+
+@pytest.fixture(scope="module")
+def emulator_sm90(tmp_path_factory):
+    return _build(tmp_path_factory, "chunk_bwd_f32_emu_sm90")
+
+
+@pytest.mark.parametrize("case", [(3, 1, 130, 1, 128, 64, "norm:1", 1, 1, "-", 0),
+                                  (1, 1, 100, 1, 64, 40, "norm:16", 1, 1, "-", 0)],
+                         ids=_case_id)
+def test_f32_backward_sm90_code(emulator_sm90, tmp_path, case):
+    """The backward as sm_90 device code (its tf32 operands rounded by cvt.rn, ties to even,
+    everywhere: no rna left) within the same bounds."""
+    def sm90_rounding(report):
+        m = re.search(r"arch=(\d+) cvt_rna=(\d+) cvt_rn=(\d+)", report)
+        assert m and m.group(1) == "900", report
+        assert int(m.group(2)) == 0 and int(m.group(3)) > 0, report
+
+    errors = _check(emulator_sm90, tmp_path, case, sm90_rounding)
+    assert len(errors) == 5, errors

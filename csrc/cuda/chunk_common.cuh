@@ -286,13 +286,28 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
   mma_sync<MmaIn::kTf32>(d, a, b0, b1);
 }
 
-// TF32 (float32 inputs on the tensor cores). Operands are rounded first with cvt_rna_tf32
-// (round to nearest, ties away from zero, on the 13 mantissa bits tf32 drops): an mma given raw
+// TF32 (float32 inputs on the tensor cores). Operands are rounded first (cvt_tf32, below: this
+// cvt_rna_tf32 = round to nearest, ties away from zero, on the 13 mantissa bits tf32 drops, or
+// cvt_rn_tf32 = ties to even, on sm_90+): an mma given raw
 // float32 bits ignores those bits (truncation), which biases every product towards zero.
 __device__ __forceinline__ uint32_t cvt_rna_tf32(float x) {
 #if GLA_CHUNK_SM80
   uint32_t r;
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+#else
+  (void)x;
+  __trap();
+  return 0u;
+#endif
+}
+
+// cvt.rn.tf32.f32: round to nearest, ties to even. PTX has it from sm_90 (ptxas refuses it for
+// sm_80/86/89); there it is one SASS instruction (F2FP.TF32.F32.PACK_B) where cvt.rna is three.
+__device__ __forceinline__ uint32_t cvt_rn_tf32(float x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t r;
+  asm("cvt.rn.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
   return r;
 #else
   (void)x;
@@ -462,9 +477,20 @@ struct Elem<__half> {
 // x as a tf32 pair for 3xTF32: hi = x rounded to tf32, lo = what that left, rounded too;
 // a * b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi keeps about float32's accuracy (the dropped
 // a_lo b_lo is ~2^-22 of the product).
+// A float32 operand rounded to tf32 for the tensor cores: cvt.rn where the PTX target has it
+// (sm_90+: one instruction), cvt.rna before (three). Both round to nearest and differ only on
+// exact ties, so the accuracy is the same; the emulator picks by its __CUDA_ARCH__ (emu.h).
+__device__ __forceinline__ uint32_t cvt_tf32(float x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cvt_rn_tf32(x);
+#else
+  return cvt_rna_tf32(x);
+#endif
+}
+
 __device__ __forceinline__ void tf32_split(float x, uint32_t& hi, uint32_t& lo) {
-  hi = cvt_rna_tf32(x);
-  lo = cvt_rna_tf32(x - __uint_as_float(hi));
+  hi = cvt_tf32(x);
+  lo = cvt_tf32(x - __uint_as_float(hi));
 }
 
 // ---- chunk tiles -> shared memory ------------------------------------------------------

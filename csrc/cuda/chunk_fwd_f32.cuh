@@ -7,9 +7,9 @@
 // operand as a tf32 hi + lo pair, a*b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi, float32 accuracy).
 //
 // Per chunk of kC tokens (b = cumulative gates, exp2 domain; all exponents <= 0 for g <= 0):
-//   scores A[t][s], s <= t: the 16 x 16 diagonal blocks per pair in float32 FMA (an exponent
-//     b_t - b_s per key dim and pair), the blocks below them on the tensor cores through the
-//     last token r of the column block: (q_t exp2(b_t - b_r)) . (k_s exp2(b_r - b_s));
+//   scores A[t][s], s <= t: the 16 x 16 diagonal blocks by dyadic levels (f32_diag_block), the
+//     blocks below them through the last token r of the column block:
+//     (q_t exp2(b_t - b_r)) . (k_s exp2(b_r - b_s)), all on the tensor cores;
 //   o = (q * exp2(b) * scale) @ S + A @ v;  S <- S * exp2(b_last) + (k * exp2(b_last - b))^T v.
 // Tiles are float32 in shared memory; the state goes to shared memory once per chunk (over the
 // gates, which are no longer needed then) to be the B operand of q~ @ S.
@@ -64,7 +64,7 @@ struct Tf32Frag {
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       if constexpr (kPasses == 1) {
-        hi[i] = cvt_rna_tf32(x[i]);
+        hi[i] = cvt_tf32(x[i]);
       } else {
         tf32_split(x[i], hi[i], lo[i]);
       }
@@ -178,34 +178,131 @@ __device__ __forceinline__ void f32_state_update(float (&s)[KT / 8][4], const fl
   }
 }
 
+// Two consecutive floats of a shared tile (8-byte aligned: even column, rows of 16-byte multiples).
+__device__ __forceinline__ float2 f2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+
+// The diagonal blocks take 3xTF32 at both precisions: they hold each row's largest scores
+// (A[t][t], no decay), and one tf32 pass there lifted "high"'s o error from ~3e-4 to ~4.4e-4
+// at K = 128 and to 8e-4 of the contract's 1e-3 at K = 3 (worst of 100 draws); the split costs
+// about a tenth of "high"'s instructions per chunk (docs/cuda_float32.md).
+constexpr int kDiagPasses = 3;
+
+// One diagonal 16 x 16 block of the scores (tokens 16 blk + 0..15) by dyadic levels on the tf32
+// tensor cores, one warp: the scheme of the 16-bit kernels' diag_block_scores
+// (chunk_common.cuh) on float32 tiles. At level L = 2^lv (8, 4, 2, 1) the pairs s < t whose
+// highest differing bit is lv (t has it set, s clear, same higher bits) factor through
+// r = s | (L - 1), the last token of s's group of L, with t > r >= s:
+// (q_t exp2(b_t - b_r)) . (k_s exp2(b_r - b_s)), both exponents <= 0. mma rows 8..15 are the
+// level's 8 tokens t, columns its 8 tokens s; rows 0..7 take raw q of the tokens s = r of the
+// level's columns (their factor is 1), so the same mma gives A[r][r]. A[15][15] (no level's r)
+// is a plain dot product. 56 exp2 per key dim and block instead of 136 (one per pair); every
+// entry comes from exactly one level. The products are 3xTF32 at both precisions (kDiagPasses).
+template <int KT, typename L>
+__device__ __forceinline__ void f32_diag_block(const float* sQ, const float* sK, const float* sB,
+                                               float* sA, float scale, int blk, int lane) {
+  const int g8 = lane >> 2, c4 = lane & 3;
+  const int base = 16 * blk;
+#pragma unroll
+  for (int lv = 3; lv >= 0; --lv) {
+    const int lsz = 1 << lv;
+    const int nz = 8 >> lv;                             // tokens r of the level's columns
+    const int td = (g8 % nz) * 2 * lsz + lsz - 1;       // A row g: token r (raw q)
+    const int tf = insert_bit(g8, lv, 1);               // A row g + 8: token t
+    const int rf = (tf & ~(2 * lsz - 1)) | (lsz - 1);   // t's reference token
+    const int sc = insert_bit(g8, lv, 0);               // B column g: token s
+    const int rc = sc | (lsz - 1);                      // s's reference token
+    const float* const qd = sQ + (base + td) * L::kQKStride;
+    const float* const qt = sQ + (base + tf) * L::kQKStride;
+    const float* const bt = sB + (base + tf) * L::kBStride;
+    const float* const brf = sB + (base + rf) * L::kBStride;
+    const float* const ks = sK + (base + sc) * L::kQKStride;
+    const float* const bs = sB + (base + sc) * L::kBStride;
+    const float* const brc = sB + (base + rc) * L::kBStride;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 2
+    for (int k0 = 0; k0 < KT; k0 += 8) {
+      const int kd = k0 + 2 * c4;  // mma k columns c, c + 4 = key dims kd, kd + 1 (f2 loads)
+      const float2 q0 = f2(qd + kd), q1 = f2(qt + kd), b1 = f2(bt + kd), r1 = f2(brf + kd);
+      const float av[4] = {q0.x, q1.x * exp2f(b1.x - r1.x), q0.y, q1.y * exp2f(b1.y - r1.y)};
+      const float2 kv = f2(ks + kd);
+      float bv[2] = {kv.x, kv.y};
+      if (lv > 0) {  // level 1's columns are their own reference (factor 1)
+        const float2 bq = f2(brc + kd), bk = f2(bs + kd);
+        bv[0] *= exp2f(bq.x - bk.x);
+        bv[1] *= exp2f(bq.y - bk.y);
+      }
+      mma_f32<kDiagPasses>(acc, av, bv);
+    }
+    // acc[r]: (A row g (+8 for r >= 2), column 2c + (r & 1)); keep the entries this level owns
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = g8 + 8 * (r >> 1);
+      const int s = insert_bit(2 * c4 + (r & 1), lv, 0);
+      int t;
+      bool own;
+      if (row >= 8) {
+        t = insert_bit(row - 8, lv, 1);
+        own = (t >> (lv + 1)) == (s >> (lv + 1));
+      } else {
+        t = row * 2 * lsz + lsz - 1;
+        own = row < nz && t == s;
+      }
+      if (own) sA[(base + t) * L::kAStride + base + s] = acc[r] * scale;
+    }
+  }
+  // A[15][15] = q_15 . k_15 (no decay): lanes over key dims in float32 FMA, a butterfly sum
+  {
+    const int t = base + 15;
+    float d = 0.0f;
+#pragma unroll
+    for (int kd = lane; kd < KT; kd += 32)
+      d = fmaf(sQ[t * L::kQKStride + kd], sK[t * L::kQKStride + kd], d);
+#pragma unroll
+    for (int m = 16; m >= 1; m >>= 1) d += __shfl_xor_sync(0xffffffffu, d, m);
+    if (lane == 0) sA[t * L::kAStride + t] = d * scale;
+  }
+  // zeros above the block's diagonal: lane -> row lane / 2, columns 8 (lane & 1) + 0..7
+  {
+    const int t = lane >> 1;
+#pragma unroll
+    for (int x = 0; x < 8; ++x) {
+      const int s = 8 * (lane & 1) + x;
+      if (s > t) sA[(base + t) * L::kAStride + base + s] = 0.0f;
+    }
+  }
+}
+
 // sA (kC x kC, float, stride L::kAStride) <- scale * A from raw q, k and cumulative gates sB.
 // Entries above the diagonal are 0. No barrier at the end.
 template <int KT, int kPasses, typename L, int NTHREADS = kF32Threads>
 __device__ __forceinline__ void f32_scores(const float* sQ, const float* sK, const float* sB,
                                            float* sA, float scale, int tid, int warp,
                                            int lane) {
+  constexpr int kNW = NTHREADS / 32;
+  static_assert(kNW >= 4, "one warp per diagonal block");
+  static_assert(L::kQKStride % 2 == 0 && L::kBStride % 2 == 0, "float2 loads need even strides");
+  static_assert(L::kAStride % 4 == 0, "16-byte zero stores into sA");
   const int g8 = lane >> 2, c4 = lane & 3;
-  // below the diagonal blocks: pair u = (i, j), i > j, of the 6; warp w takes u = w, w + 4
-  for (int u = warp; u < 6; u += NTHREADS / 32) {
+  // below the diagonal blocks: pair u = (i, j), i > j, of the 6; warp w takes u = w, w + kNW
+  for (int u = warp; u < 6; u += kNW) {
     const int i = u < 3 ? u + 1 : (u < 5 ? u - 1 : 3);  // (1,0) (2,0) (3,0) (2,1) (3,1) (3,2)
     const int j = u < 3 ? 0 : (u < 5 ? 1 : 2);
     const float* const br = sB + (16 * j + 15) * L::kBStride;  // b of the reference token r
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    const int t = 16 * i + g8;
     for (int k0 = 0; k0 < KT; k0 += 8) {
-      const int ka = k0 + c4, kb = k0 + c4 + 4;
-      const int t = 16 * i + g8;
-      const float rb_a = br[ka], rb_b = br[kb];
-      float af[4];
-      af[0] = sQ[t * L::kQKStride + ka] * exp2f(sB[t * L::kBStride + ka] - rb_a);
-      af[1] = sQ[(t + 8) * L::kQKStride + ka] * exp2f(sB[(t + 8) * L::kBStride + ka] - rb_a);
-      af[2] = sQ[t * L::kQKStride + kb] * exp2f(sB[t * L::kBStride + kb] - rb_b);
-      af[3] = sQ[(t + 8) * L::kQKStride + kb] * exp2f(sB[(t + 8) * L::kBStride + kb] - rb_b);
+      const int kd = k0 + 2 * c4;  // mma k columns c, c + 4 = key dims kd, kd + 1 (f2 loads)
+      const float2 rb = f2(br + kd);
+      const float2 q0 = f2(sQ + t * L::kQKStride + kd), b0 = f2(sB + t * L::kBStride + kd);
+      const float2 q1 = f2(sQ + (t + 8) * L::kQKStride + kd);
+      const float2 b1 = f2(sB + (t + 8) * L::kBStride + kd);
+      const float af[4] = {q0.x * exp2f(b0.x - rb.x), q1.x * exp2f(b1.x - rb.x),
+                           q0.y * exp2f(b0.y - rb.y), q1.y * exp2f(b1.y - rb.y)};
 #pragma unroll
       for (int nh = 0; nh < 2; ++nh) {
         const int s = 16 * j + 8 * nh + g8;
-        float bf[2];
-        bf[0] = sK[s * L::kQKStride + ka] * exp2f(rb_a - sB[s * L::kBStride + ka]);
-        bf[1] = sK[s * L::kQKStride + kb] * exp2f(rb_b - sB[s * L::kBStride + kb]);
+        const float2 kv = f2(sK + s * L::kQKStride + kd), bs = f2(sB + s * L::kBStride + kd);
+        const float bf[2] = {kv.x * exp2f(rb.x - bs.x), kv.y * exp2f(rb.y - bs.y)};
         mma_f32<kPasses>(acc[nh], af, bf);
       }
     }
@@ -218,24 +315,17 @@ __device__ __forceinline__ void f32_scores(const float* sQ, const float* sK, con
       d[8 * L::kAStride + 1] = acc[nh][3] * scale;
     }
   }
-  // the diagonal blocks, pair by pair (136 pairs s <= t per block), and zeros above them
-  constexpr int kPairs = 16 * 17 / 2;
-  for (int p = tid; p < 4 * kPairs; p += NTHREADS) {
-    const int blk = p / kPairs;
-    int tl = 0, rest = p % kPairs;  // row tl of the block's lower triangle holds tl + 1 pairs
-    while (rest > tl) rest -= ++tl;
-    const int t = 16 * blk + tl, s = 16 * blk + rest;
-    const float* const qt = sQ + t * L::kQKStride;
-    const float* const ks = sK + s * L::kQKStride;
-    const float* const bt = sB + t * L::kBStride;
-    const float* const bs = sB + s * L::kBStride;
-    float acc = 0.0f;
-    for (int kd = 0; kd < KT; ++kd) acc = fmaf(qt[kd] * ks[kd], exp2f(bt[kd] - bs[kd]), acc);
-    sA[t * L::kAStride + s] = acc * scale;
+  // the diagonal blocks, one warp each, from the last warp down (with the backward's 8 warps:
+  // the two that took no off-diagonal block and two that took one)
+  const int dblk = kNW - 1 - warp;
+  if (dblk < 4) {  // warp-uniform
+    f32_diag_block<KT, L>(sQ, sK, sB, sA, scale, dblk, lane);
   }
-  for (int e = tid; e < kC * kC; e += NTHREADS) {
-    const int t = e / kC, s = e % kC;
-    if (s > t) sA[t * L::kAStride + s] = 0.0f;
+  // zeros right of the diagonal blocks, in 16-byte stores (inside them: f32_diag_block)
+  for (int e = tid; e < kC * kC / 4; e += NTHREADS) {
+    const int t = e / (kC / 4), s = 4 * (e % (kC / 4));
+    if (s >= (t | 15) + 1)
+      *reinterpret_cast<float4*>(sA + t * L::kAStride + s) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   }
 }
 
@@ -295,13 +385,19 @@ __global__ void __launch_bounds__(kF32Threads, 1) gla_chunk_fwd_f32_kernel(const
     __syncthreads();  // raw q, k and the gates are read above; changed below
 
     // ---- 4. q <- q * exp2(b) * scale, k <- k * exp2(b_last - b), b_last aside -------------
-    {
+    {  // 16-byte vectors of 4 key dims (rows are 16-byte aligned, KT % 4 == 0)
       const float* const blast = sB + (kC - 1) * L::kBStride;
-      for (int e = tid; e < kC * KT; e += kF32Threads) {
-        const int t = e / KT, kd = e % KT;
-        const float b = sB[t * L::kBStride + kd];
-        sQ[t * L::kQKStride + kd] = sQ[t * L::kQKStride + kd] * exp2f(b) * scale;
-        sK[t * L::kQKStride + kd] = sK[t * L::kQKStride + kd] * exp2f(blast[kd] - b);
+      for (int e = tid; e < kC * KT / 4; e += kF32Threads) {
+        const int t = e / (KT / 4), kd = 4 * (e % (KT / 4));
+        const float4 b = *reinterpret_cast<const float4*>(sB + t * L::kBStride + kd);
+        const float4 bl = *reinterpret_cast<const float4*>(blast + kd);
+        float4* const qp = reinterpret_cast<float4*>(sQ + t * L::kQKStride + kd);
+        float4* const kp = reinterpret_cast<float4*>(sK + t * L::kQKStride + kd);
+        const float4 qv = *qp, kv = *kp;
+        *qp = make_float4(qv.x * exp2f(b.x) * scale, qv.y * exp2f(b.y) * scale,
+                          qv.z * exp2f(b.z) * scale, qv.w * exp2f(b.w) * scale);
+        *kp = make_float4(kv.x * exp2f(bl.x - b.x), kv.y * exp2f(bl.y - b.y),
+                          kv.z * exp2f(bl.z - b.z), kv.w * exp2f(bl.w - b.w));
       }
       for (int kd = tid; kd < KT; kd += kF32Threads) sLast[kd] = blast[kd];
     }

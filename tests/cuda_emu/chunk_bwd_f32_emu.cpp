@@ -10,9 +10,10 @@
 //        for; all float32.
 //   out: dq, dk, dv, dg, dh0 (float32), in that order.
 //   misalign=1 offsets every input and gradient pointer by one element (scalar paths).
-// Runs twice, threads and blocks in opposite orders, with the workspace poisoned (NaN): both
-// runs must agree bitwise. Prints one line ending in DONE; exit status 0 when guards are
-// intact and the runs agree.
+// Runs twice, threads and blocks in opposite orders, with the workspace poisoned (NaN): both runs
+// must agree bitwise. chunk_bwd_f32_emu_sm90.cpp builds it as sm_90 code (tf32 operands rounded by
+// cvt.rn); the line reports the roundings of each kind. Prints one line ending in DONE; exit status
+// 0 when guards are intact and the runs agree.
 #include "emu.h"
 
 #define GLA_CHUNK_EMULATE 1
@@ -121,8 +122,10 @@ int main(int argc, char** argv) {
                       dht.guards_intact() && dq.guards_intact() && dk.guards_intact() &&
                       dv.guards_intact() && dg.guards_intact() && dh0.guards_intact() &&
                       work.guards_intact();
-  std::printf("guards=%d runs_equal=%d flags=%d workspace_floats=%ld barriers=%ld mmas=%ld DONE\n",
+  std::printf("guards=%d runs_equal=%d flags=%d workspace_floats=%ld barriers=%ld mmas=%ld "
+              "arch=%d cvt_rna=%ld cvt_rn=%ld DONE\n",
               guards ? 1 : 0, runs_equal ? 1 : 0, args.flags, static_cast<long>(nwork),
-              emu::st().barriers, emu::st().mmas);
+              emu::st().barriers, emu::st().mmas, __CUDA_ARCH__, emu::st().cvt_rna,
+              emu::st().cvt_rn);
   return guards && runs_equal ? 0 : 1;
 }

@@ -9,9 +9,10 @@
 //        state indices (int64 [N]) when P > 0.
 //   out: o (float, the buffer starts zeroed as the bindings allocate it), ht (float, dense,
 //        absent when inplace=1), the pool after the call (P > 0).
-// Runs twice, threads and blocks in opposite orders, from the same pool: both must agree
-// bitwise. Prints one line ending in DONE; exit status 0 when guards are intact and the runs
-// agree.
+// Runs twice, threads and blocks in opposite orders, from the same pool: both must agree bitwise.
+// Built as sm_80 device code (tf32 operands rounded by cvt.rna), or as sm_90 code by
+// chunk_f32_emu_sm90.cpp (cvt.rn); the line reports how many of each the kernel ran. Prints one
+// line ending in DONE; exit status 0 when guards are intact and the runs agree.
 #include "emu.h"
 
 #define GLA_CHUNK_EMULATE 1
@@ -105,7 +106,8 @@ int main(int argc, char** argv) {
     f.write(reinterpret_cast<const char*>(first.data()),
             static_cast<std::streamsize>(first.size()));
   }
-  std::printf("guards=%d runs_equal=%d barriers=%ld mmas=%ld DONE\n", guards ? 1 : 0,
-              runs_equal ? 1 : 0, emu::st().barriers, emu::st().mmas);
+  std::printf("guards=%d runs_equal=%d barriers=%ld mmas=%ld arch=%d cvt_rna=%ld cvt_rn=%ld DONE\n",
+              guards ? 1 : 0, runs_equal ? 1 : 0, emu::st().barriers, emu::st().mmas,
+              __CUDA_ARCH__, emu::st().cvt_rna, emu::st().cvt_rn);
   return guards && runs_equal ? 0 : 1;
 }

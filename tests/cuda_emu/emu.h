@@ -12,7 +12,8 @@
 //   on the order.
 // - ldmatrix (.x4, with and without .trans), mma.m16n8k16 (f16/bf16 in, f32 accumulate) and
 //   mma.m16n8k8 (tf32 in, low 13 bits of raw float32 ignored) are written from the fragment
-//   tables of the PTX ISA, independently of the kernel; cvt.rna.tf32.f32 rounds ties away.
+//   tables of the PTX ISA, independently of the kernel; cvt.rna.tf32.f32 rounds ties away,
+//   cvt.rn.tf32.f32 (sm_90+) to even.
 // - cp.async: in the forward-order run a copy lands when issued; in the reverse-order run it
 //   lands only at the wait that covers it (wait_all, or wait_group for older groups). A read
 //   before the right wait, or a buffer refilled while still in use, then changes the result.
@@ -37,7 +38,13 @@
 #define __launch_bounds__(...)
 #define __shared__
 #define __align__(n) __attribute__((aligned(n)))
-#define __CUDA_ARCH__ 800
+// The architecture whose device code the emulator runs (the kernels' #if __CUDA_ARCH__
+// choices, e.g. cvt_tf32's rounding): a harness built with -DGLA_EMU_ARCH=900 (or a wrapper
+// source defining it first) runs the sm_90 code.
+#ifndef GLA_EMU_ARCH
+#define GLA_EMU_ARCH 800
+#endif
+#define __CUDA_ARCH__ GLA_EMU_ARCH
 
 struct EmuIdx {
   unsigned x, y, z;
@@ -56,6 +63,7 @@ inline float2 make_float2(float x, float y) { return {x, y}; }
 struct alignas(16) float4 {
   float x, y, z, w;
 };
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 inline float __uint_as_float(unsigned u) {
   float f;
@@ -148,6 +156,7 @@ struct State {
   bool reverse = false;
   long collectives = 0, barriers = 0;
   long mmas = 0;  // warp-level mma instructions run
+  long cvt_rna = 0, cvt_rn = 0;  // tf32 operand roundings run (thread-level), per mode
 };
 inline State& st() {
   static State s;
@@ -457,7 +466,21 @@ inline void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_
 // finite x gets half an ulp added to its magnitude bits, then truncated (a carry into the
 // exponent is right, up to infinity); infinities and NaN are only truncated.
 inline uint32_t cvt_rna_tf32(float x) {
+  ++emu::st().cvt_rna;
   uint32_t u;
   std::memcpy(&u, &x, 4);
   return (std::fabs(x) < INFINITY ? u + 0x1000u : u) & 0xffffe000u;
+}
+// cvt.rn.tf32.f32 (sm_90+): round to nearest, ties to even, on the 13 dropped mantissa bits:
+// finite x gets 0xfff plus the lowest kept bit added to its magnitude bits, then truncated
+// (a carry into the exponent is right, up to infinity: FLT_MAX -> inf; subnormals round
+// the same way). Infinities pass unchanged; a NaN stays a NaN of the same sign (quieted, low
+// bits cleared: its exact payload on the GPU is not known here and nothing depends on it).
+inline uint32_t cvt_rn_tf32(float x) {
+  ++emu::st().cvt_rn;
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if (std::isnan(x)) return (u | 0x00400000u) & 0xffffe000u;
+  if (std::isinf(x)) return u;
+  return (u + 0xfffu + ((u >> 13) & 1u)) & 0xffffe000u;
 }
