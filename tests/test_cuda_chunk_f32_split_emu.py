@@ -1,109 +1,42 @@
 """The split float32 forward (csrc/cuda/chunk_fwd_f32_split.cuh: float32 state scan + one block
-per chunk and head, tf32 tensor cores) run on the CPU through
-tests/cuda_emu/chunk_f32_split_emu.cpp, which also runs the fused float32 kernel on the same
-inputs. Every case: the split path's o, final states and pool bitwise equal to the fused
-path's (same precision), both paths run twice with threads and blocks in opposite orders
-(bitwise equal) inside poisoned guard zones over a NaN-poisoned workspace, and the split
-results against the float64 reference: one tf32 pass ("high") <= 1e-3, 3xTF32 ("highest")
-<= 1e-5, with state pools (padding rows, in place), V-first states, varlen with empty
-sequences and a padded tail, odd K and V, misaligned pointers, and -inf / huge / NaN gates.
+per chunk and head, tf32 tensor cores) run on the CPU through tests/cuda_emu/chunk_f32_emu.cpp
+with split=1, which runs the fused kernel on the same inputs too. Every case: the split
+path's o, final states and pool bitwise equal to the fused path's (same precision), both
+paths run twice with threads and blocks in opposite orders (bitwise equal) inside poisoned
+guard zones, the split path over a NaN-poisoned workspace; the split results against the
+float64 reference (test_cuda_chunk_f32_emu.check_case / check_gates): one tf32 pass ("high")
+<= 1e-3, 3xTF32 ("highest") <= 1e-5, with state pools (padding rows, in place), V-first
+states, varlen with empty sequences and a padded tail, odd K and V, misaligned pointers, and
+-inf / huge / NaN gates.
 """
 import pytest
-import torch
 
-from gla_ext.reference import naive_recurrent_gla
-from test_cuda_chunk_emu import _build
-from test_cuda_recurrent_emu import _inputs, _run, _split, check_forward
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    return _build(tmp_path_factory, "chunk_f32_split_emu")
-
-
-def _rel(x, ref):
-    return ((x.double() - ref).norm() / ref.norm()).item()
-
+from test_cuda_chunk_f32_emu import check_case, check_gates, emulator  # noqa: F401 (fixture)
 
 CASES = [
-    # prec, B, T, H, K, V, cu, P, slots, inplace, vfirst, misalign
-    (1, 1, 200, 1, 64, 64, None, 0, None, 0, 0, 0),
-    (3, 1, 200, 1, 128, 128, None, 0, None, 0, 0, 0),
-    (1, 1, 130, 1, 128, 72, None, 0, None, 0, 1, 0),
-    (3, 1, 150, 1, 60, 100, [0, 0, 70, 70, 140], 5, [3, -1, 0, 4], 1, 0, 0),
-    (1, 2, 80, 1, 100, 40, None, 4, [-1, 2], 0, 1, 0),
-    (3, 1, 100, 1, 64, 24, None, 0, None, 0, 0, 1),
-    (3, 1, 7, 1, 3, 5, None, 0, None, 0, 0, 0),
+    # (prec, B, T, H, K, V, cu, P, slots, inplace, vfirst), misalign
+    ((1, 1, 200, 1, 64, 64, None, 0, None, 0, 0), 0),
+    ((3, 1, 200, 1, 128, 128, None, 0, None, 0, 0), 0),
+    ((1, 1, 130, 1, 128, 72, None, 0, None, 0, 1), 0),
+    ((3, 1, 150, 1, 60, 100, [0, 0, 70, 70, 140], 5, [3, -1, 0, 4], 1, 0), 0),
+    ((1, 2, 80, 1, 100, 40, None, 4, [-1, 2], 0, 1), 0),
+    ((3, 1, 100, 1, 64, 24, None, 0, None, 0, 0), 1),
+    ((3, 1, 7, 1, 3, 5, None, 0, None, 0, 0), 0),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:6] + c[-1:])))
-def test_f32_split_forward_on_cpu(emulator, tmp_path, case):
-    prec, B, T, H, K, V, cu, P, slots, inplace, vfirst, misalign = case
-    N = B if cu is None else len(cu) - 1
-    q, k, v, g = _inputs("f32", B, T, H, K, V)
-    h0 = torch.randn(P if P else N, H, K, V)
-    blobs = [q, k, v, g, h0.transpose(-1, -2).contiguous() if vfirst else h0]
-    if P:
-        blobs.append(torch.tensor(slots, dtype=torch.int64))
-    blob, report = _run(emulator, tmp_path, blobs, prec=prec, B=B, T=T, H=H, K=K, V=V,
-                        cu="-" if cu is None else ",".join(map(str, cu)), P=P,
-                        inplace=inplace, vfirst=vfirst, misalign=misalign)
-    assert "runs_equal=1" in report and "guards=1" in report, report
-    assert "fused_equal=1" in report, f"split and fused paths differ\n{report}"
-    idx = torch.tensor(slots, dtype=torch.int64) if P else None
-    # o, states and pool within float32-on-CUDA's 1e-3, pool semantics
-    check_forward(blob, report, q, k, v, g, h0, idx, "f32", cu, 0, P, slots, inplace, vfirst)
-    # and the precision asked for: 3xTF32 within 1e-5, one tf32 pass worse than that
-    o = _split(blob[:B * T * H * V * 4], [((B, T, H, V), torch.float32)])[0]
-    o_ref, ht_ref = naive_recurrent_gla(
-        q.double(), k.double(), v.double(), g.double(), scale=K ** -0.5,
-        initial_state=h0.double().clone(), output_final_state=True,
-        cu_seqlens=None if cu is None else torch.tensor(cu),
-        **(dict(state_indices=idx) if P else {}))
-    rel = _rel(o, o_ref)
-    if prec == 3:
-        assert rel <= 1e-5, f"3xTF32 o rel {rel:.2e}\n{report}"
-    else:
-        assert 1e-6 < rel <= 1e-3, f"1xTF32 o rel {rel:.2e}\n{report}"
-    if P == 0 and not inplace:  # dense final states, from the scan
-        shape = (N, H, V, K) if vfirst else (N, H, K, V)
-        ht = _split(blob[B * T * H * V * 4:], [(shape, torch.float32)])[0]
-        if vfirst:
-            ht = ht.transpose(-1, -2)
-        rel_h = _rel(ht, ht_ref)
-        assert rel_h <= (1e-5 if prec == 3 else 1e-3), f"ht rel {rel_h:.2e}\n{report}"
+@pytest.mark.parametrize("case,misalign", CASES,
+                         ids=lambda c: "-".join(map(str, c[:6])) if isinstance(c, tuple)
+                         else f"mis{c}")
+def test_f32_split_forward_on_cpu(emulator, tmp_path, case, misalign):
+    report = check_case(emulator, tmp_path, case, split=1, misalign=misalign)
+    # the launcher's rule (132 SMs) picks split for these few sequences x heads, when their
+    # sequences span two chunks or more (the varlen case: 140 tokens over 4 sequences do not)
+    T, cu = case[2], case[6]
+    long_enough = (T + 63) // 64 >= (2 * (len(cu) - 1) if cu else 2)
+    assert f"auto_split={int(long_enough)}" in report, report
 
 
 @pytest.mark.parametrize("gate", ["-inf", "-1e4", "-3e38", "nan"])
 def test_f32_split_forward_adversarial_gates(emulator, tmp_path, gate):
-    """Gates of -inf / -1e4 / -3e38 at chunk and 16-token block boundaries (exact forgets),
-    and one NaN gate: NaN exactly where the float64 reference has it (that head from that
-    token on, and its final state), every other output within 3xTF32's 1e-5; split == fused
-    bitwise (NaN included)."""
-    B, T, H, K, V = 1, 200, 2, 64, 48
-    q, k, v, g = _inputs("f32", B, T, H, K, V)
-    h0 = torch.randn(B, H, K, V)
-    if gate == "nan":
-        g[0, 70, 1, 5] = float("nan")
-    else:
-        for t in (15, 16, 63, 64, 127, 150):
-            g[:, t, :, ::3] = float(gate)
-    blob, report = _run(emulator, tmp_path, [q, k, v, g, h0], prec=3, B=B, T=T, H=H, K=K,
-                        V=V, cu="-", P=0, inplace=0, vfirst=0, misalign=0)
-    assert "runs_equal=1" in report and "guards=1" in report, report
-    assert "fused_equal=1" in report, f"split and fused paths differ\n{report}"
-    o, ht = _split(blob, [((B, T, H, V), torch.float32), ((B, H, K, V), torch.float32)])
-    o_ref, ht_ref = naive_recurrent_gla(q.double(), k.double(), v.double(), g.double(),
-                                        scale=K ** -0.5, initial_state=h0.double(),
-                                        output_final_state=True)
-    nan_ref = torch.isnan(o_ref)
-    assert torch.equal(torch.isnan(o), nan_ref), report
-    if gate == "nan":
-        assert nan_ref[0, 70:, 1].all() and not nan_ref[0, :70, 1].any(), "reference changed"
-    fin = ~nan_ref
-    rel = _rel(o[fin], o_ref[fin])
-    assert rel <= 1e-5, f"o rel {rel:.2e}\n{report}"
-    live = ~torch.isnan(ht_ref)
-    rel_h = _rel(ht[live], ht_ref[live])
-    assert rel_h <= 1e-5 and torch.equal(torch.isnan(ht), ~live), f"ht rel {rel_h:.2e}\n{report}"
+    check_gates(emulator, tmp_path, gate, B=1, H=2, split=1)
