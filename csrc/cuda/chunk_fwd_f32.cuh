@@ -51,6 +51,19 @@ struct F32Layout {
                     (kVStride * 4) % 16 == 0,
                 "rows must stay 16-byte aligned (cp.async)");
 };
+// Where F32Layout<KT>'s tiles lie in a block's shared memory (the fused and split kernels).
+template <int KT>
+struct F32Tiles {
+  float *q, *k, *b, *v, *a, *last, *tot;
+  __device__ __forceinline__ explicit F32Tiles(unsigned char* smem)
+      : q(reinterpret_cast<float*>(smem + F32Layout<KT>::kQOff)),
+        k(reinterpret_cast<float*>(smem + F32Layout<KT>::kKOff)),
+        b(reinterpret_cast<float*>(smem + F32Layout<KT>::kBOff)),
+        v(reinterpret_cast<float*>(smem + F32Layout<KT>::kVOff)),
+        a(reinterpret_cast<float*>(smem + F32Layout<KT>::kAOff)),
+        last(reinterpret_cast<float*>(smem + F32Layout<KT>::kLastOff)),
+        tot(reinterpret_cast<float*>(smem + F32Layout<KT>::kTotOff)) {}
+};
 static_assert(F32Layout<64>::kBytes <= 99 * 1024, "K <= 64 must fit sm_86/sm_89 (99 KB)");
 static_assert(F32Layout<128>::kBytes <= 163 * 1024, "K = 128 must fit sm_80 (163 KB)");
 
@@ -266,13 +279,7 @@ __device__ __forceinline__ void f32_chunk_output(const float* sQ, const float* s
                                                  int len, int v0, int V, int64_t v_tok, int wc,
                                                  int lane) {
   const int g8 = lane >> 2, c4 = lane & 3;
-  float o[4][2][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int nh = 0; nh < 2; ++nh)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) o[i][nh][r] = 0.0f;
+  float o[4][2][4] = {};
   for (int k0 = 0; k0 < KT; k0 += 8) {
     float bf[2][2];
     frag_b(bf[0], sS, L::kSStride, k0, wc, lane);
@@ -318,14 +325,10 @@ __global__ void __launch_bounds__(kF32Threads, 1) gla_chunk_fwd_f32_kernel(const
   using L = F32Layout<KT>;
   constexpr int kNT = KT / 8;
   extern __shared__ __align__(16) unsigned char smem[];
-  float* const sQ = reinterpret_cast<float*>(smem + L::kQOff);
-  float* const sK = reinterpret_cast<float*>(smem + L::kKOff);
-  float* const sB = reinterpret_cast<float*>(smem + L::kBOff);
+  const F32Tiles<KT> tiles(smem);
+  float *const sQ = tiles.q, *const sK = tiles.k, *const sB = tiles.b, *const sV = tiles.v;
+  float *const sA = tiles.a, *const sLast = tiles.last, *const sTot = tiles.tot;
   float* const sS = sB;  // the state, once the gates are used up
-  float* const sV = reinterpret_cast<float*>(smem + L::kVOff);
-  float* const sA = reinterpret_cast<float*>(smem + L::kAOff);
-  float* const sLast = reinterpret_cast<float*>(smem + L::kLastOff);
-  float* const sTot = reinterpret_cast<float*>(smem + L::kTotOff);
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31;

@@ -35,13 +35,10 @@ __global__ void __launch_bounds__(kF32Threads, 1)
     gla_chunk_fwd_f32_split_kernel(const ChunkArgs a) {
   using L = F32Layout<KT>;
   extern __shared__ __align__(16) unsigned char smem[];
-  float* const sQ = reinterpret_cast<float*>(smem + L::kQOff);
-  float* const sK = reinterpret_cast<float*>(smem + L::kKOff);
-  float* const sB = reinterpret_cast<float*>(smem + L::kBOff);
+  const F32Tiles<KT> tiles(smem);
+  float *const sQ = tiles.q, *const sK = tiles.k, *const sB = tiles.b, *const sV = tiles.v;
+  float *const sA = tiles.a, *const sTot = tiles.tot;
   float* const sS = sB;  // the state, once the gates are used up
-  float* const sV = reinterpret_cast<float*>(smem + L::kVOff);
-  float* const sA = reinterpret_cast<float*>(smem + L::kAOff);
-  float* const sTot = reinterpret_cast<float*>(smem + L::kTotOff);
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31;
