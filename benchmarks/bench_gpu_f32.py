@@ -11,11 +11,14 @@ issue targets (float32 / bf16: "high" <= 1.6x, "highest" <= 3x), the speed-up ov
 relative errors ||x - ref|| / ||ref|| of o and the final state against
 gla_ext.reference.chunk_gla_reference in float64 (bounds: "highest" 1e-5, "high" 1e-3, the
 emulator tests' bounds; fla's error is reported without a bound). Without fla the fla columns
-are skipped with a message; everything else still runs.
+are skipped with a message; everything else still runs. A "paths" line per forward row
+times both forward paths forced (GLA_EXT_CHUNK_FWD=fused|split) and checks that the split path
+gives the fused path's bits.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +57,20 @@ def at_precision(precision, fn):
         torch.set_float32_matmul_precision(previous)
 
 
+def at_path(path, fn):
+    """fn() with the chunked forward forced fused or split (GLA_EXT_CHUNK_FWD, read at every
+    call by the launcher's rule; restored afterwards)."""
+    previous = os.environ.get("GLA_EXT_CHUNK_FWD")
+    os.environ["GLA_EXT_CHUNK_FWD"] = path
+    try:
+        return fn()
+    finally:
+        if previous is None:
+            del os.environ["GLA_EXT_CHUNK_FWD"]
+        else:
+            os.environ["GLA_EXT_CHUNK_FWD"] = previous
+
+
 def header() -> list[str]:
     h = (f"{'f32 fwd':8} {'B':>2} {'T':>6} {'H':>3} {'D':>4} | {'bf16 ms':>8} {'highest':>8} "
          f"{'high':>8} {'fla f32':>8} | {'hi/bf16':>7} {'high/bf16':>9} {'fla/hi':>6} | "
@@ -70,6 +87,15 @@ def verdicts(row) -> str:
         out.append(f"{prec}: {r:.2f}x bf16 ({'met' if r <= ratio else 'MISSED'} <= {ratio:g}x), "
                    f"error {e:.1e} ({'ok' if e <= err else 'ABOVE'} <= {err:g})")
     return "    " + "; ".join(out)
+
+
+def paths(row) -> str:
+    """Both forward paths forced (GLA_EXT_CHUNK_FWD): times, and whether split gave the fused
+    path's bits (the emulator tests' claim)."""
+    return "    paths " + "; ".join(
+        f"{p}: fused {row[p + '_fused_s'] * 1e3:.3f} ms, split {row[p + '_split_s'] * 1e3:.3f} "
+        f"ms, split error {row[p + '_split_err_o']:.1e}, split == fused bitwise: "
+        f"{'yes' if row[p + '_split_equal'] else 'NO'}" for p in TARGETS)
 
 
 def measure(shape, timer, fla, device):
@@ -89,6 +115,16 @@ def measure(shape, timer, fla, device):
         row[f"{prec}_err_o"], row[f"{prec}_err_ht"] = rel_err(o, ref_o), rel_err(ht, ref_h)
         del o, ht
         row[f"{prec}_s"] = at_precision(prec, lambda: timer(lambda: ours()[0]))[0]
+    for prec in TARGETS:  # both paths forced: times, split == fused bitwise, split's error
+        found = {}
+        for path in ("fused", "split"):
+            found[path] = at_path(path, lambda: at_precision(prec, lambda: ours(True)))
+            row[f"{prec}_{path}_s"] = at_path(path, lambda: at_precision(
+                prec, lambda: timer(lambda: ours()[0])))[0]
+        row[f"{prec}_split_equal"] = all(torch.equal(a, b) for a, b in
+                                         zip(found["fused"], found["split"]))
+        row[f"{prec}_split_err_o"] = rel_err(found["split"][0], ref_o)
+        del found
     row["fla_s"] = row["fla_err_o"] = row["fla_err_ht"] = math.nan
     if fla is not None:
         try:
@@ -144,7 +180,8 @@ def bench_f32(shapes, timer, rows, lines, fla=None, fla_error=None, device="cuda
                  f"{row['high_over_bf16']:8.2f}x {row['fla_s'] / row['highest_s']:5.2f}x | "
                  f"{row['highest_err_o']:8.1e} {row['highest_err_ht']:8.1e} "
                  f"{row['high_err_o']:10.1e} {row['high_err_ht']:8.1e} "
-                 f"{row['fla_err_o']:8.1e} {row['fla_err_ht']:8.1e}"), verdicts(row)]
+                 f"{row['fla_err_o']:8.1e} {row['fla_err_ht']:8.1e}"), paths(row),
+                verdicts(row)]
     _rows(shapes, measure, header(), fmt, timer, rows, lines, fla, fla_error, device, save)
 
 

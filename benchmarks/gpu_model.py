@@ -16,9 +16,11 @@ Per kernel launch, time = launch overhead + the largest of these bounds:
 The per-warp counts are the per-chunk figures of sass_stats.py (x the chunks a block walks,
 plus its fixed part). Assumptions are in ASSUMPTIONS and saved with the results.
 
-The float32 forward (gla_chunk_fwd_f32_kernel, fused path only: one block per sequence, head
-and 64 V columns walks all the chunks) is modelled at both precisions and compared with the
-bf16 forward the launcher picks for the same shape (issue 20's targets: "high" <= 1.6x,
+The float32 forward (fused gla_chunk_fwd_f32_kernel: one block per sequence, head and 64 V
+columns walks all the chunks; split: gla_chunk_state_scan_f32_kernel +
+gla_chunk_fwd_f32_split_kernel, on the shapes where the launcher's rule picks it, as for bf16)
+is modelled at both precisions and compared with the bf16 forward the launcher picks for the
+same shape (issue 20's targets: "high" <= 1.6x,
 "highest" <= 3x; TARGETS). The issue bound assumes a warp issues every clock: optimistic for
 a kernel with one 4-warp block per SM (one warp per scheduler hides no latency).
 
@@ -107,6 +109,12 @@ def per_block(row, chunks):
     return {k: pc[k] * chunks + fx.get(k, 0.0) for k in pc}
 
 
+def picks_split(B, H, V, cpr, A):
+    """chunk_fwd.cu's want_split, for 16-bit and float32 alike: fewer than two fused blocks
+    (N x H x ceil(V / 64)) per SM and sequences of at least two chunks."""
+    return B * H * math.ceil(V / 64) < 2 * A["sms"] and cpr >= 2
+
+
 def forward(stats, B, T, H, K, A, esz=2):
     """Split path (what the launcher picks for all four shapes: fewer than 2 fused blocks per
     SM); the fused path is modelled too."""
@@ -122,7 +130,7 @@ def forward(stats, B, T, H, K, A, esz=2):
     state = chunks * H * K * V * esz                 # workspace states, 16-bit
     final = B * H * K * V * 4                        # ht (float32)
     fused_blocks = B * H * vt
-    split = fused_blocks < 2 * A["sms"] and cpr >= 2
+    split = picks_split(B, H, V, cpr, A)
     res = {"path": "split" if split else "fused"}
     scan = find(stats, "gla_chunk_state_scan_kernel", [], [False])
     svt = math.ceil(V / scan_cols(scan))
@@ -149,21 +157,45 @@ def forward(stats, B, T, H, K, A, esz=2):
 
 
 def forward_f32(stats, B, T, H, K, passes, A):
-    """The float32 forward (fused: one block per sequence, head and 64 V columns; each reads
-    the q, k, g of all its tokens and its V columns of v, and writes o and the final state)."""
+    """The float32 forward on the path the launcher picks (picks_split), both modelled:
+    fused: one block per sequence, head and 64 V columns; each reads the q, k, g of all its
+      tokens and its V columns of v, and writes o and the final state;
+    split (when the stats have it): the float32 state scan (one block per sequence, head, 64
+      key dims and 64 V columns, walking the chunks; writes every chunk's start state in
+      float32 and the final state), then one block per (chunk, head) over all V tiles (reads
+      q, k, g, v and the chunk's state, writes o)."""
     V = K
     KT = 64 if K <= 64 else 128
     cpr = math.ceil(T / A["kC"])
-    vt = math.ceil(V / 64)
+    chunks = B * cpr
+    kt, vt = math.ceil(K / 64), math.ceil(V / 64)
     tok = B * T * H
     row = find(stats, "gla_chunk_fwd_f32_kernel", [KT, passes], [], dtype="f32")
     io = tok * (2 * K * 4 + 4 * K + V * 4)  # q, k, g, v read once
-    out = tok * V * 4 + B * H * K * V * 4   # o, ht written
+    final = B * H * K * V * 4
+    out = tok * V * 4 + final               # o, ht written
     moved = io + tok * (vt - 1) * (2 * K * 4 + 4 * K) + out  # q, k, g again per V tile
     k = kernel_time(f"chunk_fwd_f32 ({passes}xtf32)", row, B * H * vt, per_block(row, cpr),
                     moved, A)
-    return {"kernels": [k], "ms": k["ms"], "roofline_ms": (io + out) / (A["hbm_tb_s"] * 1e12)
-            * 1e3, "passes": passes}
+    res = {"fused": [k], "fused_ms": k["ms"], "passes": passes,
+           "roofline_ms": (io + out) / (A["hbm_tb_s"] * 1e12) * 1e3}
+    has_split = any(r["kernel"] == "gla_chunk_fwd_f32_split_kernel" for r in stats["rows"])
+    if has_split:
+        state = chunks * H * K * V * 4  # float32 chunk states
+        scan = find(stats, "gla_chunk_state_scan_f32_kernel", [passes], [], dtype="f32")
+        # a scan block reads k and g of its 64 key dims and v of its 64 columns
+        scan_bytes = tok * (vt * 2 * K * 4 + kt * V * 4) + state + final
+        sp = find(stats, "gla_chunk_fwd_f32_split_kernel", [KT, passes], [], dtype="f32")
+        res["split"] = [
+            kernel_time(f"state_scan_f32 ({passes}xtf32)", scan, B * H * kt * vt,
+                        per_block(scan, cpr), scan_bytes, A),
+            kernel_time(f"chunk_fwd_f32_split ({passes}xtf32)", sp, chunks * H,
+                        per_block(sp, 1), io + tok * V * 4 + state, A)]
+        res["split_ms"] = sum(x["ms"] for x in res["split"])
+    res["path"] = "split" if has_split and picks_split(B, H, V, cpr, A) else "fused"
+    res["kernels"] = res[res["path"]]
+    res["ms"] = res[res["path"] + "_ms"]
+    return res
 
 
 def backward(stats, B, T, H, K, A, esz=2):
@@ -274,22 +306,28 @@ def f32_lines(stats, rows, A):
     if not any(r["kernel"] == "gla_chunk_fwd_f32_kernel" for r in stats["rows"]):
         return ["(no float32 forward in the stats: rerun sass_stats.py)"]
     bf = {tuple(r["shape"][:4]): r["forward_ms"] for r in rows if r.get("dtype") == "bf16"}
-    out = [f"float32 forward (fused) vs the bf16 forward above; target: issue 20, at "
-           f"{', '.join(map(str, TARGET_SHAPES))}",
-           f"{'shape (B,T,H,K=V)':<22}{'precision':<10}{'model ms':>9}{'roof ms':>9}"
-           f"{'x bf16':>8}  {'target':<15} kernel bounds (ms): issue / mufu / tensor / memory"]
+    out = [f"float32 forward (the path the launcher picks) vs the bf16 forward above; target: "
+           f"issue 20, at {', '.join(map(str, TARGET_SHAPES))}",
+           f"{'shape (B,T,H,K=V)':<22}{'precision':<10}{'path':<7}{'model ms':>9}{'roof ms':>9}"
+           f"{'x bf16':>8}  {'target':<15} kernels: ms, bound (issue / mufu / tensor / memory)"]
+    desc = lambda k: (f"{k['kernel']} {k['ms']:.3f} {k['bound']} ({k['issue_ms']:.3f} / "  # noqa: E731
+                      f"{k['mufu_ms']:.3f} / {k['tensor_ms']:.3f} / {k['memory_ms']:.3f}; "
+                      f"{k['blocks']} blocks)")
     for B, T, H, K in PREFILL:
         for prec, (passes, bound) in TARGETS.items():
             fw = forward_f32(stats, B, T, H, K, passes, A)
-            k = fw["kernels"][0]
             ratio = fw["ms"] / bf[(B, T, H, K)]
             aimed = (B, T, H, K) in TARGET_SHAPES
             verdict = ("met" if ratio <= bound else "missed") if aimed else "-"
-            out.append(f"{str((B, T, H, K)):<22}{prec:<10}{fw['ms']:>9.3f}"
+            out.append(f"{str((B, T, H, K)):<22}{prec:<10}{fw['path']:<7}{fw['ms']:>9.3f}"
                        f"{fw['roofline_ms']:>9.3f}{ratio:>8.2f}  "
                        f"{(f'<= {bound:g}x ' + verdict) if aimed else '-':<15} "
-                       f"{k['issue_ms']:.3f} / {k['mufu_ms']:.3f} / {k['tensor_ms']:.3f} / "
-                       f"{k['memory_ms']:.3f} ({k['blocks']} blocks, {k['bound']})")
+                       + "; ".join(desc(k) for k in fw["kernels"]))
+            other = "fused" if fw["path"] == "split" else "split"
+            if other in fw:
+                out.append(f"{'':<32}{other:<7}{fw[other + '_ms']:>9.3f}{'':>9}"
+                           f"{fw[other + '_ms'] / bf[(B, T, H, K)]:>8.2f}  {'':<15} "
+                           + "; ".join(desc(k) for k in fw[other]))
             rows.append({"shape": [B, T, H, K, K], "dtype": "f32", "precision": prec,
                          "forward": fw, "forward_ms": fw["ms"], "bf16_forward_ms":
                          bf[(B, T, H, K)], "ratio_vs_bf16": ratio, "target_ratio": bound,

@@ -36,6 +36,9 @@ Shapes for the trip counts: K = V = KT (64 or 128) for the chunk kernels.
   flops each; the 16-bit kernels' m16n8k16 do 8192), and its per-chunk counts are also split
   by phase (PHASES), with the instructions that round operands to tf32 (cvt.rna.tf32.f32, or
   cvt.rn.tf32.f32 on sm_90+, and the 3xTF32 split, TF32_CVT) counted per phase.
+- float32 split forward (chunk_fwd_f32_split.cuh, dtype "f32"): gla_chunk_state_scan_f32_kernel
+  <passes> (64 key dims x 64 V columns per block; per (chunk, head) at K = V = 128: 4 blocks)
+  and gla_chunk_fwd_f32_split_kernel<KT, passes> (one block per (chunk, head), all V tiles).
 - float32 backward (chunk_bwd_f32.cuh, dtype "f32"): gla_chunk_state_scans_f32_kernel<KT,
   passes> (both scans in one grid; per (chunk, head) the forward and gradient halves are
   summed, each block runs one) and gla_chunk_bwd_f32_kernel<KT, passes>. The trips of
@@ -218,7 +221,8 @@ def find_loops(fn):
 
 # ---- kernels: names, constants, trip counts -----------------------------------------------
 F32_KERNELS = ("gla_chunk_fwd_f32_kernel", "gla_chunk_state_scans_f32_kernel",
-               "gla_chunk_bwd_f32_kernel")
+               "gla_chunk_bwd_f32_kernel", "gla_chunk_state_scan_f32_kernel",
+               "gla_chunk_fwd_f32_split_kernel")
 
 def describe(mangled):
     """Kernel name and template arguments from the mangled name."""
@@ -255,10 +259,24 @@ def kernel_constants(name, ints, bools, file):
         c["kind"] = "fwd_f32"
         c["blocks_per_chunk_head"] = math.ceil(KT / 64)  # one block per 64 V columns
         c["walks_chunks"] = True
+    elif name == "gla_chunk_fwd_f32_split_kernel":
+        KT, passes = ints[0], ints[1]
+        c.update(KT=KT, K=KT, V=KT, NTHREADS=128, NWARPS=4, kF32Threads=128, kF32Warps=4,
+                 kF32BV=64, kNT=KT // 8, kPerRow=KT // 4, kPairs=16 * 17 // 2, passes=passes)
+        c["kind"] = "fwd_f32_split"
+        c["blocks_per_chunk_head"] = 1  # one block per (chunk, head) loops over the V tiles
+        c["walks_chunks"] = False
+    elif name == "gla_chunk_state_scan_f32_kernel":  # template <passes>: 64 key dims a block
+        passes = ints[0]
+        c.update(KT=64, K=64, V=64, NTHREADS=128, NWARPS=4, kF32Threads=128, kF32BV=64, kNT=8,
+                 kPerRow=16, rows_here=64, passes=passes)
+        c["kind"] = "scan_f32"
+        c["blocks_per_chunk_head"] = 4  # K = V = 128: 2 key tiles x 2 V tiles
+        c["walks_chunks"] = True
     elif name == "gla_chunk_state_scans_f32_kernel":
         KT, passes = ints[0], ints[1]
         c.update(KT=KT, K=KT, V=KT, NTHREADS=128, NWARPS=4, kF32Threads=128, kF32BV=64,
-                 kNT=KT // 8, kPerRow=16, passes=passes)
+                 kNT=KT // 8, kPerRow=16, rows_here=KT, passes=passes)
         c["kind"] = "scans_f32"
         c["blocks_per_chunk_head"] = math.ceil(KT / 64)  # per half: one block per 64 V columns
         c["walks_chunks"] = True
@@ -334,7 +352,7 @@ TRIP_RULES = [
     ("__nvvm_shfl_bfly_sync", lambda c: 1),
     ("for (int i = tid; i < ROWS * COLS; i += NTHREADS)", lambda c: 0),  # scalar load_tile
     ("for (int i = tid; i < KT * kScanV; i += kScanThreads)", lambda c: 0),  # scalar save
-    ("for (int i = tid; i < K * kF32BV; i += kF32Threads)", lambda c: 0),  # f32 scalar save
+    ("for (int i = tid; i < rows_here * kF32BV; i += kF32Threads)", lambda c: 0),  # f32 scalar save
     ("for (int64_t c0 = start; c0 < end; c0 += kC)", lambda c: c["NCHUNK"]),
     ("for (int64_t ci = 0; ci < nchunks; ++ci)", lambda c: c["NCHUNK"]),
     ("for (int64_t base = 0; base < a.N; base += kOffsetThreads)", lambda c: 1),
@@ -369,6 +387,8 @@ FRACTION_RULES = [
      lambda c: 1 - 1 / math.ceil(c["V"] / 64)),
     # float32 scores: one warp per diagonal block (4 of the backward's 8 warps)
     ("if (dblk < 4) {  // warp-uniform", lambda c: min(1.0, 4 / c["NWARPS"])),
+    ("if (v0 > 0) {  // the first V tile came with q, k, g",
+     lambda c: 1 - 1 / math.ceil(c["V"] / 64)),
     # float32 backward: dA by the warps whose token half lies at or before their rows (6 of 8)
     ("if (2 * half <= rb)", lambda c: 0.75),
 ]
@@ -525,6 +545,10 @@ def loop_trips(fn, loop, c):
         return call_site_trips(loop, c), text
     for key, rule in TRIP_RULES:
         if key in text:
+            if isinstance(rule, tuple) and rule[0] == "per_ex2":
+                body = fn["ins"][loop["first"]:loop["last"] + 1]
+                loop["unroll"] = sum(x["op"].startswith("MUFU.EX2") for x in body) or 1
+                return rule[1](c) / loop["unroll"], text
             if isinstance(rule, tuple) and rule[0] == "sass_bound":
                 # bound set by an unrolled outer loop (one SASS loop per outer index): the
                 # immediate the back edge compares with, over the SASS step
@@ -675,6 +699,7 @@ LAYOUTS = {
     "chunk_fwd.cu": {"fwd64": "gla::SmemLayout<64>::kBytes", "fwd128": "gla::SmemLayout<128>::kBytes",
                      "f32_64": "gla::F32Layout<64>::kBytes",
                      "f32_128": "gla::F32Layout<128>::kBytes",
+                     "f32scan64": "gla::F32ScanLayout<64>::kBytes",
                      "scan": "gla::ScanLayout::kBytes", "offsets": "gla::kOffsetSmem"},
     "chunk_bwd.cu": {"bwd64": "gla::BwdLayout<64>::kBytes", "bwd128": "gla::BwdLayout<128>::kBytes",
                      "f32bwd64": "gla::F32BwdLayout<64>::kBytes",
@@ -713,8 +738,10 @@ def smem_key(name, c):
         return f"fwd{c['KT']}"
     if name == "gla_chunk_bwd_kernel":
         return f"bwd{c['KT']}"
-    if name == "gla_chunk_fwd_f32_kernel":
+    if name in ("gla_chunk_fwd_f32_kernel", "gla_chunk_fwd_f32_split_kernel"):
         return f"f32_{c['KT']}"
+    if name == "gla_chunk_state_scan_f32_kernel":
+        return "f32scan64"
     if name == "gla_chunk_bwd_f32_kernel":
         return f"f32bwd{c['KT']}"
     if name == "gla_chunk_state_scans_f32_kernel":
@@ -773,6 +800,9 @@ def analyse(mangled, fn, ptx, smem_table, file):
         row["shape"] = "K=V=128 (per block: 64 key dims x 64 V columns)"
         if c["kind"] == "scans":
             row["note"] = "forward + gradient halves summed (each block runs one)"
+    elif c["kind"] == "scan_f32":
+        bpch = c["blocks_per_chunk_head"]
+        row["shape"] = "K=V=128 (per block: 64 key dims x 64 V columns)"
     elif c["kind"] == "scans_f32":
         bpch = c["blocks_per_chunk_head"]
         row["shape"] = f"K=V={c['KT']} (per block: all key dims x 64 V columns)"
@@ -815,9 +845,11 @@ def table(rows):
                        f"{r['smem_bytes']:>8}{r.get('blocks_per_sm', '-'):>7}"
                        f"{'static ' + str(r['static_instructions']):>12}")
     out.append("")
-    out.append("dt f32: the float32 kernels (forward; backward scans_f32 + bwd_f32), tmpl "
-               "KT,passes (1 = one tf32 pass, 3 = 3xTF32); their HMMA are m16n8k8 tf32 (a "
-               "quarter of an m16n8k16's flops); scans_f32: both halves, K=V=KT.")
+    out.append("dt f32: the float32 kernels (forward fused; forward split: scan_f32 + "
+               "fwd_f32_split; backward scans_f32 + bwd_f32), tmpl KT,passes (1 = one tf32 "
+               "pass, 3 = 3xTF32; scan_f32: passes, 64 key dims per block); their HMMA are "
+               "m16n8k8 tf32 (a quarter of an m16n8k16's flops); scans_f32: both halves, "
+               "K=V=KT; scan_f32: K=V=128.")
     out.append("ins/warp/ch: warp-instructions one warp issues per chunk (scan: per chunk of its "
                "64x64 state tile; scans: both halves). /ch,h: per (chunk, head) at K=V=KT "
                "(scans: K=V=128), all warps and blocks; HMMA/LDSM/LDGSTS/BAR as warp "

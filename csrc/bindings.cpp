@@ -357,6 +357,20 @@ Tensor attach_workspace(gla::GlaParams& p, int64_t floats, const Tensor& q) {
   return workspace;
 }
 
+// The chunked forward's launch, fused or split (chunk_fwd.cu's want_split, for 16-bit and
+// float32 alike): only the split path (few sequences x heads, long sequences) takes a
+// workspace, 16-bit chunk states or, for float32 (tf32 kernels, precision from torch:
+// f32_passes), float32 ones.
+void run_chunk_fwd(gla::GlaParams& p, const Tensor& q, bool f32, const char* op) {
+  const int64_t floats = gla::chunk_fwd_cuda_workspace_floats(p);
+  TORCH_CHECK(floats >= 0, op, ": GLA_EXT_CHUNK_FWD must be fused, split or auto, got '",
+              std::getenv("GLA_EXT_CHUNK_FWD"), "'");
+  Tensor workspace = attach_workspace(p, floats, q);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_cuda(f32 ? gla::chunk_fwd_f32_cuda(p, f32_passes(), stream) : gla::chunk_fwd_cuda(p, stream),
+             op);
+}
+
 std::tuple<Tensor, Tensor> recurrent_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                               const Tensor& g, const OptTensor& h0,
                                               const OptTensor& cu_seqlens, double scale,
@@ -416,16 +430,7 @@ std::tuple<Tensor, Tensor> chunk_fwd_pool_cuda(const Tensor& q, const Tensor& k,
   auto p = chunk_cuda_params(op, q, k, v, g, std::nullopt, cu_seqlens, scale);
   attach_state(p, op, q, h0, state_indices, inplace, v_first);
   auto out = alloc_fwd(p, q, v);
-  if (f32) {
-    check_cuda(gla::chunk_fwd_f32_cuda(p, f32_passes(), c10::cuda::getCurrentCUDAStream().stream()),
-               op);
-    return {out.o, out.ht};
-  }
-  const int64_t floats = gla::chunk_fwd_cuda_workspace_floats(p);
-  TORCH_CHECK(floats >= 0, op, ": GLA_EXT_CHUNK_FWD must be fused, split or auto, got '",
-              std::getenv("GLA_EXT_CHUNK_FWD"), "'");
-  Tensor workspace = attach_workspace(p, floats, q);
-  check_cuda(gla::chunk_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op);
+  run_chunk_fwd(p, q, f32, op);
   return {out.o, out.ht};
 }
 
@@ -479,17 +484,7 @@ std::tuple<Tensor, Tensor> chunk_fwd_cuda(const Tensor& q, const Tensor& k, cons
   const char* op = "gla_ext.chunk_fwd (CUDA)";
   auto p = chunk_cuda_params(op, q, k, v, g, h0, cu_seqlens, scale);
   auto out = alloc_fwd(p, q, v);
-  if (f32) {
-    check_cuda(gla::chunk_fwd_f32_cuda(p, f32_passes(), c10::cuda::getCurrentCUDAStream().stream()),
-               op);
-    return {out.o, out.ht};
-  }
-  const int64_t floats = gla::chunk_fwd_cuda_workspace_floats(p);
-  TORCH_CHECK(floats >= 0, op, ": GLA_EXT_CHUNK_FWD must be fused, split or auto, got '",
-              std::getenv("GLA_EXT_CHUNK_FWD"), "'");
-  // only the split path (few sequences x heads, long sequences) takes a workspace
-  Tensor workspace = attach_workspace(p, floats, q);
-  check_cuda(gla::chunk_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op);
+  run_chunk_fwd(p, q, f32, op);
   return {out.o, out.ht};
 }
 

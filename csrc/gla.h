@@ -129,9 +129,11 @@ const char* recurrent_bwd_cuda(const GlaParams& p, void* stream);
 constexpr int64_t kCudaChunkMaxK = 128;
 int64_t chunk_fwd_cuda_workspace_floats(const GlaParams& p);
 const char* chunk_fwd_cuda(const GlaParams& p, void* stream);
-// Float32 chunked forward on the tf32 tensor cores (csrc/cuda/chunk_fwd_f32.cuh), fused path
-// only, no workspace: passes = 1 (one tf32 pass: torch's "high" / "medium") or 3 (3xTF32:
-// "highest"); K <= chunk_cuda_max_k(), any V.
+// Float32 chunked forward on the tf32 tensor cores (csrc/cuda/chunk_fwd_f32.cuh, split path
+// chunk_fwd_f32_split.cuh): passes = 1 (one tf32 pass: torch's "high" / "medium") or 3
+// (3xTF32: "highest"); K <= chunk_cuda_max_k(), any V. Fused or split as chunk_fwd_cuda:
+// chunk_fwd_cuda_workspace_floats(p) with p.dtype float32 sizes the split path's workspace
+// (float32 chunk states), and it runs split exactly when p.workspace is set.
 const char* chunk_fwd_f32_cuda(const GlaParams& p, int passes, void* stream);
 // Tensor-core chunked backward (csrc/cuda/chunk_bwd.cu): same limits as the forward; needs a
 // float32 workspace of chunk_bwd_cuda_workspace_floats(p) elements (two states per chunk).

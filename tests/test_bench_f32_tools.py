@@ -91,6 +91,9 @@ def test_warp_mma_tiles_trips_follow_call_sites():
         sum(max(0, (64 - r - 16) / 8) for r in rows) / 8)              # dk: tokens > r0 + 15
 
 
+_PATH_BEFORE = os.environ.get("GLA_EXT_CHUNK_FWD")
+
+
 def _cpu_timer(fn):
     fn()
     return 1e-3, 0
@@ -109,6 +112,12 @@ def test_bench_f32_measures_against_float64():
         assert 0 < row[f"{prec}_err_o"] < 1e-5 and 0 < row[f"{prec}_err_ht"] < 1e-5
         assert row[f"{prec}_over_bf16"] == pytest.approx(row[f"{prec}_s"] / row["bf16_s"])
     assert math.isnan(row["fla_s"]) and math.isnan(row["fla_err_o"])
+    # both forward paths forced (the CPU kernels have one: equal bits, float32 accuracy)
+    for prec in bench_gpu_f32.TARGETS:
+        assert row[f"{prec}_split_equal"] and 0 < row[f"{prec}_split_err_o"] < 1e-5
+        assert row[f"{prec}_fused_s"] > 0 and row[f"{prec}_split_s"] > 0
+    assert "split == fused bitwise: yes" in lines[-2]
+    assert os.environ.get("GLA_EXT_CHUNK_FWD") == _PATH_BEFORE  # restored
     assert any("fla not importable (absent)" in ln for ln in lines)
     assert "highest:" in lines[-1] and "high:" in lines[-1] and "ok <=" in lines[-1]
 

@@ -11,7 +11,8 @@ Accuracy: "high" <= 1e-3 relative (docs/design.md "Numerics" for float32 on CUDA
 The harness is built twice: as sm_80 device code (tf32 operands rounded by cvt.rna, ties away)
 and as sm_90 code (chunk_f32_emu_sm90.cpp: cvt.rn, ties to even, one SASS instruction there);
 each run reports how many roundings of each kind the kernel made, so a path that kept the
-other rounding on an arch shows up.
+other rounding on an arch shows up. check_case / check_gates also serve the split path's tests
+(test_cuda_chunk_f32_split_emu.py: split=1).
 """
 import re
 
@@ -42,6 +43,10 @@ def _check_rounding(report, arch):
         assert rn == 0 and rna > 0, report
 
 
+def _rel(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
 CASES = [
     # arch, prec, B, T, H, K, V, cu, P, slots, inplace, vfirst
     (80, 1, 2, 150, 2, 64, 64, None, 0, None, 0, 0),
@@ -58,10 +63,12 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "sm%d-" % c[0] + "-".join(map(str, c[1:7])))
-def test_f32_forward_on_cpu(emulators, tmp_path, case):
-    arch, prec, B, T, H, K, V, cu, P, slots, inplace, vfirst = case
-    emulator = emulators[arch]
+def check_case(emulator, tmp_path, case, split=0, misalign=0, arch=80):
+    """Runs one case on the emulator built for `arch` (split=1: the split path too, which must
+    give the fused path's bits; the results checked are the split path's) and checks it
+    against float64: o, states and pool within 1e-3 with the pool semantics, o (and dense final
+    states) at the precision asked for. Returns the emulator's report."""
+    prec, B, T, H, K, V, cu, P, slots, inplace, vfirst = case
     N = B if cu is None else len(cu) - 1
     q, k, v, g = _inputs("f32", B, T, H, K, V)
     h0 = torch.randn(P if P else N, H, K, V)
@@ -70,25 +77,32 @@ def test_f32_forward_on_cpu(emulators, tmp_path, case):
         blobs.append(torch.tensor(slots, dtype=torch.int64))
     blob, report = _run(emulator, tmp_path, blobs, prec=prec, B=B, T=T, H=H, K=K, V=V,
                         cu="-" if cu is None else ",".join(map(str, cu)), P=P,
-                        inplace=inplace, vfirst=vfirst)
+                        inplace=inplace, vfirst=vfirst, split=split, misalign=misalign)
     assert "runs_equal=1" in report and "guards=1" in report, report
     _check_rounding(report, arch)
+    assert "fused_equal=1" in report, f"split and fused paths differ\n{report}"
     idx = torch.tensor(slots, dtype=torch.int64) if P else None
     # o, states and pool within float32-on-CUDA's 1e-3, pool semantics
     check_forward(blob, report, q, k, v, g, h0, idx, "f32", cu, 0, P, slots, inplace, vfirst)
     # and the precision asked for: 3xTF32 within 1e-5, one tf32 pass worse than that
-    o = _split(blob[:B * T * H * V * 4], [((B, T, H, V), torch.float32)])[0].double()
-    o_ref, _ = naive_recurrent_gla(
+    o = _split(blob[:B * T * H * V * 4], [((B, T, H, V), torch.float32)])[0]
+    o_ref, ht_ref = naive_recurrent_gla(
         q.double(), k.double(), v.double(), g.double(), scale=K ** -0.5,
         initial_state=h0.double().clone(), output_final_state=True,
         cu_seqlens=None if cu is None else torch.tensor(cu),
         **(dict(state_indices=idx) if P else {}))
-    rel = ((o - o_ref).norm() / o_ref.norm()).item()
+    rel = _rel(o, o_ref)
     record_diagnostic(o_err=rel)
     if prec == 3:
         assert rel <= 1e-5, f"3xTF32 o rel {rel:.2e}\n{report}"
     else:
         assert 1e-6 < rel <= 1e-3, f"1xTF32 o rel {rel:.2e}\n{report}"
+    if P == 0 and not inplace:  # dense final states
+        shape = (N, H, V, K) if vfirst else (N, H, K, V)
+        ht = _split(blob[B * T * H * V * 4:], [(shape, torch.float32)])[0]
+        rel_h = _rel(ht.transpose(-1, -2) if vfirst else ht, ht_ref)
+        assert rel_h <= (1e-5 if prec == 3 else 1e-3), f"ht rel {rel_h:.2e}\n{report}"
+    return report
 
 
 # "highest" misses 1e-5 on gates mixing full forget with no decay, for a reason outside the
@@ -131,13 +145,16 @@ def test_f32_forward_gate_families(emulators, tmp_path, case):
         assert rel > 1e-6, f"o rel {rel:.2e}\n{report}"
 
 
-@pytest.mark.parametrize("arch,gate", [(80, "-inf"), (80, "-1e4"), (80, "-3e38"), (80, "nan"),
-                                       (90, "nan")])
-def test_f32_forward_adversarial_gates(emulators, tmp_path, arch, gate):
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "sm%d-" % c[0] + "-".join(map(str, c[1:7])))
+def test_f32_forward_on_cpu(emulators, tmp_path, case):
+    check_case(emulators[case[0]], tmp_path, case[1:], arch=case[0])
+
+
+def check_gates(emulator, tmp_path, gate, B, H, split=0, arch=80):
     """Gates of -inf / -1e4 / -3e38 at chunk and 16-token block boundaries (exact forgets),
-    and one NaN gate: NaN exactly where the float64 reference has it (that sequence and head
+    or one NaN gate: NaN exactly where the float64 reference has it (that sequence and head
     from that token on), every other output still within 3xTF32's 1e-5."""
-    B, T, H, K, V = 2, 200, 2, 64, 48
+    T, K, V = 200, 64, 48
     q, k, v, g = _inputs("f32", B, T, H, K, V)
     h0 = torch.randn(B, H, K, V)
     if gate == "nan":
@@ -145,10 +162,11 @@ def test_f32_forward_adversarial_gates(emulators, tmp_path, arch, gate):
     else:
         for t in (15, 16, 63, 64, 127, 150):
             g[:, t, :, ::3] = float(gate)
-    blob, report = _run(emulators[arch], tmp_path, [q, k, v, g, h0], prec=3, B=B, T=T, H=H,
-                        K=K, V=V, cu="-", P=0, inplace=0, vfirst=0)
+    blob, report = _run(emulator, tmp_path, [q, k, v, g, h0], prec=3, B=B, T=T, H=H, K=K,
+                        V=V, cu="-", P=0, inplace=0, vfirst=0, split=split, misalign=0)
     assert "runs_equal=1" in report and "guards=1" in report, report
     _check_rounding(report, arch)
+    assert "fused_equal=1" in report, f"split and fused paths differ\n{report}"
     o, ht = _split(blob, [((B, T, H, V), torch.float32), ((B, H, K, V), torch.float32)])
     o_ref, ht_ref = naive_recurrent_gla(q.double(), k.double(), v.double(), g.double(),
                                         scale=K ** -0.5, initial_state=h0.double(),
@@ -158,10 +176,10 @@ def test_f32_forward_adversarial_gates(emulators, tmp_path, arch, gate):
     if gate == "nan":
         assert nan_ref[0, 70:, 1].all() and not nan_ref[0, :70, 1].any(), "reference changed"
     fin = ~nan_ref
-    rel = ((o.double()[fin] - o_ref[fin]).norm() / o_ref[fin].norm()).item()
+    rel = _rel(o[fin], o_ref[fin])
     assert rel <= 1e-5, f"o rel {rel:.2e}\n{report}"
     live = ~torch.isnan(ht_ref)
-    rel_h = ((ht.double()[live] - ht_ref[live]).norm() / ht_ref[live].norm()).item()
+    rel_h = _rel(ht[live], ht_ref[live])
     assert rel_h <= 1e-5 and torch.equal(torch.isnan(ht), ~live), f"ht rel {rel_h:.2e}\n{report}"
 
 
@@ -190,3 +208,9 @@ def test_f32_forward_rounding_follows_arch(emulators, tmp_path):
         assert 1e-6 < rel <= 1e-3, f"sm_{arch} o rel {rel:.2e}\n{report}"
         outs[arch] = o
     assert not torch.equal(outs[80], outs[90]), "sm_80 and sm_90 rounded every operand alike"
+
+
+@pytest.mark.parametrize("arch,gate", [(80, "-inf"), (80, "-1e4"), (80, "-3e38"), (80, "nan"),
+                                       (90, "nan")])
+def test_f32_forward_adversarial_gates(emulators, tmp_path, arch, gate):
+    check_gates(emulators[arch], tmp_path, gate, B=2, H=2, arch=arch)

@@ -202,6 +202,43 @@ def test_fused_and_split_paths_agree(monkeypatch, dtype, B, T, H, K, V, offsets)
         assert torch.equal(a, b), "fused and split forward paths differ"
 
 
+@pytest.mark.parametrize("precision,bound", [("highest", 1e-5), ("high", 1e-3)])
+@pytest.mark.parametrize("B,T,H,K,V,offsets", [
+    (1, 300, 2, 128, 100, None),
+    (1, 230, 2, 100, 60, [0, 0, 37, 37, 100, 165, 200]),  # empty sequences, padded tail
+    (2, 200, 1, 64, 64, None),
+])
+def test_float32_fused_and_split_paths_agree(monkeypatch, precision, bound, B, T, H, K, V,
+                                             offsets):
+    """float32 on the tf32 tensor cores (chunk_fwd_f32.cuh fused, chunk_fwd_f32_split.cuh
+    split): both paths forced give the same bits (the emulator's claim, on hardware), within
+    the precision's bound of the float64 reference."""
+    torch.manual_seed(4321)
+    cu = None if offsets is None else torch.tensor(offsets, device="cuda")
+    N = B if offsets is None else len(offsets) - 1
+    q, k = (torch.randn(B, T, H, K, device="cuda") for _ in range(2))
+    v = torch.randn(B, T, H, V, device="cuda")
+    g = cuda_gates((B, T, H, K), 1.0)
+    s0 = torch.randn(N, H, K, V, device="cuda")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        results = {}
+        for path in ("fused", "split"):
+            monkeypatch.setenv("GLA_EXT_CHUNK_FWD", path)
+            results[path] = chunk_gla(q, k, v, g, initial_state=s0, output_final_state=True,
+                                      cu_seqlens=cu, backend="cuda")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    for a, b in zip(results["fused"], results["split"]):
+        assert torch.equal(a, b), "fused and split float32 forward paths differ"
+    o_ref, ht_ref = naive_recurrent_gla(q.double(), k.double(), v.double(), g.double(),
+                                        scale=K ** -0.5, initial_state=s0.double(),
+                                        output_final_state=True, cu_seqlens=cu)
+    err_o, err_h = _rel(results["split"][0], o_ref, "o"), _rel(results["split"][1], ht_ref, "ht")
+    assert err_o <= bound and err_h <= bound, f"{precision}: o {err_o:.2e}, ht {err_h:.2e}"
+
+
 def test_unknown_path_setting_is_an_error(monkeypatch):
     monkeypatch.setenv("GLA_EXT_CHUNK_FWD", "fastest")
     q = k = torch.randn(1, 130, 2, 64, device="cuda", dtype=torch.bfloat16)

@@ -442,11 +442,6 @@ struct BwdGrid {
   bool empty = false;                 // nothing to launch at all
 };
 
-// Elements of one float32 workspace state array, rounded up to whole 16-byte vectors.
-inline int64_t f32_state_floats(int64_t chunks, int64_t H, int64_t K, int64_t V) {
-  return (chunks * H * K * V + 3) / 4 * 4;
-}
-
 // Checks p and fills the kernel arguments and grids (16-bit inputs, or float32 ones for the
 // tf32 backward: f32). Returns an error message, or nullptr.
 const char* prepare_bwd(const GlaParams& p, ChunkArgs* args, BwdGrid* grid, bool f32 = false) {

@@ -75,12 +75,17 @@ struct F32ScanLayout {
                 "alignment");
 };
 
-// kGrad = false: x = k, y = v, from h0, stores S0 of every chunk into a.fstates.
+// kGrad = false: x = k, y = v, from h0, stores S0 of every chunk into a.fstates, then the
+//                final state into ht when ht is not null (the split forward,
+//                chunk_fwd_f32_split.cuh: h0 / ht by pool rows and strides as the fused
+//                kernel reads and writes them; a padding row runs no chunks).
 // kGrad = true:  x = q, y = dO, backwards from dht, stores dS_end of every chunk into
 //                a.fdstates, then dh0.
 // S^T <- S^T * exp2(b_last) + y^T @ x~ with x~ = k * exp2(b_last - b) or q * exp2(b) * scale.
+// The block covers key dims [k0, k0 + KT) (rows of the state are independent; the backward
+// takes all K in one block, k0 = 0) and V columns [blockIdx.y * 64, + 64).
 template <int KT, int kPasses, bool kGrad>
-__device__ __forceinline__ void f32_state_scan(const ChunkArgs& a) {
+__device__ __forceinline__ void f32_state_scan(const ChunkArgs& a, int k0) {
   using L = F32ScanLayout<KT>;
   extern __shared__ __align__(16) unsigned char smem[];
   float* const sX = reinterpret_cast<float*>(smem + L::kXOff);
@@ -101,6 +106,8 @@ __device__ __forceinline__ void f32_state_scan(const ChunkArgs& a) {
   const int vc_lo = v0 + wc + g8;
   int64_t row, start, end;
   seq_range(a, n, &row, &start, &end);
+  const StateRows rows = fused_state_rows(a, n, h);  // dense K-first rows for the backward
+  if (!kGrad && rows.padding) end = start;
   const int64_t nchunks = num_chunks(start, end);
   const int64_t chunk0 = nchunks > 0 ? first_chunk(a, n) : 0;  // no offsets without tokens
   const int64_t state_base = (n * H + h) * static_cast<int64_t>(K) * V;  // dense, K-first
@@ -110,10 +117,13 @@ __device__ __forceinline__ void f32_state_scan(const ChunkArgs& a) {
   for (int nt = 0; nt < KT / 8; ++nt)
 #pragma unroll
     for (int r = 0; r < 4; ++r) s[nt][r] = 0.0f;
-  const float* const init = kGrad ? a.dht : a.h0;
-  if (init != nullptr)
-    for_state_slice(s, 0, vc_lo, K, V, lane,
-                    [&](float& x, int64_t off) { x = init[state_base + off]; });
+  if constexpr (kGrad) {
+    if (a.dht != nullptr)
+      for_state_slice(s, k0, vc_lo, K, V, lane,
+                      [&](float& x, int64_t off) { x = a.dht[state_base + off]; });
+  } else if (a.h0 != nullptr && !rows.padding) {
+    load_h0(s, a, rows.h0_base, vc_lo, lane, k0);
+  }
 
   const float* const x = static_cast<const float*>(kGrad ? a.q : a.k);
   const float* const y = static_cast<const float*>(kGrad ? a.dout : a.v);
@@ -129,9 +139,9 @@ __device__ __forceinline__ void f32_state_scan(const ChunkArgs& a) {
     const int len = static_cast<int>(end - c0 < kC ? end - c0 : kC);
     const int64_t qk_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(K);
     const int64_t v_base = ((row * a.T + c0) * H + h) * static_cast<int64_t>(V);
-    load_tile<KT, L::kXStride, kF32Threads>(sX, x, qk_base, qk_tok, len, 0, K,
+    load_tile<KT, L::kXStride, kF32Threads>(sX, x, qk_base, qk_tok, len, k0, K,
                                             (a.flags & kVecQK) != 0, tid);
-    load_tile<KT, L::kBStride, kF32Threads>(sB, a.g, qk_base, qk_tok, len, 0, K,
+    load_tile<KT, L::kBStride, kF32Threads>(sB, a.g, qk_base, qk_tok, len, k0, K,
                                             (a.flags & kVecG) != 0, tid);
     load_tile<kF32BV, L::kYStride, kF32Threads>(sY, y, v_base, v_tok, len, v0, V,
                                                 (a.flags & kVecV) != 0, tid);
@@ -152,16 +162,18 @@ __device__ __forceinline__ void f32_state_scan(const ChunkArgs& a) {
     state_to_smem<KT / 8, L::kSStride>(s, sS, wc, lane);
     __syncthreads();
     if (chunk0 + c < a.ws_chunks) {  // always, for offsets the wrapper accepts
-      float* const dst = saved + ((chunk0 + c) * H + h) * static_cast<int64_t>(K) * V;
+      float* const dst = saved + ((chunk0 + c) * H + h) * static_cast<int64_t>(K) * V +
+                         static_cast<int64_t>(k0) * V;
+      const int rows_here = K - k0 < KT ? K - k0 : KT;  // key dims of this block
       if (a.flags & kVecS) {  // V % 8 == 0: whole 4-float vectors are inside or outside
         constexpr int kPerRow = kF32BV / 4;
         const int vl = (tid % kPerRow) * 4;
         if (v0 + vl < V)
-          for (int kd = tid / kPerRow; kd < K; kd += kF32Threads / kPerRow)
+          for (int kd = tid / kPerRow; kd < rows_here; kd += kF32Threads / kPerRow)
             *reinterpret_cast<float4*>(dst + static_cast<int64_t>(kd) * V + v0 + vl) =
                 *reinterpret_cast<const float4*>(sS + kd * L::kSStride + vl);
       } else {
-        for (int i = tid; i < K * kF32BV; i += kF32Threads) {
+        for (int i = tid; i < rows_here * kF32BV; i += kF32Threads) {
           const int kd = i / kF32BV, vl = i % kF32BV;
           if (v0 + vl < V) dst[static_cast<int64_t>(kd) * V + v0 + vl] = sS[kd * L::kSStride + vl];
         }
@@ -172,8 +184,10 @@ __device__ __forceinline__ void f32_state_scan(const ChunkArgs& a) {
     __syncthreads();  // the tiles and the staged state are refilled next chunk
   }
   if constexpr (kGrad)
-    for_state_slice(s, 0, vc_lo, K, V, lane,
+    for_state_slice(s, k0, vc_lo, K, V, lane,
                     [&](float& x, int64_t off) { a.dh0[state_base + off] = x; });
+  else if (a.ht != nullptr)
+    store_ht(s, a, rows.ht_base, vc_lo, lane, rows.padding, k0);
 }
 
 // grid x = N * H, y = V tiles of kF32BV, z = 2 (forward scan, gradient scan): independent.
@@ -181,9 +195,9 @@ template <int KT, int kPasses>
 __global__ void __launch_bounds__(kF32Threads, min_blocks_per_sm(F32ScanLayout<KT>::kBytes, 2))
     gla_chunk_state_scans_f32_kernel(const ChunkArgs a) {
   if (blockIdx.z == 0) {
-    f32_state_scan<KT, kPasses, false>(a);
+    f32_state_scan<KT, kPasses, false>(a, 0);
   } else {
-    f32_state_scan<KT, kPasses, true>(a);
+    f32_state_scan<KT, kPasses, true>(a, 0);
   }
 }
 

@@ -201,6 +201,12 @@ inline int64_t state_elems(int64_t chunks, int64_t H, int64_t K, int64_t V) {
   return (chunks * H * K * V + 7) / 8 * 8;
 }
 
+// Elements of one float32 workspace state array (the float32 backward and split forward),
+// rounded up to whole 16-byte vectors.
+inline int64_t f32_state_floats(int64_t chunks, int64_t H, int64_t K, int64_t V) {
+  return (chunks * H * K * V + 3) / 4 * 4;
+}
+
 inline bool aligned(const void* p, uintptr_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
@@ -856,15 +862,16 @@ __device__ __forceinline__ StateRows fused_state_rows(const ChunkArgs& a, int64_
           ((padding ? n : ht_state_row(a, n)) * a.H + h) * per_head};
 }
 
-// s <- the state at h0 + base (K-first, or V-first by strides).
+// s <- the state at h0 + base (K-first, or V-first by strides); s starts at key dim k0 (the
+// split float32 forward's scan tiles K).
 template <int NT>
 __device__ __forceinline__ void load_h0(float (&s)[NT][4], const ChunkArgs& a, int64_t base,
-                                        int vc_lo, int lane) {
+                                        int vc_lo, int lane, int k0 = 0) {
   if (a.state_v_stride == 1)  // K-first
-    for_state_slice(s, 0, vc_lo, a.K, a.V, lane,
+    for_state_slice(s, k0, vc_lo, a.K, a.V, lane,
                     [&](float& x, int64_t off) { x = a.h0[base + off]; });
   else
-    for_state_elems(s, 0, vc_lo, a.K, a.V, lane, [&](float& x, int kd, int vc) {
+    for_state_elems(s, k0, vc_lo, a.K, a.V, lane, [&](float& x, int kd, int vc) {
       x = a.h0[base + state_elem(a, kd, vc)];
     });
 }
@@ -872,14 +879,14 @@ __device__ __forceinline__ void load_h0(float (&s)[NT][4], const ChunkArgs& a, i
 // ht + base <- s: zeros for a padding row, nothing for one whose final state goes in place.
 template <int NT>
 __device__ __forceinline__ void store_ht(float (&s)[NT][4], const ChunkArgs& a, int64_t base,
-                                         int vc_lo, int lane, bool padding) {
+                                         int vc_lo, int lane, bool padding, int k0 = 0) {
   if (padding && a.inplace_final) return;
   if (a.state_v_stride == 1)  // K-first
-    for_state_slice(s, 0, vc_lo, a.K, a.V, lane, [&](float& x, int64_t off) {
+    for_state_slice(s, k0, vc_lo, a.K, a.V, lane, [&](float& x, int64_t off) {
       a.ht[base + off] = padding ? 0.0f : x;
     });
   else
-    for_state_elems(s, 0, vc_lo, a.K, a.V, lane, [&](float& x, int kd, int vc) {
+    for_state_elems(s, k0, vc_lo, a.K, a.V, lane, [&](float& x, int kd, int vc) {
       a.ht[base + state_elem(a, kd, vc)] = padding ? 0.0f : x;
     });
 }

@@ -52,6 +52,7 @@
 
 #include "chunk_common.cuh"
 #include "chunk_fwd_f32.cuh"
+#include "chunk_fwd_f32_split.cuh"
 #include "chunk_scan.cuh"
 #include "gla.h"
 
@@ -331,7 +332,8 @@ struct FwdGrid {
   unsigned chunk_x = 0, chunk_y = 0, chunk_z = 0;
 };
 
-// The split path's choice: GLA_EXT_CHUNK_FWD=fused|split forces it ("auto" or unset: the
+// The split path's choice, for 16-bit and float32 inputs alike (both fused grids have
+// N * H * ceil(V / 64) blocks): GLA_EXT_CHUNK_FWD=fused|split forces it ("auto" or unset: the
 // rule), otherwise split when the fused grid would have fewer than two blocks per SM and
 // sequences span at least two chunks on average (a first guess, to be tuned on a GPU:
 // benchmarks/bench_gpu.py times both). -1: the variable holds something else.
@@ -387,8 +389,48 @@ const char* prepare(const GlaParams& p, bool split, ChunkArgs* args, FwdGrid* gr
   return nullptr;
 }
 
+// prepare for float32 inputs (chunk_fwd_f32.cuh, chunk_fwd_f32_split.cuh): split exactly
+// when p.workspace is set (split_workspace_floats: [chunk offsets (varlen)] [S0: chunks x H x
+// K x V float32]). The split grids: scan N * H x V tiles x key tiles of kF32ScanKT; chunk
+// kernel chunks x H, looping over the V tiles.
+const char* prepare_f32_grid(const GlaParams& p, ChunkArgs* args, FwdGrid* grid) {
+  *grid = FwdGrid{};
+  if (const char* err = prepare_f32(p, args, &grid->fused_x, &grid->fused_y, &grid->empty))
+    return err;
+  if (grid->empty || p.workspace == nullptr) return nullptr;
+  if (p.T == 0) return "chunk_fwd_f32_cuda: the split path needs tokens";
+  grid->split = true;
+  args->chunk_offsets =
+      p.cu_seqlens != nullptr ? reinterpret_cast<int64_t*>(p.workspace) : nullptr;
+  args->fstates = p.workspace + offsets_floats(p);
+  if (p.V % 8 == 0 && aligned(p.workspace, 16)) args->flags |= kVecS;
+  grid->scan_x = grid->fused_x;
+  grid->scan_y = grid->fused_y;
+  grid->scan_z = static_cast<unsigned>((p.K + kF32ScanKT - 1) / kF32ScanKT);
+  grid->chunk_x = static_cast<unsigned>(max_chunks(p));
+  grid->chunk_y = static_cast<unsigned>(p.H);
+  grid->chunk_z = 1;
+  return nullptr;
+}
+
+// Workspace floats of the split path: [chunk offsets (varlen)] [chunk start states], 16-bit
+// (two per float) or float32.
+int64_t split_workspace_floats(const GlaParams& p) {
+  const int64_t chunks = max_chunks(p);
+  return offsets_floats(p) + (p.dtype == DType::kFloat32
+                                  ? f32_state_floats(chunks, p.H, p.K, p.V)
+                                  : (state_elems(chunks, p.H, p.K, p.V) + 1) / 2);
+}
+
 #ifndef GLA_CHUNK_EMULATE
 constexpr const char* kOp = "chunk_fwd_cuda";
+
+// The split path's first launch with cu_seqlens: each sequence's first workspace chunk.
+const char* launch_offsets(const ChunkArgs& args, cudaStream_t stream, const char* op) {
+  if (args.chunk_offsets == nullptr) return nullptr;
+  return launch_chunk_kernel(gla_chunk_offsets_kernel, dim3(1), kOffsetThreads, kOffsetSmem,
+                             stream, args, op, "gla_chunk_offsets_kernel");
+}
 
 template <typename T, int KT>
 const char* launch_all(const ChunkArgs& args, const FwdGrid& grid, cudaStream_t stream) {
@@ -397,12 +439,7 @@ const char* launch_all(const ChunkArgs& args, const FwdGrid& grid, cudaStream_t 
     return launch_chunk_kernel(gla_chunk_fwd_kernel<T, KT, false>,
                                dim3(grid.fused_x, grid.fused_y), kThreads, kSmem, stream, args,
                                kOp, "gla_chunk_fwd_kernel (fused)");
-  if (args.chunk_offsets != nullptr) {
-    if (const char* e = launch_chunk_kernel(gla_chunk_offsets_kernel, dim3(1), kOffsetThreads,
-                                            kOffsetSmem, stream, args, kOp,
-                                            "gla_chunk_offsets_kernel"))
-      return e;
-  }
+  if (const char* e = launch_offsets(args, stream, kOp)) return e;
   if (const char* e = launch_chunk_kernel(
           scan_vec(args) ? gla_chunk_state_scan_kernel<T, false, true>
                          : gla_chunk_state_scan_kernel<T, false, false>,
@@ -423,8 +460,7 @@ int64_t chunk_fwd_cuda_workspace_floats(const GlaParams& p) {
   if (check_device(kOp, &sm_count) != nullptr) return 0;  // chunk_fwd_cuda reports it
   const int split = want_split(p, sm_count);
   if (split < 0) return -1;
-  // chunk start states, 16-bit (two per float)
-  return split ? offsets_floats(p) + (state_elems(max_chunks(p), p.H, p.K, p.V) + 1) / 2 : 0;
+  return split ? split_workspace_floats(p) : 0;
 }
 
 // Runs split exactly when the caller passed the workspace chunk_fwd_cuda_workspace_floats
@@ -447,10 +483,23 @@ const char* chunk_fwd_cuda(const GlaParams& p, void* stream_ptr) {
 }
 
 template <int KT, int kPasses>
-const char* launch_f32(const ChunkArgs& args, dim3 grid, cudaStream_t stream) {
-  return launch_chunk_kernel(gla_chunk_fwd_f32_kernel<KT, kPasses>, grid, kF32Threads,
-                             F32Layout<KT>::kBytes, stream, args, "chunk_fwd_f32_cuda",
-                             "gla_chunk_fwd_f32_kernel");
+const char* launch_f32(const ChunkArgs& args, const FwdGrid& grid, cudaStream_t stream) {
+  constexpr const char* op = "chunk_fwd_f32_cuda";
+  if (!grid.split)
+    return launch_chunk_kernel(gla_chunk_fwd_f32_kernel<KT, kPasses>,
+                               dim3(grid.fused_x, grid.fused_y), kF32Threads,
+                               F32Layout<KT>::kBytes, stream, args, op,
+                               "gla_chunk_fwd_f32_kernel");
+  if (const char* e = launch_offsets(args, stream, op)) return e;
+  if (const char* e = launch_chunk_kernel(gla_chunk_state_scan_f32_kernel<kPasses>,
+                                          dim3(grid.scan_x, grid.scan_y, grid.scan_z),
+                                          kF32Threads, F32ScanLayout<kF32ScanKT>::kBytes,
+                                          stream, args, op, "gla_chunk_state_scan_f32_kernel"))
+    return e;
+  return launch_chunk_kernel(gla_chunk_fwd_f32_split_kernel<KT, kPasses>,
+                             dim3(grid.chunk_x, grid.chunk_y),
+                             kF32Threads, F32Layout<KT>::kBytes, stream, args, op,
+                             "gla_chunk_fwd_f32_split_kernel");
 }
 
 const char* chunk_fwd_f32_cuda(const GlaParams& p, int passes, void* stream_ptr) {
@@ -458,12 +507,10 @@ const char* chunk_fwd_f32_cuda(const GlaParams& p, int passes, void* stream_ptr)
   if (const char* err = check_device("chunk_fwd_f32_cuda", &sm_count)) return err;
   if (passes != 1 && passes != 3) return "chunk_fwd_f32_cuda: passes must be 1 or 3";
   ChunkArgs args;
-  unsigned gx = 0, gy = 0;
-  bool empty = false;
-  if (const char* err = prepare_f32(p, &args, &gx, &gy, &empty)) return err;
-  if (empty) return nullptr;
+  FwdGrid grid;
+  if (const char* err = prepare_f32_grid(p, &args, &grid)) return err;
+  if (grid.empty) return nullptr;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  const dim3 grid(gx, gy);
   if (p.K <= 64)
     return passes == 1 ? launch_f32<64, 1>(args, grid, stream)
                        : launch_f32<64, 3>(args, grid, stream);

@@ -51,6 +51,19 @@ struct F32Layout {
                     (kVStride * 4) % 16 == 0,
                 "rows must stay 16-byte aligned (cp.async)");
 };
+// Where F32Layout<KT>'s tiles lie in a block's shared memory (the fused and split kernels).
+template <int KT>
+struct F32Tiles {
+  float *q, *k, *b, *v, *a, *last, *tot;
+  __device__ __forceinline__ explicit F32Tiles(unsigned char* smem)
+      : q(reinterpret_cast<float*>(smem + F32Layout<KT>::kQOff)),
+        k(reinterpret_cast<float*>(smem + F32Layout<KT>::kKOff)),
+        b(reinterpret_cast<float*>(smem + F32Layout<KT>::kBOff)),
+        v(reinterpret_cast<float*>(smem + F32Layout<KT>::kVOff)),
+        a(reinterpret_cast<float*>(smem + F32Layout<KT>::kAOff)),
+        last(reinterpret_cast<float*>(smem + F32Layout<KT>::kLastOff)),
+        tot(reinterpret_cast<float*>(smem + F32Layout<KT>::kTotOff)) {}
+};
 static_assert(F32Layout<64>::kBytes <= 99 * 1024, "K <= 64 must fit sm_86/sm_89 (99 KB)");
 static_assert(F32Layout<128>::kBytes <= 163 * 1024, "K = 128 must fit sm_80 (163 KB)");
 
@@ -329,24 +342,96 @@ __device__ __forceinline__ void f32_scores(const float* sQ, const float* sK, con
   }
 }
 
+// Step 4 of a chunk (the fused and split forwards): q <- q * exp2(b) * scale and, for the
+// state update (kGateK), k <- k * exp2(b_last - b) and b_last -> sLast. No barrier at the end.
+template <int KT, typename L, bool kGateK>
+__device__ __forceinline__ void f32_gate_tiles(float* sQ, float* sK, const float* sB,
+                                               float* sLast, float scale, int tid) {
+  // 16-byte vectors of 4 key dims (rows are 16-byte aligned, KT % 4 == 0)
+  const float* const blast = sB + (kC - 1) * L::kBStride;
+  for (int e = tid; e < kC * KT / 4; e += kF32Threads) {
+    const int t = e / (KT / 4), kd = 4 * (e % (KT / 4));
+    const float4 b = *reinterpret_cast<const float4*>(sB + t * L::kBStride + kd);
+    float4* const qp = reinterpret_cast<float4*>(sQ + t * L::kQKStride + kd);
+    const float4 qv = *qp;
+    *qp = make_float4(qv.x * exp2f(b.x) * scale, qv.y * exp2f(b.y) * scale,
+                      qv.z * exp2f(b.z) * scale, qv.w * exp2f(b.w) * scale);
+    if constexpr (kGateK) {
+      const float4 bl = *reinterpret_cast<const float4*>(blast + kd);
+      float4* const kp = reinterpret_cast<float4*>(sK + t * L::kQKStride + kd);
+      const float4 kv = *kp;
+      *kp = make_float4(kv.x * exp2f(bl.x - b.x), kv.y * exp2f(bl.y - b.y),
+                        kv.z * exp2f(bl.z - b.z), kv.w * exp2f(bl.w - b.w));
+    }
+  }
+  if constexpr (kGateK)
+    for (int kd = tid; kd < KT; kd += kF32Threads) sLast[kd] = blast[kd];
+}
+
+// Step 5 of a chunk (the fused and split forwards): o = q~ @ S + A @ v for one warp's 16
+// columns wc.. of the V tile starting at column v0, from the gated q (sQ), the scores (sA),
+// the state S ([key dim][column], stride L::kSStride) and the v tile; o is written to
+// out (the chunk's first token, head h) for tokens < len and columns < V.
+template <int KT, int kPasses, typename L>
+__device__ __forceinline__ void f32_chunk_output(const float* sQ, const float* sA,
+                                                 const float* sS, const float* sV, float* out,
+                                                 int len, int v0, int V, int64_t v_tok, int wc,
+                                                 int lane) {
+  const int g8 = lane >> 2, c4 = lane & 3;
+  float o[4][2][4] = {};
+  for (int k0 = 0; k0 < KT; k0 += 8) {
+    float bf[2][2];
+    frag_b(bf[0], sS, L::kSStride, k0, wc, lane);
+    frag_b(bf[1], sS, L::kSStride, k0, wc + 8, lane);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float af[4];
+      frag_a(af, sQ, L::kQKStride, 16 * i, k0, lane);
+      mma_f32<kPasses>(o[i][0], af, bf[0]);
+      mma_f32<kPasses>(o[i][1], af, bf[1]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    for (int t0 = 0; t0 < 16 * i + 16; t0 += 8) {  // causal: token blocks j <= i
+      float af[4], bf0[2], bf1[2];
+      frag_a(af, sA, L::kAStride, 16 * i, t0, lane);
+      frag_b(bf0, sV, L::kVStride, t0, wc, lane);
+      frag_b(bf1, sV, L::kVStride, t0, wc + 8, lane);
+      mma_f32<kPasses>(o[i][0], af, bf0);
+      mma_f32<kPasses>(o[i][1], af, bf1);
+    }
+  }
+  // rows 16i + g (+8), columns v0 + 16w + 8nh + 2c (+1)
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int nh = 0; nh < 2; ++nh)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int t = 16 * i + g8 + 8 * hr;
+        const int vc = v0 + wc + 8 * nh + 2 * c4;
+        if (t >= len) continue;
+        float* const dst = out + t * v_tok + vc;
+        if (vc < V) dst[0] = o[i][nh][2 * hr];
+        if (vc + 1 < V) dst[1] = o[i][nh][2 * hr + 1];
+      }
+}
+
 // grid x = N * H, y = V tiles of kF32BV.
 template <int KT, int kPasses>
 __global__ void __launch_bounds__(kF32Threads, 1) gla_chunk_fwd_f32_kernel(const ChunkArgs a) {
   using L = F32Layout<KT>;
   constexpr int kNT = KT / 8;
   extern __shared__ __align__(16) unsigned char smem[];
-  float* const sQ = reinterpret_cast<float*>(smem + L::kQOff);
-  float* const sK = reinterpret_cast<float*>(smem + L::kKOff);
-  float* const sB = reinterpret_cast<float*>(smem + L::kBOff);
+  const F32Tiles<KT> tiles(smem);
+  float *const sQ = tiles.q, *const sK = tiles.k, *const sB = tiles.b, *const sV = tiles.v;
+  float *const sA = tiles.a, *const sLast = tiles.last, *const sTot = tiles.tot;
   float* const sS = sB;  // the state, once the gates are used up
-  float* const sV = reinterpret_cast<float*>(smem + L::kVOff);
-  float* const sA = reinterpret_cast<float*>(smem + L::kAOff);
-  float* const sLast = reinterpret_cast<float*>(smem + L::kLastOff);
-  float* const sTot = reinterpret_cast<float*>(smem + L::kTotOff);
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31;
-  const int g8 = lane >> 2, c4 = lane & 3;
+  const int g8 = lane >> 2;
   const int H = a.H, V = a.V;
   const float scale = a.scale;
   const int h = static_cast<int>(blockIdx.x % static_cast<unsigned>(H));
@@ -385,73 +470,14 @@ __global__ void __launch_bounds__(kF32Threads, 1) gla_chunk_fwd_f32_kernel(const
     __syncthreads();  // raw q, k and the gates are read above; changed below
 
     // ---- 4. q <- q * exp2(b) * scale, k <- k * exp2(b_last - b), b_last aside -------------
-    {  // 16-byte vectors of 4 key dims (rows are 16-byte aligned, KT % 4 == 0)
-      const float* const blast = sB + (kC - 1) * L::kBStride;
-      for (int e = tid; e < kC * KT / 4; e += kF32Threads) {
-        const int t = e / (KT / 4), kd = 4 * (e % (KT / 4));
-        const float4 b = *reinterpret_cast<const float4*>(sB + t * L::kBStride + kd);
-        const float4 bl = *reinterpret_cast<const float4*>(blast + kd);
-        float4* const qp = reinterpret_cast<float4*>(sQ + t * L::kQKStride + kd);
-        float4* const kp = reinterpret_cast<float4*>(sK + t * L::kQKStride + kd);
-        const float4 qv = *qp, kv = *kp;
-        *qp = make_float4(qv.x * exp2f(b.x) * scale, qv.y * exp2f(b.y) * scale,
-                          qv.z * exp2f(b.z) * scale, qv.w * exp2f(b.w) * scale);
-        *kp = make_float4(kv.x * exp2f(bl.x - b.x), kv.y * exp2f(bl.y - b.y),
-                          kv.z * exp2f(bl.z - b.z), kv.w * exp2f(bl.w - b.w));
-      }
-      for (int kd = tid; kd < KT; kd += kF32Threads) sLast[kd] = blast[kd];
-    }
+    f32_gate_tiles<KT, L, true>(sQ, sK, sB, sLast, scale, tid);
     __syncthreads();  // the gates are done with: the state goes over them
     state_to_smem<kNT, L::kSStride>(s, sS, wc, lane);
     __syncthreads();
 
     // ---- 5. o = q~ @ S + A @ v for this warp's 16 columns ---------------------------------
-    {
-      float o[4][2][4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int nh = 0; nh < 2; ++nh)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) o[i][nh][r] = 0.0f;
-      for (int k0 = 0; k0 < KT; k0 += 8) {
-        float bf[2][2];
-        frag_b(bf[0], sS, L::kSStride, k0, wc, lane);
-        frag_b(bf[1], sS, L::kSStride, k0, wc + 8, lane);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          float af[4];
-          frag_a(af, sQ, L::kQKStride, 16 * i, k0, lane);
-          mma_f32<kPasses>(o[i][0], af, bf[0]);
-          mma_f32<kPasses>(o[i][1], af, bf[1]);
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        for (int t0 = 0; t0 < 16 * i + 16; t0 += 8) {  // causal: token blocks j <= i
-          float af[4], bf0[2], bf1[2];
-          frag_a(af, sA, L::kAStride, 16 * i, t0, lane);
-          frag_b(bf0, sV, L::kVStride, t0, wc, lane);
-          frag_b(bf1, sV, L::kVStride, t0, wc + 8, lane);
-          mma_f32<kPasses>(o[i][0], af, bf0);
-          mma_f32<kPasses>(o[i][1], af, bf1);
-        }
-      }
-      // rows 16i + g (+8), columns v_first + 16w + 8nh + 2c (+1)
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int nh = 0; nh < 2; ++nh)
-#pragma unroll
-          for (int hr = 0; hr < 2; ++hr) {
-            const int t = 16 * i + g8 + 8 * hr;
-            const int vc = v_first + wc + 8 * nh + 2 * c4;
-            if (t >= len) continue;
-            float* const dst = out + v_base + t * v_tok + vc;
-            if (vc < V) dst[0] = o[i][nh][2 * hr];
-            if (vc + 1 < V) dst[1] = o[i][nh][2 * hr + 1];
-          }
-    }
+    f32_chunk_output<KT, kPasses, L>(sQ, sA, sS, sV, out + v_base, len, v_first, V, v_tok, wc,
+                                     lane);
 
     // ---- 6. S^T <- S^T * exp2(b_last) + v^T @ k~ -------------------------------------------
     f32_state_update<KT, kPasses, L::kVStride, L::kQKStride>(s, sV, sK, sLast, wc, lane);
