@@ -56,3 +56,15 @@ def test_sweep_only_keeps_the_named_cases_under_every_rep(tmp_path):
     assert proc.returncode == 0, out + proc.stderr
     assert "6 passed, 6 deselected" in out, out
     assert "test_p[rep1-2]" in out and "test_p[rep1-1]" not in out, out
+
+
+def test_an_assertion_a_newer_sweep_of_its_test_no_longer_logs_is_superseded(tmp_path):
+    for name, date, assertion in [("seed_sweep_a", "2026-12-07T01:00:00+00:00", "old < 1e-5"),
+                                  ("seed_sweep_b", "2026-12-07T02:00:00+00:00", "new < 1e-5")]:
+        meta = dict(date=date, commit="abc1234", reps=10)
+        with open(tmp_path / (name + ".json"), "w") as f:
+            json.dump(dict(meta=meta, cases=[dict(test=CASE, assertion=assertion, ratio=0.1)]), f)
+        (tmp_path / (name + ".md")).write_text("# sweep\n")
+    cases = sweep_ledger.ledger(sweep_ledger.load_sweeps(str(tmp_path)))
+    assert cases[(CASE, "old < 1e-5")]["superseded"]
+    assert not cases[(CASE, "new < 1e-5")]["superseded"]

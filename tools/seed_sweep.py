@@ -79,7 +79,8 @@ def cases_below(tests: list[str], target: int) -> list[str]:
     files = {t.split("::")[0] for t in tests}
     seeds: dict[str, int] = {}
     for (test, assertion), e in sweep_ledger.ledger(sweep_ledger.load_sweeps()).items():
-        if test.split("::")[0] in files and sweep_ledger.still_asserted(test, assertion):
+        if (test.split("::")[0] in files and not e["superseded"]
+                and sweep_ledger.still_asserted(test, assertion)):
             seeds[test] = min(seeds.get(test, e["seeds"]), e["seeds"])
     return sorted(t for t, n in seeds.items() if n < target)
 

@@ -15,6 +15,7 @@ import glob
 import json
 import os
 import re
+import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,17 +53,36 @@ def ledger(sweeps: list[dict]) -> dict[tuple[str, str], dict]:
     """(test, assertion) -> seeds (sum of the sweeps' reps), the worst ratio over all of them,
     and the newest sweep's worst ratio (a test or kernel fixed after an older sweep shows there)."""
     cases: dict[tuple[str, str], dict] = {}
-    for s in sorted(sweeps, key=lambda s: s["meta"]["date"]):
+    test_last: dict[str, int] = {}     # test -> position of the newest sweep that logged it
+    for order, s in enumerate(sorted(sweeps, key=_sweep_order)):
         reps = s["meta"]["reps"]
         for c in s["cases"]:
+            test_last[c["test"]] = order
             key = (c["test"], c["assertion"][:60])
             e = cases.setdefault(key, dict(seeds=0, ratio=0.0, worst_in=None, sweeps=[]))
+            e["last_order"] = order
             e["seeds"] += reps
             e["sweeps"].append(s["file"])
             e["latest"], e["latest_in"] = c["ratio"], f"{s['file']} ({s['meta']['commit']})"
             if c["ratio"] >= e["ratio"]:
                 e["ratio"], e["worst_in"] = c["ratio"], f"{s['file']} ({s['meta']['commit']})"
+    for (test, _), e in cases.items():
+        # a newer sweep ran this test and no longer logged this assertion: the test changed
+        # since (its text may still be elsewhere in the file)
+        e["superseded"] = test_last[test] > e["last_order"]
     return cases
+
+
+def _sweep_order(sweep: dict) -> tuple:
+    """Sweeps in the order of the code they ran: their commit's time (older sweeps' markdown
+    gives a date without a time), then their date."""
+    commit = str(sweep["meta"].get("commit", "")).split("-")[0]
+    try:
+        t = int(subprocess.run(["git", "log", "-1", "--format=%ct", commit], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30).stdout.strip() or 0)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        t = 0
+    return (t, sweep["meta"]["date"])
 
 
 def still_asserted(test: str, assertion: str) -> bool:
@@ -93,7 +113,7 @@ def main():
     per_file = collections.defaultdict(list)
     gone = []
     for (test, assertion), e in cases.items():
-        if not still_asserted(test, assertion):
+        if e["superseded"] or not still_asserted(test, assertion):
             gone.append((test, assertion, e))
             continue
         per_file[test.split("::")[0]].append((test, assertion, e))
@@ -128,7 +148,8 @@ def main():
         lines.append(f"| `{test}` | `{assertion[:60]}` | {e['ratio']:.2f} | {e['worst_in']} | "
                      f"{e['latest']:.2f} | {e['latest_in']} |")
     lines += ["", f"{len(gone)} swept assertions are no longer in their test files "
-              "(tolerances or tests changed since) and are left out above."]
+              "(tolerances or tests changed since, or a newer sweep of their test no longer logged them) "
+              "and are left out above."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
