@@ -627,6 +627,33 @@ __device__ __forceinline__ int insert_bit(int i, int lv, int set) {
   return ((i & ~low) << 1) | (set << lv) | (i & low);
 }
 
+// The entries of one dyadic level's accumulator that the level owns (diag_block_scores and
+// the float32 f32_diag_block): acc[r] is (A row g (+8 for r >= 2), column 2c + (r & 1)); rows
+// 8..15 hold the level's tokens t (owned where t and s share the bits above the level), rows
+// 0..7 the reference tokens r (owned only on the diagonal t == s). put(t, s, acc[r]) stores
+// one, with t and s inside the 16 x 16 block.
+template <typename Put>
+__device__ __forceinline__ void diag_level_owned(const float (&acc)[4], int lv, int g8, int c4,
+                                                 Put put) {
+  const int lsz = 1 << lv, nz = 8 >> lv;
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int row = g8 + 8 * (r >> 1);
+    const int s = insert_bit(2 * c4 + (r & 1), lv, 0);
+    int t;
+    bool own;
+    if (row >= 8) {
+      t = insert_bit(row - 8, lv, 1);
+      own = (t >> (lv + 1)) == (s >> (lv + 1));
+    } else {
+      t = row * 2 * lsz + lsz - 1;
+      own = row < nz && t == s;
+    }
+    if (own) put(t, s, acc[r]);
+  }
+}
+
+
 // One diagonal 16 x 16 block (tokens 16 blk + 0..15) by dyadic levels, one warp. At level
 // L = 2^lv (8, 4, 2, 1) the pairs (t, s) with s < t whose highest differing bit is lv (t has
 // it set, s clear, same higher bits) factor through r = s | (L - 1), the last token of s's
@@ -690,22 +717,9 @@ __device__ __forceinline__ void diag_block_scores(const uint16_t* sQ, const uint
       E::mma(acc, al, bf[0], bf[1]);
       if (lv > 0) E::mma(acc, af, bl[0], bl[1]);
     }
-    // acc: (A row g (+8 for r >= 2), column 2c + (r & 1)); keep the entries this level owns
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int row = g8 + 8 * (r >> 1);
-      const int s = insert_bit(2 * c4 + (r & 1), lv, 0);
-      int t;
-      bool own;
-      if (row >= 8) {
-        t = insert_bit(row - 8, lv, 1);
-        own = (t >> (lv + 1)) == (s >> (lv + 1));
-      } else {
-        t = row * 2 * lsz + lsz - 1;
-        own = row < nz && t == s;
-      }
-      if (own) sA[(base + t) * L::kAStride + base + s] = E::from_float(acc[r] * scale);
-    }
+    diag_level_owned(acc, lv, g8, c4, [&](int t, int s, float x) {
+      sA[(base + t) * L::kAStride + base + s] = E::from_float(x * scale);
+    });
   }
   // A[15][15]: q_15 . k_15 (no decay), lanes over pairs of key dims, then a butterfly sum
   {

@@ -246,22 +246,9 @@ __device__ __forceinline__ void f32_diag_block(const float* sQ, const float* sK,
       }
       mma_f32<kDiagPasses>(acc, av, bv);
     }
-    // acc[r]: (A row g (+8 for r >= 2), column 2c + (r & 1)); keep the entries this level owns
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int row = g8 + 8 * (r >> 1);
-      const int s = insert_bit(2 * c4 + (r & 1), lv, 0);
-      int t;
-      bool own;
-      if (row >= 8) {
-        t = insert_bit(row - 8, lv, 1);
-        own = (t >> (lv + 1)) == (s >> (lv + 1));
-      } else {
-        t = row * 2 * lsz + lsz - 1;
-        own = row < nz && t == s;
-      }
-      if (own) sA[(base + t) * L::kAStride + base + s] = acc[r] * scale;
-    }
+    diag_level_owned(acc, lv, g8, c4, [&](int t, int s, float x) {
+      sA[(base + t) * L::kAStride + base + s] = x * scale;
+    });
   }
   // A[15][15] = q_15 . k_15 (no decay): lanes over key dims in float32 FMA, a butterfly sum
   {
