@@ -480,9 +480,6 @@ struct Elem<__half> {
 //   B (8x8, "col"):       reg0 = (row c, col g), reg1 = (row c+4, col g)
 //   C/D (16x8, float):    as for m16n8k16.
 
-// x as a tf32 pair for 3xTF32: hi = x rounded to tf32, lo = what that left, rounded too;
-// a * b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi keeps about float32's accuracy (the dropped
-// a_lo b_lo is ~2^-22 of the product).
 // A float32 operand rounded to tf32 for the tensor cores: cvt.rn where the PTX target has it
 // (sm_90+: one instruction), cvt.rna before (three). Both round to nearest and differ only on
 // exact ties, so the accuracy is the same; the emulator picks by its __CUDA_ARCH__ (emu.h).
@@ -494,6 +491,9 @@ __device__ __forceinline__ uint32_t cvt_tf32(float x) {
 #endif
 }
 
+// x as a tf32 pair for 3xTF32: hi = x rounded to tf32, lo = what that left, rounded too;
+// a * b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi keeps about float32's accuracy (the dropped
+// a_lo b_lo is ~2^-22 of the product).
 __device__ __forceinline__ void tf32_split(float x, uint32_t& hi, uint32_t& lo) {
   hi = cvt_tf32(x);
   lo = cvt_tf32(x - __uint_as_float(hi));
@@ -652,7 +652,6 @@ __device__ __forceinline__ void diag_level_owned(const float (&acc)[4], int lv, 
     if (own) put(t, s, acc[r]);
   }
 }
-
 
 // One diagonal 16 x 16 block (tokens 16 blk + 0..15) by dyadic levels, one warp. At level
 // L = 2^lv (8, 4, 2, 1) the pairs (t, s) with s < t whose highest differing bit is lv (t has
