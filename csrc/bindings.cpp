@@ -357,8 +357,8 @@ Tensor attach_workspace(gla::GlaParams& p, int64_t floats, const Tensor& q) {
   return workspace;
 }
 
-// The chunked forward's launch, fused or split (chunk_fwd.cu's want_split, for 16-bit and
-// float32 alike): only the split path (few sequences x heads, long sequences) takes a
+// The chunked forward's launch, fused or split (chunk_fwd.cu's want_split, a rule for 16-bit
+// and one for float32): only the split path (few sequences x heads, long sequences) takes a
 // workspace, 16-bit chunk states or, for float32 (tf32 kernels, precision from torch:
 // f32_passes), float32 ones.
 void run_chunk_fwd(gla::GlaParams& p, const Tensor& q, bool f32, const char* op) {

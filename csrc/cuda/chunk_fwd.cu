@@ -332,22 +332,45 @@ struct FwdGrid {
   unsigned chunk_x = 0, chunk_y = 0, chunk_z = 0;
 };
 
-// The split path's choice, for 16-bit and float32 inputs alike (both fused grids have
-// N * H * ceil(V / 64) blocks): GLA_EXT_CHUNK_FWD=fused|split forces it ("auto" or unset: the
-// rule), otherwise split when the fused grid would have fewer than two blocks per SM and
-// sequences span at least two chunks on average (a first guess, to be tuned on a GPU:
-// benchmarks/bench_gpu.py times both). -1: the variable holds something else.
-int want_split(const GlaParams& p, int sm_count) {
+// The fraction of the GPU's block slots (SMs x resident blocks per SM) that `blocks` fill over
+// the waves they take: 1.0 when the last wave is full, low when few blocks leave SMs idle.
+double wave_fill(int64_t blocks, int64_t slots) {
+  if (blocks <= 0 || slots <= 0) return 1.0;
+  const int64_t waves = (blocks + slots - 1) / slots;
+  return static_cast<double>(blocks) / static_cast<double>(waves * slots);
+}
+
+// float32: split when the fused grid fills less than this share of the block slots. From the
+// modelled H200 times (benchmarks/results/gpu_model.md, docs/cuda_float32.md): the fused
+// kernel's time over the split path's is about 0.7 ("high") to 0.9 ("highest") divided by
+// the fill, so 0.8 picks the faster path in 5 of the 6 modelled (shape, precision) cells and
+// costs 5% in the sixth. A first GPU run (bench_gpu_f32.py times both paths) should set it.
+constexpr double kF32SplitBelowFill = 0.8;
+
+// The split path's choice: GLA_EXT_CHUNK_FWD=fused|split forces it ("auto" or unset: the rule).
+// Both need sequences spanning at least two chunks on average (one chunk has nothing to
+// split). 16-bit: split when the fused grid (N * H * ceil(V / 64) blocks) has fewer than two
+// blocks per SM (a first guess, to be tuned on a GPU: benchmarks/bench_gpu.py times both).
+// float32: split when the fused grid fills under kF32SplitBelowFill of the SMs' block slots,
+// with f32_blocks_per_sm resident fused float32 blocks per SM (the launcher asks the CUDA
+// occupancy API: 1 at K = 128, 2 at K <= 64 on sm_90). -1: the variable holds something else.
+int want_split(const GlaParams& p, int sm_count, int f32_blocks_per_sm) {
   if (const char* force = std::getenv("GLA_EXT_CHUNK_FWD")) {
     if (std::strcmp(force, "split") == 0) return p.T > 0 ? 1 : 0;
     if (std::strcmp(force, "fused") == 0) return 0;
     if (force[0] != '\0' && std::strcmp(force, "auto") != 0) return -1;
   }
   if (p.T <= 0 || p.N * p.H == 0) return 0;
+  static_assert(kF32BV == kBV, "both fused grids have N * H * ceil(V / 64) blocks");
   const int64_t fused_blocks = p.N * p.H * ((p.V + kBV - 1) / kBV);
   const int64_t per_row = (p.T + kC - 1) / kC;  // chunks per row; N rows share it with varlen
   const bool long_enough = p.cu_seqlens != nullptr ? per_row >= 2 * p.N : per_row >= 2;
-  return fused_blocks < 2 * static_cast<int64_t>(sm_count) && long_enough ? 1 : 0;
+  if (!long_enough) return 0;
+  if (p.dtype == DType::kFloat32)
+    return wave_fill(fused_blocks, static_cast<int64_t>(sm_count) * f32_blocks_per_sm) <
+                   kF32SplitBelowFill
+               ? 1 : 0;
+  return fused_blocks < 2 * static_cast<int64_t>(sm_count) ? 1 : 0;
 }
 
 // Checks p and fills the kernel arguments and grids; split: p.workspace holds the chunk
@@ -455,10 +478,30 @@ const char* launch_all(const ChunkArgs& args, const FwdGrid& grid, cudaStream_t 
 }  // namespace
 
 #ifndef GLA_CHUNK_EMULATE
+namespace {
+// Resident fused float32 blocks per SM (want_split's float32 rule), from the occupancy API for
+// the 3xTF32 instantiation: the passes are not known here, and both instantiations hold the
+// same number (benchmarks/results/sass_stats.md, sm_90a: 2 at K <= 64, 1 at K = 128, set by
+// shared memory). 1 if the query fails: the launch then reports the error.
+int f32_fused_blocks_per_sm(const GlaParams& p) {
+  if (p.dtype != DType::kFloat32) return 1;
+  int blocks = 0;
+  const cudaError_t err =
+      p.K <= 64 ? resident_blocks_once(reinterpret_cast<const void*>(
+                                           gla_chunk_fwd_f32_kernel<64, 3>),
+                                       kF32Threads, F32Layout<64>::kBytes, &blocks)
+                : resident_blocks_once(reinterpret_cast<const void*>(
+                                           gla_chunk_fwd_f32_kernel<128, 3>),
+                                       kF32Threads, F32Layout<128>::kBytes, &blocks);
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  return err == cudaSuccess && blocks > 0 ? blocks : 1;
+}
+}  // namespace
+
 int64_t chunk_fwd_cuda_workspace_floats(const GlaParams& p) {
   int sm_count = 0;
   if (check_device(kOp, &sm_count) != nullptr) return 0;  // chunk_fwd_cuda reports it
-  const int split = want_split(p, sm_count);
+  const int split = want_split(p, sm_count, f32_fused_blocks_per_sm(p));
   if (split < 0) return -1;
   return split ? split_workspace_floats(p) : 0;
 }

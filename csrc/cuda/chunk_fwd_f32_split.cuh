@@ -1,6 +1,6 @@
 // The split float32 forward (tf32 tensor cores), for long sequences with few sequences x heads
 // (where the fused kernel of chunk_fwd_f32.cuh has too few blocks to fill the GPU; the
-// launcher's want_split decides, as for 16-bit inputs):
+// launcher's want_split decides by the fused grid's wave fill):
 //   1. state scan: the float32 backward's forward scan (f32_state_scan, chunk_bwd_f32.cuh)
 //      walks each sequence's chunks from h0 and stores the state every chunk starts from in a
 //      float32 workspace, then the final state (pools, V-first, in place: as the fused kernel

@@ -36,6 +36,14 @@ inline std::vector<std::pair<const void*, int>>& raised() {  // (kernel, device)
   static std::vector<std::pair<const void*, int>> v;
   return v;
 }
+struct Resident {
+  const void* kernel;
+  int device, threads, smem, blocks;
+};
+inline std::vector<Resident>& resident() {
+  static std::vector<Resident> v;
+  return v;
+}
 }  // namespace device_cache
 
 // The current device and its DeviceInfo; cudaSuccess or the error of the first failed query.
@@ -81,6 +89,31 @@ inline cudaError_t raise_smem_once(const void* kernel, int smem) {
   if (err != cudaSuccess) return err;
   std::lock_guard<std::mutex> guard(device_cache::lock());
   device_cache::raised().emplace_back(kernel, device);
+  return cudaSuccess;
+}
+
+// How many blocks of kernel (threads per block, smem dynamic shared memory bytes) one SM holds
+// at once on the current device, asked once per (kernel, device, threads, smem). Raises the
+// kernel's shared memory limit first (raise_smem_once): the occupancy API counts 0 blocks for
+// a kernel whose limit is below smem.
+inline cudaError_t resident_blocks_once(const void* kernel, int threads, int smem, int* blocks) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  {
+    std::lock_guard<std::mutex> guard(device_cache::lock());
+    for (const auto& r : device_cache::resident())
+      if (r.kernel == kernel && r.device == device && r.threads == threads && r.smem == smem) {
+        *blocks = r.blocks;
+        return cudaSuccess;
+      }
+  }
+  err = raise_smem_once(kernel, smem);
+  if (err == cudaSuccess)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, threads, smem);
+  if (err != cudaSuccess) return err;
+  std::lock_guard<std::mutex> guard(device_cache::lock());
+  device_cache::resident().push_back({kernel, device, threads, smem, *blocks});
   return cudaSuccess;
 }
 

@@ -156,10 +156,11 @@ int main(int argc, char** argv) {
     f.write(reinterpret_cast<const char*>(split.data()),
             static_cast<std::streamsize>(split.size()));
   }
-  // the launcher's rule on a 132-SM GPU (H100 / H200), GLA_EXT_CHUNK_FWD as in the environment
+  // the launcher's rule on a 132-SM GPU (H100 / H200: 2 fused float32 blocks per SM at K <= 64,
+  // 1 at K = 128), GLA_EXT_CHUNK_FWD as in the environment
   std::printf("guards=%d runs_equal=%d fused_equal=%d auto_split=%d workspace_floats=%ld "
               "barriers=%ld mmas=%ld arch=%d cvt_rna=%ld cvt_rn=%ld DONE\n",
-              guards ? 1 : 0, runs_equal ? 1 : 0, fused_equal ? 1 : 0, gla::want_split(p, 132),
+              guards ? 1 : 0, runs_equal ? 1 : 0, fused_equal ? 1 : 0, gla::want_split(p, 132, K <= 64 ? 2 : 1),
               static_cast<long>(nwork), emu::st().barriers, emu::st().mmas, __CUDA_ARCH__,
               emu::st().cvt_rna, emu::st().cvt_rn);
   return guards && runs_equal ? 0 : 1;
