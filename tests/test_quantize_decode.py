@@ -87,10 +87,13 @@ def test_fused_quantized_step_vs_emulation_pytorch_path_and_float64(fmt, group, 
     assert all(s.dtype == torch.float32 for s in state)
     # vs the dequantized model (PyTorch path and float64): the activations' rounding, as far
     # as the emulation moves from it on this draw (random small models amplify it on some
-    # draws, as float32 rounding: tests/helpers.act_quant_tolerance)
+    # draws, as float32 rounding: tests/helpers.act_quant_tolerance), plus how far this step
+    # is from the emulation (checked above; an activation rounded to the neighbouring int8
+    # value near a tie reached 1.1e-2 in the session-10 sweep, more than the 1e-2 of slack the
+    # tolerance alone leaves: docs/seed_sweeps.md)
     for out, out_gen, out_emu, out_ref in zip([ys, *state], [gen, *gen_state],
                                               [emu, *emu_state], [ref, *ref_state]):
-        tol = act_quant_tolerance(out_emu, out_ref)
+        tol = act_quant_tolerance(out_emu, out_ref) + rel_err(out, out_emu)
         assert rel_err(out, out_gen) < tol and rel_err(out, out_ref) < tol
 
 
