@@ -93,6 +93,15 @@ def float32_model_tolerance(model: torch.nn.Module, run, *inputs, floor: float =
     return tols[0] if single else tols
 
 
+def float64_reference_model(model):
+    """A float64 copy of a GLA model (same, possibly rounded, weights) on the pure-PyTorch ops:
+    the oracle a float32 model's fused paths are checked against."""
+    ref = copy.deepcopy(model).double()
+    for block in ref.blocks:
+        block.attn.backend = "reference"
+    return ref
+
+
 def forward_y_and_states(m, x, state):
     """[last output, each final state] of a GLA model's forward from `state` (a `run` for
     float32_model_tolerance)."""

@@ -1,5 +1,4 @@
 """The fused CPU decode step (gla_ext.decode, issue 3) against the generic GLA.step path."""
-import copy
 import gc
 import weakref
 
@@ -13,7 +12,7 @@ from gla_ext import decode as dec
 
 pytestmark = pytest.mark.skipif(not gla_ext.extension_loaded(),
                                 reason="gla_ext._C is not built (the fast path needs it)")
-from helpers import decoder_for_isa, float32_model_tolerance, rel_err
+from helpers import decoder_for_isa, float32_model_tolerance, float64_reference_model, rel_err
 
 SMALL = dict(embed_dim=13, hidden_size=32, num_layers=2, num_heads=2, head_dim=16,
              dropout=0.1)
@@ -76,7 +75,7 @@ def test_fused_step_equals_generic_step(options, batch):
     x = torch.randn(batch, 6, model.embed_dim)
     with torch.no_grad():
         s_fast = s_gen = [s + torch.randn_like(s) for s in model.init_state(batch)]
-        ref, ref_state = reference_model(model)(x.double(), state=[s.double() for s in s_gen],
+        ref, ref_state = float64_reference_model(model)(x.double(), state=[s.double() for s in s_gen],
                                                 return_sequence=True, return_state=True)
         for t in range(x.shape[1]):
             y_fast, s_fast = fused_step(model, x[:, t], s_fast)
@@ -160,7 +159,7 @@ def test_non_contiguous_inputs():
 
 def test_batch_size_can_change_between_steps():
     model = small_model()
-    m64 = reference_model(model)
+    m64 = float64_reference_model(model)
     with torch.no_grad():
         for batch in (1, 4, 1, 2):
             x = torch.randn(batch, model.embed_dim)
@@ -297,14 +296,6 @@ def test_replaced_dropout_is_seen():
 ISAS = ["generic", "avx2", "avx512"]
 
 
-def reference_model(model):
-    """A float64 copy of model (same, possibly rounded, weights) on the pure-PyTorch ops."""
-    ref = copy.deepcopy(model).double()
-    for block in ref.blocks:
-        block.attn.backend = "reference"
-    return ref
-
-
 def stream(model, x, dtype=None):
     """Outputs [B, T, hidden] and final state of the fused step fed token by token."""
     state, ys = None, []
@@ -321,7 +312,7 @@ def test_every_isa_matches_generic_and_float64(isa, monkeypatch):
     x = torch.randn(3, 8, model.embed_dim)
     with torch.no_grad():
         ys, state = stream(model, x)
-        ref, ref_state = reference_model(model)(x.double(), return_sequence=True,
+        ref, ref_state = float64_reference_model(model)(x.double(), return_sequence=True,
                                                 return_state=True)
         s_gen, gen = None, []
         for t in range(x.shape[1]):
@@ -342,7 +333,7 @@ def test_16bit_model_takes_the_fused_step(dtype, tol, tokens):
     with torch.no_grad():
         ys, state = stream(model, x)
         y_step, _ = model.step(x[:, 0])           # GLA.step takes it too
-        ref, ref_state = reference_model(model)(x.double(), return_sequence=True,
+        ref, ref_state = float64_reference_model(model)(x.double(), return_sequence=True,
                                                 return_state=True)
     assert dec.decoder(model).isa and dec.is_cached(model)
     assert ys.dtype == dtype and y_step.dtype == dtype

@@ -1,5 +1,4 @@
 """gla_ext.StatePool: slot-indexed states == the model run stream by stream, in place, errors."""
-import copy
 import random
 
 import pytest
@@ -8,7 +7,8 @@ import torch
 import gla_ext
 from gla_ext import GLA, decode
 
-from helpers import float32_model_tolerance, forward_y_and_states, rel_err
+from helpers import (float32_model_tolerance, float64_reference_model, forward_y_and_states,
+                     rel_err)
 
 SMALL = dict(embed_dim=11, hidden_size=24, num_layers=2, num_heads=2, head_dim=8, dropout=0.1)
 TOL = 1e-5       # float32 on the CPU (docs/design.md "Numerics")
@@ -37,14 +37,6 @@ def assert_state_close(pool, slot, state, tols=None):
             assert rel_err(a, b) <= tol
         else:
             assert torch.equal(a, b)
-
-
-def float64_copy(model):
-    """The float64 reference of a float32 model: same weights, pure-PyTorch ops."""
-    ref = copy.deepcopy(model).double()
-    for block in ref.blocks:
-        block.attn.backend = "reference"
-    return ref
 
 
 def _step_y_and_states(m, x_t, state):
@@ -128,7 +120,7 @@ def test_continuous_batching_open_close_reuse_mixed_ticks():
     so far (prompt and stepped tokens): the float32 errors of earlier tokens are carried in the
     state, so one step's sensitivity alone understates them."""
     model = small_model()
-    m64 = float64_copy(model)
+    m64 = float64_reference_model(model)
     capacity = 5
     pool = model.state_pool(capacity)
     live = {}           # slot -> (float64 reference state, steps left, inputs so far)
