@@ -14,7 +14,7 @@ import torch
 import gla_ext
 from gla_ext import _ext
 from gla_ext.quantize import QuantizedLinear
-from helpers import (ACT_QUANT_KERNEL_BOUND, EMULATION_BOUND, emulating_fla_decoder,
+from helpers import (ACT_QUANT_KERNEL_BOUND, EMULATION_BOUND, NearTies, emulating_fla_decoder,
                      qdot_linear_float64, quantize_activations, record_diagnostic, rel_err)
 
 pytestmark = pytest.mark.skipif(not _ext.loaded(), reason="compiled extension not built")
@@ -148,6 +148,22 @@ def test_activation_rounding_ties_to_even(fmt):
     assert rel_err(y, qdot_linear_float64(x, q)) < 1e-6
     away = torch.tensor([[127.0, 1, 2, 3, -1, -2, 65, 3]])   # the ties rounded half away
     assert rel_err(y, qdot_linear_float64(away, q)) > 1e-4
+
+
+def test_emulation_near_ties_round_either_way():
+    """helpers.NearTies (the emulation's choice where an engine activation may round to the
+    other neighbour): d = 1 as above; 2.5002 and -3.4999 sit within 5e-4 steps of a tie,
+    1.2 does not; the same (position, value) met again keeps its number."""
+    x = torch.tensor([[127.0, 2.5002, -3.4999, 1.2]])
+    ties = NearTies()
+    assert (quantize_activations(x, 4, ties)[0].flatten() == torch.tensor([127.0, 3, -3, 1])).all()
+    quantize_activations(x, 4, ties)                 # a second linear on the same input
+    assert ties.found == 2 and ties.flipped_gap == 0
+    ties.reset({1})
+    assert (quantize_activations(x, 4, ties)[0].flatten() == torch.tensor([127.0, 3, -4, 1])).all()
+    ties.reset({0, 1})
+    assert (quantize_activations(x, 4, ties)[0].flatten() == torch.tensor([127.0, 2, -4, 1])).all()
+    assert 1e-4 < ties.flipped_gap < 5e-4
 
 
 def test_packed_quantized_bad_input():
