@@ -355,48 +355,56 @@ def act_quantized_copy(model, dtype=torch.float64, ties: NearTies = None):
     return ref.to(dtype)
 
 
-def closest_emulated_step(model, x, state, outputs, close_enough: float):
-    """One step of the float64 emulation (act_quantized_copy) from `state` against `outputs`
-    ([y, *new_state] of the engine's step), with its near-tie activations (NearTies) rounded
-    as the engine may have: as the emulation rounds them, then each one flipped, then each
-    pair, until the largest relative error is under close_enough. Returns the smallest error
-    seen, how many near ties the step had, and the flipped ones' largest distance to a tie."""
+def closest_tie_resolution(emulate, outputs, ties: NearTies, close_enough: float):
+    """The emulation `emulate()` (whose quantized linears read `ties`) against `outputs` (the
+    engine's), with its near-tie activations rounded as the engine may have: as the emulation
+    rounds them, then each one flipped, then each pair, until the largest relative error over
+    the outputs is under close_enough. Returns the smallest error seen, how many near ties the
+    emulation met, and the largest distance to its tie of an activation that was flipped."""
     from itertools import combinations
-    ties = NearTies()
-    emu = act_quantized_copy(model, ties=ties)
-    start = None if state is None else [s.double() for s in state]
-    best = (float("inf"), 0, 0.0)
-    resolutions = [()]
+    best, found, resolutions = (float("inf"), 0, 0.0), 0, [()]
     while resolutions:
         ties.reset(resolutions.pop(0))
-        y, new_state = emu.step_layers(x.double(), None if start is None else
-                                       [s.clone() for s in start])
-        err = max(rel_err(a, b) for a, b in zip(outputs, [y, *new_state]))
+        err = max(rel_err(a, b) for a, b in zip(outputs, emulate()))
         if not ties.flips:              # the first run: now the number of near ties is known
             found = ties.found
+            resolutions = ([(i,) for i in range(found)]
+                           + list(combinations(range(found), 2)))
         if err < best[0]:
             best = (err, found, ties.flipped_gap)
         if err < close_enough:
             break
-        if not ties.flips:
-            resolutions = ([(i,) for i in range(ties.found)]
-                           + list(combinations(range(ties.found), 2)))
     return best
+
+
+def closest_emulated_step(model, x, state, outputs, close_enough: float):
+    """closest_tie_resolution of one step of a GLA model's float64 emulation
+    (act_quantized_copy) from `state`, against `outputs` = [y, *new_state] of the engine."""
+    ties = NearTies()
+    emu = act_quantized_copy(model, ties=ties)
+    start = None if state is None else [s.double() for s in state]
+
+    def emulate():
+        y, new_state = emu.step_layers(x.double(), None if start is None else
+                                       [s.clone() for s in start])
+        return [y, *new_state]
+    return closest_tie_resolution(emulate, outputs, ties, close_enough)
 
 
 class _EmulatedLinear:
     """A QuantizedLinear computed as the packed kernels do, in float64 (qdot_linear_float64)."""
 
-    def __init__(self, qlin):
-        self.qlin = qlin
+    def __init__(self, qlin, ties: NearTies = None):
+        self.qlin, self.ties = qlin, ties
 
     def __call__(self, x):
-        return qdot_linear_float64(x, self.qlin).to(x.dtype)
+        return qdot_linear_float64(x, self.qlin, self.ties).to(x.dtype)
 
 
-def emulating_fla_decoder(lm):
+def emulating_fla_decoder(lm, ties: NearTies = None):
     """An fla LM's decode step (gla_ext.integrations.fla_decode.Decoder) whose quantized
-    linears compute the packed kernels' math in float64 instead of dequantizing."""
+    linears compute the packed kernels' math in float64 instead of dequantizing (near-tie
+    activations rounded as `ties` says)."""
     from gla_ext.integrations.fla_decode import Decoder
     from gla_ext.quantize import QuantizedLinear
     dec = Decoder(lm.model, packed=False)
@@ -404,5 +412,17 @@ def emulating_fla_decoder(lm):
                          for n in ("in_proj", "gk_up", "o_proj", "gate_up", "down")]
     for lin in lins:
         assert isinstance(lin.qlin, QuantizedLinear)
-        lin.qlin = _EmulatedLinear(lin.qlin)
+        lin.qlin = _EmulatedLinear(lin.qlin, ties)
     return dec
+
+
+def closest_emulated_fla_step(lm, ids_t, states, outputs, close_enough: float):
+    """closest_tie_resolution of one emulating_fla_decoder step from `states` (left as they
+    are) against `outputs` = [logits, *new_states] of the packed step."""
+    ties = NearTies()
+    dec = emulating_fla_decoder(lm, ties)
+
+    def emulate():
+        new_states = [s.clone() for s in states]
+        return [dec.step(ids_t, new_states), *new_states]
+    return closest_tie_resolution(emulate, outputs, ties, close_enough)

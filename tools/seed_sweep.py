@@ -206,13 +206,16 @@ def write_report(args, rows, tails, elapsed, done):
         lines.append(f"| `{r['test']}` | `{r['assertion'][:60]}` (line {r['line']}) | {r['runs']} | "
                      f"{r['median']:.3g} | {r['worst']:.3g} | {r['bound']:.3g} | {r['ratio']:.2f} |")
     diags = diagnostics(rows)
-    for test, drows in diags.items():
-        by = sorted(drows[0])[-1] if len(drows[0]) > 1 else None
-        by = next((k for k in drows[0] if "over" in k), by)
-        if by is None:
-            continue
-        lines += ["", f"## Diagnostics of `{test}` ({len(drows)} runs), grouped by {by}", ""]
-        lines += quantile_table(drows, by)
+    for test, all_rows in diags.items():
+        # a test may record rows of different names (one table per set of names)
+        for names in dict.fromkeys(tuple(sorted(r)) for r in all_rows):
+            drows = [r for r in all_rows if tuple(sorted(r)) == names]
+            by = names[-1] if len(names) > 1 else None
+            by = next((k for k in names if "over" in k), by)
+            if by is None:
+                continue
+            lines += ["", f"## Diagnostics of `{test}` ({len(drows)} runs), grouped by {by}", ""]
+            lines += quantile_table(drows, by)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
