@@ -199,10 +199,28 @@ def test_logits_match_loader_and_reference_ops(options):
 # REF_FACTOR x fla's own float32 error on that draw (60 seeds: at most 0.48 of that bound,
 # benchmarks/results/seed_sweep_fla_vs_float64_60.md).
 REF_FACTOR = 4.0
+# fla's float32 error is itself a random draw (on some draws ours is 3x it, fla's 16x ours),
+# so where the test has it, the bound also takes SENS_FACTOR x how far the float64 run moves
+# when its inputs and parameters move by one float32 rounding (_float64_perturbed): the
+# draw's own conditioning, whatever the kernels. Over 300 draws of each layer test (AMD,
+# docs/seed_sweeps.md) ours stays <= 0.26 of max(floor, 4 x fla's error, 8 x that), while
+# the old bound without it reached 0.76.
+SENS_FACTOR = 8.0
 
 
-def _float32_error_bound(ref32, ref64, floor):
-    return max(floor, REF_FACTOR * rel_err(ref32, ref64))
+def _float32_error_bound(ref32, ref64, floor, perturbed64=None):
+    sensitivity = 0.0 if perturbed64 is None else rel_err(perturbed64, ref64)
+    return max(floor, REF_FACTOR * rel_err(ref32, ref64), SENS_FACTOR * sensitivity)
+
+
+def _float64_perturbed(module, x):
+    """float64 copies of module and x, every element times (1 + 2**-24 n), n ~ N(0, 1)."""
+    module, x = copy.deepcopy(module).double(), x.double()
+    with torch.no_grad():
+        x = x * (1 + 2.0 ** -24 * torch.randn_like(x))
+        for p in module.parameters():
+            p.mul_(1 + 2.0 ** -24 * torch.randn_like(p))
+    return module, x
 
 
 def test_training_step_matches_reference_ops():
@@ -318,20 +336,23 @@ def test_gated_linear_attention_layer_alone(mode, fuse_norm):
             p.add_(0.2 * torch.randn_like(p))
     x = torch.randn(2, 80, 64)
     results = []
-    for ctx, dtype in ((gla_fla.accelerated, torch.float32), (fla_reference_ops, torch.float32),
-                       (fla_reference_ops, torch.float64)):
-        xi = x.clone().to(dtype).requires_grad_()
-        run = copy.deepcopy(layer).to(dtype)
+    for ctx, (run, xi) in ((gla_fla.accelerated, (copy.deepcopy(layer), x.clone())),
+                           (fla_reference_ops, (copy.deepcopy(layer), x.clone())),
+                           (fla_reference_ops, (copy.deepcopy(layer).double(), x.double())),
+                           (fla_reference_ops, _float64_perturbed(layer, x))):
+        xi.requires_grad_()
         with ctx():
             o, _, _ = run(xi)
-            (o * torch.linspace(-1, 1, o.shape[-1], dtype=dtype)).sum().backward()
+            (o * torch.linspace(-1, 1, o.shape[-1], dtype=o.dtype)).sum().backward()
         results.append((o.detach(), xi.grad, {n: p.grad.clone() for n, p in
                                                run.named_parameters()}))
-    (o1, dx1, g1), (o2, dx2, g2), (o64, dx64, g64) = results   # ours, fla float32, float64
-    assert rel_err(o1, o64) < _float32_error_bound(o2, o64, 1e-4)
-    assert rel_err(dx1, dx64) < _float32_error_bound(dx2, dx64, 1e-4)
+    # ours, fla float32, float64, float64 with perturbed inputs
+    (o1, dx1, g1), (o2, dx2, g2), (o64, dx64, g64), (op, dxp, gp) = results
+    assert rel_err(o1, o64) < _float32_error_bound(o2, o64, 1e-4, op)
+    assert rel_err(dx1, dx64) < _float32_error_bound(dx2, dx64, 1e-4, dxp)
     for name in g64:
-        assert rel_err(g1[name], g64[name]) < _float32_error_bound(g2[name], g64[name], 1e-4), name
+        bound = _float32_error_bound(g2[name], g64[name], 1e-4, gp[name])
+        assert rel_err(g1[name], g64[name]) < bound, name
 
 
 # --- the replaced pieces alone ------------------------------------------------------------
