@@ -19,9 +19,11 @@ from helpers import (EMULATION_STEP_BOUND, closest_emulated_fla_step, record_dia
                      rel_err)
 
 # The packed decode step vs the dequantized path on these perturbed random LMs (int8
-# activations, amplified by the perturbed weights; worst 6.8e-2 over a 15-seed sweep of both
-# cases, AMD AVX2). The emulation check before it is the tight one.
-FLA_ACT_QUANT_BOUND = 0.15
+# activations, amplified by the perturbed weights and carried through the states; AMD AVX2:
+# worst 6.8e-2 over a 15-seed sweep of both cases; the session-11 sweep, 65 seeds x 12 steps:
+# median 3.2e-2, worst 8.0e-2 (int4) and 7.6e-2 (int8), so 2.5x the median; the bound is
+# 2.5x that worst). The emulation check before it is the tight one.
+FLA_ACT_QUANT_BOUND = 0.2
 
 
 
