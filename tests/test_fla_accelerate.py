@@ -203,8 +203,8 @@ REF_FACTOR = 4.0
 # so where the test has it, the bound also takes SENS_FACTOR x how far the float64 run moves
 # when its inputs and parameters move by one float32 rounding (_float64_perturbed): the
 # draw's own conditioning, whatever the kernels. Over 300 draws of each layer test (AMD,
-# docs/seed_sweeps.md) ours stays <= 0.26 of max(floor, 4 x fla's error, 8 x that), while
-# the old bound without it reached 0.76.
+# benchmarks/results/fla_layer_conditioning.md) ours stays <= 0.26 of max(floor, 4 x fla's
+# error, 8 x that), while the old bound without it reached 0.76.
 SENS_FACTOR = 8.0
 
 
