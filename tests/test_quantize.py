@@ -15,7 +15,7 @@ from torch import nn
 
 import gla_ext
 from gla_ext.quantize import QuantizedLinear, dequantize_weight, quantize_weight
-from helpers import EMULATION_BOUND, act_quantized_copy, rel_err
+from helpers import EMULATION_STEP_BOUND, act_quantized_copy, closest_emulated_step, rel_err
 from helpers import dequantized_copy as _dequantized_copy
 
 OPTS = dict(embed_dim=40, hidden_size=64, num_layers=2, num_heads=2, head_dim=32,
@@ -160,15 +160,22 @@ def test_gla_within_quantization_error_of_float(fmt, bound):
 
 def test_gla_step_matches_forward():
     """The fused step (int8 activations in its quantized kernels) equals, token by token, the
-    float64 emulation of that math run as a whole-sequence forward."""
+    float64 emulation of that math from the same state (near ties resolved:
+    helpers.closest_emulated_step), and the emulation stepped through the sequence equals it
+    run as a whole-sequence forward."""
     model = gla_ext.quantize_(_model(perturb=0.0), "int4")
     x = torch.randn(3, 9, 40)
     with torch.no_grad():
         full = act_quantized_copy(model)(x.double(), return_sequence=True)
-        state = None
+        state = emu_state = None
         for t in range(9):
+            before = None if state is None else [s.clone() for s in state]
             y, state = model.step(x[:, t], state)
-            assert rel_err(y, full[:, t]) < EMULATION_BOUND, t
+            err, _, _ = closest_emulated_step(model, x[:, t], before, [y, *state],
+                                              EMULATION_STEP_BOUND)
+            assert err < EMULATION_STEP_BOUND, t
+            y_emu, emu_state = act_quantized_copy(model).step_layers(x[:, t].double(), emu_state)
+            assert rel_err(y_emu, full[:, t]) < 1e-12, t
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

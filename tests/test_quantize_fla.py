@@ -15,8 +15,8 @@ import gla_ext  # noqa: E402
 from gla_ext.integrations import fla as gla_fla  # noqa: E402
 from gla_ext.integrations.fla_decode import Decoder  # noqa: E402
 from gla_ext.quantize import QuantizedLinear  # noqa: E402
-from helpers import (EMULATION_STEP_BOUND, closest_emulated_fla_step, record_diagnostic,  # noqa: E402
-                     rel_err)
+from helpers import (EMULATION_STEP_BOUND, closest_emulated_fla_step,  # noqa: E402
+                     record_diagnostic, rel_err)
 
 # The packed decode step vs the dequantized path on these perturbed random LMs (int8
 # activations, amplified by the perturbed weights and carried through the states; AMD AVX2:
