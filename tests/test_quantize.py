@@ -153,9 +153,11 @@ def test_gla_within_quantization_error_of_float(fmt, bound):
     x = torch.randn(2, 12, 40)
     with torch.no_grad():
         err = rel_err(model(x, return_sequence=True), float_model(x, return_sequence=True))
-        assert err < 3 * bound                  # gross errors never pass
-        if err >= bound:
-            assert err < 3 * _shuffled_error_sensitivity(float_model, model, x), err
+        # past `bound`, 3x the shuffled-noise cost of this draw; gross errors (3 x bound) never
+        # pass. One plain comparison, so the seed sweep records it.
+        tol = bound if err < bound else min(
+            3 * bound, max(bound, 3 * _shuffled_error_sensitivity(float_model, model, x)))
+        assert err < tol
 
 
 def test_gla_step_matches_forward():
