@@ -364,33 +364,39 @@ def closest_tie_resolution(emulate, outputs, ties: NearTies, close_enough: float
     tie: a first flip, then one met after it in that run (flipping an activation moves the
     later layers' inputs, so they may meet near ties the unflipped run did not). Every
     resolution of a level is tried before the best is taken (a wrong flip of a low-impact
-    activation can also land under close_enough). Returns the smallest error, how many near
-    ties the unflipped emulation met, and the largest distance to its tie of an activation
-    the best resolution flipped."""
+    activation can also land under close_enough). Returns the best resolution's relative
+    error per output, how many near ties the unflipped emulation met, and the largest
+    distance to its tie of an activation the best resolution flipped."""
     def run(flips):
         ties.reset(flips)
-        return max(rel_err(a, b) for a, b in zip(outputs, emulate())), list(ties.gaps)
+        return [rel_err(a, b) for a, b in zip(outputs, emulate())], list(ties.gaps)
 
-    err, gaps = run(())
-    best, singles = (err, len(gaps), 0.0), []
+    errs, gaps = run(())
+    best, singles = (errs, len(gaps), 0.0), []
     for level in (1, 2):
-        if best[0] < close_enough:
+        if max(best[0]) < close_enough:
             break
         tries = ([(i,) for i in range(len(gaps))] if level == 1 else
                  [(i, j) for i, met in singles if gaps[i] < pair_eps
                   for j in range(i + 1, len(met)) if met[j] < pair_eps])
         for flips in tries:
-            err, met = run(flips)
+            errs, met = run(flips)
             if level == 1:
                 singles.append((flips[0], met))
-            if err < best[0]:
-                best = (err, len(gaps), ties.flipped_gap)
+            if max(errs) < max(best[0]):
+                best = (errs, len(gaps), ties.flipped_gap)
     return best
 
 
-def closest_emulated_step(model, x, state, outputs, close_enough: float):
-    """closest_tie_resolution of one step of a GLA model's float64 emulation
-    (act_quantized_copy) from `state`, against `outputs` = [y, *new_state] of the engine."""
+def closest_emulated_step(model, x, state, outputs):
+    """One quantized fused step's `outputs` ([y, *new_state], or a prefix of it) against the
+    float64 emulation (act_quantized_copy) of the step from `state`, near ties resolved
+    (closest_tie_resolution). Returns the largest error / tolerance over the outputs (the
+    check is `< 1`), how many near ties the step had, and the largest distance to its tie of
+    an activation flipped. The tolerance is EMULATION_STEP_BOUND; where the error passes a
+    tenth of it, the larger of that and float32_model_tolerance's FLOAT32_SENSITIVITY_FACTOR x
+    how far the dequantized float64 model's step moves under float32-sized perturbations (an
+    ill-conditioned draw: a per-head norm after a nearly cancelling q.S)."""
     ties = NearTies()
     emu = act_quantized_copy(model, ties=ties)
     start = None if state is None else [s.double() for s in state]
@@ -399,7 +405,16 @@ def closest_emulated_step(model, x, state, outputs, close_enough: float):
         y, new_state = emu.step_layers(x.double(), None if start is None else
                                        [s.clone() for s in start])
         return [y, *new_state]
-    return closest_tie_resolution(emulate, outputs, ties, close_enough)
+    errs, found, gap = closest_tie_resolution(emulate, outputs, ties, EMULATION_STEP_BOUND)
+    tols = [EMULATION_STEP_BOUND] * len(errs)
+    if max(errs) >= EMULATION_STEP_BOUND / 10:
+        def step(m, x, *state):
+            y, new_state = m.step_layers(x, list(state) if state else None)
+            return [y, *new_state][:len(errs)]
+        tols = float32_model_tolerance(dequantized_copy(model), step, x,
+                                       *([] if state is None else state),
+                                       floor=EMULATION_STEP_BOUND)
+    return max(e / t for e, t in zip(errs, tols)), found, gap
 
 
 class _EmulatedLinear:
@@ -436,4 +451,5 @@ def closest_emulated_fla_step(lm, ids_t, states, outputs, close_enough: float):
     def emulate():
         new_states = [s.clone() for s in states]
         return [dec.step(ids_t, new_states), *new_states]
-    return closest_tie_resolution(emulate, outputs, ties, close_enough)
+    errs, found, gap = closest_tie_resolution(emulate, outputs, ties, close_enough)
+    return max(errs), found, gap
