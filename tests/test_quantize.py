@@ -122,6 +122,10 @@ def test_gla_forward_and_grads_vs_float64(fmt, group, low_rank):
     assert all(not b.requires_grad for n, b in model.named_buffers())
 
 
+# a kernel error (a wrong scale, a transposed block) costs O(1); no draw's noise excuses that
+GROSS_QUANT_ERROR = 0.5
+
+
 def _shuffled_error_sensitivity(float_model, quantized, x, trials=3):
     """How far the float model's output moves when every quantized weight matrix gets its own
     quantization error (dequantized - float) back in a random order: noise of exactly the
@@ -140,24 +144,24 @@ def _shuffled_error_sensitivity(float_model, quantized, x, trials=3):
     return worst
 
 
-@pytest.mark.parametrize("fmt,bound", [("int8", 0.03), ("int4", 0.35)])
+@pytest.mark.parametrize("fmt,bound", [("int8", 0.03), ("int4", 0.4)])
 def test_gla_within_quantization_error_of_float(fmt, bound):
     """Default-initialized model: the quantized forward stays within `bound` of the float model
-    (400 seeds on AMD EPYC, int8: median 0.0045, but a tail up to 0.032 on draws whose output
-    is sensitive to any weight noise), or within 3x what the same-size shuffled noise costs on
-    that draw (measured: the quantization error follows it, e.g. 0.032 vs 0.034, 0.024 vs
-    0.049, 0.005 vs 0.006)."""
+    (AMD EPYC: int8 median 0.0045 over 400 seeds; int4 median 0.07, worst 0.168 over 100),
+    or within 4x what the same-size shuffled noise costs on that draw, for the tail of draws
+    whose output is sensitive to any weight noise (int8 up to 0.063 where that noise costs
+    0.066); never past GROSS_QUANT_ERROR.
+    100 seeds (session 11): error / shuffled-noise cost <= 1.40 (int4), <= 1.33 (int8) with 8
+    trials; 3 trials left it up to 3.5 (too noisy an estimate)."""
     model = gla_ext.GLA.build(**OPTS).eval()
     float_model = copy.deepcopy(model)
     gla_ext.quantize_(model, fmt)
     x = torch.randn(2, 12, 40)
     with torch.no_grad():
         err = rel_err(model(x, return_sequence=True), float_model(x, return_sequence=True))
-        # past `bound`, 3x the shuffled-noise cost of this draw; gross errors (3 x bound) never
-        # pass. One plain comparison, so the seed sweep records it.
-        tol = bound if err < bound else min(
-            3 * bound, max(bound, 3 * _shuffled_error_sensitivity(float_model, model, x)))
-        assert err < tol
+        noise = _shuffled_error_sensitivity(float_model, model, x, trials=8)
+    tol = min(GROSS_QUANT_ERROR, max(bound, 4 * noise))
+    assert err < tol
 
 
 def test_gla_step_matches_forward():
