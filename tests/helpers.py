@@ -279,17 +279,22 @@ class NearTies:
         return len(self.numbers)
 
     def resolve(self, scaled: torch.Tensor, rounded: torch.Tensor) -> None:
-        gap = (scaled - scaled.floor() - 0.5).abs()
-        flat_gap, flat_scaled, flat_rounded = gap.view(-1), scaled.reshape(-1), rounded.view(-1)
-        for i in (gap < self.eps).view(-1).nonzero().flatten().tolist():
-            key = (i, float(flat_scaled[i]))
-            if key not in self.numbers:
-                self.numbers[key] = len(self.numbers)
-                self.gaps.append(float(flat_gap[i]))
-            if self.numbers[key] in self.flips:
-                low = torch.floor(flat_scaled[i])
-                flat_rounded[i] = low + 1 if flat_rounded[i] == low else low
-                self.flipped_gap = max(self.flipped_gap, float(flat_gap[i]))
+        gap = (scaled - scaled.floor() - 0.5).abs().reshape(-1)
+        near = (gap < self.eps).nonzero().flatten()
+        if not near.numel():
+            return
+        flat_rounded = rounded.view(-1)
+        # Python lists: this runs for every quantized input of every emulated step
+        for i, value, g in zip(near.tolist(), scaled.reshape(-1)[near].tolist(),
+                               gap[near].tolist()):
+            number = self.numbers.get((i, value))
+            if number is None:
+                number = self.numbers[(i, value)] = len(self.numbers)
+                self.gaps.append(g)
+            if number in self.flips:
+                low = math.floor(value)
+                flat_rounded[i] = low + 1 if float(flat_rounded[i]) == low else low
+                self.flipped_gap = max(self.flipped_gap, g)
 
 
 def quantize_activations(x: torch.Tensor, group: int, ties: NearTies = None):
@@ -389,7 +394,16 @@ def closest_tie_resolution(emulate, outputs, ties: NearTies, close_enough: float
     return best
 
 
-def closest_emulated_step(model, x, state, outputs):
+def step_emulator(model):
+    """act_quantized_copy of a quantized GLA model with its NearTies (as .near_ties): made once
+    by a caller of closest_emulated_step that steps many times (a copy costs ~25 ms)."""
+    ties = NearTies()
+    emu = act_quantized_copy(model, ties=ties)
+    emu.near_ties = ties
+    return emu
+
+
+def closest_emulated_step(model, x, state, outputs, emulator=None):
     """One quantized fused step's `outputs` ([y, *new_state], or a prefix of it) against the
     float64 emulation (act_quantized_copy) of the step from `state`, near ties resolved
     (closest_tie_resolution). Returns the largest error / tolerance over the outputs (the
@@ -397,9 +411,10 @@ def closest_emulated_step(model, x, state, outputs):
     an activation flipped. The tolerance is EMULATION_STEP_BOUND; where the error passes a
     tenth of it, the larger of that and float32_model_tolerance's FLOAT32_SENSITIVITY_FACTOR x
     how far the dequantized float64 model's step moves under float32-sized perturbations (an
-    ill-conditioned draw: a per-head norm after a nearly cancelling q.S)."""
-    ties = NearTies()
-    emu = act_quantized_copy(model, ties=ties)
+    ill-conditioned draw: a per-head norm after a nearly cancelling q.S). `emulator`:
+    step_emulator(model), made once where the model does not change between steps."""
+    emu = step_emulator(model) if emulator is None else emulator
+    ties = emu.near_ties
     start = None if state is None else [s.double() for s in state]
 
     def emulate():

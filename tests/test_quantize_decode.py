@@ -17,9 +17,9 @@ import torch
 import gla_ext
 from gla_ext import GLA
 from gla_ext import decode as dec
-from helpers import (act_quant_tolerance,
-                     act_quantized_copy, closest_emulated_step, decoder_for_isa,
-                     dequantized_copy, rel_err, record_diagnostic)
+from helpers import (act_quant_tolerance, act_quantized_copy, closest_emulated_step,
+                     decoder_for_isa, dequantized_copy, rel_err, record_diagnostic,
+                     step_emulator)
 
 pytestmark = pytest.mark.skipif(not gla_ext.extension_loaded(),
                                 reason="gla_ext._C is not built (the fast path needs it)")
@@ -78,18 +78,20 @@ def test_fused_quantized_step_vs_emulation_pytorch_path_and_float64(fmt, group, 
         # vs the emulation one step at a time from the engine's own state, its near-tie
         # activations rounded as the engine did (helpers.closest_emulated_step)
         ys, step_excess, step_ties, gaps, state = [], [], [], [], None
+        emulator = step_emulator(model)
         for t in range(x.shape[1]):
             before = None if state is None else [s.clone() for s in state]
             y_t, state = fused_step(model, x[:, t], state)
-            excess, ties, gap = closest_emulated_step(model, x[:, t], before, [y_t, *state])
+            excess, ties, gap = closest_emulated_step(model, x[:, t], before, [y_t, *state],
+                                                      emulator)
             ys.append(y_t)
             step_excess.append(excess)
             step_ties.append(ties)
             gaps.append(gap)
         ys = torch.stack(ys, 1)
         gen, gen_state = stream(lambda m, x_t, s: m.step_layers(x_t, s), model, x)
-        emu, emu_state = act_quantized_copy(model)(x.double(), return_sequence=True,
-                                                   return_state=True)
+        emulator.near_ties.reset()                 # the emulation's own rounding
+        emu, emu_state = emulator(x.double(), return_sequence=True, return_state=True)
         ref, ref_state = dequantized_copy(model)(x.double(), return_sequence=True,
                                                  return_state=True)
     assert dec.decoder(model) is decoder           # the same packed copy ran every step
