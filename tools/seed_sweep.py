@@ -123,7 +123,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     for r in rows:
         if "diagnostic" in r:
             continue
-        if r["bound"] <= 0 or r["bound"] >= 1:  # tolerances only (not shape or count checks)
+        # tolerances only (not shape or count checks); a bound of exactly 1 is an
+        # error / tolerance check (tests/helpers.closest_emulated_step)
+        if r["bound"] <= 0 or r["bound"] > 1:
             continue
         groups[(r["test"], r["line"], r["index"], r["assertion"])].append(r)
     out = []
