@@ -75,8 +75,9 @@ def test_fused_step_equals_generic_step(options, batch):
     x = torch.randn(batch, 6, model.embed_dim)
     with torch.no_grad():
         s_fast = s_gen = [s + torch.randn_like(s) for s in model.init_state(batch)]
-        ref, ref_state = float64_reference_model(model)(x.double(), state=[s.double() for s in s_gen],
-                                                return_sequence=True, return_state=True)
+        ref, ref_state = float64_reference_model(model)(
+            x.double(), state=[s.double() for s in s_gen], return_sequence=True,
+            return_state=True)
         for t in range(x.shape[1]):
             y_fast, s_fast = fused_step(model, x[:, t], s_fast)
             y_gen, s_gen = generic_step(model, x[:, t], s_gen)
@@ -313,7 +314,7 @@ def test_every_isa_matches_generic_and_float64(isa, monkeypatch):
     with torch.no_grad():
         ys, state = stream(model, x)
         ref, ref_state = float64_reference_model(model)(x.double(), return_sequence=True,
-                                                return_state=True)
+                                                        return_state=True)
         s_gen, gen = None, []
         for t in range(x.shape[1]):
             y, s_gen = generic_step(model, x[:, t], s_gen)
@@ -334,7 +335,7 @@ def test_16bit_model_takes_the_fused_step(dtype, tol, tokens):
         ys, state = stream(model, x)
         y_step, _ = model.step(x[:, 0])           # GLA.step takes it too
         ref, ref_state = float64_reference_model(model)(x.double(), return_sequence=True,
-                                                return_state=True)
+                                                        return_state=True)
     assert dec.decoder(model).isa and dec.is_cached(model)
     assert ys.dtype == dtype and y_step.dtype == dtype
     assert all(s.dtype == torch.float32 for s in state)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import rel_err
+from helpers import float64_perturbed_copy, rel_err
 
 from fla_models import FLA_ERROR, VOCAB, GLAConfig, GLAForCausalLM, random_fla_model
 
@@ -201,7 +201,7 @@ def test_logits_match_loader_and_reference_ops(options):
 REF_FACTOR = 4.0
 # fla's float32 error is itself a random draw (on some draws ours is 3x it, fla's 16x ours),
 # so where the test has it, the bound also takes SENS_FACTOR x how far the float64 run moves
-# when its inputs and parameters move by one float32 rounding (_float64_perturbed): the
+# when its inputs and parameters move by one float32 rounding (float64_perturbed_copy): the
 # draw's own conditioning, whatever the kernels. Over 300 draws of each layer test (AMD,
 # benchmarks/results/fla_layer_conditioning.md) ours stays <= 0.26 of max(floor, 4 x fla's
 # error, 8 x that), while the old bound without it reached 0.76.
@@ -211,16 +211,6 @@ SENS_FACTOR = 8.0
 def _float32_error_bound(ref32, ref64, floor, perturbed64=None):
     sensitivity = 0.0 if perturbed64 is None else rel_err(perturbed64, ref64)
     return max(floor, REF_FACTOR * rel_err(ref32, ref64), SENS_FACTOR * sensitivity)
-
-
-def _float64_perturbed(module, x):
-    """float64 copies of module and x, every element times (1 + 2**-24 n), n ~ N(0, 1)."""
-    module, x = copy.deepcopy(module).double(), x.double()
-    with torch.no_grad():
-        x = x * (1 + 2.0 ** -24 * torch.randn_like(x))
-        for p in module.parameters():
-            p.mul_(1 + 2.0 ** -24 * torch.randn_like(p))
-    return module, x
 
 
 def test_training_step_matches_reference_ops():
@@ -339,7 +329,7 @@ def test_gated_linear_attention_layer_alone(mode, fuse_norm):
     for ctx, (run, xi) in ((gla_fla.accelerated, (copy.deepcopy(layer), x.clone())),
                            (fla_reference_ops, (copy.deepcopy(layer), x.clone())),
                            (fla_reference_ops, (copy.deepcopy(layer).double(), x.double())),
-                           (fla_reference_ops, _float64_perturbed(layer, x))):
+                           (fla_reference_ops, float64_perturbed_copy(layer, x))):
         xi.requires_grad_()
         with ctx():
             o, _, _ = run(xi)

@@ -83,8 +83,7 @@ def test_fla_logits_and_decode(fmt, tied):
         # activations rounded as the packed step rounded them), and the dequantized path
         before = [s.clone() for s in states]
         step = lm.decoder().step(ids[:, t], states)
-        emulation, ties, _ = closest_emulated_fla_step(lm, ids[:, t], before, [step, *states],
-                                                       EMULATION_STEP_BOUND)
+        emulation, ties, _ = closest_emulated_fla_step(lm, ids[:, t], before, [step, *states])
         act_quant = rel_err(step, logits[:, t])
         record_diagnostic(near_ties=ties, act_quant=act_quant)
         assert emulation < EMULATION_STEP_BOUND and act_quant < FLA_ACT_QUANT_BOUND, t

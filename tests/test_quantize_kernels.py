@@ -198,8 +198,7 @@ def test_fla_decode_step_packed_vs_dequantized(monkeypatch, isa, fmt):
         # from the same states, near-tie activations rounded as the packed step rounded them
         before = [s.clone() for s in states]
         logits = packed.step(ids[:, t], states).clone()
-        err, ties, _ = closest_emulated_fla_step(lm, ids[:, t], before, [logits, *states],
-                                                 EMULATION_STEP_BOUND)
+        err, ties, _ = closest_emulated_fla_step(lm, ids[:, t], before, [logits, *states])
         record_diagnostic(near_ties=ties)
         assert err < EMULATION_STEP_BOUND, t
 

@@ -24,18 +24,17 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 
 def layer_grads(layer, x, ctx, dtype, perturb=None):
-    """[(name, tensor)] of the output, dx and every parameter gradient of one run."""
-    run, xi = copy.deepcopy(layer).to(dtype), x.clone().to(dtype)
-    if perturb is not None:
-        gen = torch.Generator().manual_seed(perturb)
-        with torch.no_grad():
-            xi.mul_(1 + 2.0 ** -24 * torch.randn(xi.shape, generator=gen, dtype=dtype))
-            for p in run.parameters():
-                p.mul_(1 + 2.0 ** -24 * torch.randn(p.shape, generator=gen, dtype=dtype))
+    """[(name, tensor)] of the output, dx and every parameter gradient of one run (perturb:
+    the seed of a float64 run moved by one float32 rounding, helpers.float64_perturbed_copy)."""
+    from helpers import float64_perturbed_copy
+    if perturb is None:
+        run, xi = copy.deepcopy(layer).to(dtype), x.clone().to(dtype)
+    else:
+        run, xi = float64_perturbed_copy(layer, x, torch.Generator().manual_seed(perturb))
     xi.requires_grad_()
     with ctx():
         o, _, _ = run(xi)
-        (o * torch.linspace(-1, 1, o.shape[-1], dtype=dtype)).sum().backward()
+        (o * torch.linspace(-1, 1, o.shape[-1], dtype=o.dtype)).sum().backward()
     return [("o", o.detach()), ("dx", xi.grad)] + [(n, p.grad.clone())
                                                    for n, p in run.named_parameters()]
 
