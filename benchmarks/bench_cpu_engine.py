@@ -9,9 +9,12 @@ Each cell times, interleaved, best of repeats:
   fused    the fused engine forced (gla_ext.engine_choice.MODE = "fused"; for fla: the
            integration's Decoder with its own GEMVs; fla prefill has no fused path: n/a)
   pytorch  the plain PyTorch path of the same model (GLA.forward_layers / step_layers /
-           the pool's layer path; fla: FlaGLALM.hidden_states + logits)
+           the pool's layer path; fla: FlaGLALM.hidden_states + logits, its products with
+           16-bit weights in their dtype: gla_ext.matmul16 forced "native")
   auto     what GLA.forward / step / pool.step run by default (engine_choice measured per
-           shape class on this machine; its choice is printed)
+           shape class on this machine; its choice is printed); fla prefill: FlaGLALM's
+           default, whose 16-bit products take matmul16's measured choice ("widened": the
+           weights widened to float32 on this CPU)
 Prefill cells also time the fused engine with every matrix product forced onto its own
 kernels and onto the vendor GEMM (gla_ext.prefill.GEMM = "own" / "vendor"; vendor skipped
 where estimated > 20 s), and list the engine's measured choice per product kind.
@@ -49,6 +52,7 @@ import gla_ext  # noqa: E402
 from gla_ext import GLA  # noqa: E402
 from gla_ext import decode as dec  # noqa: E402
 from gla_ext import engine_choice as choice  # noqa: E402
+from gla_ext import matmul16  # noqa: E402
 from gla_ext import prefill as pf  # noqa: E402
 
 GLA_MODELS = {
@@ -196,6 +200,17 @@ def _choice_of(model, kind, *shape):
     return picked[-1] if picked else "-"
 
 
+def with_matmul16(mode, fn):
+    """fn run with gla_ext.matmul16's mode forced (the fla LM's products with 16-bit weights)."""
+    def run():
+        saved, matmul16.MODE = matmul16.MODE, mode
+        try:
+            return fn()
+        finally:
+            matmul16.MODE = saved
+    return run
+
+
 def fla_cells(dtype_name, quick):
     from fla.models import GLAConfig, GLAForCausalLM
 
@@ -214,11 +229,15 @@ def fla_cells(dtype_name, quick):
             if quick and B * T > 256:
                 continue
             ids = torch.randint(vocab, (B, T))
-            plain = lambda: inner.logits(inner.hidden_states(ids)[0][:, -1])  # noqa: E731
-            times = best_of([plain if affordable(flops_per_row * B * T, dtype_name) else None])
+            run = lambda: inner.logits(inner.hidden_states(ids)[0][:, -1])  # noqa: E731
+            native = with_matmul16("native", run)
+            times = best_of([native if affordable(flops_per_row * B * T, dtype_name) else None,
+                             run])
+            widened = any(v for k, v in matmul16._choice.items() if k[1] == dtype)
             cells.append(dict(cell=f"prefill [{B},{T}]", rows=B * T, kind="prefill",
-                              times=[float("nan"), times[0], times[0]],
-                              flops=flops_per_row * B * T, choice="pytorch (no fused)"))
+                              times=[float("nan"), times[0], times[1]],
+                              flops=flops_per_row * B * T,
+                              choice="pytorch, widened" if widened else "pytorch (no fused)"))
         decoder = lm.decoder()
         for B in DECODE:
             if quick and B > 8:

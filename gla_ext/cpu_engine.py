@@ -5,7 +5,9 @@ window, right-padded rows and StatePool.prefill (gla_ext.prefill): one validated
 list (low-rank gates and quantized matrices included), one parameter watcher and one packed
 copy of each weight matrix in its stored format (float32, bfloat16, float16, int8 / int4),
 made per kind of product the first time the engine's own kernels run it; a product run on
-the vendor GEMM reads the parameter itself. Layout and rules: docs/cpu_engine.md.
+the vendor GEMM reads the parameter itself (16-bit weights in their dtype or widened to
+float32 per block, as gla_ext.matmul16 measured this CPU when the engine was built).
+Layout and rules: docs/cpu_engine.md.
 
 The cache is weak (an engine goes away with its model) and rebuilds an engine when a
 parameter (or a quantized layer's buffer) changes: an in-place write (its version counter:
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _ext
+from . import _ext, matmul16
 from ._packed_cache import PackedCache, collect_params
 from .quantize import QuantizedLinear
 
@@ -74,8 +76,11 @@ def _pack(glob, layers, heads, head_dim, normalizer, eps):
     def part(name):
         return [[getattr(m, name) if isinstance(m, QuantizedLinear) else (
             m if name == "qweight" else None) for m in layer] for layer in layers]
-    return _ext._C.CpuEngine(glob, part("qweight"), heads, head_dim, normalizer, eps,
-                             head_dim ** -0.5, part("scales"), part("offsets"))
+    eng = _ext._C.CpuEngine(glob, part("qweight"), heads, head_dim, normalizer, eps,
+                            head_dim ** -0.5, part("scales"), part("offsets"))
+    # 16-bit weights on the vendor GEMM: in their dtype or widened (a property of the CPU)
+    eng.widen16 = matmul16.widen_weights(layers[0][0].dtype)
+    return eng
 
 
 _cache = PackedCache(lambda model: collect_params(model, _layer_tensors), _pack)

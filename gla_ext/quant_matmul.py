@@ -18,9 +18,10 @@ else "auto". bf16 rounding only applies to float32 inputs; other dtypes run as t
 from __future__ import annotations
 
 import os
-import time
 
 import torch
+
+from .matmul16 import _best, _bucket
 
 MODES = ("auto", "float32", "bf16")
 ENV = "GLA_EXT_QUANT_MATMUL"
@@ -44,23 +45,11 @@ def resolve_mode(module_mode) -> str:
     return check_mode(os.environ.get(ENV, "auto"), ENV)
 
 
-def _bucket(n: int) -> int:
-    return min(1 << max(n - 1, 1).bit_length(), _PROBE_MAX_DIM)
-
-
-def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def bf16_faster(in_features: int, out_features: int) -> bool:
     """Whether this CPU's bf16 GEMM beats float32 for this shape class (measured once per
     process, thread count and class: the dims rounded up to a power of 2, capped at 512)."""
-    key = (torch.get_num_threads(), _bucket(in_features), _bucket(out_features))
+    key = (torch.get_num_threads(), _bucket(in_features, _PROBE_MAX_DIM),
+           _bucket(out_features, _PROBE_MAX_DIM))
     if key not in _choice:
         with torch.no_grad():
             g = torch.Generator().manual_seed(0)

@@ -180,8 +180,9 @@ def test_sampling_reproducible_and_top_k():
 
 def test_bfloat16_weights(tmp_path):
     """bf16 weights, compared with float32 math on the same (bf16-rounded) weights: the
-    forward rounds each matrix product's input to bf16 as well (as fla's bf16 models do), the
-    decode step keeps float32 activations (PackedLinear) and meets the bf16 tolerance."""
+    forward's products follow gla_ext.matmul16 (this CPU's faster of rounding their inputs to
+    bf16, as fla's bf16 models do, and widening the weights: both forced in test_matmul16.py),
+    the decode step keeps float32 activations (PackedLinear); both meet the bf16 tolerance."""
     # fla's own initialization: the perturbed random model amplifies bf16 activation rounding
     # chaotically (150 fresh seeds: forward median 0.013, max 0.17); this one, 100 seeds:
     # forward max 0.0065, the GPU-like step max 0.0104

@@ -8,7 +8,7 @@ import torch
 
 import gla_ext
 from gla_ext import GLA
-from gla_ext import cpu_engine, prefill as pf
+from gla_ext import cpu_engine, matmul16, prefill as pf
 from helpers import float32_model_tolerance, forward_y_and_states, rel_err
 
 pytestmark = pytest.mark.skipif(not gla_ext.extension_loaded(),
@@ -54,9 +54,11 @@ def forced(monkeypatch, model, gemm):
 def tolerances(model, run, *inputs, gemm="own"):
     """float32: the contract's 1e-5 or wider on an ill-conditioned draw (tests/helpers.py).
     bf16: 1e-2 on the own kernels (float32 activations); on the vendor GEMM (or "auto", which
-    may pick it) each product's input is rounded to bf16 as nn.Linear does, so the bound is
-    the PyTorch path's: over 40 seeds the forced vendor route's sequence output reached
-    0.0177 of float64 once (median 0.0038; own kernels: median 0.0017, worst 0.0019)."""
+    may pick it) the native route rounds each product's input to bf16 as nn.Linear does
+    (gla_ext.matmul16; the widened route does not: test_vendor_route_of_bf16_weights), so the
+    bound is the PyTorch path's: over 40 seeds the forced native vendor route's sequence
+    output reached 0.0177 of float64 once (median 0.0038; own kernels: median 0.0017, worst
+    0.0019)."""
     if model.norm.weight.dtype == torch.float32:
         return float32_model_tolerance(model, run, *inputs)
     with torch.no_grad():
@@ -232,3 +234,27 @@ def test_forced_vendor_packs_nothing_and_bad_gemm_raises(monkeypatch):
     with pytest.raises(ValueError, match="GEMM"):
         with torch.no_grad():
             model(x)
+
+
+@pytest.mark.parametrize("route", ["widened", "native"])
+def test_vendor_route_of_bf16_weights(route, monkeypatch):
+    """The vendor GEMM with bf16 weights (gla_ext.matmul16, fixed when the engine is built):
+    widened, the weights go to float32 a block at a time and the products are float32 math
+    like the own kernels' (float32 states agree with theirs to float32 rounding); native,
+    each product's input is rounded to bf16 as nn.Linear does (states ~1e-3 off)."""
+    monkeypatch.setattr(matmul16, "MODE", route)
+    model = build(torch.bfloat16, **ODD)
+    B, T = 3, 37
+    x = torch.randn(B, T, model.embed_dim).to(torch.bfloat16)
+    with torch.no_grad():
+        monkeypatch.setattr(pf, "GEMM", "own")
+        _, s_own = model(x, return_state=True)
+        check = forced(monkeypatch, model, "vendor")
+        _, s_vendor = model(x, return_state=True)
+        check()
+    assert cpu_engine.peek(model).widen16 == (route == "widened")
+    diffs = [rel_err(a, b) for a, b in zip(s_vendor, s_own)]
+    if route == "widened":
+        assert max(diffs) < 1e-5, diffs
+    else:
+        assert max(diffs) > 1e-4, diffs

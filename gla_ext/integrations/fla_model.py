@@ -12,9 +12,11 @@ Per block, as fla.models.gla (0.6.0) computes it:
 then RMSNorm (norm) and lm_head (tied to the embeddings or not).
 RMSNorm(x) = x / sqrt(mean(x^2) + eps) * weight, in float32.
 
-Activations are float32 on the CPU whatever the weight dtype (weights may be bfloat16: each
-matrix product casts its input) and the weight dtype on a GPU; recurrent states are float32
-[B, num_heads, head_k_dim, head_v_dim].
+Activations are float32 on the CPU whatever the weight dtype and the weight dtype on a GPU;
+recurrent states are float32 [B, num_heads, head_k_dim, head_v_dim]. With bf16 / fp16 weights
+on the CPU each matrix product either rounds its input to the weights' dtype (torch's 16-bit
+GEMM: AMX / AVX512-BF16) or widens the weights to float32 a block at a time, whichever this
+CPU runs faster (gla_ext.matmul16, measured once per shape class).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import matmul16
 from ..ops import chunk_gla
 from .fla_config import FlaGLASettings
 from .fla_weights import ModelWeights
@@ -43,9 +46,7 @@ def _linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
         return y if b is None else y + b.to(y.dtype)
     if w.dtype == x.dtype:
         return F.linear(x, w, None if b is None else b.to(x.dtype))
-    y = F.linear(x.to(w.dtype), w)
-    y = y.to(x.dtype)
-    return y if b is None else y + b
+    return matmul16.linear(x, w, b)   # float32 x, 16-bit w (CPU): native or widened, measured
 
 
 class _Block(nn.Module):

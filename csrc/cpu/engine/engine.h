@@ -138,6 +138,11 @@ class GLA_ENGINE_HIDDEN CpuEngine {
   // Threads the next step of batch B runs on (thread_limit: 0 = measured policy, n = at most n).
   int64_t threads_for(int64_t B) const;
   int64_t thread_limit = 0;
+  // The vendor route of 16-bit weights: false = the product in their dtype (x rounded, as
+  // nn.Linear; oneDNN's AMX / AVX512-BF16 path), true = the weights widened to float32 a
+  // block of rows at a time and a float32 GEMM (CPUs without bf16 hardware, where torch's bf16
+  // GEMM runs ~1 GFLOP/s). Set when the engine is built (gla_ext.matmul16 measures it).
+  bool widen16 = false;
   // per kind: whether the last forward / step ran it on the vendor GEMM
   std::vector<bool> last_vendor() const;
   std::vector<bool> last_step_vendor() const;

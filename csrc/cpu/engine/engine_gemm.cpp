@@ -43,15 +43,28 @@ at::Tensor view(const float* p, int64_t rows, int64_t cols, int64_t ld) {
                        at::TensorOptions().dtype(at::kFloat));
 }
 
-// out (+)= A W^T in W's dtype: float32 straight into out (no copy); 16-bit weights take A
+// Float32 weight rows widened per block of the widened 16-bit route (4 MB of scratch).
+constexpr int64_t kWidenFloats = int64_t{1} << 20;
+
+// out (+)= A W^T for float32 W, straight into out (no copy).
+void mm_into(at::Tensor out, const at::Tensor& A, const at::Tensor& W, bool accumulate) {
+  if (accumulate)
+    at::addmm_out(out, out, A, W.t());
+  else
+    at::mm_out(out, A, W.t());
+}
+
+// out (+)= A W^T. 16-bit weights: widened to float32 a block of rows at a time (widen), or A
 // rounded to their dtype (as nn.Linear would) and the product widened.
-void vendor_mm(const at::Tensor& out, const at::Tensor& A, const at::Tensor& W, bool accumulate) {
-  if (W.scalar_type() == at::kFloat) {
-    at::Tensor o = out;
-    if (accumulate)
-      at::addmm_out(o, out, A, W.t());
-    else
-      at::mm_out(o, A, W.t());
+void vendor_mm(const at::Tensor& out, const at::Tensor& A, const at::Tensor& W, bool accumulate,
+               bool widen) {
+  if (W.scalar_type() == at::kFloat) return mm_into(out, A, W, accumulate);
+  if (widen) {
+    const int64_t rows = W.size(0), step = std::max<int64_t>(1, kWidenFloats / W.size(1));
+    for (int64_t r0 = 0; r0 < rows; r0 += step) {
+      const int64_t r1 = std::min(rows, r0 + step);
+      mm_into(out.slice(1, r0, r1), A, W.slice(0, r0, r1).to(at::kFloat), accumulate);
+    }
     return;
   }
   const at::Tensor r = at::mm(A.to(W.scalar_type()), W.t());
@@ -85,7 +98,8 @@ void CpuEngine::vendor_product(const EngineProduct& p, const float* A, int64_t l
                                float* out, int64_t ldo, bool accumulate) const {
   for (size_t i = 0; i < p.parts.size(); ++i) {
     const at::Tensor& w = p.parts[i].w;
-    vendor_mm(view(out + p.cols[i], M, w.size(0), ldo), view(A, M, w.size(1), lda), w, accumulate);
+    vendor_mm(view(out + p.cols[i], M, w.size(0), ldo), view(A, M, w.size(1), lda), w, accumulate,
+              widen16);
   }
 }
 
@@ -113,7 +127,7 @@ void CpuEngine::run_stages(const std::vector<EngineStage>& stages, const float* 
         // rank-wide input is not rounded to bf16 a second time
         const at::Tensor w = L.gate2.parts[0].w.to(at::kFloat);
         vendor_mm(view(b.proj + Pp_, M, a_, b.ldp), view(b.proj + off_gate_, M, rank_, b.ldp), w,
-                  false);
+                  false, false);
         break;
       }
       case kOpWo: vendor_product(L.wo, b.o, a_, M, b.h, dp_, true); break;
@@ -168,7 +182,9 @@ CpuEngine::Choice CpuEngine::choose(ChoiceTable& table, int64_t M, int nt, int64
       return now_seconds(thread_time) - t0;
     };
     double t_own = t_own_run();
-    if (vendor(tiny) * M / tiny > 3 * t_own) continue;  // the own kernel, without a full run
+    // the own kernel, without a full run (not for the widened route: its widening is a cost
+    // per call, not per row, so a run on a few rows does not scale up)
+    if (!widen16 && vendor(tiny) * M / tiny > 3 * t_own) continue;
     double t_vendor = vendor(M);
     const bool slow = std::min(t_own, t_vendor) > 0.05;
     if (!(slow && std::max(t_own, t_vendor) > 1.5 * std::min(t_own, t_vendor))) {

@@ -1,0 +1,107 @@
+"""Products of float32 activations with 16-bit weights on the CPU (gla_ext/matmul16.py): the
+widened product is float32 math on the stored weights, the native one rounds x like a bf16
+GEMM, the mode picks between them, and fla LMs with 16-bit weights use it."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gla_ext import matmul16
+from helpers import rel_err
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    def force(mode):
+        monkeypatch.setattr(matmul16, "MODE", mode)
+    return force
+
+
+def _float64_product(x, w, b=None):
+    y = x.double() @ w.double().t()
+    return y if b is None else y + b.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_widened_product_is_float32_math_on_the_stored_weights(monkeypatch, dtype, blocks):
+    out_f, in_f = 70, 48
+    if blocks > 1:   # a scratch of 25 weight rows: blocks of 25, 25, 20
+        monkeypatch.setattr(matmul16, "SCRATCH_FLOATS", 25 * in_f)
+    x, w, b = torch.randn(2, 5, in_f), torch.randn(out_f, in_f).to(dtype), torch.randn(out_f)
+    y = matmul16.widened_linear(x, w, b)
+    assert y.shape == (2, 5, out_f) and y.dtype == torch.float32
+    ref = _float64_product(x.reshape(-1, in_f), w, b).reshape(2, 5, out_f)
+    assert rel_err(y, ref) < 1e-6                 # float32 accuracy: x was not rounded
+    # the native product rounds x to the weights' dtype: its error is that rounding's
+    assert rel_err(matmul16.native_linear(x, w, b), ref) > 1e-4
+
+
+def test_modes_reach_their_product(forced):
+    x, w = torch.randn(9, 32), torch.randn(40, 32).bfloat16()
+    forced("native")
+    assert torch.equal(matmul16.linear(x, w), matmul16.native_linear(x, w))
+    forced("widened")
+    assert torch.equal(matmul16.linear(x, w), matmul16.widened_linear(x, w))
+
+
+def test_auto_follows_the_measurement(forced, monkeypatch):
+    x, w = torch.randn(9, 32), torch.randn(40, 32).bfloat16()
+    forced("auto")
+    seen = []
+    for faster in (True, False):
+        monkeypatch.setattr(matmul16, "widened_faster",
+                            lambda *args, faster=faster: seen.append(args) or faster)
+        want = matmul16.widened_linear if faster else matmul16.native_linear
+        assert torch.equal(matmul16.linear(x, w), want(x, w))
+    assert seen[0] == (torch.bfloat16, 9, 32, 40)
+
+
+def test_measurement_is_cached_per_shape_class(monkeypatch):
+    monkeypatch.setattr(matmul16, "_choice", {})
+    first = matmul16.widened_faster(torch.bfloat16, 100, 40, 60)
+    assert len(matmul16._choice) == 1
+    assert matmul16.widened_faster(torch.bfloat16, 120, 64, 33) is first   # same class
+    matmul16.widened_faster(torch.bfloat16, 300, 64, 33)                   # rows bucket 256
+    assert len(matmul16._choice) == 2
+
+
+def test_other_dtypes_take_the_native_product(forced):
+    forced("widened")
+    x16, w = torch.randn(4, 8).bfloat16(), torch.randn(6, 8).bfloat16()
+    assert torch.equal(matmul16.linear(x16, w), F.linear(x16, w))   # not float32 x
+    x, w32 = torch.randn(4, 8), torch.randn(6, 8)
+    assert torch.equal(matmul16.linear(x, w32), F.linear(x, w32))   # not a 16-bit weight
+
+
+def test_bad_mode_names_the_setting(forced, monkeypatch):
+    forced(None)
+    monkeypatch.setenv(matmul16.ENV, "fast")
+    with pytest.raises(ValueError, match=matmul16.ENV):
+        matmul16.linear(torch.randn(2, 8), torch.randn(3, 8).bfloat16())
+    forced("fast")
+    with pytest.raises(ValueError, match="matmul16.MODE"):
+        matmul16.linear(torch.randn(2, 8), torch.randn(3, 8).bfloat16())
+
+
+def test_fla_lm_with_bf16_weights_uses_it(forced, monkeypatch):
+    """An fla LM loaded with bf16 weights: widened, its logits are float32 math on the bf16
+    weights (the float32 model on the same rounded weights, to float32 accuracy); native,
+    they carry the bf16 rounding of every product's input."""
+    pytest.importorskip("fla")
+    from test_fla_integration import VOCAB, _fla_model
+
+    from gla_ext.integrations import fla as gla_fla
+    model = _fla_model(num_heads=4, num_kv_heads=2, perturb=0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    lm32, lm16 = gla_fla.load(model), gla_fla.load(model, dtype=torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (2, 20))
+    ref = lm32(ids)
+    calls = []
+    real = matmul16.widened_linear
+    monkeypatch.setattr(matmul16, "widened_linear", lambda *a: calls.append(1) or real(*a))
+    forced("widened")
+    assert rel_err(lm16(ids), ref) < 1e-5 and calls
+    forced("native")
+    assert 1e-4 < rel_err(lm16(ids), ref) < 3e-2
