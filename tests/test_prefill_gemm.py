@@ -236,14 +236,21 @@ def test_forced_vendor_packs_nothing_and_bad_gemm_raises(monkeypatch):
             model(x)
 
 
+# wide enough that the widened route converts some weights in blocks of 2^18 floats
+# (engine_gemm.cpp kWidenFloats), the last one shorter: W1 and W3 [768, 384] in rows of 682
+# + 86, W2 [384, 768] in 341 + 43 (two layers: layer 1's state sees layer 0's FFN)
+WIDE = dict(embed_dim=64, hidden_size=384, num_layers=2, num_heads=4, head_dim=64)
+
+
+@pytest.mark.parametrize("options", [ODD, WIDE], ids=["odd", "wide"])
 @pytest.mark.parametrize("route", ["widened", "native"])
-def test_vendor_route_of_bf16_weights(route, monkeypatch):
+def test_vendor_route_of_bf16_weights(route, options, monkeypatch):
     """The vendor GEMM with bf16 weights (gla_ext.matmul16, fixed when the engine is built):
     widened, the weights go to float32 a block at a time and the products are float32 math
     like the own kernels' (float32 states agree with theirs to float32 rounding); native,
     each product's input is rounded to bf16 as nn.Linear does (states ~1e-3 off)."""
     monkeypatch.setattr(matmul16, "MODE", route)
-    model = build(torch.bfloat16, **ODD)
+    model = build(torch.bfloat16, **options)
     B, T = 3, 37
     x = torch.randn(B, T, model.embed_dim).to(torch.bfloat16)
     with torch.no_grad():
