@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import gla_ext._C  # noqa: F401  (registers torch.ops.gla_ext)
+from gla_ext._timing import best_seconds
 from gla_ext.reference import chunk_gla_reference
 
 MM_N = 2048
@@ -35,12 +36,7 @@ clock = time.perf_counter
 def best_time(fn, reps=5, warmup=1):
     for _ in range(warmup):
         fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = clock()
-        fn()
-        best = min(best, clock() - t0)
-    return best
+    return best_seconds(fn, reps, clock)
 
 
 def interleaved_best(fns, reps):

@@ -27,12 +27,8 @@ def git_commit() -> str:
 
 def thread_cpu_min(fn, repeats: int) -> float:
     """Min over repeats of fn()'s thread CPU seconds (less disturbed by a loaded machine)."""
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.thread_time()
-        fn()
-        best = min(best, time.thread_time() - t0)
-    return best
+    from gla_ext._timing import best_seconds   # the scripts put this repository on sys.path
+    return best_seconds(fn, repeats, time.thread_time)
 
 
 def machine() -> dict:

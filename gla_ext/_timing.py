@@ -1,4 +1,5 @@
-"""Timing helper shared by `python -m gla_ext bench`, the demo and benchmarks/: median of repeats."""
+"""Timing helpers shared by `python -m gla_ext bench`, the demo, the measured choices
+(matmul16, quant_matmul) and benchmarks/: median or best of repeats."""
 from __future__ import annotations
 
 import statistics
@@ -28,3 +29,13 @@ def time_fn(fn, device: str = "cpu", warmup: int = 2, reps: int = 5, min_time: f
         if len(times) >= 1000:
             break
     return statistics.median(times)
+
+
+def best_seconds(fn, repeats: int, clock=time.perf_counter) -> float:
+    """Min over repeats of fn()'s seconds by `clock` (no warm-up: callers warm up first)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = clock()
+        fn()
+        best = min(best, clock() - t0)
+    return best

@@ -24,10 +24,11 @@ benchmarks).
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 import torch.nn.functional as F
+
+from ._timing import best_seconds as _best
 
 __all__ = ["linear", "widened_linear", "native_linear", "widened_faster", "widen_weights",
            "MODES", "ENV"]
@@ -54,15 +55,6 @@ def mode() -> str:
 
 def _bucket(n: int, cap: int) -> int:
     return min(1 << max(int(n) - 1, 1).bit_length(), cap)
-
-
-def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def widened_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):

@@ -21,7 +21,8 @@ import os
 
 import torch
 
-from .matmul16 import _best, _bucket
+from ._timing import best_seconds as _best
+from .matmul16 import _bucket
 
 MODES = ("auto", "float32", "bf16")
 ENV = "GLA_EXT_QUANT_MATMUL"
