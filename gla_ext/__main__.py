@@ -35,6 +35,20 @@ def quantized_kernels() -> str:
             "elsewhere (prefill: float32 or, where measured faster, bf16 GEMM; training; CUDA)")
 
 
+def bf16_products() -> str:
+    """How products of float32 activations with bf16 weights run on this CPU (gla_ext.matmul16:
+    measured now unless GLA_EXT_MATMUL16 forces a route)."""
+    from . import matmul16
+    try:
+        widened = matmul16.widen_weights(torch.bfloat16)
+    except ValueError as e:   # a bad GLA_EXT_MATMUL16: say so, as the calls would
+        return f"bf16 weights x float32 activations: {e}"
+    how = ("weights widened to float32 per block, float32 GEMM" if widened
+           else "bf16 GEMM, inputs rounded to bf16")
+    return (f"bf16 weights x float32 activations (fused engine's vendor GEMM, fla LM prefill): "
+            f"{how} [GLA_EXT_MATMUL16={matmul16.mode()}]")
+
+
 def cmd_info(_args) -> int:
     print(f"gla_ext {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__} "
@@ -61,6 +75,7 @@ def cmd_info(_args) -> int:
         print(f"extension gla_ext._C: NOT loaded ({_ext.LOAD_ERROR})")
         print("  only backend='reference' works; build with `pip install --no-build-isolation .`")
     print(quantized_kernels())
+    print(bf16_products())
     print("\nbackends:")
     for op, backend, what in kernel_table():
         print(f"  {op:20} {backend:10} {what}")

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gla_ext
 from gla_ext import matmul16
 from helpers import rel_err
 
@@ -105,3 +106,32 @@ def test_fla_lm_with_bf16_weights_uses_it(forced, monkeypatch):
     assert rel_err(lm16(ids), ref) < 1e-5 and calls
     forced("native")
     assert 1e-4 < rel_err(lm16(ids), ref) < 3e-2
+
+
+def test_info_line_says_the_route(forced, monkeypatch):
+    import gla_ext.__main__ as cli
+    forced(None)
+    for value, route in (("native", "bf16 GEMM"), ("widened", "widened to float32")):
+        monkeypatch.setenv(matmul16.ENV, value)
+        line = cli.bf16_products()
+        assert route in line and f"[{matmul16.ENV}={value}]" in line, line
+    monkeypatch.setenv(matmul16.ENV, "auto")
+    monkeypatch.setattr(matmul16, "widened_faster", lambda *a: True)
+    assert "widened to float32" in cli.bf16_products()
+    monkeypatch.setenv(matmul16.ENV, "fast")
+    assert matmul16.ENV in cli.bf16_products()          # says what is wrong, no traceback
+
+
+@pytest.mark.skipif(not gla_ext.extension_loaded(), reason="gla_ext._C is not built")
+def test_bad_mode_stops_a_bf16_engine_not_a_float32_one(forced, monkeypatch):
+    """The engine of a bf16 model reads the mode when it is built: a bad value is an error
+    naming the variable, not a silent fallback; a float32 model has no 16-bit products."""
+    forced(None)
+    monkeypatch.setenv(matmul16.ENV, "fast")
+    monkeypatch.setattr(gla_ext.engine_choice, "MODE", "fused")
+    opts = dict(embed_dim=16, hidden_size=32, num_layers=1, num_heads=2, head_dim=16)
+    model = gla_ext.GLA.build(**opts).eval()
+    with torch.no_grad():
+        model(torch.randn(1, 5, 16))
+        with pytest.raises(ValueError, match=matmul16.ENV):
+            model.bfloat16()(torch.randn(1, 5, 16).bfloat16())
