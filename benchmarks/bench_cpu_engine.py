@@ -51,8 +51,10 @@ from common import machine, save_results  # noqa: E402
 
 import gla_ext  # noqa: E402
 from gla_ext import GLA  # noqa: E402
+from gla_ext import cpu_engine  # noqa: E402
 from gla_ext import decode as dec  # noqa: E402
 from gla_ext import engine_choice as choice  # noqa: E402
+from gla_ext._timing import shape_bucket  # noqa: E402
 from gla_ext import matmul16  # noqa: E402
 from gla_ext import prefill as pf  # noqa: E402
 
@@ -162,7 +164,7 @@ def gla_cells(name, dtype_name, quick):
             engines = pf.engine_of(model)
             # the vendor route of 16-bit weights widened (gla_ext.matmul16) runs at the
             # float32 rate, not at the 16-bit GEMM's
-            vendor_ok = ok or (matmul16.widen_weights(dtype)
+            vendor_ok = ok or (cpu_engine.peek(model).widen16
                                and affordable(flops_per_row * B * T, "fp32"))
             own, vendor = best_of([gemm_forced("own", fused),
                                    gemm_forced("vendor", fused) if vendor_ok else None],
@@ -200,7 +202,7 @@ def gla_cells(name, dtype_name, quick):
 
 def _choice_of(model, kind, *shape):
     """The measured choice of the class of `shape` ((batch,) or (batch, T)), or "-"."""
-    key = tuple(choice._bucket(n) for n in shape)
+    key = tuple(shape_bucket(n) for n in shape)
     picked = [v for k, v in choice.decisions(model).items()
               if k[0] == kind and k[1][:len(key)] == key]
     return picked[-1] if picked else "-"
@@ -228,7 +230,9 @@ def fla_cells(dtype_name, quick):
             native = setting(matmul16, "MODE", "native", run)   # 16-bit products in their dtype
             times = best_of([native if affordable(flops_per_row * B * T, dtype_name) else None,
                              run])
-            widened = any(v for k, v in matmul16._choice.items() if k[1] == dtype)
+            route = matmul16.mode()
+            widened = route == "widened" or (route == "auto" and any(
+                v for k, v in matmul16._choice.items() if k[1] == dtype))
             cells.append(dict(cell=f"prefill [{B},{T}]", rows=B * T, kind="prefill",
                               times=[float("nan"), times[0], times[1]],
                               flops=flops_per_row * B * T,

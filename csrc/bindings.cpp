@@ -620,9 +620,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("threads_for", &gla::CpuEngine::threads_for, pybind11::arg("batch"))
       .def_readwrite("thread_limit", &gla::CpuEngine::thread_limit,
                      "0 = measured threading policy, n > 0 = at most n threads per step")
-      .def_readwrite("widen16", &gla::CpuEngine::widen16,
-                     "vendor GEMM of 16-bit weights: widened to float32 per block (True) or "
-                     "in their dtype (False)")
+      .def_property("widen16", &gla::CpuEngine::widen16, &gla::CpuEngine::set_widen16,
+                    "vendor GEMM of 16-bit weights: widened to float32 per block (True) or "
+                    "in their dtype (False); setting it forgets the measured choices")
       .def("last_vendor", &gla::CpuEngine::last_vendor,
            "per matrix kind (in, proj, wo, w13, w2): whether the last forward used the vendor GEMM")
       .def("last_step_vendor", &gla::CpuEngine::last_step_vendor,

@@ -1,5 +1,6 @@
 """Timing helpers shared by `python -m gla_ext bench`, the demo, the measured choices
-(matmul16, quant_matmul) and benchmarks/: median or best of repeats."""
+(matmul16, quant_matmul, engine_choice) and benchmarks/: median or best of repeats, the
+shape classes of a measured choice, and "is this route clearly faster"."""
 from __future__ import annotations
 
 import statistics
@@ -39,3 +40,25 @@ def best_seconds(fn, repeats: int, clock=time.perf_counter) -> float:
         fn()
         best = min(best, clock() - t0)
     return best
+
+
+def shape_bucket(n: int, cap: int | None = None) -> int:
+    """n rounded up to a power of 2 (at least 1), capped at `cap`: one measured choice serves
+    every shape of its class."""
+    b = 1 << max(0, int(n) - 1).bit_length()
+    return b if cap is None else min(b, cap)
+
+
+def clearly_faster(candidate, baseline, speedup: float) -> bool:
+    """Whether candidate() beats baseline() by `speedup` (best of repeats, after one warm-up
+    call each). The candidate gets one run first; more only when that one is not far behind
+    (a 16-bit GEMM without hardware support runs 50x behind: no need to time it thrice).
+    Times are this thread's CPU time on one torch thread (time descheduled on a shared
+    machine does not count), else wall time."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    candidate(), baseline()
+    t_base = best_seconds(baseline, 3, clock)
+    t_cand = best_seconds(candidate, 1, clock)
+    if t_cand < 3 * t_base:
+        t_cand = min(t_cand, best_seconds(candidate, 3, clock))
+    return t_cand * speedup < t_base

@@ -78,8 +78,10 @@ def _pack(glob, layers, heads, head_dim, normalizer, eps):
             m if name == "qweight" else None) for m in layer] for layer in layers]
     eng = _ext._C.CpuEngine(glob, part("qweight"), heads, head_dim, normalizer, eps,
                             head_dim ** -0.5, part("scales"), part("offsets"))
-    # 16-bit weights on the vendor GEMM: in their dtype or widened (a property of the CPU)
-    eng.widen16 = matmul16.widen_weights(layers[0][0].dtype)
+    # 16-bit weights on the vendor GEMM: in their dtype or widened (a property of the CPU);
+    # a quantized engine has no vendor route
+    if not eng.quantized:
+        eng.widen16 = matmul16.widen_weights(layers[0][0].dtype)
     return eng
 
 

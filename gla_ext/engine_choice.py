@@ -29,6 +29,7 @@ import weakref
 import torch
 
 from . import _ext
+from ._timing import shape_bucket
 from ._checks import _is_tracing
 
 __all__ = ["MODE", "run", "prefer_fused", "decisions", "forget"]
@@ -46,13 +47,9 @@ _MIN_REPS, _MAX_REPS, _MIN_SECONDS = 3, 12, 0.02
 _PROBE_ROWS, _TINY_ROWS, _FAR_BEHIND = 2048, 64, 10.0
 
 
-def _bucket(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _class_key(model, kind, key):
     dtype = next(model.parameters()).dtype
-    return (kind, tuple(_bucket(k) if isinstance(k, int) and not isinstance(k, bool) else k
+    return (kind, tuple(shape_bucket(k) if isinstance(k, int) and not isinstance(k, bool) else k
                         for k in key), dtype, torch.get_num_threads())
 
 

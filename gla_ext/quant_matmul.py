@@ -21,8 +21,7 @@ import os
 
 import torch
 
-from ._timing import best_seconds as _best
-from .matmul16 import _bucket
+from ._timing import clearly_faster, shape_bucket
 
 MODES = ("auto", "float32", "bf16")
 ENV = "GLA_EXT_QUANT_MATMUL"
@@ -49,20 +48,17 @@ def resolve_mode(module_mode) -> str:
 def bf16_faster(in_features: int, out_features: int) -> bool:
     """Whether this CPU's bf16 GEMM beats float32 for this shape class (measured once per
     process, thread count and class: the dims rounded up to a power of 2, capped at 512)."""
-    key = (torch.get_num_threads(), _bucket(in_features, _PROBE_MAX_DIM),
-           _bucket(out_features, _PROBE_MAX_DIM))
+    key = (torch.get_num_threads(), shape_bucket(in_features, _PROBE_MAX_DIM),
+           shape_bucket(out_features, _PROBE_MAX_DIM))
     if key not in _choice:
         with torch.no_grad():
             g = torch.Generator().manual_seed(0)
             a = torch.randn(_PROBE_ROWS, key[1], generator=g)
             b = torch.randn(key[2], key[1], generator=g)
             a16, b16 = a.bfloat16(), b.bfloat16()
-            torch.nn.functional.linear(a, b), torch.nn.functional.linear(a16, b16)   # warm up
-            t32 = _best(lambda: torch.nn.functional.linear(a, b), 3)
-            t16 = _best(lambda: torch.nn.functional.linear(a16, b16), 1)
-            if t16 * _SPEEDUP < t32:   # a near call: confirm with more runs
-                t16 = min(t16, _best(lambda: torch.nn.functional.linear(a16, b16), 3))
-        _choice[key] = t16 * _SPEEDUP < t32
+            linear = torch.nn.functional.linear
+            _choice[key] = clearly_faster(lambda: linear(a16, b16), lambda: linear(a, b),
+                                          _SPEEDUP)
     return _choice[key]
 
 

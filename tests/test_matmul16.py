@@ -1,12 +1,15 @@
 """Products of float32 activations with 16-bit weights on the CPU (gla_ext/matmul16.py): the
 widened product is float32 math on the stored weights, the native one rounds x like a bf16
 GEMM, the mode picks between them, and fla LMs with 16-bit weights use it."""
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import gla_ext
 from gla_ext import matmul16
+from gla_ext._timing import clearly_faster
 from helpers import rel_err
 
 
@@ -23,18 +26,42 @@ def _float64_product(x, w, b=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("blocks", [1, 3])
-def test_widened_product_is_float32_math_on_the_stored_weights(monkeypatch, dtype, blocks):
+# (scratch in weight rows, MIN_BLOCK_ROWS) -> the blocks' rows: one block; the scratch's 25
+# rows; the minimum's 30 rows where the scratch holds fewer
+@pytest.mark.parametrize("scratch_rows,min_rows,blocks", [
+    (None, None, [70]), (25, 1, [25, 25, 20]), (2, 30, [30, 30, 10])])
+def test_widened_product_is_float32_math_on_the_stored_weights(monkeypatch, dtype, scratch_rows,
+                                                               min_rows, blocks):
     out_f, in_f = 70, 48
-    if blocks > 1:   # a scratch of 25 weight rows: blocks of 25, 25, 20
-        monkeypatch.setattr(matmul16, "SCRATCH_FLOATS", 25 * in_f)
+    if scratch_rows is not None:
+        monkeypatch.setattr(matmul16, "SCRATCH_FLOATS", scratch_rows * in_f)
+        monkeypatch.setattr(matmul16, "MIN_BLOCK_ROWS", min_rows)
+    seen, real_mm = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, **kw: seen.append(b.shape[1]) or real_mm(a, b, **kw))
     x, w, b = torch.randn(2, 5, in_f), torch.randn(out_f, in_f).to(dtype), torch.randn(out_f)
     y = matmul16.widened_linear(x, w, b)
+    assert (seen or [out_f]) == blocks
     assert y.shape == (2, 5, out_f) and y.dtype == torch.float32
     ref = _float64_product(x.reshape(-1, in_f), w, b).reshape(2, 5, out_f)
     assert rel_err(y, ref) < 1e-6                 # float32 accuracy: x was not rounded
     # the native product rounds x to the weights' dtype: its error is that rounding's
     assert rel_err(matmul16.native_linear(x, w, b), ref) > 1e-4
+
+
+def test_widened_product_has_gradients(monkeypatch):
+    """With autograd recording, one product instead of the blocks (their out= products
+    record no graph): x's gradient is float32 math on the stored weights."""
+    monkeypatch.setattr(matmul16, "SCRATCH_FLOATS", 8 * 16)
+    monkeypatch.setattr(matmul16, "MIN_BLOCK_ROWS", 1)
+    x = torch.randn(3, 16, requires_grad=True)
+    w = torch.randn(40, 16).bfloat16()
+    y = matmul16.widened_linear(x, w)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    ref = gy.double() @ w.double()
+    assert rel_err(x.grad, ref) < 1e-6
+    with torch.no_grad():                         # the blocks again without autograd
+        assert rel_err(matmul16.widened_linear(x, w), y.detach()) < 1e-6
 
 
 def test_modes_reach_their_product(forced):
@@ -135,3 +162,29 @@ def test_bad_mode_stops_a_bf16_engine_not_a_float32_one(forced, monkeypatch):
         model(torch.randn(1, 5, 16))
         with pytest.raises(ValueError, match=matmul16.ENV):
             model.bfloat16()(torch.randn(1, 5, 16).bfloat16())
+        # a quantized engine (bf16 norms, int8 matrices) has no vendor route: not read
+        q = gla_ext.quantize_(gla_ext.GLA.build(**opts).eval(), "int8").bfloat16()
+        y, _ = q.step(torch.randn(1, 16).bfloat16(), q.init_state(1))
+        assert y.shape == (1, 32) and gla_ext.cpu_engine.peek(q).quantized
+
+
+def _busy(seconds, calls):
+    def run():
+        calls.append(1)
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < seconds:
+            pass
+    return run
+
+
+@pytest.mark.parametrize("candidate_ms,baseline_ms,faster", [(1, 5, True), (4.5, 5, False),
+                                                             (5, 1, False)])
+def test_clearly_faster_needs_the_margin(monkeypatch, candidate_ms, baseline_ms, faster):
+    """The measured choices (matmul16: native vs widened; quant_matmul: bf16 vs float32) keep
+    the float32 route unless the other one wins by the margin; a candidate far behind runs
+    once after its warm-up, not three more times."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)   # thread CPU time
+    cand, base = [], []
+    assert clearly_faster(_busy(candidate_ms / 1e3, cand), _busy(baseline_ms / 1e3, base),
+                          1.25) is faster
+    assert len(base) == 4 and len(cand) == (2 if candidate_ms > 3 * baseline_ms else 5)

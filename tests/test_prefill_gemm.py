@@ -265,3 +265,21 @@ def test_vendor_route_of_bf16_weights(route, options, monkeypatch):
         assert max(diffs) < 1e-5, diffs
     else:
         assert max(diffs) > 1e-4, diffs
+
+
+def test_setting_the_route_forgets_the_measured_choices():
+    """engine.widen16 changes what the vendor GEMM of 16-bit weights costs: the choices timed
+    on the other route are dropped (measured again at the next call), not kept."""
+    model = build(torch.bfloat16, **ODD)
+    x = torch.randn(2, 40, model.embed_dim).to(torch.bfloat16)
+    with torch.no_grad():
+        model(x)
+        eng = cpu_engine.peek(model)
+        route = eng.widen16
+        assert len(eng.choices()) == 1
+        eng.widen16 = route                         # the same route: nothing to forget
+        assert len(eng.choices()) == 1
+        eng.widen16 = not route
+        assert eng.widen16 == (not route) and eng.choices() == []
+        model(x)
+        assert len(eng.choices()) == 1

@@ -141,8 +141,10 @@ class GLA_ENGINE_HIDDEN CpuEngine {
   // The vendor route of 16-bit weights: false = the product in their dtype (x rounded, as
   // nn.Linear; oneDNN's AMX / AVX512-BF16 path), true = the weights widened to float32 a
   // block of rows at a time and a float32 GEMM (CPUs without bf16 hardware, where torch's bf16
-  // GEMM runs ~1 GFLOP/s). Set when the engine is built (gla_ext.matmul16 measures it).
-  bool widen16 = false;
+  // GEMM runs ~1 GFLOP/s). Set when the engine is built (gla_ext.matmul16 measures it);
+  // setting it forgets the measured own / vendor choices (timed on the other route).
+  bool widen16() const { return widen16_; }
+  void set_widen16(bool widen);
   // per kind: whether the last forward / step ran it on the vendor GEMM
   std::vector<bool> last_vendor() const;
   std::vector<bool> last_step_vendor() const;
@@ -207,6 +209,7 @@ class GLA_ENGINE_HIDDEN CpuEngine {
   std::vector<float> in_b_, norm_w_, norm_b_;  // padded like the layer vectors
   at::ScalarType wdtype_ = at::kFloat;  // the float parameters' dtype
   bool quantized_ = false;
+  bool widen16_ = false;
   int isa_ = 0;       // CpuIsa every copy is packed for (fixed at construction)
   int64_t nr_ = 0;    // its panel width
   const EngineKernels* kern_ = nullptr;

@@ -44,8 +44,10 @@ at::Tensor view(const float* p, int64_t rows, int64_t cols, int64_t ld) {
 }
 
 // Float32 weight rows widened per block of the widened 16-bit route: 1 MB of scratch (256
-// rows of a 1024-wide matrix; the block's GEMM keeps MKL's float32 rate: gla_ext.matmul16).
-constexpr int64_t kWidenFloats = int64_t{1} << 18;
+// rows of a 1024-wide matrix; the block's GEMM keeps MKL's float32 rate), at least 256 rows
+// (each block's GEMM re-reads all of A: 23-row blocks of an 11008-wide matrix ran 4.2x the
+// float32 GEMM). The same numbers as gla_ext.matmul16's SCRATCH_FLOATS / MIN_BLOCK_ROWS.
+constexpr int64_t kWidenFloats = int64_t{1} << 18, kWidenMinRows = 256;
 
 // out (+)= A W^T for float32 W, straight into out (no copy).
 void mm_into(at::Tensor out, const at::Tensor& A, const at::Tensor& W, bool accumulate) {
@@ -61,7 +63,8 @@ void vendor_mm(const at::Tensor& out, const at::Tensor& A, const at::Tensor& W, 
                bool widen) {
   if (W.scalar_type() == at::kFloat) return mm_into(out, A, W, accumulate);
   if (widen) {
-    const int64_t rows = W.size(0), step = std::max<int64_t>(1, kWidenFloats / W.size(1));
+    const int64_t rows = W.size(0),
+                  step = std::max(kWidenMinRows, kWidenFloats / std::max<int64_t>(1, W.size(1)));
     for (int64_t r0 = 0; r0 < rows; r0 += step) {
       const int64_t r1 = std::min(rows, r0 + step);
       mm_into(out.slice(1, r0, r1), A, W.slice(0, r0, r1).to(at::kFloat), accumulate);
@@ -100,7 +103,7 @@ void CpuEngine::vendor_product(const EngineProduct& p, const float* A, int64_t l
   for (size_t i = 0; i < p.parts.size(); ++i) {
     const at::Tensor& w = p.parts[i].w;
     vendor_mm(view(out + p.cols[i], M, w.size(0), ldo), view(A, M, w.size(1), lda), w, accumulate,
-              widen16);
+              widen16_);
   }
 }
 
@@ -136,6 +139,14 @@ void CpuEngine::run_stages(const std::vector<EngineStage>& stages, const float* 
       default: vendor_product(L.w2, b.act, f_pad_, M, b.h, dp_, true); break;
     }
   }
+}
+
+void CpuEngine::set_widen16(bool widen) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (widen == widen16_) return;
+  widen16_ = widen;
+  window_choices_.clear();
+  step_choices_.clear();
 }
 
 // Per kind, layer 0's product (all_layers: every layer's, one after the other) on M rows
@@ -185,7 +196,7 @@ CpuEngine::Choice CpuEngine::choose(ChoiceTable& table, int64_t M, int nt, int64
     double t_own = t_own_run();
     // the own kernel, without a full run (not for the widened route: its widening is a cost
     // per call, not per row, so a run on a few rows does not scale up)
-    if (!widen16 && vendor(tiny) * M / tiny > 3 * t_own) continue;
+    if (!widen16_ && vendor(tiny) * M / tiny > 3 * t_own) continue;
     double t_vendor = vendor(M);
     const bool slow = std::min(t_own, t_vendor) > 0.05;
     if (!(slow && std::max(t_own, t_vendor) > 1.5 * std::min(t_own, t_vendor))) {
