@@ -27,7 +27,11 @@ activations): int8 step <= 0.6x and int4 step <= 0.4x the bf16 step, each format
 <= 1.3x its own weight read (packed int8 / int4 bytes + float16 scales), int8 batch 8 <= 1.5x
 batch 1, prefill quantized <= 1.2x bf16.
 
-Usage: python benchmarks/bench_lm.py [--quick] [--no-fla] [--formats float32,bfloat16,int8,int4]
+--torch-ops adds, per format, the decode step with torch ops between the packed products
+(Decoder(fused=False)) timed in the same rounds, and the ratio of the two.
+
+Usage: python benchmarks/bench_lm.py [--quick] [--no-fla] [--torch-ops]
+                                     [--formats float32,bfloat16,int8,int4]
 Writes benchmarks/results/bench_lm{_quick}.{json,md,png}.
 """
 from __future__ import annotations
@@ -45,9 +49,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import pyplot, save_results  # noqa: E402
 from gla_ext.integrations import fla as gla_fla  # noqa: E402
-from gla_ext.integrations.fla_decode import packed_linear_available  # noqa: E402
+from gla_ext.integrations.fla_decode import Decoder, packed_linear_available  # noqa: E402
 
 CONFIG = dict(hidden_size=768, num_hidden_layers=12, vocab_size=32000)
+TORCH_OPS = "torch ops between products"
 PREFILL_T = 512
 
 
@@ -113,8 +118,8 @@ def matmul_params(lm) -> int:
 class OursDecode:
     """One of our decode setups (dtype, batch): a prefilled state and its weight buffers."""
 
-    def __init__(self, lm, batch: int):
-        self.dec = lm.decoder()
+    def __init__(self, lm, batch: int, fused=None):
+        self.dec = lm.decoder() if fused is None else Decoder(lm.model, fused=fused)
         ids = torch.randint(0, CONFIG["vocab_size"], (batch, 16))
         _, self.states = lm.prefill(ids)
         self.tok = ids[:, -1]
@@ -232,6 +237,9 @@ def main() -> int:
                         "targets)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: "
                         "torch's); gla_ext's kernels use the same pool")
+    parser.add_argument("--torch-ops", action="store_true", help="also time each decode step "
+                        "with torch ops between the packed products (Decoder(fused=False), the "
+                        "step before gla_ext._C.StepRows) in the same rounds")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -291,6 +299,9 @@ def main() -> int:
     # pass, fla steps], so load from other processes hits every variant alike.
     for batch in (1, 8):
         ours = {name: OursDecode(lm, batch) for name, lm in lms.items()}
+        if args.torch_ops:
+            ours.update({f"{name} {TORCH_OPS}": OursDecode(lm, batch, fused=False)
+                         for name, lm in lms.items()})
         fla_dec = FlaDecode(model, batch) if with_fla else None
         step_t = {name: [] for name in ours}
         read_t = {name: [] for name in ours}
@@ -303,16 +314,17 @@ def main() -> int:
             if fla_dec is not None:
                 for _ in range(max(2, steps // 3)):
                     fla_t.append(timed(fla_dec.step))
-        for name, o in ours.items():
-            st, rd = median(step_t[name]), median(read_t[name])
-            best, rbest = min(step_t[name]), min(read_t[name])
-            rows.append({"what": "decode", "impl": "gla_ext", "dtype": name, "batch": batch,
+        for key, o in ours.items():
+            name, impl = key.split(" ")[0], "gla_ext" if " " not in key else f"gla_ext, {TORCH_OPS}"
+            st, rd = median(step_t[key]), median(read_t[key])
+            best, rbest = min(step_t[key]), min(read_t[key])
+            rows.append({"what": "decode", "impl": impl, "dtype": name, "batch": batch,
                          "step_s": st, "step_min_s": best, "weight_read_s": rd,
                          "weight_read_min_s": rbest, "min_vs_weight_read": best / rbest,
                          "weight_bytes": o.nbytes, "tokens_per_s": batch / st,
                          "vs_weight_read": st / rd})
-            results[("decode", name, batch)] = (st, rd)
-            print(f"decode  {name:8} batch {batch}: {st * 1e3:7.2f} ms/step (min "
+            results[("decode", key, batch)] = (st, rd)
+            print(f"decode  {key:8} batch {batch}: {st * 1e3:7.2f} ms/step (min "
                   f"{best * 1e3:.2f}), {batch / st:7.1f} tok/s, weight read {rd * 1e3:.2f} ms "
                   f"({o.nbytes / 1e6:.0f} MB) -> {st / rd:.2f}x the bound")
         if fla_t:
@@ -355,6 +367,12 @@ def main() -> int:
          best[("float32", 8)]["step_min_s"] / best[("float32", 1)]["step_min_s"], None),
     ]
     targets += quant_targets(rows, results)
+    for name in lms:   # the compiled row math against torch ops between the same products
+        for batch in (1, 8):
+            other = results.get(("decode", f"{name} {TORCH_OPS}", batch))
+            if other:
+                targets.append((f"{name} b{batch} step / {TORCH_OPS}",
+                                results[("decode", name, batch)][0] / other[0], None))
     fla_pre_rows = [r for r in rows if r["what"] == "prefill" and r["impl"].startswith("fla")]
     if fla_pre_rows:
         targets.append(("fla prefill / ours (fp32)",

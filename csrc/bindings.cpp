@@ -18,6 +18,7 @@
 
 #include "gla.h"
 #include "cpu/engine/engine.h"
+#include "cpu/engine/step_rows.h"
 #include "cpu/linear_bindings.h"
 #include "cpu/simd/simd_bindings.h"
 
@@ -588,6 +589,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "return freed heap memory to the OS (glibc malloc_trim); True if any was released");
   gla::bind_cpu_linear(m);  // gla_ext._C.PackedLinear, linear_isa (csrc/cpu/linear_bindings.cpp)
+  gla::bind_step_rows(m);   // gla_ext._C.StepRows (csrc/cpu/engine/step_rows.cpp)
   gla::bind_cpu_simd(m);    // cpu_features, cpu_isa, simd_eval (csrc/cpu/simd/simd_bindings.cpp)
   // The fused CPU engine of the GLA model (built and cached by gla_ext/cpu_engine.py).
   using OptList = std::vector<std::vector<std::optional<Tensor>>>;

@@ -89,13 +89,19 @@ class TorchPackedLinear {
                       b.defined() ? b.data_ptr<float>() : nullptr);
   }
 
-  at::Tensor forward(const at::Tensor& x, const std::optional<at::Tensor>& out) const {
+  // x's rows may be a column range of a wider matrix (any row stride, unit column stride);
+  // accumulate: out += x W^T (+ b) instead of out =.
+  at::Tensor forward(const at::Tensor& x, const std::optional<at::Tensor>& out,
+                     bool accumulate) const {
     const int64_t in = m_.in_features(), nout = m_.out_features();
     TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == in, kOp, ": x must be [n, ", in,
                       "], got shape ", x.sizes());
-    TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.is_contiguous(),
-                      kOp, ": x must be a contiguous float32 CPU tensor, got ", x.scalar_type(),
-                      " on ", x.device(), x.is_contiguous() ? "" : " (not contiguous)");
+    const bool rows_ok = (in <= 1 || x.stride(1) == 1) && x.stride(0) >= in;
+    TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.device().is_cpu() && rows_ok,
+                      kOp, ": x must be a float32 CPU tensor with contiguous rows, got ",
+                      x.scalar_type(), " on ", x.device(), rows_ok ? "" : " (rows not contiguous)");
+    TORCH_CHECK_VALUE(!accumulate || (out && out->defined()), kOp,
+                      ": accumulate needs out (the matrix to add to)");
     const int64_t n = x.size(0);
     at::Tensor y;
     if (out && out->defined()) {
@@ -105,13 +111,19 @@ class TorchPackedLinear {
                             y.is_contiguous(),
                         kOp, ": out must be a contiguous float32 CPU tensor [", n, ", ", nout,
                         "], got ", y.scalar_type(), " ", y.sizes());
-      TORCH_CHECK_VALUE(!y.is_same(x) && (y.data_ptr() != x.data_ptr() || n == 0), kOp,
-                        ": out must not alias x");
+      // the byte ranges the call reads (x's rows) and writes (out)
+      const auto* x0 = static_cast<const char*>(x.data_ptr());
+      const auto* y0 = static_cast<const char*>(y.data_ptr());
+      const char* x1 = x0 + ((n - 1) * x.stride(0) + in) * sizeof(float);
+      const char* y1 = y0 + n * nout * sizeof(float);
+      TORCH_CHECK_VALUE(n == 0 || in == 0 || nout == 0 || x1 <= y0 || y1 <= x0, kOp,
+                        ": out must not overlap x");
     } else {
       y = at::empty({n, nout}, x.options());
     }
     if (n == 0 || nout == 0) return y;
     const float* xp = x.data_ptr<float>();
+    const int64_t ldx = n > 1 ? x.stride(0) : in;
     float* yp = y.data_ptr<float>();
     const int64_t panels = m_.num_panels();
     const int64_t per_panel = std::max<int64_t>(1, n * std::max<int64_t>(in, 1) * m_.panel_width());
@@ -120,7 +132,7 @@ class TorchPackedLinear {
     {
       pybind11::gil_scoped_release no_gil;
       at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
-        m.apply(xp, in, n, yp, nout, false, p0, p1);
+        m.apply(xp, ldx, n, yp, nout, accumulate, p0, p1);
       });
     }
     return y;
@@ -160,8 +172,9 @@ void bind_cpu_linear(pybind11::module_& m) {
            pybind11::arg("group_size"), pybind11::arg("bias") = pybind11::none(),
            "quantized weights in gla_ext.quantize's layout (int8: offsets None)")
       .def("forward", &TorchPackedLinear::forward, pybind11::arg("x"),
-           pybind11::arg("out") = pybind11::none(),
-           "x [n, in] contiguous float32 -> [n, out] float32 (into out when given)")
+           pybind11::arg("out") = pybind11::none(), pybind11::arg("accumulate") = false,
+           "x [n, in] float32 with contiguous rows -> [n, out] float32 (into out when given; "
+           "accumulate: added to out)")
       .def_property_readonly("in_features", &TorchPackedLinear::in_features)
       .def_property_readonly("out_features", &TorchPackedLinear::out_features)
       .def_property_readonly("has_bias", &TorchPackedLinear::has_bias)

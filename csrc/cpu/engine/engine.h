@@ -90,6 +90,13 @@ struct EngineKernels {
   size_t (*window_ws)(int64_t C, int64_t D);
   void (*window_run)(const WindowPlan&, int64_t s0, int64_t s1);
   int64_t (*window_panel)();
+  // the row math for steps outside the engine (step_rows.cpp): (row, kv head) tasks
+  // [t0, t1) of the attention core; RMSNorm of rows; SwiGLU of rows [r0, r1)
+  void (*attn_rows)(const AttnRowsPlan&, int64_t t0, int64_t t1);
+  void (*rms_norm_rows)(const float* x, int64_t ldx, float* y, int64_t ldy, const float* w,
+                        int64_t rows, int64_t n, float eps);
+  void (*swiglu_rows)(const float* u, float* act, int64_t r0, int64_t r1, int64_t f,
+                      int64_t f_pad);
 };
 const EngineKernels* engine_kernels(int isa);
 

@@ -79,6 +79,25 @@ struct StepPlan {
   const EngineStage* stages;
 };
 
+// The attention core of one token for rows outside the engine's own model layout (fla's GLA
+// decode step, gla_ext/integrations/fla_decode.py, through gla_ext._C.StepRows): per row and
+// key/value head h the state advanced in place and the outputs of the G = H / Hkv query heads
+// h * G + g that share it. Row r of proj holds q [H * K] at q_col, k [Hkv * K] at k_col,
+// v [Hkv * V] at v_col and the output gate's input [H * V] at r_col (r_col < 0: none).
+struct AttnRowsPlan {
+  const float* proj;
+  int64_t ldp, q_col, k_col, v_col, r_col;
+  const float* gk;        // gate logits [rows, Hkv * K], row stride ldg (biases added)
+  int64_t ldg;
+  float* states;          // [rows, Hkv, K, V] float32, advanced in place
+  float* o;               // [rows, H * V], row stride ldo
+  int64_t ldo;
+  const float* rms_w;     // per-head RMSNorm weight [V], or null (RMSNorm without weight)
+  int64_t rows, H, Hkv, K, V;
+  float inv_normalizer, clamp_min, scale, eps;
+  bool clamp;             // clamp the log decay at clamp_min
+};
+
 // Barrier of the window's threads: spins briefly, then yields the CPU. On a busy machine a
 // waiting thread may share its core with the thread it waits for; an OpenMP barrier would
 // spin there for its whole spin count instead of letting that thread run.

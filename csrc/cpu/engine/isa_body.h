@@ -6,4 +6,5 @@
 #include "cpu/engine/step_impl.h"
 #include "cpu/engine/window_impl.h"
 
-const EngineKernels kKernels{&step_thread, &window_ws_bytes, &window_run, &window_panel};
+const EngineKernels kKernels{&step_thread, &window_ws_bytes, &window_run, &window_panel,
+                             &attn_rows, &rms_norm_rows, &swiglu_rows};

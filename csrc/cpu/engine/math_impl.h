@@ -9,6 +9,12 @@ inline void layer_norm_rows(const float* x, idx ldx, float* y, idx ldy, const fl
   for (idx r = 0; r < rows; ++r) layernorm_row(x + r * ldx, y + r * ldy, w, b, n, eps);
 }
 
+// RMSNorm of `rows` rows of n floats (w: the norm's weight, or null).
+inline void rms_norm_rows(const float* x, idx ldx, float* y, idx ldy, const float* w, idx rows,
+                          idx n, float eps) {
+  for (idx r = 0; r < rows; ++r) rmsnorm_row(x + r * ldx, y + r * ldy, w, n, eps);
+}
+
 // y[r, c] += b[c] for r < rows, c in [c0, c1).
 inline void add_bias(float* y, idx ldy, idx rows, const float* b, idx c0, idx c1) {
   if (c1 <= c0) return;
@@ -18,13 +24,16 @@ inline void add_bias(float* y, idx ldy, idx rows, const float* b, idx c0, idx c1
   }
 }
 
-// The gate of n channels from its logits g (bias b added): the log decay
+// The gate of n channels from its logits g (bias b added; b null: none): the log decay
 // logsigmoid(g + b) / normalizer (the window's chunk loop takes logs), or with kExp the decay
-// itself (the token step multiplies the state by it). out may be g.
-template <bool kExp>
-inline void gate_decay(const float* g, const float* b, float* out, idx n, float inv_norm) {
-  vmap(g, out, n, [b, n, inv_norm](vf x, idx i) {
-    const vf l = vlogsigmoid(x + vload_part(b + i, n - i)) * inv_norm;
+// itself (the token step multiplies the state by it). out may be g. With kClamp the log
+// decay is first raised to at least lo (fla's clamp_min).
+template <bool kExp, bool kClamp = false>
+inline void gate_decay(const float* g, const float* b, float* out, idx n, float inv_norm,
+                       float lo = 0.f) {
+  vmap(g, out, n, [b, n, inv_norm, lo](vf x, idx i) {
+    vf l = vlogsigmoid(b ? x + vload_part(b + i, n - i) : x) * inv_norm;
+    if constexpr (kClamp) l = l < lo ? splat(lo) : l;
     if constexpr (kExp) return vexp(l);
     else return l;
   });

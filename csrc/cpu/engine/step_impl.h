@@ -10,22 +10,24 @@
 // S and S0 may be the same buffer (a state pool advanced in place): every element is read
 // before it is written, by the same lane.
 
-// S' = diag(decay) S0 + k^T v and o = scale q S' for one head with D = NV * W: v and the
-// output row stay in registers, the state streams through once.
+// One head's state S [K, V] (row stride ld) advanced from S0 and its output row:
+// S' = diag(decay) S0 + k^T v, o = scale q S' (S0 null: a zero state). head_block does the
+// NV * W columns at v, S0, S, o (already offset to the block): v and the output stay in
+// registers, the state streams through once.
 template <int NV>
-inline void head_fixed(const float* q, const float* k, const float* v, const float* decay,
-                       const float* S0, float* S, float* o, idx D, float scale) {
+inline void head_block(const float* q, const float* k, const float* v, const float* decay,
+                       const float* S0, float* S, float* o, idx K, idx ld, float scale) {
   vf vv[NV], acc[NV];
 #pragma GCC unroll 8
   for (int j = 0; j < NV; ++j) {
     vv[j] = vload(v + j * W);
     acc[j] = vf{};
   }
-  for (idx i = 0; i < D; ++i) {
+  for (idx i = 0; i < K; ++i) {
     const float di = decay[i], ki = k[i], qi = q[i] * scale;
-    float* s = S + i * D;
+    float* s = S + i * ld;
     if (S0) {
-      const float* s0 = S0 + i * D;
+      const float* s0 = S0 + i * ld;
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) {
         // opaque pins x and the sums: the output of a zero state must equal that of an
@@ -49,19 +51,41 @@ inline void head_fixed(const float* q, const float* k, const float* v, const flo
   for (int j = 0; j < NV; ++j) vstore(o + j * W, acc[j]);
 }
 
-// Any D: the output row accumulates in memory.
-inline void head_any(const float* q, const float* k, const float* v, const float* decay,
-                     const float* S0, float* S, float* o, idx D, float scale) {
-  for (idx j = 0; j < D; ++j) o[j] = 0.f;
-  for (idx i = 0; i < D; ++i) {
+// The last n < W columns: the output accumulates in memory.
+inline void head_cols(const float* q, const float* k, const float* v, const float* decay,
+                      const float* S0, float* S, float* o, idx K, idx ld, idx n, float scale) {
+  for (idx j = 0; j < n; ++j) o[j] = 0.f;
+  for (idx i = 0; i < K; ++i) {
     const float di = decay[i], ki = k[i], qi = q[i] * scale;
-    float* s = S + i * D;
-    const float* s0 = S0 ? S0 + i * D : nullptr;
-    for (idx j = 0; j < D; ++j) {
+    float* s = S + i * ld;
+    const float* s0 = S0 ? S0 + i * ld : nullptr;
+    for (idx j = 0; j < n; ++j) {
       const float x = (s0 ? di * s0[j] : 0.f) + ki * v[j];
       s[j] = x;
       o[j] += qi * x;
     }
+  }
+}
+
+// The whole head [K, V]: blocks of 8, 4, 2, 1 vectors of columns, then the tail.
+inline void head_update(const float* q, const float* k, const float* v, const float* decay,
+                        const float* S0, float* S, float* o, idx K, idx V, float scale) {
+  idx j = 0;
+  const auto at = [&](idx c) { return S0 ? S0 + c : nullptr; };
+  for (; j + 8 * W <= V; j += 8 * W) head_block<8>(q, k, v + j, decay, at(j), S + j, o + j, K, V, scale);
+  if (j + 4 * W <= V) { head_block<4>(q, k, v + j, decay, at(j), S + j, o + j, K, V, scale); j += 4 * W; }
+  if (j + 2 * W <= V) { head_block<2>(q, k, v + j, decay, at(j), S + j, o + j, K, V, scale); j += 2 * W; }
+  if (j + W <= V) { head_block<1>(q, k, v + j, decay, at(j), S + j, o + j, K, V, scale); j += W; }
+  if (j < V) head_cols(q, k, v + j, decay, at(j), S + j, o + j, K, V, V - j, scale);
+}
+
+// o = scale q S for a state already advanced (the other query heads of a GQA group).
+inline void head_query(const float* q, const float* S, float* o, idx K, idx V, float scale) {
+  for (idx j = 0; j < V; ++j) o[j] = 0.f;
+  for (idx i = 0; i < K; ++i) {
+    const float qi = q[i] * scale;
+    const float* s = S + i * V;
+    vmap(o, o, V, [s, qi, V](vf x, idx c) { return x + qi * vload_part(s + c, V - c); });
   }
 }
 
@@ -80,12 +104,33 @@ inline void step_heads(const StepPlan& p, const EngineLayerPtrs& L, idx l, idx r
     float* s = S + h * D * D;
     float* o = p.b.o + row * a + c;
     const float *q = pr + c, *k = pr + a + c, *v = pr + 2 * a + c, *dh = scratch + c;
-    if (D == W) head_fixed<1>(q, k, v, dh, s0, s, o, D, m.scale);
-    else if (D == 2 * W) head_fixed<2>(q, k, v, dh, s0, s, o, D, m.scale);
-    else if (D == 4 * W) head_fixed<4>(q, k, v, dh, s0, s, o, D, m.scale);
-    else if (D == 8 * W) head_fixed<8>(q, k, v, dh, s0, s, o, D, m.scale);
-    else head_any(q, k, v, dh, s0, s, o, D, m.scale);
+    head_update(q, k, v, dh, s0, s, o, D, D, m.scale);
     head_output(o, m.use_gate ? pr + m.off_r + c : nullptr, L.rms_w, D, m.eps);
+  }
+}
+
+// (row, key/value head) tasks [t0, t1) of an AttnRowsPlan (engine_plan.h).
+inline void attn_rows(const AttnRowsPlan& p, idx t0, idx t1) {
+  static thread_local std::vector<float> decay;
+  decay.resize(static_cast<size_t>(p.K));
+  const idx G = p.H / p.Hkv, K = p.K, V = p.V;
+  for (idx task = t0; task < t1; ++task) {
+    const idx row = task / p.Hkv, h = task % p.Hkv;
+    const float* pr = p.proj + row * p.ldp;
+    const float* gk = p.gk + row * p.ldg + h * K;
+    if (p.clamp) gate_decay<true, true>(gk, nullptr, decay.data(), K, p.inv_normalizer, p.clamp_min);
+    else gate_decay<true>(gk, nullptr, decay.data(), K, p.inv_normalizer);
+    float* S = p.states + (row * p.Hkv + h) * K * V;
+    const float *k = pr + p.k_col + h * K, *v = pr + p.v_col + h * V;
+    for (idx g = 0; g < G; ++g) {
+      const idx qh = h * G + g;
+      const float* q = pr + p.q_col + qh * K;
+      float* o = p.o + row * p.ldo + qh * V;
+      if (g == 0) head_update(q, k, v, decay.data(), S, S, o, K, V, p.scale);
+      else head_query(q, S, o, K, V, p.scale);
+      rmsnorm_row(o, o, p.rms_w, V, p.eps);   // always normalized (fla); null: no weight
+      head_output(o, p.r_col >= 0 ? pr + p.r_col + qh * V : nullptr, nullptr, V, p.eps);
+    }
   }
 }
 
