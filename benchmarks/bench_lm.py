@@ -371,7 +371,7 @@ def main() -> int:
         for batch in (1, 8):
             other = results.get(("decode", f"{name} {TORCH_OPS}", batch))
             if other:
-                targets.append((f"{name} b{batch} step / {TORCH_OPS}",
+                targets.append((f"{name} b{batch} step / torch-ops step",
                                 results[("decode", name, batch)][0] / other[0], None))
     fla_pre_rows = [r for r in rows if r["what"] == "prefill" and r["impl"].startswith("fla")]
     if fla_pre_rows:

@@ -87,7 +87,10 @@ def test_norm_and_swiglu_rows():
 
 
 def test_attention_rows_threads_bitwise():
-    rows, H, Hkv, K, V = 6, 4, 2, 32, 48
+    # 12 (row, kv head) tasks, each a [128, 128] state: step_rows.cpp's grain (2^16 floats of
+    # state per thread at least) is 4 tasks, so 2 threads split them
+    rows, H, Hkv, K, V = 6, 4, 2, 128, 128
+    assert rows * Hkv > (1 << 16) // (K * V)
     proj = torch.randn(rows, 2 * H * K + 2 * H * V)
     gk, states = torch.randn(rows, Hkv * K), torch.randn(rows, Hkv, K, V)
     args = (0, H * K, H * K + Hkv * K, H * K + Hkv * (K + V), H, None, 16.0, None, 0.1, 1e-6)
@@ -111,12 +114,17 @@ def test_attention_rows_errors():
     ok = dict(q_col=0, k_col=8, v_col=16, r_col=-1, num_heads=2, norm_weight=None,
               gate_normalizer=16.0, clamp_min=None, scale=0.5, eps=1e-6)
     ops.attention(proj, gk, states.clone(), o, **ok)
+    shared = torch.randn(200)
     bad = [(dict(states=states.transpose(2, 3)), "states"),
            (dict(num_heads=3), "num_heads"),
            (dict(v_col=30), "v columns"),
            (dict(r_col=35), "output gate"),
            (dict(gk=torch.randn(2, 9)), "gk"),
-           (dict(o=torch.empty(2, 12, dtype=torch.float64)), "o"),
+           (dict(o=torch.empty(2, 12, dtype=torch.float64)), "o must be"),
+           (dict(states=torch.randn(2, 2, 0, 6)), "K, V >= 1"),
+           (dict(o=proj[:, :12]), "o must not overlap proj"),
+           (dict(proj=shared[:80].view(2, 40), states=shared[50:146].view(2, 2, 4, 6)),
+            "states must not overlap proj"),
            (dict(norm_weight=torch.ones(5)), "norm_weight"),
            (dict(gate_normalizer=0.0), "gate_normalizer")]
     for change, match in bad:
@@ -142,6 +150,17 @@ def test_packed_product_accumulates_and_reads_row_ranges():
     buf = torch.randn(300)
     with pytest.raises(ValueError, match="overlap"):      # out starts inside x's rows
         lin.forward(buf[:64].view(4, 16), buf[40:160].view(4, 30))
+    one = torch.randn(16, 1).t()                          # one row, strides (1, 1)
+    assert torch.equal(lin.forward(one), lin.forward(one.contiguous().clone()))
+
+
+def test_norm_and_swiglu_rows_overlap():
+    ops = gla_ext._ext._C.StepRows()
+    buf = torch.randn(80)
+    with pytest.raises(ValueError, match="out must be x itself or not overlap"):
+        ops.rms_norm(buf[:40].view(2, 20), None, 1e-6, buf[10:50].view(2, 20))
+    with pytest.raises(ValueError, match="out must not overlap u"):
+        ops.swiglu(buf[:40].view(2, 20), buf[:20].view(2, 10))
 
 
 # ---- the whole step -----------------------------------------------------------------------
@@ -186,6 +205,21 @@ def test_fused_step_vs_torch_ops_and_fla_float64(name, dtype):
         assert rel_err(y, torch_ops.step(ids[:, t], torch_states)) < 1e-5, t
         assert rel_err(y, ref[:, t]) < 1e-4, t
     assert all(rel_err(a, b) < 1e-5 for a, b in zip(states, torch_states))
+
+
+def test_fused_step_from_state_views():
+    """States that are views (here slices of one [layers, B, ...] block, transposed back)
+    advance in place like contiguous ones."""
+    lm = gla_fla.load(random_fla_model(None, 64, 2, num_heads=4, num_kv_heads=2))
+    ids = torch.randint(0, VOCAB, (2, 6))
+    _, states = lm.prefill(ids[:, :5])
+    block = torch.stack([st.transpose(2, 3) for st in states]).contiguous()
+    views = [block[i].transpose(2, 3) for i in range(len(states))]
+    assert not views[0].is_contiguous()
+    dec = lm.decoder()
+    y = dec.step(ids[:, 5], states).clone()
+    assert torch.equal(dec.step(ids[:, 5], views), y)
+    assert all(torch.equal(a, b) for a, b in zip(views, states))
 
 
 def test_fused_needs_packed_float32_cpu_products():

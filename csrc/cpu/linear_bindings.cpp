@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "linear.h"
+#include "tensor_span.h"
 
 namespace gla {
 namespace {
@@ -96,13 +97,13 @@ class TorchPackedLinear {
     const int64_t in = m_.in_features(), nout = m_.out_features();
     TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == in, kOp, ": x must be [n, ", in,
                       "], got shape ", x.sizes());
-    const bool rows_ok = (in <= 1 || x.stride(1) == 1) && x.stride(0) >= in;
+    const int64_t n = x.size(0);
+    const bool rows_ok = (in <= 1 || x.stride(1) == 1) && (n <= 1 || x.stride(0) >= in);
     TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.device().is_cpu() && rows_ok,
                       kOp, ": x must be a float32 CPU tensor with contiguous rows, got ",
                       x.scalar_type(), " on ", x.device(), rows_ok ? "" : " (rows not contiguous)");
     TORCH_CHECK_VALUE(!accumulate || (out && out->defined()), kOp,
                       ": accumulate needs out (the matrix to add to)");
-    const int64_t n = x.size(0);
     at::Tensor y;
     if (out && out->defined()) {
       y = *out;
@@ -111,13 +112,7 @@ class TorchPackedLinear {
                             y.is_contiguous(),
                         kOp, ": out must be a contiguous float32 CPU tensor [", n, ", ", nout,
                         "], got ", y.scalar_type(), " ", y.sizes());
-      // the byte ranges the call reads (x's rows) and writes (out)
-      const auto* x0 = static_cast<const char*>(x.data_ptr());
-      const auto* y0 = static_cast<const char*>(y.data_ptr());
-      const char* x1 = x0 + ((n - 1) * x.stride(0) + in) * sizeof(float);
-      const char* y1 = y0 + n * nout * sizeof(float);
-      TORCH_CHECK_VALUE(n == 0 || in == 0 || nout == 0 || x1 <= y0 || y1 <= x0, kOp,
-                        ": out must not overlap x");
+      TORCH_CHECK_VALUE(!spans_overlap(x, y), kOp, ": out must not overlap x");
     } else {
       y = at::empty({n, nout}, x.options());
     }

@@ -99,9 +99,10 @@ def make_linear(weight, bias: torch.Tensor | None = None, packed=None):
 
 class _StepPacked:
     """A PackedLinear called from the decode step, whose inputs and buffers are already
-    contiguous float32 [n, in] / [n, out]: it calls the compiled forward directly, skipping
-    the per-call argument checks of PackedLinear.__call__ (about 15 us each, 61 calls a
-    token at 12 layers)."""
+    float32 [n, in] with contiguous rows (gk_up reads a column range of the projection) /
+    contiguous [n, out]: it calls the compiled forward directly, skipping the per-call
+    argument checks of PackedLinear.__call__ (about 15 us each, 61 calls a token at 12
+    layers)."""
 
     __slots__ = ("lin", "forward", "out_features")
 
@@ -252,12 +253,17 @@ class Decoder:
         eps, clamp = s.norm_eps, s.clamp_min
         self._embed(tokens, x)
         for lin, S in zip(self.blocks, states):
+            # the op advances contiguous states in place; a view (a slice of a larger pool)
+            # goes through a contiguous copy
+            T = S if S.is_contiguous() else S.contiguous()
             rows.rms_norm(x, lin.attn_norm, eps, h)
             lin.in_proj.forward(h, self.proj)
             lin.gk_up.forward(self.proj[:, lin.gk0_col:], self.gk)
-            rows.attention(self.proj, self.gk, S, self.o, lin.q_col, lin.k_col, lin.v_col,
+            rows.attention(self.proj, self.gk, T, self.o, lin.q_col, lin.k_col, lin.v_col,
                            lin.r_col, s.num_heads, lin.g_norm, s.gate_logit_normalizer, clamp,
                            self.lm.scale, eps)
+            if T is not S:
+                S.copy_(T)
             lin.o_proj.forward(self.o, x, True)
             rows.rms_norm(x, lin.mlp_norm, eps, h)
             lin.gate_up.forward(h, self.gu)

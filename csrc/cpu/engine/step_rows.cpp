@@ -1,7 +1,7 @@
 // gla_ext._C.StepRows: the engine's per-ISA row math (math_impl.h, step_impl.h) for a token
 // step whose model layout the engine does not hold: fla's GLA language models
 // (gla_ext/integrations/fla_decode.py), whose step is otherwise ~50 small torch ops per layer
-// around the packed products (about 3 ms per token at 12 layers on a 2-core AMD EPYC).
+// around the packed products (about 3 ms per token at 12 layers, one thread of an AMD EPYC).
 // Three calls per layer replace them: RMSNorm of rows, the attention core (gate decay, state
 // update in place, GQA outputs, per-head RMSNorm, swish output gate), SwiGLU of rows. The
 // instruction set is picked when the object is made, like a PackedLinear's.
@@ -15,6 +15,7 @@
 
 #include "cpu/engine/engine.h"
 #include "cpu/simd/cpu_features.h"
+#include "cpu/tensor_span.h"
 
 namespace gla {
 namespace {
@@ -50,6 +51,8 @@ class StepRows {
     const int64_t rows = x.size(0), n = x.size(1);
     check_rows(out, "out", rows, n);
     if (w) check_vector(*w, "weight", n);
+    TORCH_CHECK_VALUE(out.is_same(x) || !spans_overlap(out, x), kOp,
+                      ": out must be x itself or not overlap it");
     k_->rms_norm_rows(x.data_ptr<float>(), x.stride(0), out.data_ptr<float>(), out.stride(0),
                       w ? w->data_ptr<float>() : nullptr, rows, n, static_cast<float>(eps));
   }
@@ -62,6 +65,7 @@ class StepRows {
     check_rows(out, "out", rows, f);
     TORCH_CHECK_VALUE(u.stride(0) == 2 * f && out.stride(0) == f, kOp,
                       ": u and out must be contiguous");
+    TORCH_CHECK_VALUE(!spans_overlap(out, u), kOp, ": out must not overlap u");
     k_->swiglu_rows(u.data_ptr<float>(), out.data_ptr<float>(), 0, rows, f, f);
   }
 
@@ -80,6 +84,8 @@ class StepRows {
                   V = states.size(3), H = num_heads;
     TORCH_CHECK_VALUE(Hkv >= 1 && H >= Hkv && H % Hkv == 0, kOp, ": num_heads ", H,
                       " must be a multiple of the states' key/value heads ", Hkv);
+    TORCH_CHECK_VALUE(K >= 1 && V >= 1, kOp, ": states must have K, V >= 1, got ",
+                      states.sizes());
     check_rows(proj, "proj", rows, -1);
     check_rows(gk, "gk", rows, Hkv * K);
     check_rows(o, "o", rows, H * V);
@@ -95,6 +101,13 @@ class StepRows {
     if (norm_weight) check_vector(*norm_weight, "norm_weight", V);
     TORCH_CHECK_VALUE(gate_normalizer > 0, kOp, ": gate_normalizer must be > 0, got ",
                       gate_normalizer);
+    // written (o, states) while read (proj, gk, states) by parallel tasks: no shared bytes
+    const std::pair<const at::Tensor*, const char*> written[] = {{&o, "o"}, {&states, "states"}};
+    for (const auto& [t, name] : written)
+      for (const auto& [u, other] : {std::make_pair(&proj, "proj"), std::make_pair(&gk, "gk"),
+                                     std::make_pair(&states, "states")})
+        TORCH_CHECK_VALUE(t == u || !spans_overlap(*t, *u), kOp, ": ", name,
+                          " must not overlap ", other);
     AttnRowsPlan p{};
     p.proj = proj.data_ptr<float>();
     p.ldp = proj.stride(0);
