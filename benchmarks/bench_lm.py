@@ -179,17 +179,21 @@ def plot(rows, rate, path_png):
     plt = pyplot()
     if plt is None:
         return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     dec_rows = [r for r in rows if r["what"] == "decode"]
-    labels = [f"{r['impl'].split(' (')[0][:22]}\n{r['dtype']} b{r['batch']}" for r in dec_rows]
-    ax1.bar(range(len(dec_rows)), [r["step_s"] * 1e3 for r in dec_rows], color="tab:blue")
+    short = {"gla_ext": "ours", f"gla_ext, {TORCH_OPS}": "torch ops"}
+    labels = [f"{short.get(r['impl'], 'fla')}\n{r['dtype'][:4]} b{r['batch']}" for r in dec_rows]
+    colors = ["tab:blue" if r["impl"] == "gla_ext" else "tab:orange" if r["impl"] in short
+              else "tab:gray" for r in dec_rows]
+    ax1.bar(range(len(dec_rows)), [r["step_s"] * 1e3 for r in dec_rows], color=colors)
     for i, r in enumerate(dec_rows):
         if "weight_read_s" in r:
             ax1.plot([i - 0.4, i + 0.4], [r["weight_read_s"] * 1e3] * 2, color="k")
-    ax1.set_xticks(range(len(dec_rows)), labels, fontsize=6, rotation=30)
+    ax1.set_xticks(range(len(dec_rows)), labels, fontsize=5, rotation=90)
     ax1.set_ylabel("ms per step (black: weight-read bound)")
+    ax1.set_title("decode (blue: ours, orange: torch ops between products, gray: fla)",
+                  fontsize=8)
     ax1.set_yscale("log")
-    ax1.set_title("decode")
     pre_rows = [r for r in rows if r["what"] == "prefill"]
     ax2.bar(range(len(pre_rows)), [r["tokens_per_s"] for r in pre_rows], color="tab:green")
     ax2.axhline(rate / (2 * next(r["matmul_params"] for r in pre_rows if "matmul_params" in r)),
