@@ -18,7 +18,7 @@ is the fused engine's compiled row math (gla_ext._C.StepRows, csrc/cpu/engine/st
 per layer an RMSNorm, the attention core (gate decay, state update in place, the GQA group's
 outputs, per-head RMSNorm, swish output gate), an RMSNorm and SwiGLU, with the residual adds
 accumulated by the Wo and W_down products. That replaces ~50 small torch ops per layer
-(about 3 ms per token for the 12-layer 134M config on a 2-core AMD EPYC). Decoder(fused=False)
+(about 3 ms per token for the 12-layer 134M config, one thread of an AMD EPYC). Decoder(fused=False)
 keeps the torch ops (tests compare the two).
 """
 from __future__ import annotations
